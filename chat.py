@@ -1,0 +1,765 @@
+"""chat: a real-time chat server in one module (Starlette, WebSockets, raw SQL on SQLite or PostgreSQL).
+
+Run it:   pip install -r requirements.txt && python chat.py     (or: uvicorn chat:app)
+Then open http://127.0.0.1:8000/test, or: websocat ws://127.0.0.1:8000/ws
+
+Reading order: configuration, database, validation, the hub (who is connected, broadcast),
+the message writer (persistence), HTTP handlers, the WebSocket handler, lifespan, routes, app.
+"""
+
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import os
+import pathlib
+import re
+import sqlite3
+
+import asyncpg
+import swagger_ui_bundle
+import uvicorn
+from databases import Database
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
+
+# --- Configuration: environment variables, each with a default that works offline -------------
+
+DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///chat.db")
+HOST = os.environ.get("HOST", "127.0.0.1")
+PORT = int(os.environ.get("PORT", "8000"))
+CORS_ORIGINS = [o for o in os.environ.get("CORS_ORIGINS", "").split(",") if o]
+MAX_CONTENT_LENGTH = int(os.environ.get("MAX_CONTENT_LENGTH", "2000"))  # schema.sql CHECKs 2000 too
+MAX_FRAME_BYTES = int(os.environ.get("MAX_FRAME_BYTES", "16384"))
+SEND_QUEUE_FRAMES = int(os.environ.get("SEND_QUEUE_FRAMES", "1000"))
+HISTORY_ON_JOIN = 10
+REPLAY_LIMIT = 500  # most messages replayed after a reconnect; older ones are left to GET /messages
+MAX_USERNAME_LENGTH = 32
+DEFAULT_ROOM = "general"
+ROOM_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+HERE = pathlib.Path(__file__).parent
+log = logging.getLogger("chat")
+
+# --- Database -----------------------------------------------------------------------------------
+
+# What a failing database raises; callers turn these into an "unavailable" error, never a 500.
+DATABASE_ERRORS = (OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+# SQLite keeps timestamps as ISO 8601 text; PostgreSQL receives aware datetimes for TIMESTAMPTZ.
+sqlite3.register_adapter(datetime.datetime, datetime.datetime.isoformat)
+
+
+class SQLiteConnection(sqlite3.Connection):
+    """Every SQLite connection enforces foreign keys and waits for a lock instead of failing."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.execute("PRAGMA foreign_keys = ON")
+        self.execute("PRAGMA busy_timeout = 30000")
+        self.execute("PRAGMA journal_mode = WAL")
+        self.execute("PRAGMA synchronous = NORMAL")
+
+
+def open_database(url: str) -> Database:
+    """SQLite needs the connection class above; PostgreSQL a fixed-size pool."""
+    if url.startswith("sqlite"):
+        return Database(url, factory=SQLiteConnection, timeout=30)
+    return Database(url, min_size=5, max_size=10)
+
+
+async def apply_schema(database: Database) -> None:
+    """Create the tables if they are missing; safe to run at every start."""
+    schema = (HERE / "schema.sql").read_text()
+    async with database.connection() as connection:
+        raw = connection.raw_connection
+        if database.url.dialect == "sqlite":
+            await raw.executescript(schema)
+        else:
+            # The lock keeps two processes starting at once from racing on CREATE TABLE.
+            async with raw.transaction():
+                await raw.execute("SELECT pg_advisory_xact_lock(7450)")
+                await raw.execute(schema.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY"))
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def iso(value) -> str:
+    """One timestamp shape on both backends: 2026-11-25T10:00:00.123Z."""
+    if isinstance(value, str):  # SQLite hands back text
+        value = datetime.datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=datetime.timezone.utc)
+    value = value.astimezone(datetime.timezone.utc)
+    return f"{value:%Y-%m-%dT%H:%M:%S}.{value.microsecond // 1000:03d}Z"
+
+
+def message_out(row) -> dict:
+    return {"id": row["id"], "room": row["room"], "username": row["username"],
+            "content": row["content"], "timestamp": iso(row["created_at"])}
+
+
+UPSERT_USER = """
+    INSERT INTO users (username, last_seen) VALUES (:username, :now)
+    ON CONFLICT (username) DO UPDATE SET last_seen = excluded.last_seen"""
+CREATE_USER = """
+    INSERT INTO users (username, last_seen) VALUES (:username, :now)
+    ON CONFLICT (username) DO NOTHING RETURNING id, username, last_seen"""
+FIND_USER = "SELECT id, username, last_seen FROM users WHERE username = :username"
+TOUCH_USER = "UPDATE users SET last_seen = :now WHERE username = :username"
+# One round trip per message: the user's id is looked up inside the INSERT itself.
+INSERT_MESSAGE = """
+    INSERT INTO messages (room, user_id, content, created_at)
+    SELECT :room, id, :content, :now FROM users WHERE username = :username
+    RETURNING id, created_at"""
+SELECT_MESSAGES = """
+    SELECT m.id, m.room, u.username, m.content, m.created_at
+    FROM messages AS m JOIN users AS u ON u.id = m.user_id"""
+RECENT_MESSAGES = SELECT_MESSAGES + """
+    WHERE m.room = :room AND m.id < :before ORDER BY m.id DESC LIMIT :limit"""
+MESSAGES_AFTER = SELECT_MESSAGES + """
+    WHERE m.room = :room AND m.id > :since ORDER BY m.id DESC LIMIT :limit"""
+ROOM_STATS = """
+    SELECT room, COUNT(*) AS messages, MAX(created_at) AS last_activity
+    FROM messages GROUP BY room"""
+NO_UPPER_BOUND = 2**63 - 1
+
+
+async def recent_messages(database, room, limit, before=NO_UPPER_BOUND, since=None) -> list[dict]:
+    """The newest `limit` messages of a room (before an id, or after one), oldest first."""
+    if since is None:
+        query, values = RECENT_MESSAGES, {"room": room, "before": before, "limit": limit}
+    else:
+        query, values = MESSAGES_AFTER, {"room": room, "since": since, "limit": limit}
+    rows = await database.fetch_all(query, values)
+    return [message_out(row) for row in reversed(rows)]
+
+
+# --- Validation: shared by the WebSocket frames and the REST bodies ------------------------------
+
+
+class Invalid(Exception):
+    """A bad input: becomes an error frame on the socket, a 422 on REST."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
+def check_text(value, field: str, max_length: int) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise Invalid(f"invalid_{field}", f"{field} must be a non-empty string")
+    if len(value) > max_length:
+        raise Invalid(f"invalid_{field}", f"{field} is longer than {max_length} characters")
+    if "\x00" in value or any("\ud800" <= c <= "\udfff" for c in value):
+        raise Invalid(f"invalid_{field}", f"{field} contains a NUL or an unpaired surrogate")
+    return value
+
+
+def check_username(value) -> str:
+    check_text(value, "username", MAX_USERNAME_LENGTH)
+    if value != value.strip() or any(c < " " or "\x7f" <= c <= "\x9f" for c in value):
+        raise Invalid("invalid_username", "username must not contain control characters "
+                      "or start or end with a space")
+    return value
+
+
+def check_content(value) -> str:
+    return check_text(value, "content", MAX_CONTENT_LENGTH)
+
+
+def check_room(value) -> str:
+    if not isinstance(value, str) or not ROOM_PATTERN.fullmatch(value):
+        raise Invalid("invalid_room", "room must be 1-32 of a-z, 0-9, '-' and '_', "
+                      "starting with a letter or digit")
+    return value
+
+
+def check_id(value, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < NO_UPPER_BOUND:
+        raise Invalid(f"invalid_{field}", f"{field} must be a message id (an integer >= 0)")
+    return value
+
+
+# --- The hub: who is connected where, and delivery to them ---------------------------------------
+
+
+def encode(frame: dict) -> str:
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+
+
+def system_frame(room: str, content: str, **extra) -> dict:
+    return {"type": "system", "room": room, "content": content, "timestamp": iso(utcnow()), **extra}
+
+
+class Client:
+    """One WebSocket connection with its own writer task, so a slow reader stalls only itself."""
+
+    def __init__(self, websocket: WebSocket, room: str):
+        self.websocket, self.room = websocket, room
+        self.username: str | None = None
+        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=SEND_QUEUE_FRAMES)
+        self.replay: list[tuple[int | None, str]] | None = None  # live frames held during a replay
+        self.writer = asyncio.create_task(self.write_forever())
+
+    async def write_forever(self):
+        """Send queued frames in order until the socket goes away."""
+        with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected):
+            while True:
+                await self.websocket.send_text(await self.queue.get())
+
+    def push(self, text: str, message_id: int | None = None) -> None:
+        if self.replay is not None:
+            self.replay.append((message_id, text))
+            return
+        try:
+            self.queue.put_nowait(text)
+        except asyncio.QueueFull:  # it stopped reading: drop it rather than hold up the room
+            self.writer.cancel()
+            asyncio.create_task(self.close(1013, "too slow: send queue full"))
+
+    def send(self, frame: dict) -> None:
+        self.push(encode(frame))
+
+    def error(self, code: str, content: str) -> None:
+        self.send({"type": "error", "code": code, "content": content})
+
+    def end_replay(self, history: list[dict], notice: dict | None = None) -> None:
+        """Send the replayed history, then the live frames held meanwhile, skipping ids already sent."""
+        held, self.replay = self.replay or [], None
+        if notice:
+            self.send(notice)
+        last_id = 0
+        for message in history:
+            self.send({"type": "message", **message})
+            last_id = message["id"]
+        for message_id, text in held:
+            if message_id is None or message_id > last_id:
+                self.push(text)
+
+    async def close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected):
+            await self.websocket.close(code, reason)
+
+
+class Hub:
+    """Rooms of joined clients. deliver() is the one place a broadcast enters."""
+
+    def __init__(self):
+        self.rooms: dict[str, dict[str, set[Client]]] = {}
+
+    def add(self, client: Client) -> bool:
+        """Register a joined client; True if it is the user's first connection in the room."""
+        users = self.rooms.setdefault(client.room, {})
+        first = client.username not in users
+        users.setdefault(client.username, set()).add(client)
+        return first
+
+    def remove(self, client: Client) -> bool:
+        """Unregister a client; True if it was the user's last connection in the room."""
+        users = self.rooms.get(client.room, {})
+        connections = users.get(client.username, set())
+        connections.discard(client)
+        if connections:
+            return False
+        users.pop(client.username, None)
+        if not users:
+            self.rooms.pop(client.room, None)
+        return True
+
+    def deliver(self, room: str, frame: dict, exclude: Client | None = None) -> None:
+        """Encode a frame once and queue it for every client in the room."""
+        text = encode(frame)
+        message_id = frame["id"] if frame["type"] == "message" else None
+        for connections in list(self.rooms.get(room, {}).values()):
+            for client in list(connections):
+                if client is not exclude:
+                    client.push(text, message_id)
+
+    def active(self, room: str | None = None) -> list[str]:
+        rooms = [self.rooms.get(room, {})] if room else self.rooms.values()
+        return sorted({name for users in rooms for name in users})
+
+    def clients(self):
+        return [c for users in self.rooms.values() for cs in users.values() for c in cs]
+
+
+# --- The message writer: persistence, then broadcast, in id order --------------------------------
+
+
+class MessageWriter:
+    """Stores messages in batches (one transaction each) and broadcasts them in id order.
+
+    One writer per process means ids are committed and delivered in the same order, so a
+    client replaying "everything after id N" and then going live sees no gap and no duplicate.
+    """
+
+    BATCH = 100
+
+    def __init__(self, database: Database, hub: Hub):
+        self.database, self.hub = database, hub
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    async def post(self, room: str, username: str, content: str) -> dict | None:
+        """Store and broadcast one message; None if the user does not exist."""
+        done = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait(({"room": room, "username": username, "content": content}, done))
+        return await done
+
+    async def run(self):
+        """Take what is queued (up to BATCH), store it, broadcast it; until stop() is called."""
+        while True:
+            batch = [await self.queue.get()]
+            while not self.queue.empty() and len(batch) < self.BATCH:
+                batch.append(self.queue.get_nowait())
+            await self.store([item for item in batch if item is not None])
+            if None in batch:
+                return
+
+    async def stop(self, task: asyncio.Task) -> None:
+        """Store everything accepted so far, then end the run() task."""
+        self.queue.put_nowait(None)
+        await task
+
+    async def store(self, batch: list) -> None:
+        if not batch:
+            return
+        try:
+            async with self.database.transaction():
+                rows = [await self.database.fetch_one(INSERT_MESSAGE, {**values, "now": utcnow()})
+                        for values, _ in batch]
+        except DATABASE_ERRORS as exc:
+            log.warning("storing %d message(s) failed: %r", len(batch), exc)
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for (values, done), row in zip(batch, rows):
+            message = None
+            if row is not None:
+                message = {"id": row["id"], "room": values["room"], "username": values["username"],
+                           "content": values["content"], "timestamp": iso(row["created_at"])}
+                self.hub.deliver(values["room"], {"type": "message", **message})
+            if not done.done():  # the poster may have disconnected; the message still went out
+                done.set_result(message)
+
+
+# --- HTTP handlers -------------------------------------------------------------------------------
+
+
+def query_int(request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19 and low <= int(raw) <= high):
+        raise HTTPException(422, f"{name} must be an integer from {low} to {high}")
+    return int(raw)
+
+
+def query_room(request, default: str | None = DEFAULT_ROOM) -> str | None:
+    room = request.query_params.get("room", default)
+    try:
+        return room if room is None else check_room(room)
+    except Invalid as exc:
+        raise HTTPException(422, exc.detail) from None
+
+
+async def json_body(request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise HTTPException(422, "body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise HTTPException(422, "body must be a JSON object")
+    return body
+
+
+async def list_messages(request):
+    """The newest messages of a room, oldest first; page back with ?before=<oldest id seen>."""
+    room = query_room(request)
+    limit = query_int(request, "limit", 50, 1, 100)
+    before = query_int(request, "before", NO_UPPER_BOUND, 1, NO_UPPER_BOUND)
+    return JSONResponse(await recent_messages(request.app.state.database, room, limit, before))
+
+
+async def post_message(request):
+    body = await json_body(request)
+    try:
+        username, content = check_username(body.get("username")), check_content(body.get("content"))
+        room = check_room(body.get("room", DEFAULT_ROOM))
+    except Invalid as exc:
+        raise HTTPException(422, exc.detail) from None
+    message = await request.app.state.writer.post(room, username, content)
+    if message is None:
+        raise HTTPException(404, f"no user named {username!r}; create it with POST /users")
+    return JSONResponse(message, status_code=201)
+
+
+async def create_user(request):
+    body = await json_body(request)
+    try:
+        username = check_username(body.get("username"))
+    except Invalid as exc:
+        raise HTTPException(422, exc.detail) from None
+    database = request.app.state.database
+    values = {"username": username}
+    row = await database.fetch_one(CREATE_USER, {**values, "now": utcnow()})
+    status = 201 if row else 200
+    row = row or await database.fetch_one(FIND_USER, values)
+    return JSONResponse({"id": row["id"], "username": row["username"],
+                         "last_seen": iso(row["last_seen"])}, status_code=status)
+
+
+async def active_users(request):
+    return JSONResponse(request.app.state.hub.active(query_room(request, default=None)))
+
+
+async def list_rooms(request):
+    """Rooms with messages or connected users: who is here, how many messages, last activity."""
+    hub = request.app.state.hub
+    stats = {row["room"]: row for row in await request.app.state.database.fetch_all(ROOM_STATS)}
+    return JSONResponse([
+        {"room": room, "active_users": hub.active(room),
+         "messages": stats[room]["messages"] if room in stats else 0,
+         "last_activity": iso(stats[room]["last_activity"]) if room in stats else None}
+        for room in sorted(set(stats) | set(hub.rooms))])
+
+
+FRAME_FORMATS = {
+    "join": {"type": "join", "username": "string", "room": "string (optional)",
+             "since": "integer (optional: last message id seen)"},
+    "message": {"type": "message", "content": "string", "username": "string (optional)"},
+    "leave": {"type": "leave"},
+}
+
+
+async def ws_info(request):
+    """The WebSocket URL as this client reached us (host, port, ws or wss) and the frame formats."""
+    scheme = "wss" if request.url.scheme == "https" else "ws"
+    url = request.url.replace(scheme=scheme, path="/ws", query="", fragment="")
+    return JSONResponse({"websocketUrl": str(url), "roomUrl": str(url) + "/{room}",
+                         "messageFormats": FRAME_FORMATS, "errorCodes": ERROR_CODES})
+
+
+async def openapi(request):
+    return JSONResponse(OPENAPI)
+
+
+SWAGGER_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>chat API</title>
+<link rel="stylesheet" href="/swagger/assets/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/swagger/assets/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body></html>"""
+
+
+async def swagger(request):
+    return HTMLResponse(SWAGGER_PAGE)
+
+
+async def tester(request):
+    return FileResponse(HERE / "static" / "test.html")
+
+
+async def home(request):
+    return RedirectResponse("/test")
+
+
+async def http_error(request, exc: HTTPException):
+    """Every HTTP error, the framework's own 404 and 405 included, is JSON with a detail."""
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def database_down(request, exc):
+    log.warning("database error on %s %s: %r", request.method, request.url.path, exc)
+    return JSONResponse({"detail": "the database is unavailable; try again shortly"}, status_code=503)
+
+
+# --- The WebSocket handler -----------------------------------------------------------------------
+
+ERROR_CODES = {
+    "binary_frame": "a binary frame; send JSON as text",
+    "frame_too_large": f"a frame over {MAX_FRAME_BYTES} bytes",
+    "invalid_json": "the frame is not JSON",
+    "not_object": "the frame is JSON but not an object",
+    "unknown_type": "type is missing or not join, message or leave",
+    "invalid_username": f"username missing, not a string, blank, over {MAX_USERNAME_LENGTH} "
+                        "characters, or with control characters",
+    "invalid_content": f"content missing, not a string, blank, over {MAX_CONTENT_LENGTH} "
+                       "characters, or with a NUL",
+    "invalid_room": "room is not 1-32 of a-z, 0-9, '-', '_'",
+    "invalid_since": "since is not a message id (an integer >= 0)",
+    "not_joined": "message or leave before join",
+    "already_joined": "a second join on one connection (leave first)",
+    "wrong_user": "username differs from the one this connection joined as",
+    "unavailable": "the database is down; the frame was not stored, send it again later",
+}
+
+
+def parse_frame(message: dict) -> dict:
+    """Turn a raw ASGI receive into a frame dict with a known type, or raise Invalid."""
+    text = message.get("text")
+    if text is None:
+        raise Invalid("binary_frame", "binary frames are not supported; send JSON as text")
+    if len(text) > MAX_FRAME_BYTES:  # characters >= bytes / 4: a cheap first gate before parsing
+        raise Invalid("frame_too_large", f"frames are limited to {MAX_FRAME_BYTES} bytes")
+    try:
+        frame = json.loads(text)
+    except (ValueError, RecursionError):
+        raise Invalid("invalid_json", "the frame is not valid JSON") from None
+    if not isinstance(frame, dict):
+        raise Invalid("not_object", "the frame must be a JSON object")
+    if frame.get("type") not in ("join", "message", "leave"):
+        raise Invalid("unknown_type", "type must be one of: join, message, leave")
+    return frame
+
+
+def check_same_user(client: Client, frame: dict) -> None:
+    """Tutorial clients repeat the username on every frame; it must be the joined one."""
+    if client.username is None:
+        raise Invalid("not_joined", "join first: {\"type\":\"join\",\"username\":\"...\"}")
+    if "username" in frame and frame["username"] != client.username:
+        raise Invalid("wrong_user", f"this connection is {client.username!r}")
+
+
+async def on_join(app, client: Client, frame: dict) -> None:
+    if client.username is not None:
+        raise Invalid("already_joined", f"already joined as {client.username!r}; leave first")
+    username = check_username(frame.get("username"))
+    room = check_room(frame.get("room", client.room))
+    since = check_id(frame["since"], "since") if frame.get("since") is not None else None
+    await app.state.database.execute(UPSERT_USER, {"username": username, "now": utcnow()})
+    client.username, client.room = username, room
+    client.send(system_frame(room, f"Welcome {username}!"))
+    # Register before reading history: whatever is stored from now on is held in client.replay
+    # and sent after the history, minus the ids the history already had.
+    client.replay = []
+    if app.state.hub.add(client):
+        app.state.hub.deliver(room, system_frame(room, f"{username} joined the chat"), exclude=client)
+    history, notice = [], None
+    try:
+        if since is None:
+            history = await recent_messages(app.state.database, room, HISTORY_ON_JOIN)
+        else:
+            history = await recent_messages(app.state.database, room, REPLAY_LIMIT + 1, since=since)
+            if len(history) > REPLAY_LIMIT:
+                history = history[1:]
+                notice = system_frame(room, "More messages were missed than are replayed; load older "
+                                      "ones with GET /messages?before=<id>",
+                                      code="history_truncated", before=history[0]["id"])
+    finally:
+        client.end_replay(history, notice)
+
+
+async def on_message(app, client: Client, frame: dict) -> None:
+    check_same_user(client, frame)
+    content = check_content(frame.get("content"))
+    await app.state.writer.post(client.room, client.username, content)
+
+
+async def on_leave(app, client: Client, frame: dict) -> None:
+    check_same_user(client, frame)
+    await part(app, client)
+    client.send(system_frame(client.room, f"Goodbye {client.username}!"))
+    client.username = None
+
+
+async def part(app, client: Client) -> None:
+    """Unregister a joined client; the user's last connection announces the leave."""
+    if client.username is None:
+        return
+    if app.state.hub.remove(client):
+        app.state.hub.deliver(client.room, system_frame(client.room, f"{client.username} left the chat"))
+    await app.state.database.execute(TOUCH_USER, {"username": client.username, "now": utcnow()})
+
+
+HANDLERS = {"join": on_join, "message": on_message, "leave": on_leave}
+
+
+async def chat_socket(websocket: WebSocket):
+    """accept, then one frame at a time until the socket goes; unregister in finally."""
+    app = websocket.app
+    await websocket.accept()
+    try:
+        room = check_room(websocket.path_params.get("room", DEFAULT_ROOM))
+    except Invalid as exc:
+        await websocket.close(1008, exc.detail[:120])
+        return
+    client = Client(websocket, room)
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            try:
+                frame = parse_frame(message)
+                await HANDLERS[frame["type"]](app, client, frame)
+            except Invalid as exc:
+                client.error(exc.code, exc.detail)
+            except DATABASE_ERRORS as exc:
+                log.warning("database error on a WebSocket frame: %r", exc)
+                client.error("unavailable", "the database is unavailable; try again shortly")
+    finally:
+        client.writer.cancel()
+        with contextlib.suppress(*DATABASE_ERRORS):
+            await part(app, client)
+
+
+# --- OpenAPI: every endpoint, with the WebSocket protocol described on GET /ws --------------------
+
+def _schema(properties: dict, required=()) -> dict:
+    return {"type": "object", "properties": properties, "required": list(required)}
+
+
+_STR, _INT = {"type": "string"}, {"type": "integer"}
+_MESSAGE = _schema({"id": _INT, "room": _STR, "username": _STR, "content": _STR,
+                    "timestamp": {"type": "string", "format": "date-time"}},
+                   ["id", "room", "username", "content", "timestamp"])
+_USER = _schema({"id": _INT, "username": _STR, "last_seen": {"type": "string", "format": "date-time"}},
+                ["id", "username", "last_seen"])
+_ERROR = _schema({"detail": _STR}, ["detail"])
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict:
+    text = {404: "Not found", 422: "Invalid input", 503: "Database unavailable"}
+    return {str(code): _json({"$ref": "#/components/schemas/Error"}, text[code]) for code in codes}
+
+
+def _query(name: str, schema: dict, description: str) -> dict:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+_ROOM_QUERY = _query("room", {"type": "string", "pattern": ROOM_PATTERN.pattern}, "Room name")
+_MSG_REF, _USER_REF = {"$ref": "#/components/schemas/Message"}, {"$ref": "#/components/schemas/User"}
+
+OPENAPI = {
+    "openapi": "3.0.3",
+    "info": {"title": "chat", "version": "1.0.0",
+             "description": "Real-time chat: a WebSocket at /ws (see GET /ws) and this REST API."},
+    "paths": {
+        "/messages": {
+            "get": {"tags": ["Messages"], "summary": "Recent messages of a room, oldest first",
+                    "parameters": [
+                        {**_ROOM_QUERY, "schema": {**_ROOM_QUERY["schema"], "default": DEFAULT_ROOM}},
+                        _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 50},
+                               "How many messages"),
+                        _query("before", {"type": "integer", "minimum": 1},
+                               "Only messages with a smaller id: page backwards")],
+                    "responses": {"200": _json({"type": "array", "items": _MSG_REF}, "Messages"),
+                                  **_errors(422, 503)}},
+            "post": {"tags": ["Messages"], "summary": "Send a message (broadcast to the room's sockets)",
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": _schema(
+                         {"username": {"type": "string", "minLength": 1, "maxLength": MAX_USERNAME_LENGTH},
+                          "content": {"type": "string", "minLength": 1, "maxLength": MAX_CONTENT_LENGTH},
+                          "room": {"type": "string", "pattern": ROOM_PATTERN.pattern,
+                                   "default": DEFAULT_ROOM}},
+                         ["username", "content"])}}},
+                     "responses": {"201": _json(_MSG_REF, "The stored message"), **_errors(404, 422, 503)}},
+        },
+        "/users": {
+            "post": {"tags": ["Users"], "summary": "Create a user (200 with the user if it exists)",
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": _schema(
+                         {"username": {"type": "string", "minLength": 1,
+                                       "maxLength": MAX_USERNAME_LENGTH}}, ["username"])}}},
+                     "responses": {"201": _json(_USER_REF, "Created"), "200": _json(_USER_REF, "Exists"),
+                                   **_errors(422, 503)}},
+        },
+        "/users/active": {
+            "get": {"tags": ["Users"], "summary": "Names of connected users, sorted",
+                    "parameters": [_ROOM_QUERY],
+                    "responses": {"200": _json({"type": "array", "items": _STR}, "Usernames"),
+                                  **_errors(422)}},
+        },
+        "/rooms": {
+            "get": {"tags": ["Rooms"], "summary": "Rooms with their active users, message count, last activity",
+                    "responses": {"200": _json({"type": "array", "items": _schema(
+                        {"room": _STR, "active_users": {"type": "array", "items": _STR}, "messages": _INT,
+                         "last_activity": {"type": "string", "format": "date-time", "nullable": True}},
+                        ["room", "active_users", "messages", "last_activity"])}, "Rooms"),
+                        **_errors(503)}},
+        },
+        "/ws-info": {
+            "get": {"tags": ["WebSocket"], "summary": "The WebSocket URL and frame formats",
+                    "responses": {"200": _json({"type": "object"}, "Connection information")}},
+        },
+        "/ws": {
+            "get": {"tags": ["WebSocket"], "summary": "The chat WebSocket (ws://HOST/ws or /ws/{room})",
+                    "description": (
+                        "Upgrade to a WebSocket; every frame is a JSON text frame with a `type`.\n\n"
+                        "Client → server: `join` {username, room?, since?}, `message` {content}, `leave`.\n\n"
+                        "Server → client: `system` {room, content, timestamp, code?}, "
+                        "`message` {id, room, username, content, timestamp}, `error` {code, content}.\n\n"
+                        "Error codes: " + "; ".join(f"`{k}`: {v}" for k, v in ERROR_CODES.items())),
+                    "x-websocket-frames": FRAME_FORMATS,
+                    "responses": {"101": {"description": "Switching Protocols"}}},
+        },
+    },
+    "components": {"schemas": {"Message": _MESSAGE, "User": _USER, "Error": _ERROR}},
+}
+
+
+# --- Lifespan, routes, app -----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    """Connect and create the schema; on shutdown say goodbye (1001) and store what is queued."""
+    await app.state.database.connect()
+    await apply_schema(app.state.database)
+    writer = asyncio.create_task(app.state.writer.run())
+    try:
+        yield
+    finally:
+        for client in app.state.hub.clients():
+            await client.close(1001, "server shutting down")
+        await app.state.writer.stop(writer)
+        await app.state.database.disconnect()
+
+
+def create_app(database_url: str = DATABASE_URL) -> Starlette:
+    routes = [
+        Route("/", home),
+        Route("/messages", list_messages, methods=["GET"]),
+        Route("/messages", post_message, methods=["POST"]),
+        Route("/users", create_user, methods=["POST"]),
+        Route("/users/active", active_users),
+        Route("/rooms", list_rooms),
+        Route("/ws-info", ws_info),
+        Route("/openapi.json", openapi),
+        Route("/swagger", swagger),
+        Mount("/swagger/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path)),
+        Route("/test", tester),
+        WebSocketRoute("/ws", chat_socket),
+        WebSocketRoute("/ws/{room}", chat_socket),
+    ]
+    middleware = [Middleware(CORSMiddleware, allow_origins=CORS_ORIGINS, allow_methods=["GET", "POST"],
+                             allow_headers=["Content-Type", "Authorization"])]
+    handlers = {HTTPException: http_error, **{error: database_down for error in DATABASE_ERRORS}}
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
+    app.state.database = open_database(database_url)
+    app.state.hub = Hub()
+    app.state.writer = MessageWriter(app.state.database, app.state.hub)
+    return app
+
+
+app = create_app()
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    # Small frames and no per-message deflate: a chat line needs neither 16 MiB nor compression.
+    uvicorn.run("chat:app", host=HOST, port=PORT, ws_max_size=4 * MAX_FRAME_BYTES,
+                ws_per_message_deflate=False)

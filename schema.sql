@@ -1,0 +1,24 @@
+-- The one schema for SQLite and PostgreSQL, applied at every start (so every statement is idempotent).
+--
+-- One divergence, made visible: SQLite numbers rows itself only for a column declared exactly
+-- "INTEGER PRIMARY KEY", which PostgreSQL does not number at all. chat.py's apply_schema() rewrites
+-- that phrase to "BIGSERIAL PRIMARY KEY" on PostgreSQL; nothing else differs.
+--
+-- Timestamps are written by chat.py as UTC (TIMESTAMPTZ on PostgreSQL, ISO 8601 text on SQLite).
+
+CREATE TABLE IF NOT EXISTS users (
+    id        INTEGER PRIMARY KEY,
+    username  TEXT NOT NULL UNIQUE CHECK (length(username) BETWEEN 1 AND 32),
+    last_seen TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP
+);
+
+CREATE TABLE IF NOT EXISTS messages (
+    id         INTEGER PRIMARY KEY,
+    room       TEXT NOT NULL DEFAULT 'general' CHECK (length(room) BETWEEN 1 AND 32),
+    user_id    BIGINT NOT NULL REFERENCES users (id),
+    content    TEXT NOT NULL CHECK (length(content) BETWEEN 1 AND 2000),
+    created_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP
+);
+
+-- Every message query is "this room, by id": history on join, paging, replay after a reconnect.
+CREATE INDEX IF NOT EXISTS messages_room_id ON messages (room, id);
