@@ -580,7 +580,10 @@ async def part(app, client: Client) -> None:
         return
     if app.state.hub.remove(client):
         app.state.hub.deliver(client.room, system_frame(client.room, f"{client.username} left the chat"))
-    await app.state.database.execute(TOUCH_USER, {"username": client.username, "now": utcnow()})
+    try:
+        await app.state.database.execute(TOUCH_USER, {"username": client.username, "now": utcnow()})
+    except DATABASE_ERRORS as exc:  # presence is already gone; last_seen is best effort
+        log.warning("could not update last_seen of %r: %r", client.username, exc)
 
 
 HANDLERS = {"join": on_join, "message": on_message, "leave": on_leave}
@@ -611,8 +614,8 @@ async def chat_socket(websocket: WebSocket):
                 client.error("unavailable", "the database is unavailable; try again shortly")
     finally:
         client.writer.cancel()
-        with contextlib.suppress(*DATABASE_ERRORS):
-            await part(app, client)
+        # Its own task: the last_seen write completes even if this handler is being cancelled.
+        await asyncio.shield(asyncio.create_task(part(app, client)))
 
 
 # --- OpenAPI: every endpoint, with the WebSocket protocol described on GET /ws --------------------
@@ -730,7 +733,7 @@ async def lifespan(app):
         await app.state.database.disconnect()
 
 
-def create_app(database_url: str = DATABASE_URL) -> Starlette:
+def create_app(database_url: str = DATABASE_URL, cors_origins: list[str] = CORS_ORIGINS) -> Starlette:
     routes = [
         Route("/", home),
         Route("/messages", list_messages, methods=["GET"]),
@@ -746,7 +749,7 @@ def create_app(database_url: str = DATABASE_URL) -> Starlette:
         WebSocketRoute("/ws", chat_socket),
         WebSocketRoute("/ws/{room}", chat_socket),
     ]
-    middleware = [Middleware(CORSMiddleware, allow_origins=CORS_ORIGINS, allow_methods=["GET", "POST"],
+    middleware = [Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
                              allow_headers=["Content-Type", "Authorization"])]
     handlers = {HTTPException: http_error, **{error: database_down for error in DATABASE_ERRORS}}
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
