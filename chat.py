@@ -233,10 +233,10 @@ class Client:
     def error(self, code: str, content: str) -> None:
         self.send({"type": "error", "code": code, "content": content})
 
-    def end_replay(self, history: list[dict], notice: dict | None = None) -> None:
-        """Send the replayed history, then the live frames held meanwhile, skipping ids already sent."""
+    def end_replay(self, notices: list[dict], history: list[dict]) -> None:
+        """Send the notices, the history, then the live frames held meanwhile, skipping ids already sent."""
         held, self.replay = self.replay or [], None
-        if notice:
+        for notice in notices:
             self.send(notice)
         last_id = 0
         for message in history:
@@ -540,13 +540,12 @@ async def on_join(app, client: Client, frame: dict) -> None:
     since = check_id(frame["since"], "since") if frame.get("since") is not None else None
     await app.state.database.execute(UPSERT_USER, {"username": username, "now": utcnow()})
     client.username, client.room = username, room
-    client.send(system_frame(room, f"Welcome {username}!"))
     # Register before reading history: whatever is stored from now on is held in client.replay
     # and sent after the history, minus the ids the history already had.
     client.replay = []
     if app.state.hub.add(client):
         app.state.hub.deliver(room, system_frame(room, f"{username} joined the chat"), exclude=client)
-    history, notice = [], None
+    notices, history = [system_frame(room, f"Welcome {username}!")], []
     try:
         if since is None:
             history = await recent_messages(app.state.database, room, HISTORY_ON_JOIN)
@@ -554,11 +553,11 @@ async def on_join(app, client: Client, frame: dict) -> None:
             history = await recent_messages(app.state.database, room, REPLAY_LIMIT + 1, since=since)
             if len(history) > REPLAY_LIMIT:
                 history = history[1:]
-                notice = system_frame(room, "More messages were missed than are replayed; load older "
+                notices.append(system_frame(room, "More messages were missed than are replayed; load older "
                                       "ones with GET /messages?before=<id>",
-                                      code="history_truncated", before=history[0]["id"])
+                                            code="history_truncated", before=history[0]["id"]))
     finally:
-        client.end_replay(history, notice)
+        client.end_replay(notices, history)
 
 
 async def on_message(app, client: Client, frame: dict) -> None:
@@ -614,8 +613,12 @@ async def chat_socket(websocket: WebSocket):
                 client.error("unavailable", "the database is unavailable; try again shortly")
     finally:
         client.writer.cancel()
-        # Its own task: the last_seen write completes even if this handler is being cancelled.
-        await asyncio.shield(asyncio.create_task(part(app, client)))
+        # Its own task: the last_seen write completes even if this handler is being cancelled,
+        # and shutdown waits for it.
+        parting = asyncio.create_task(part(app, client))
+        app.state.partings.add(parting)
+        parting.add_done_callback(app.state.partings.discard)
+        await asyncio.shield(parting)
 
 
 # --- OpenAPI: every endpoint, with the WebSocket protocol described on GET /ws --------------------
@@ -730,6 +733,7 @@ async def lifespan(app):
         for client in app.state.hub.clients():
             await client.close(1001, "server shutting down")
         await app.state.writer.stop(writer)
+        await asyncio.gather(*app.state.partings)
         await app.state.database.disconnect()
 
 
@@ -755,6 +759,7 @@ def create_app(database_url: str = DATABASE_URL, cors_origins: list[str] = CORS_
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     app.state.database = open_database(database_url)
     app.state.hub = Hub()
+    app.state.partings = set()
     app.state.writer = MessageWriter(app.state.database, app.state.hub)
     return app
 
