@@ -508,6 +508,18 @@ def test_a_room_from_the_url_is_isolated_from_other_rooms(client):
     assert [m["id"] for m in client.get("/messages?room=kitchen").json()] == [1]
 
 
+def test_join_and_leave_notices_stay_in_their_room(client):
+    with client.websocket_connect("/ws/den") as den, client.websocket_connect("/ws") as general:
+        join(den, "alice")
+        join(general, "bob")
+        with client.websocket_connect("/ws/den") as visitor:
+            join(visitor, "carol")
+        assert [untimed(den.receive_json())["content"] for _ in range(2)] == [
+            "carol joined the chat", "carol left the chat"]
+        general.send_json({"type": "message", "content": "anyone?"})
+        assert untimed(general.receive_json()) == message(1, "bob", "anyone?")  # no notice before it
+
+
 def test_a_join_frame_may_name_the_room(client):
     with client.websocket_connect("/ws") as ws:
         assert join(ws, "alice", room="den") == welcome("alice", "den")
