@@ -16,8 +16,13 @@ import os
 import pathlib
 import re
 import sqlite3
+import sys
+import time
+from collections import Counter
+from urllib.parse import urlsplit
 
 import asyncpg
+import jwt
 import swagger_ui_bundle
 import uvicorn
 from databases import Database
@@ -25,6 +30,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import HTTPConnection
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
@@ -35,10 +41,21 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///chat.db")
 HOST = os.environ.get("HOST", "127.0.0.1")
 PORT = int(os.environ.get("PORT", "8000"))
-CORS_ORIGINS = [o for o in os.environ.get("CORS_ORIGINS", "").split(",") if o]
+# Browser origins allowed besides the server's own, for REST (CORS) and WebSocket handshakes; "*" = any.
+ALLOWED_ORIGINS = [o for o in os.environ.get("ALLOWED_ORIGINS", "").split(",") if o]
+SECRET = os.environ.get("CHAT_SECRET", "")  # set it to require signed tokens (python chat.py token NAME)
+TOKEN_TTL_SECONDS = int(os.environ.get("TOKEN_TTL_SECONDS", "86400"))
+MAX_CONNECTIONS = int(os.environ.get("MAX_CONNECTIONS", "10000"))
+MAX_CONNECTIONS_PER_IP = int(os.environ.get("MAX_CONNECTIONS_PER_IP", "20"))
+RATE_PER_SECOND = float(os.environ.get("RATE_PER_SECOND", "5"))  # frames per connection, on average
+RATE_BURST = float(os.environ.get("RATE_BURST", "10"))  # frames a connection may send at once
+FLOOD_LIMIT = int(os.environ.get("FLOOD_LIMIT", "50"))  # refused frames in a row before we hang up
 MAX_CONTENT_LENGTH = int(os.environ.get("MAX_CONTENT_LENGTH", "2000"))  # schema.sql CHECKs 2000 too
 MAX_FRAME_BYTES = int(os.environ.get("MAX_FRAME_BYTES", "16384"))
 SEND_QUEUE_FRAMES = int(os.environ.get("SEND_QUEUE_FRAMES", "1000"))
+PING_INTERVAL = float(os.environ.get("PING_INTERVAL", "20"))  # a dead peer is dropped within
+PING_TIMEOUT = float(os.environ.get("PING_TIMEOUT", "20"))  # PING_INTERVAL + PING_TIMEOUT seconds
+TRUSTED_PROXIES = os.environ.get("TRUSTED_PROXIES", "")  # addresses whose X-Forwarded-For is believed
 HISTORY_ON_JOIN = 10
 REPLAY_LIMIT = 500  # most messages replayed after a reconnect; older ones are left to GET /messages
 MAX_USERNAME_LENGTH = 32
@@ -72,7 +89,7 @@ def open_database(url: str) -> Database:
     """SQLite needs the connection class above; PostgreSQL a fixed-size pool."""
     if url.startswith("sqlite"):
         return Database(url, factory=SQLiteConnection, timeout=30)
-    return Database(url, min_size=5, max_size=10)
+    return Database(url, min_size=5, max_size=10, command_timeout=10)
 
 
 async def apply_schema(database: Database) -> None:
@@ -190,6 +207,53 @@ def check_id(value, field: str) -> int:
     return value
 
 
+# --- Security checks: tokens and origins ----------------------------------------------------------
+
+
+def make_token(username: str, ttl: int = TOKEN_TTL_SECONDS) -> str:
+    """A signed token that lets its holder speak as `username` until it expires."""
+    now = utcnow()
+    claims = {"sub": check_username(username), "iat": now, "exp": now + datetime.timedelta(seconds=ttl)}
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+def token_user(token: str | None) -> str | None:
+    """The username a valid, unexpired token of ours names; None for anything else."""
+    try:
+        claims = jwt.decode(token or "", SECRET, algorithms=["HS256"], options={"require": ["exp", "sub"]})
+        return check_username(claims["sub"])
+    except (jwt.InvalidTokenError, Invalid):
+        return None
+
+
+def presented_token(connection: HTTPConnection) -> str | None:
+    """?token= (browsers cannot set headers on a WebSocket) or Authorization: Bearer."""
+    scheme, _, credentials = connection.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return credentials.strip()
+    return connection.query_params.get("token")
+
+
+def origin_allowed(connection: HTTPConnection) -> bool:
+    """Browsers send Origin; a page from another site may not use a visitor's connection."""
+    origin = connection.headers.get("origin")
+    if origin is None or "*" in ALLOWED_ORIGINS or origin in ALLOWED_ORIGINS:
+        return True
+    return urlsplit(origin).netloc == connection.headers.get("host")
+
+
+def writer_identity(request, username: str) -> None:
+    """With a secret set, a REST write must carry a token for the user it writes as."""
+    if not SECRET:
+        return
+    holder = token_user(presented_token(request))
+    if holder is None:
+        raise HTTPException(401, "a valid token is required: Authorization: Bearer <token>",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if holder != username:
+        raise HTTPException(403, f"this token is for {holder!r}")
+
+
 # --- The hub: who is connected where, and delivery to them ---------------------------------------
 
 
@@ -204,12 +268,27 @@ def system_frame(room: str, content: str, **extra) -> dict:
 class Client:
     """One WebSocket connection with its own writer task, so a slow reader stalls only itself."""
 
-    def __init__(self, websocket: WebSocket, room: str):
-        self.websocket, self.room = websocket, room
+    def __init__(self, websocket: WebSocket, room: str, identity: str | None = None):
+        self.websocket, self.room, self.identity = websocket, room, identity
+        self.ip = websocket.client.host if websocket.client else "unknown"
         self.username: str | None = None
         self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=SEND_QUEUE_FRAMES)
         self.replay: list[tuple[int | None, str]] | None = None  # live frames held during a replay
+        self.stalled = False
+        self.tokens, self.refilled, self.refused = RATE_BURST, time.monotonic(), 0
         self.writer = asyncio.create_task(self.write_forever())
+
+    def allow(self) -> bool:
+        """Token bucket: RATE_BURST frames at once, RATE_PER_SECOND on average."""
+        now = time.monotonic()
+        self.tokens = min(RATE_BURST, self.tokens + (now - self.refilled) * RATE_PER_SECOND)
+        self.refilled = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            self.refused = 0
+            return True
+        self.refused += 1
+        return False
 
     async def write_forever(self):
         """Send queued frames in order until the socket goes away."""
@@ -218,14 +297,19 @@ class Client:
                 await self.websocket.send_text(await self.queue.get())
 
     def push(self, text: str, message_id: int | None = None) -> None:
+        if self.stalled:
+            return
         if self.replay is not None:
             self.replay.append((message_id, text))
             return
         try:
             self.queue.put_nowait(text)
-        except asyncio.QueueFull:  # it stopped reading: drop it rather than hold up the room
+        except asyncio.QueueFull:
+            # It stopped reading. Nothing more is queued for it; the close frame reaches it if it
+            # reads again, and otherwise the keepalive ping drops the connection.
+            self.stalled = True
             self.writer.cancel()
-            asyncio.create_task(self.close(1013, "too slow: send queue full"))
+            self.closing = asyncio.create_task(self.close(1013, "too slow: send queue full"))
 
     def send(self, frame: dict) -> None:
         self.push(encode(frame))
@@ -247,8 +331,9 @@ class Client:
                 self.push(text)
 
     async def close(self, code: int, reason: str) -> None:
-        with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected):
-            await self.websocket.close(code, reason)
+        """Send a close frame; give up after a few seconds if the peer is not reading."""
+        with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected, asyncio.TimeoutError):
+            await asyncio.wait_for(self.websocket.close(code, reason), timeout=2)
 
 
 class Hub:
@@ -256,6 +341,26 @@ class Hub:
 
     def __init__(self):
         self.rooms: dict[str, dict[str, set[Client]]] = {}
+        self.connections: set[Client] = set()  # every open socket, joined or not
+        self.per_ip: Counter[str] = Counter()
+
+    def refusal(self, ip: str) -> tuple[int, str] | None:
+        """Why a new connection from this address may not stay, as (close code, reason); None if it may."""
+        if len(self.connections) >= MAX_CONNECTIONS:
+            return 1013, "the server is full; try again later"
+        if self.per_ip[ip] >= MAX_CONNECTIONS_PER_IP:
+            return 1008, "too many connections from your address"
+        return None
+
+    def connect(self, client: Client) -> None:
+        self.connections.add(client)
+        self.per_ip[client.ip] += 1
+
+    def disconnect(self, client: Client) -> None:
+        self.connections.discard(client)
+        self.per_ip[client.ip] -= 1
+        if not self.per_ip[client.ip]:
+            del self.per_ip[client.ip]
 
     def add(self, client: Client) -> bool:
         """Register a joined client; True if it is the user's first connection in the room."""
@@ -289,8 +394,6 @@ class Hub:
         rooms = [self.rooms.get(room, {})] if room else self.rooms.values()
         return sorted({name for users in rooms for name in users})
 
-    def clients(self):
-        return [c for users in self.rooms.values() for cs in users.values() for c in cs]
 
 
 # --- The message writer: persistence, then broadcast, in id order --------------------------------
@@ -374,6 +477,9 @@ def query_room(request, default: str | None = DEFAULT_ROOM) -> str | None:
 
 
 async def json_body(request) -> dict:
+    # Only JSON: a cross-site form cannot send it without the browser asking us first (CORS).
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise HTTPException(415, "send the body as application/json")
     try:
         body = await request.json()
     except ValueError:
@@ -398,6 +504,7 @@ async def post_message(request):
         room = check_room(body.get("room", DEFAULT_ROOM))
     except Invalid as exc:
         raise HTTPException(422, exc.detail) from None
+    writer_identity(request, username)
     message = await request.app.state.writer.post(room, username, content)
     if message is None:
         raise HTTPException(404, f"no user named {username!r}; create it with POST /users")
@@ -410,6 +517,7 @@ async def create_user(request):
         username = check_username(body.get("username"))
     except Invalid as exc:
         raise HTTPException(422, exc.detail) from None
+    writer_identity(request, username)
     database = request.app.state.database
     values = {"username": username}
     row = await database.fetch_one(CREATE_USER, {**values, "now": utcnow()})
@@ -503,6 +611,7 @@ ERROR_CODES = {
     "already_joined": "a second join on one connection (leave first)",
     "wrong_user": "username differs from the one this connection joined as",
     "unavailable": "the database is down; the frame was not stored, send it again later",
+    "rate_limited": f"over RATE_PER_SECOND ({RATE_PER_SECOND:g}) frames a second; the frame was dropped",
 }
 
 
@@ -535,7 +644,9 @@ def check_same_user(client: Client, frame: dict) -> None:
 async def on_join(app, client: Client, frame: dict) -> None:
     if client.username is not None:
         raise Invalid("already_joined", f"already joined as {client.username!r}; leave first")
-    username = check_username(frame.get("username"))
+    username = check_username(frame.get("username", client.identity))
+    if client.identity and username != client.identity:
+        raise Invalid("wrong_user", f"your token is for {client.identity!r}")
     room = check_room(frame.get("room", client.room))
     since = check_id(frame["since"], "since") if frame.get("since") is not None else None
     await app.state.database.execute(UPSERT_USER, {"username": username, "now": utcnow()})
@@ -543,9 +654,8 @@ async def on_join(app, client: Client, frame: dict) -> None:
     # Register before reading history: whatever is stored from now on is held in client.replay
     # and sent after the history, minus the ids the history already had.
     client.replay = []
-    if app.state.hub.add(client):
-        app.state.hub.deliver(room, system_frame(room, f"{username} joined the chat"), exclude=client)
-    notices, history = [system_frame(room, f"Welcome {username}!")], []
+    first = app.state.hub.add(client)
+    notices = [system_frame(room, f"Welcome {username}!")]
     try:
         if since is None:
             history = await recent_messages(app.state.database, room, HISTORY_ON_JOIN)
@@ -553,11 +663,16 @@ async def on_join(app, client: Client, frame: dict) -> None:
             history = await recent_messages(app.state.database, room, REPLAY_LIMIT + 1, since=since)
             if len(history) > REPLAY_LIMIT:
                 history = history[1:]
-                notices.append(system_frame(room, "More messages were missed than are replayed; load older "
-                                      "ones with GET /messages?before=<id>",
-                                            code="history_truncated", before=history[0]["id"]))
-    finally:
-        client.end_replay(notices, history)
+                notices.append(system_frame(
+                    room, "More messages were missed than are replayed; load older ones with "
+                    "GET /messages?before=<id>", code="history_truncated", before=history[0]["id"]))
+    except DATABASE_ERRORS:
+        app.state.hub.remove(client)  # not joined after all: the client may try again
+        client.username, client.replay = None, None
+        raise
+    if first:
+        app.state.hub.deliver(room, system_frame(room, f"{username} joined the chat"), exclude=client)
+    client.end_replay(notices, history)
 
 
 async def on_message(app, client: Client, frame: dict) -> None:
@@ -589,20 +704,43 @@ HANDLERS = {"join": on_join, "message": on_message, "leave": on_leave}
 
 
 async def chat_socket(websocket: WebSocket):
-    """accept, then one frame at a time until the socket goes; unregister in finally."""
+    """Check the handshake, then handle one frame at a time until the socket goes."""
     app = websocket.app
+    # Refused before accept: the client gets HTTP 403 and no socket is ever opened.
+    if not origin_allowed(websocket):
+        log.info("refused a WebSocket from origin %r", websocket.headers.get("origin"))
+        await websocket.close(1008)
+        return
+    identity = token_user(presented_token(websocket)) if SECRET else None
+    if SECRET and identity is None:
+        log.info("refused a WebSocket without a valid token")
+        await websocket.close(1008)
+        return
     await websocket.accept()
+    # Refused after accept, so that the client can read the close code and the reason.
     try:
         room = check_room(websocket.path_params.get("room", DEFAULT_ROOM))
     except Invalid as exc:
         await websocket.close(1008, exc.detail[:120])
         return
-    client = Client(websocket, room)
+    refusal = app.state.hub.refusal(websocket.client.host if websocket.client else "unknown")
+    if refusal:
+        await websocket.close(*refusal)
+        return
+    client = Client(websocket, room, identity)
+    app.state.hub.connect(client)
     try:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 break
+            if not client.allow():
+                if client.refused > FLOOD_LIMIT:
+                    await client.close(1008, "flooding: too many frames")
+                    break
+                client.error("rate_limited", f"over {RATE_PER_SECOND:g} frames a second; "
+                             "this one was dropped")
+                continue
             try:
                 frame = parse_frame(message)
                 await HANDLERS[frame["type"]](app, client, frame)
@@ -612,6 +750,7 @@ async def chat_socket(websocket: WebSocket):
                 log.warning("database error on a WebSocket frame: %r", exc)
                 client.error("unavailable", "the database is unavailable; try again shortly")
     finally:
+        app.state.hub.disconnect(client)
         client.writer.cancel()
         # Its own task: the last_seen write completes even if this handler is being cancelled,
         # and shutdown waits for it.
@@ -619,6 +758,12 @@ async def chat_socket(websocket: WebSocket):
         app.state.partings.add(parting)
         parting.add_done_callback(app.state.partings.discard)
         await asyncio.shield(parting)
+
+
+async def upgrade_required(request):
+    """A plain HTTP request to the WebSocket path: say how to connect instead of a bare 404."""
+    return JSONResponse({"detail": "this is a WebSocket endpoint: connect with ws:// (see /ws-info)"},
+                        status_code=426, headers={"Upgrade": "websocket"})
 
 
 # --- OpenAPI: every endpoint, with the WebSocket protocol described on GET /ws --------------------
@@ -723,21 +868,19 @@ OPENAPI = {
 
 @contextlib.asynccontextmanager
 async def lifespan(app):
-    """Connect and create the schema; on shutdown say goodbye (1001) and store what is queued."""
+    """Connect and create the schema; on shutdown, store every message already accepted."""
     await app.state.database.connect()
     await apply_schema(app.state.database)
     writer = asyncio.create_task(app.state.writer.run())
     try:
         yield
     finally:
-        for client in app.state.hub.clients():
-            await client.close(1001, "server shutting down")
         await app.state.writer.stop(writer)
         await asyncio.gather(*app.state.partings)
         await app.state.database.disconnect()
 
 
-def create_app(database_url: str = DATABASE_URL, cors_origins: list[str] = CORS_ORIGINS) -> Starlette:
+def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = ALLOWED_ORIGINS) -> Starlette:
     routes = [
         Route("/", home),
         Route("/messages", list_messages, methods=["GET"]),
@@ -752,8 +895,10 @@ def create_app(database_url: str = DATABASE_URL, cors_origins: list[str] = CORS_
         Route("/test", tester),
         WebSocketRoute("/ws", chat_socket),
         WebSocketRoute("/ws/{room}", chat_socket),
+        Route("/ws", upgrade_required),
+        Route("/ws/{room}", upgrade_required),
     ]
-    middleware = [Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+    middleware = [Middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
                              allow_headers=["Content-Type", "Authorization"])]
     handlers = {HTTPException: http_error, **{error: database_down for error in DATABASE_ERRORS}}
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
@@ -766,8 +911,32 @@ def create_app(database_url: str = DATABASE_URL, cors_origins: list[str] = CORS_
 
 app = create_app()
 
-if __name__ == "__main__":
+
+class Server(uvicorn.Server):
+    """uvicorn closes WebSockets with 1012 when it stops; say 1001 (going away) to each first."""
+
+    async def shutdown(self, sockets=None):
+        await asyncio.gather(*(client.close(1001, "server shutting down")
+                               for client in list(app.state.hub.connections)))
+        await super().shutdown(sockets=sockets)
+
+
+def main(argv: list[str]) -> None:
+    """python chat.py: serve. python chat.py token NAME: print a token for NAME."""
+    if argv[:1] == ["token"]:
+        if not SECRET or len(argv) != 2:
+            sys.exit("usage: CHAT_SECRET=... python chat.py token USERNAME")
+        print(make_token(argv[1]))
+        return
     logging.basicConfig(level=logging.INFO)
     # Small frames and no per-message deflate: a chat line needs neither 16 MiB nor compression.
-    uvicorn.run("chat:app", host=HOST, port=PORT, ws_max_size=4 * MAX_FRAME_BYTES,
-                ws_per_message_deflate=False)
+    config = uvicorn.Config(
+        app, host=HOST, port=PORT, ws_max_size=4 * MAX_FRAME_BYTES, ws_per_message_deflate=False,
+        ws_ping_interval=PING_INTERVAL, ws_ping_timeout=PING_TIMEOUT,
+        proxy_headers=bool(TRUSTED_PROXIES), forwarded_allow_ips=TRUSTED_PROXIES or None,
+        ssl_keyfile=os.environ.get("SSL_KEYFILE"), ssl_certfile=os.environ.get("SSL_CERTFILE"))
+    Server(config).run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
