@@ -27,6 +27,7 @@ import swagger_ui_bundle
 import uvicorn
 from databases import Database
 from starlette.applications import Starlette
+from starlette.endpoints import HTTPEndpoint
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -55,12 +56,12 @@ MAX_FRAME_BYTES = int(os.environ.get("MAX_FRAME_BYTES", "16384"))
 SEND_QUEUE_FRAMES = int(os.environ.get("SEND_QUEUE_FRAMES", "1000"))
 PING_INTERVAL = float(os.environ.get("PING_INTERVAL", "20"))  # a dead peer is dropped within
 PING_TIMEOUT = float(os.environ.get("PING_TIMEOUT", "20"))  # PING_INTERVAL + PING_TIMEOUT seconds
+SHUTDOWN_SECONDS = float(os.environ.get("SHUTDOWN_SECONDS", "10"))  # then stuck connections are cut
 TRUSTED_PROXIES = os.environ.get("TRUSTED_PROXIES", "")  # addresses whose X-Forwarded-For is believed
 HISTORY_ON_JOIN = 10
 REPLAY_LIMIT = 500  # most messages replayed after a reconnect; older ones are left to GET /messages
 MAX_USERNAME_LENGTH = 32
 DEFAULT_ROOM = "general"
-ROOM_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 HERE = pathlib.Path(__file__).parent
 log = logging.getLogger("chat")
@@ -172,6 +173,14 @@ class Invalid(Exception):
         self.code, self.detail = code, detail
 
 
+# The rules below, as regular expressions: /openapi.json publishes them, and the checks use them.
+# (Lone surrogates, which JSON can smuggle in as "\ud800", are refused by check_text.)
+ROOM_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+USERNAME_PATTERN = re.compile(r"^[^\s\x00-\x1f\x7f-\x9f]"
+                              r"([^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f])?$")
+CONTENT_PATTERN = re.compile(r"^[^\x00]*[^\x00\s][^\x00]*$")
+
+
 def check_text(value, field: str, max_length: int) -> str:
     if not isinstance(value, str) or not value.strip():
         raise Invalid(f"invalid_{field}", f"{field} must be a non-empty string")
@@ -184,14 +193,17 @@ def check_text(value, field: str, max_length: int) -> str:
 
 def check_username(value) -> str:
     check_text(value, "username", MAX_USERNAME_LENGTH)
-    if value != value.strip() or any(c < " " or "\x7f" <= c <= "\x9f" for c in value):
+    if not USERNAME_PATTERN.fullmatch(value):
         raise Invalid("invalid_username", "username must not contain control characters "
                       "or start or end with a space")
     return value
 
 
 def check_content(value) -> str:
-    return check_text(value, "content", MAX_CONTENT_LENGTH)
+    check_text(value, "content", MAX_CONTENT_LENGTH)
+    if not CONTENT_PATTERN.fullmatch(value):  # what check_text tested, as the spec states it
+        raise Invalid("invalid_content", "content must not be blank or contain a NUL")
+    return value
 
 
 def check_room(value) -> str:
@@ -268,8 +280,8 @@ def system_frame(room: str, content: str, **extra) -> dict:
 class Client:
     """One WebSocket connection with its own writer task, so a slow reader stalls only itself."""
 
-    def __init__(self, websocket: WebSocket, room: str, identity: str | None = None):
-        self.websocket, self.room, self.identity = websocket, room, identity
+    def __init__(self, websocket: WebSocket, hub: "Hub", room: str, identity: str | None = None):
+        self.websocket, self.hub, self.room, self.identity = websocket, hub, room, identity
         self.ip = websocket.client.host if websocket.client else "unknown"
         self.username: str | None = None
         self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=SEND_QUEUE_FRAMES)
@@ -305,11 +317,15 @@ class Client:
         try:
             self.queue.put_nowait(text)
         except asyncio.QueueFull:
-            # It stopped reading. Nothing more is queued for it; the close frame reaches it if it
-            # reads again, and otherwise the keepalive ping drops the connection.
+            # It stopped reading: it leaves the room now and nothing more is queued for it. The
+            # close frame reaches it if it ever reads again; until then its socket holds no more
+            # than the transport's buffer, and counts against its address's connection limit.
             self.stalled = True
             self.writer.cancel()
-            self.closing = asyncio.create_task(self.close(1013, "too slow: send queue full"))
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.hub.drop(self)
+            self.closing = asyncio.create_task(self.close(1013, "too slow: send queue full", timeout=None))
 
     def send(self, frame: dict) -> None:
         self.push(encode(frame))
@@ -330,10 +346,10 @@ class Client:
             if message_id is None or message_id > last_id:
                 self.push(text)
 
-    async def close(self, code: int, reason: str) -> None:
-        """Send a close frame; give up after a few seconds if the peer is not reading."""
+    async def close(self, code: int, reason: str, timeout: float | None = 2) -> None:
+        """Send a close frame; it waits behind unread data, so give up after `timeout` seconds."""
         with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected, asyncio.TimeoutError):
-            await asyncio.wait_for(self.websocket.close(code, reason), timeout=2)
+            await asyncio.wait_for(self.websocket.close(code, reason), timeout)
 
 
 class Hub:
@@ -373,6 +389,8 @@ class Hub:
         """Unregister a client; True if it was the user's last connection in the room."""
         users = self.rooms.get(client.room, {})
         connections = users.get(client.username, set())
+        if client not in connections:
+            return False
         connections.discard(client)
         if connections:
             return False
@@ -380,6 +398,11 @@ class Hub:
         if not users:
             self.rooms.pop(client.room, None)
         return True
+
+    def drop(self, client: Client) -> None:
+        """Unregister a client at once (it stopped reading), telling the room if it was the last."""
+        if self.remove(client):
+            self.deliver(client.room, system_frame(client.room, f"{client.username} left the chat"))
 
     def deliver(self, room: str, frame: dict, exclude: Client | None = None) -> None:
         """Encode a frame once and queue it for every client in the room."""
@@ -509,6 +532,16 @@ async def post_message(request):
     if message is None:
         raise HTTPException(404, f"no user named {username!r}; create it with POST /users")
     return JSONResponse(message, status_code=201)
+
+
+class Messages(HTTPEndpoint):
+    """GET and POST /messages on one route, so that a 405 lists both in its Allow header."""
+
+    async def get(self, request):
+        return await list_messages(request)
+
+    async def post(self, request):
+        return await post_message(request)
 
 
 async def create_user(request):
@@ -692,8 +725,7 @@ async def part(app, client: Client) -> None:
     """Unregister a joined client; the user's last connection announces the leave."""
     if client.username is None:
         return
-    if app.state.hub.remove(client):
-        app.state.hub.deliver(client.room, system_frame(client.room, f"{client.username} left the chat"))
+    app.state.hub.drop(client)
     try:
         await app.state.database.execute(TOUCH_USER, {"username": client.username, "now": utcnow()})
     except DATABASE_ERRORS as exc:  # presence is already gone; last_seen is best effort
@@ -727,7 +759,7 @@ async def chat_socket(websocket: WebSocket):
     if refusal:
         await websocket.close(*refusal)
         return
-    client = Client(websocket, room, identity)
+    client = Client(websocket, app.state.hub, room, identity)
     app.state.hub.connect(client)
     try:
         while True:
@@ -786,7 +818,9 @@ def _json(schema: dict, description: str) -> dict:
 
 
 def _errors(*codes: int) -> dict:
-    text = {404: "Not found", 422: "Invalid input", 503: "Database unavailable"}
+    text = {401: "No valid token (only with CHAT_SECRET set)", 403: "The token is for another user",
+            404: "Not found", 415: "The body is not application/json", 422: "Invalid input",
+            426: "Plain HTTP: connect with a WebSocket instead", 503: "Database unavailable"}
     return {str(code): _json({"$ref": "#/components/schemas/Error"}, text[code]) for code in codes}
 
 
@@ -794,7 +828,10 @@ def _query(name: str, schema: dict, description: str) -> dict:
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
+_USERNAME = {"type": "string", "minLength": 1, "maxLength": MAX_USERNAME_LENGTH,
+             "pattern": USERNAME_PATTERN.pattern}
 _ROOM_QUERY = _query("room", {"type": "string", "pattern": ROOM_PATTERN.pattern}, "Room name")
+_WRITE_SECURITY = [{}, {"bearer": []}]  # a token is needed only when CHAT_SECRET is set
 _MSG_REF, _USER_REF = {"$ref": "#/components/schemas/Message"}, {"$ref": "#/components/schemas/User"}
 
 OPENAPI = {
@@ -808,26 +845,29 @@ OPENAPI = {
                         {**_ROOM_QUERY, "schema": {**_ROOM_QUERY["schema"], "default": DEFAULT_ROOM}},
                         _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 50},
                                "How many messages"),
-                        _query("before", {"type": "integer", "minimum": 1},
+                        _query("before", {"type": "integer", "minimum": 1, "maximum": NO_UPPER_BOUND},
                                "Only messages with a smaller id: page backwards")],
                     "responses": {"200": _json({"type": "array", "items": _MSG_REF}, "Messages"),
                                   **_errors(422, 503)}},
             "post": {"tags": ["Messages"], "summary": "Send a message (broadcast to the room's sockets)",
                      "requestBody": {"required": True, "content": {"application/json": {"schema": _schema(
-                         {"username": {"type": "string", "minLength": 1, "maxLength": MAX_USERNAME_LENGTH},
-                          "content": {"type": "string", "minLength": 1, "maxLength": MAX_CONTENT_LENGTH},
+                         {"username": _USERNAME,
+                          "content": {"type": "string", "minLength": 1, "maxLength": MAX_CONTENT_LENGTH,
+                                      "pattern": CONTENT_PATTERN.pattern},
                           "room": {"type": "string", "pattern": ROOM_PATTERN.pattern,
                                    "default": DEFAULT_ROOM}},
                          ["username", "content"])}}},
-                     "responses": {"201": _json(_MSG_REF, "The stored message"), **_errors(404, 422, 503)}},
+                     "security": _WRITE_SECURITY,
+                     "responses": {"201": _json(_MSG_REF, "The stored message"),
+                                   **_errors(401, 403, 404, 415, 422, 503)}},
         },
         "/users": {
             "post": {"tags": ["Users"], "summary": "Create a user (200 with the user if it exists)",
                      "requestBody": {"required": True, "content": {"application/json": {"schema": _schema(
-                         {"username": {"type": "string", "minLength": 1,
-                                       "maxLength": MAX_USERNAME_LENGTH}}, ["username"])}}},
+                         {"username": _USERNAME}, ["username"])}}},
+                     "security": _WRITE_SECURITY,
                      "responses": {"201": _json(_USER_REF, "Created"), "200": _json(_USER_REF, "Exists"),
-                                   **_errors(422, 503)}},
+                                   **_errors(401, 403, 415, 422, 503)}},
         },
         "/users/active": {
             "get": {"tags": ["Users"], "summary": "Names of connected users, sorted",
@@ -856,10 +896,13 @@ OPENAPI = {
                         "`message` {id, room, username, content, timestamp}, `error` {code, content}.\n\n"
                         "Error codes: " + "; ".join(f"`{k}`: {v}" for k, v in ERROR_CODES.items())),
                     "x-websocket-frames": FRAME_FORMATS,
-                    "responses": {"101": {"description": "Switching Protocols"}}},
+                    "parameters": [_query("token", _STR, "A token from `python chat.py token NAME` "
+                                          "(only with CHAT_SECRET set)")],
+                    "responses": {"101": {"description": "Switching Protocols"}, **_errors(426)}},
         },
     },
-    "components": {"schemas": {"Message": _MESSAGE, "User": _USER, "Error": _ERROR}},
+    "components": {"schemas": {"Message": _MESSAGE, "User": _USER, "Error": _ERROR},
+                   "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
 }
 
 
@@ -883,8 +926,7 @@ async def lifespan(app):
 def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = ALLOWED_ORIGINS) -> Starlette:
     routes = [
         Route("/", home),
-        Route("/messages", list_messages, methods=["GET"]),
-        Route("/messages", post_message, methods=["POST"]),
+        Route("/messages", Messages),
         Route("/users", create_user, methods=["POST"]),
         Route("/users/active", active_users),
         Route("/rooms", list_rooms),
@@ -932,7 +974,7 @@ def main(argv: list[str]) -> None:
     # Small frames and no per-message deflate: a chat line needs neither 16 MiB nor compression.
     config = uvicorn.Config(
         app, host=HOST, port=PORT, ws_max_size=4 * MAX_FRAME_BYTES, ws_per_message_deflate=False,
-        ws_ping_interval=PING_INTERVAL, ws_ping_timeout=PING_TIMEOUT,
+        ws_ping_interval=PING_INTERVAL, ws_ping_timeout=PING_TIMEOUT, timeout_graceful_shutdown=SHUTDOWN_SECONDS,
         proxy_headers=bool(TRUSTED_PROXIES), forwarded_allow_ips=TRUSTED_PROXIES or None,
         ssl_keyfile=os.environ.get("SSL_KEYFILE"), ssl_certfile=os.environ.get("SSL_CERTFILE"))
     Server(config).run()

@@ -12,15 +12,29 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from urllib.parse import urlsplit
 
 import asyncpg
+import hypothesis.strategies as st
+import jwt
 import pytest
+import schemathesis
+import trustme
+import websockets.sync.client
+from hypothesis import HealthCheck, given, settings
+from websockets.client import ClientProtocol
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
 from openapi_spec_validator import validate
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
@@ -30,6 +44,7 @@ import chat
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 HERE = pathlib.Path(__file__).parent
+SECRET32 = "0123456789abcdef0123456789abcdef"
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
@@ -625,28 +640,30 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(database_url: str, port: int | None = None):
-    """uvicorn chat:app on a free port, as a user starts it; yields its base URL."""
+def running_server(database_url: str, port: int | None = None, runner: bool = False,
+                   env: dict | None = None, args: tuple = (), tls: ssl.SSLContext | None = None):
+    """The server as a user starts it, uvicorn chat:app or python chat.py; yields its base URL."""
     port = port or free_port()
-    env = {**os.environ, "DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "chat:app", "--port", str(port), "--no-access-log"],
-        cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "DATABASE_URL": database_url, "HOST": "127.0.0.1", "PORT": str(port), **(env or {})}
+    command = ([sys.executable, "chat.py"] if runner else
+               [sys.executable, "-m", "uvicorn", "chat:app", "--port", str(port), "--no-access-log", *args])
+    process = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
         while True:
             try:
-                urllib.request.urlopen(base + "/ws-info", timeout=1)
+                urllib.request.urlopen(base + "/ws-info", timeout=1, context=tls)
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("server did not start: " + process.stderr.read().decode())
                 time.sleep(0.1)
+        running_server.process = process
         yield base
     finally:
         process.terminate()
-        process.wait(timeout=10)
+        process.wait(timeout=20)
 
 
 @pytest.fixture
@@ -755,3 +772,507 @@ def test_the_tester_page_reconnects_after_a_restart_and_misses_nothing(browser, 
         say_in(page, "after")
         page.wait_for_selector(".msg .text:text('after')")
         assert page.locator(".msg .text").all_text_contents() == ["before", "while you were away", "after"]
+
+
+def ws_connect(base: str, path: str = "/ws", **options):
+    """A real WebSocket client (the websockets library), no proxy, no compression."""
+    url = base.replace("http", "ws", 1) + path
+    return websockets.sync.client.connect(url, proxy=None, compression=None, open_timeout=5, **options)
+
+
+def ws_join(ws, username: str, **extra) -> dict:
+    ws.send(json.dumps({"type": "join", "username": username, **extra}))
+    return untimed(json.loads(ws.recv(timeout=5)))
+
+
+def active(base: str) -> list[str]:
+    return json.load(urllib.request.urlopen(base + "/users/active", timeout=5))
+
+
+def wait_until(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+# --- Authentication (off unless CHAT_SECRET is set) ---------------------------------------------
+
+
+@pytest.fixture
+def secret(monkeypatch):
+    monkeypatch.setattr(chat, "SECRET", "a-test-secret-of-32-bytes-or-more")
+
+
+def refused_code(client, path: str, **options) -> int:
+    with pytest.raises(WebSocketDisconnect) as refused:
+        with client.websocket_connect(path, **options):
+            pass
+    return refused.value.code
+
+
+def test_with_a_secret_a_socket_without_a_token_is_refused_before_accept(client, secret):
+    assert refused_code(client, "/ws") == 1008
+
+
+def test_with_a_secret_a_token_in_the_url_names_the_user(client, secret):
+    with client.websocket_connect(f"/ws?token={chat.make_token('alice')}") as ws:
+        ws.send_json({"type": "join"})
+        assert untimed(ws.receive_json()) == welcome("alice")
+
+
+def test_with_a_secret_a_bearer_header_is_accepted_too(client, secret):
+    headers = {"Authorization": f"Bearer {chat.make_token('alice')}"}
+    with client.websocket_connect("/ws", headers=headers) as ws:
+        assert join(ws, "alice") == welcome("alice")
+
+
+def test_with_a_secret_joining_as_another_user_than_the_token_names_is_refused(client, secret):
+    with client.websocket_connect(f"/ws?token={chat.make_token('alice')}") as ws:
+        ws.send_json({"type": "join", "username": "bob"})
+        assert ws.receive_json() == {"type": "error", "code": "wrong_user",
+                                     "content": "your token is for 'alice'"}
+    assert query(client, "SELECT username FROM users") == []
+
+
+def test_a_token_signed_with_another_secret_is_refused(client, secret):
+    forged = jwt.encode({"sub": "alice", "exp": time.time() + 60}, "not-our-secret-but-just-as-long!!", algorithm="HS256")
+    assert refused_code(client, f"/ws?token={forged}") == 1008
+
+
+def test_an_expired_token_is_refused(client, secret):
+    assert refused_code(client, f"/ws?token={chat.make_token('alice', ttl=-1)}") == 1008
+
+
+def test_a_token_without_expiry_is_refused(client, secret):
+    forever = jwt.encode({"sub": "alice"}, "a-test-secret-of-32-bytes-or-more", algorithm="HS256")
+    assert refused_code(client, f"/ws?token={forever}") == 1008
+
+
+def test_with_a_secret_rest_writes_need_a_token(client, secret):
+    response = client.post("/messages", json={"username": "alice", "content": "hi"})
+    assert (response.status_code, response.json()) == (
+        401, {"detail": "a valid token is required: Authorization: Bearer <token>"})
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_with_a_secret_rest_writes_need_the_token_of_that_user(client, secret):
+    headers = {"Authorization": f"Bearer {chat.make_token('bob')}"}
+    response = client.post("/users", json={"username": "alice"}, headers=headers)
+    assert (response.status_code, response.json()) == (403, {"detail": "this token is for 'bob'"})
+    assert query(client, "SELECT username FROM users") == []
+
+
+def test_with_a_secret_a_rest_write_with_the_right_token_is_stored(client, secret):
+    headers = {"Authorization": f"Bearer {chat.make_token('alice')}"}
+    assert client.post("/users", json={"username": "alice"}, headers=headers).status_code == 201
+    response = client.post("/messages", json={"username": "alice", "content": "hi"}, headers=headers)
+    assert response.status_code == 201
+    assert query(client, "SELECT content FROM messages") == [{"content": "hi"}]
+
+
+def test_python_chat_py_token_prints_a_token_for_that_user():
+    output = subprocess.run([sys.executable, "chat.py", "token", "alice"], cwd=HERE, check=True,
+                            capture_output=True, text=True, env={**os.environ, "CHAT_SECRET": SECRET32}).stdout
+    claims = jwt.decode(output.strip(), SECRET32, algorithms=["HS256"])
+    assert claims["sub"] == "alice"
+    assert 86000 < claims["exp"] - time.time() <= 86400
+
+
+def test_a_real_server_with_a_secret_answers_a_tokenless_handshake_with_403(database_url):
+    with running_server(database_url, env={"CHAT_SECRET": SECRET32}) as base:
+        with pytest.raises(InvalidStatus) as refused:
+            ws_connect(base)
+        assert refused.value.response.status_code == 403
+        token = subprocess.run([sys.executable, "chat.py", "token", "alice"], cwd=HERE, check=True,
+                               capture_output=True, text=True,
+                               env={**os.environ, "CHAT_SECRET": SECRET32}).stdout.strip()
+        with ws_connect(base, f"/ws?token={token}") as ws:
+            ws.send('{"type":"join"}')
+            assert untimed(json.loads(ws.recv(timeout=5))) == welcome("alice")
+
+
+# --- Origin check --------------------------------------------------------------------------------
+
+
+def test_a_browser_handshake_from_another_site_is_refused(client):
+    assert refused_code(client, "/ws", headers={"Origin": "http://evil.example"}) == 1008
+
+
+def test_a_browser_handshake_from_the_servers_own_origin_is_accepted(client):
+    with client.websocket_connect("/ws", headers={"Origin": "http://testserver"}) as ws:
+        assert join(ws, "alice") == welcome("alice")
+
+
+def test_an_origin_on_the_allow_list_is_accepted(client, monkeypatch):
+    monkeypatch.setattr(chat, "ALLOWED_ORIGINS", ["http://friend.example"])
+    with client.websocket_connect("/ws", headers={"Origin": "http://friend.example"}) as ws:
+        assert join(ws, "alice") == welcome("alice")
+
+
+def test_a_star_on_the_allow_list_accepts_any_origin(client, monkeypatch):
+    monkeypatch.setattr(chat, "ALLOWED_ORIGINS", ["*"])
+    with client.websocket_connect("/ws", headers={"Origin": "http://anyone.example"}) as ws:
+        assert join(ws, "alice") == welcome("alice")
+
+
+def test_a_real_server_answers_a_cross_site_handshake_with_403(server):
+    with pytest.raises(InvalidStatus) as refused:
+        ws_connect(server, origin="http://evil.example")
+    assert refused.value.response.status_code == 403
+
+
+def test_a_rest_post_that_is_not_json_is_415(client):
+    response = client.post("/messages", content='{"username": "a", "content": "b"}',
+                           headers={"Content-Type": "text/plain"})
+    assert (response.status_code, response.json()) == (415, {"detail": "send the body as application/json"})
+
+
+def test_plain_http_to_the_websocket_path_is_426(client):
+    response = client.get("/ws")
+    assert response.status_code == 426
+    assert response.json() == {"detail": "this is a WebSocket endpoint: connect with ws:// (see /ws-info)"}
+
+
+# --- Limits --------------------------------------------------------------------------------------
+
+
+def closed_with(ws) -> tuple[int, str]:
+    with pytest.raises(WebSocketDisconnect) as closed:
+        while True:
+            ws.receive_json()
+    return closed.value.code, closed.value.reason
+
+
+def test_connections_over_the_per_address_limit_are_closed_with_1008(client, monkeypatch):
+    monkeypatch.setattr(chat, "MAX_CONNECTIONS_PER_IP", 2)
+    with client.websocket_connect("/ws"), client.websocket_connect("/ws"):
+        with client.websocket_connect("/ws") as third:
+            assert closed_with(third) == (1008, "too many connections from your address")
+
+
+def test_a_closed_connection_frees_its_place_under_the_per_address_limit(client, monkeypatch):
+    monkeypatch.setattr(chat, "MAX_CONNECTIONS_PER_IP", 1)
+    with client.websocket_connect("/ws") as first:
+        join(first, "alice")
+    wait_until(lambda: not client.app.state.hub.connections)
+    with client.websocket_connect("/ws") as again:
+        assert join(again, "alice") == welcome("alice")
+
+
+def test_connections_over_the_total_limit_are_closed_with_1013(client, monkeypatch):
+    monkeypatch.setattr(chat, "MAX_CONNECTIONS", 1)
+    with client.websocket_connect("/ws"):
+        with client.websocket_connect("/ws") as second:
+            assert closed_with(second) == (1013, "the server is full; try again later")
+
+
+def test_frames_over_the_rate_limit_get_rate_limited_and_are_not_stored(client, monkeypatch):
+    monkeypatch.setattr(chat, "RATE_BURST", 3)
+    monkeypatch.setattr(chat, "RATE_PER_SECOND", 0.001)
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice")  # one of the three
+        ws.send_json({"type": "message", "content": "one"})
+        ws.send_json({"type": "message", "content": "two"})
+        ws.send_json({"type": "message", "content": "three"})
+        assert [ws.receive_json()["content"] for _ in range(2)] == ["one", "two"]
+        assert ws.receive_json() == {"type": "error", "code": "rate_limited",
+                                     "content": "over 0.001 frames a second; this one was dropped"}
+    assert query(client, "SELECT content FROM messages ORDER BY id") == [{"content": "one"}, {"content": "two"}]
+
+
+def test_a_sustained_flood_is_closed_with_1008(client, monkeypatch):
+    monkeypatch.setattr(chat, "RATE_BURST", 1)
+    monkeypatch.setattr(chat, "RATE_PER_SECOND", 0.001)
+    monkeypatch.setattr(chat, "FLOOD_LIMIT", 5)
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        for _ in range(6):
+            ws.send_json({"type": "message", "content": "spam"})
+        assert [ws.receive_json()["code"] for _ in range(5)] == ["rate_limited"] * 5
+        assert closed_with(ws) == (1008, "flooding: too many frames")
+    assert query(client, "SELECT id FROM messages") == []
+
+
+def test_the_runner_closes_a_frame_over_four_times_the_frame_limit_with_1009(database_url):
+    with running_server(database_url, runner=True) as base, ws_connect(base) as ws:
+        ws.send("x" * (4 * chat.MAX_FRAME_BYTES + 1))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+        assert closed.value.rcvd.code == 1009
+
+
+# --- Slow readers and dead peers -----------------------------------------------------------------
+
+FAST = {"RATE_PER_SECOND": "1000000", "RATE_BURST": "1000000"}
+
+
+class StalledClient:
+    """A peer that joins, then reads nothing (a laptop gone to sleep): websockets' sans-I/O
+    protocol on a raw socket with a tiny receive buffer, so nothing answers pings for it."""
+
+    def __init__(self, base: str, username: str):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.connect(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+        self.protocol = ClientProtocol(parse_uri(base.replace("http", "ws", 1) + "/ws"))
+        self.protocol.send_request(self.protocol.connect())
+        self.flush()
+        while self.protocol.state is State.CONNECTING:
+            self.protocol.receive_data(self.sock.recv(4096))
+        self.protocol.events_received()  # the handshake response
+        self.protocol.send_text(json.dumps({"type": "join", "username": username}).encode())
+        self.flush()
+
+    def flush(self):
+        self.sock.sendall(b"".join(self.protocol.data_to_send()))
+
+    def read_until_closed(self) -> tuple[int, int | None, str | None]:
+        """Read again: count message frames up to the server's close; (count, code, reason)."""
+        self.sock.settimeout(10)
+        messages = 0
+        while self.protocol.close_rcvd is None:
+            data = self.sock.recv(65536)
+            if not data:
+                return messages, None, None
+            self.protocol.receive_data(data)
+            for frame in self.protocol.events_received():
+                messages += frame.opcode is Opcode.TEXT and b'"type":"message"' in frame.data
+        return messages, self.protocol.close_rcvd.code, self.protocol.close_rcvd.reason
+
+
+def test_a_client_that_stops_reading_does_not_delay_the_others_and_is_dropped(database_url):
+    env = {**FAST, "SEND_QUEUE_FRAMES": "20", "PING_INTERVAL": "60"}
+    with running_server(database_url, runner=True, env=env) as base:
+        slow = StalledClient(base, "slowpoke")
+        with ws_connect(base) as sender, ws_connect(base) as reader:
+            ws_join(sender, "sender")
+            ws_join(reader, "reader")
+            text, latencies = "x" * 1900, []
+            for n in range(2000):
+                sent = time.monotonic()
+                sender.send(json.dumps({"type": "message", "content": f"{n} {text}"}))
+                while True:  # the reader gets each message before the next is sent
+                    frame = json.loads(reader.recv(timeout=5))
+                    if frame["type"] == "message" and frame["content"].startswith(f"{n} "):
+                        break
+                latencies.append(time.monotonic() - sent)
+                sender.recv(timeout=5)  # its own echo
+            # The slow client left the room as soon as its queue overflowed; its socket may linger.
+            assert active(base) == ["reader", "sender"]
+        assert sorted(latencies)[int(len(latencies) * 0.99)] < 0.25
+        # Reading again, the slow client finds what was queued before it fell behind, then 1013.
+        received, code, reason = slow.read_until_closed()
+        assert (code, reason) == (1013, "too slow: send queue full")
+        assert received < 2000
+
+
+def test_a_peer_that_stops_answering_pings_is_dropped_and_leaves_presence(database_url):
+    env = {"PING_INTERVAL": "0.5", "PING_TIMEOUT": "0.5"}
+    with running_server(database_url, runner=True, env=env) as base:
+        silent = StalledClient(base, "ghost")  # it never reads, so it never answers a ping
+        wait_until(lambda: active(base) == ["ghost"])
+        with ws_connect(base) as watcher:
+            ws_join(watcher, "watcher")
+            wait_until(lambda: active(base) == ["watcher"], seconds=5)
+            assert untimed(json.loads(watcher.recv(timeout=5))) == {
+                "type": "system", "room": "general", "content": "ghost left the chat"}
+        silent.sock.close()
+
+
+# --- Shutdown ------------------------------------------------------------------------------------
+
+
+def test_sigterm_closes_every_client_with_1001_and_loses_no_accepted_message(database_url):
+    port = free_port()
+    with running_server(database_url, port, runner=True, env=FAST) as base:
+        with ws_connect(base) as ws:
+            ws_join(ws, "alice")
+            for n in range(300):
+                ws.send(json.dumps({"type": "message", "content": str(n)}))
+            acked = [json.loads(ws.recv(timeout=5))["id"] for _ in range(20)]
+            running_server.process.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    frame = json.loads(ws.recv(timeout=10))
+                    if frame["type"] == "message":
+                        acked.append(frame["id"])
+        assert closed.value.rcvd.code == 1001
+        # uvicorn re-raises SIGTERM once its graceful shutdown (our lifespan included) is over.
+        assert running_server.process.wait(timeout=15) == -signal.SIGTERM
+        assert b"Application shutdown complete." in running_server.process.stderr.read()
+    with running_server(database_url, port, env=FAST) as base:
+        stored = stored_ids(base)
+        assert set(acked) <= set(stored)  # every acknowledged message was kept
+        missed = [i for i in stored if i > acked[-1]]
+        with ws_connect(base) as again:
+            ws_join(again, "alice", since=acked[-1])
+            replay = [json.loads(again.recv(timeout=5))["id"] for _ in missed]
+        assert replay == missed
+
+
+def stored_ids(base: str) -> list[int]:
+    """Every message id in the general room, paging back through GET /messages."""
+    ids, before = [], ""
+    while page := json.load(urllib.request.urlopen(f"{base}/messages?limit=100{before}")):
+        ids = [m["id"] for m in page] + ids
+        before = f"&before={page[0]['id']}"
+    return ids
+
+
+# --- A database outage ---------------------------------------------------------------------------
+
+
+class CuttableProxy:
+    """A TCP proxy to PostgreSQL that the test can cut (all connections dropped, new ones refused)."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target, self.port, self.pairs = target, free_port(), []
+        self.listener = None
+        self.restore()
+
+    def restore(self):
+        self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        threading.Thread(target=self.accept, args=(self.listener,), daemon=True).start()
+
+    def accept(self, listener):
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(self.target)
+                self.pairs.append((client, upstream))
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def pipe(source, sink):
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def cut(self):
+        self.listener.shutdown(socket.SHUT_RDWR)  # close() alone would not wake the blocked accept()
+        self.listener.close()
+        for pair in self.pairs:
+            for sock in pair:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+        self.pairs = []
+
+
+@pytest.fixture
+def outage_url(postgres_url):
+    postgres_execute(postgres_url, "DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    parts = urlsplit(postgres_url)
+    proxy = CuttableProxy((parts.hostname, parts.port or 5432))
+    yield proxy, postgres_url.replace(parts.netloc, f"{parts.username}@127.0.0.1:{proxy.port}")
+    with contextlib.suppress(OSError):
+        proxy.cut()
+
+
+def test_while_postgresql_is_away_sends_get_unavailable_and_rest_gets_503(outage_url):
+    proxy, url = outage_url
+    with TestClient(chat.create_app(url)) as client, client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        proxy.cut()
+        ws.send_json({"type": "message", "content": "into the void"})
+        assert ws.receive_json() == {"type": "error", "code": "unavailable",
+                                     "content": "the database is unavailable; try again shortly"}
+        response = client.post("/messages", json={"username": "alice", "content": "also"})
+        assert (response.status_code, response.json()) == (
+            503, {"detail": "the database is unavailable; try again shortly"})
+        assert client.get("/messages").status_code == 503
+
+
+def test_after_postgresql_comes_back_the_server_recovers_without_loss_or_duplicates(outage_url):
+    proxy, url = outage_url
+    with TestClient(chat.create_app(url)) as client, client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        ws.send_json({"type": "message", "content": "before"})
+        assert ws.receive_json()["id"] == 1
+        proxy.cut()
+        ws.send_json({"type": "message", "content": "during"})
+        assert ws.receive_json()["code"] == "unavailable"
+        proxy.restore()
+        ws.send_json({"type": "message", "content": "after"})
+        assert untimed(ws.receive_json()) == message(2, "alice", "after")
+        assert [(m["id"], m["content"]) for m in client.get("/messages").json()] == [(1, "before"), (2, "after")]
+
+
+# --- TLS -----------------------------------------------------------------------------------------
+
+
+def test_a_wss_round_trip_through_uvicorns_ssl_flags(database_url, tmp_path):
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    certificate.private_key_pem.write_to_path(key)
+    certificate.cert_chain_pems[0].write_to_path(cert)
+    trust = ssl.create_default_context()
+    authority.configure_trust(trust)
+    args = ("--ssl-keyfile", str(key), "--ssl-certfile", str(cert))
+    with running_server(database_url, args=args, tls=trust) as base:
+        info = json.load(urllib.request.urlopen(base + "/ws-info", context=trust))
+        assert info["websocketUrl"] == base.replace("https", "wss") + "/ws"
+        with websockets.sync.client.connect(info["websocketUrl"], ssl=trust, proxy=None) as ws:
+            assert ws_join(ws, "alice") == welcome("alice")
+            ws.send('{"type":"message","content":"secret"}')
+            assert untimed(json.loads(ws.recv(timeout=5))) == message(1, "alice", "secret")
+
+
+# --- Fuzzing -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def api_schema(server):
+    """The REST API as /openapi.json describes it. GET /ws is left out: over plain HTTP it can only
+    answer 426, and the WebSocket is fuzzed frame by frame below."""
+    return schemathesis.openapi.from_url(server + "/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("api_schema").exclude(path="/ws")
+
+
+@schema.parametrize()
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_the_rest_api_gives_no_5xx_and_keeps_to_its_schema(case):
+    case.call_and_validate()
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(st.characters(codec=None)),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+FRAME_OBJECTS = st.fixed_dictionaries(
+    {"type": st.sampled_from(["join", "message", "leave"]) | st.text(max_size=8)},
+    optional={"username": JSON | st.text(max_size=40), "content": JSON, "room": JSON, "since": JSON})
+FRAMES = st.one_of(
+    st.text().map(lambda text: ("text", text)),
+    st.binary().map(lambda data: ("bytes", data)),
+    FRAME_OBJECTS.map(lambda frame: ("text", json.dumps(frame))),
+    JSON.map(lambda value: ("text", json.dumps(value))),
+    st.integers(0, 30000).map(lambda depth: ("text", "[" * depth + "]" * depth)),
+    st.integers(1, 6000).map(lambda digits: ("text", '{"type":"message","content":' + "7" * digits + "}")),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frames=st.lists(FRAMES, min_size=1, max_size=4))
+def test_random_frames_never_break_the_server_or_the_other_clients(client, unlimited, frames):
+    sentinel = f"sentinel {time.monotonic_ns()}"
+    with client.websocket_connect("/ws") as observer, client.websocket_connect("/ws") as fuzzer:
+        join(observer, "observer")
+        for kind, payload in frames:
+            fuzzer.send_text(payload) if kind == "text" else fuzzer.send_bytes(payload)
+        fuzzer.send_json({"type": "leave"})
+        fuzzer.send_json({"type": "join", "username": "fuzzer", "room": "general"})
+        fuzzer.send_json({"type": "message", "content": sentinel})
+        for ws in (fuzzer, observer):
+            while True:
+                frame = ws.receive_json()
+                assert isinstance(frame, dict) and frame["type"] in {"system", "message", "error"}, frame
+                if frame.get("content") == sentinel:
+                    break
