@@ -10,6 +10,7 @@ the message writer (persistence), HTTP handlers, the WebSocket handler, lifespan
 import asyncio
 import contextlib
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import re
 import sqlite3
 import sys
 import time
+import uuid
 from collections import Counter
 from urllib.parse import urlsplit
 
@@ -56,6 +58,8 @@ MAX_FRAME_BYTES = int(os.environ.get("MAX_FRAME_BYTES", "16384"))
 SEND_QUEUE_FRAMES = int(os.environ.get("SEND_QUEUE_FRAMES", "1000"))
 PING_INTERVAL = float(os.environ.get("PING_INTERVAL", "20"))  # a dead peer is dropped within
 PING_TIMEOUT = float(os.environ.get("PING_TIMEOUT", "20"))  # PING_INTERVAL + PING_TIMEOUT seconds
+PRESENCE_TIMEOUT = float(os.environ.get("PRESENCE_TIMEOUT", "15"))  # PostgreSQL: a silent process's
+                                                                     # users count as gone after this
 SHUTDOWN_SECONDS = float(os.environ.get("SHUTDOWN_SECONDS", "10"))  # then stuck connections are cut
 TRUSTED_PROXIES = os.environ.get("TRUSTED_PROXIES", "")  # addresses whose X-Forwarded-For is believed
 HISTORY_ON_JOIN = 10
@@ -107,6 +111,19 @@ async def apply_schema(database: Database) -> None:
                 await raw.execute(schema.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY"))
 
 
+def lock_sqlite_file(database: Database):
+    """SQLite serves one process: a second one on the same file would split the chat, so it refuses."""
+    path = database.url.database
+    lock = open(f"{path}.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise RuntimeError(f"another chat process is serving {path}; SQLite serves one process. "
+                           "To run several, use PostgreSQL: DATABASE_URL=postgresql://...") from None
+    return lock
+
+
 def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
@@ -146,6 +163,8 @@ RECENT_MESSAGES = SELECT_MESSAGES + """
     WHERE m.room = :room AND m.id < :before ORDER BY m.id DESC LIMIT :limit"""
 MESSAGES_AFTER = SELECT_MESSAGES + """
     WHERE m.room = :room AND m.id > :since ORDER BY m.id DESC LIMIT :limit"""
+UNDELIVERED = SELECT_MESSAGES + " WHERE m.id > :since ORDER BY m.id LIMIT :limit"
+LAST_ID = "SELECT COALESCE(MAX(id), 0) FROM messages"
 ROOM_STATS = """
     SELECT room, COUNT(*) AS messages, MAX(created_at) AS last_activity
     FROM messages GROUP BY room"""
@@ -280,8 +299,8 @@ def system_frame(room: str, content: str, **extra) -> dict:
 class Client:
     """One WebSocket connection with its own writer task, so a slow reader stalls only itself."""
 
-    def __init__(self, websocket: WebSocket, hub: "Hub", room: str, identity: str | None = None):
-        self.websocket, self.hub, self.room, self.identity = websocket, hub, room, identity
+    def __init__(self, websocket: WebSocket, app, room: str, identity: str | None = None):
+        self.websocket, self.app, self.room, self.identity = websocket, app, room, identity
         self.ip = websocket.client.host if websocket.client else "unknown"
         self.username: str | None = None
         self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=SEND_QUEUE_FRAMES)
@@ -324,7 +343,7 @@ class Client:
             self.writer.cancel()
             while not self.queue.empty():
                 self.queue.get_nowait()
-            self.hub.drop(self)
+            background(self.app, part(self.app, self))
             self.closing = asyncio.create_task(self.close(1013, "too slow: send queue full", timeout=None))
 
     def send(self, frame: dict) -> None:
@@ -399,11 +418,6 @@ class Hub:
             self.rooms.pop(client.room, None)
         return True
 
-    def drop(self, client: Client) -> None:
-        """Unregister a client at once (it stopped reading), telling the room if it was the last."""
-        if self.remove(client):
-            self.deliver(client.room, system_frame(client.room, f"{client.username} left the chat"))
-
     def deliver(self, room: str, frame: dict, exclude: Client | None = None) -> None:
         """Encode a frame once and queue it for every client in the room."""
         text = encode(frame)
@@ -413,9 +427,9 @@ class Hub:
                 if client is not exclude:
                     client.push(text, message_id)
 
-    def active(self, room: str | None = None) -> list[str]:
-        rooms = [self.rooms.get(room, {})] if room else self.rooms.values()
-        return sorted({name for users in rooms for name in users})
+    def active(self) -> dict[str, list[str]]:
+        """Who is connected to this process, room by room."""
+        return {room: sorted(users) for room, users in self.rooms.items()}
 
 
 
@@ -423,17 +437,22 @@ class Hub:
 
 
 class MessageWriter:
-    """Stores messages in batches (one transaction each) and broadcasts them in id order.
+    """Stores messages in batches (one transaction each) and delivers them in id order.
 
-    One writer per process means ids are committed and delivered in the same order, so a
-    client replaying "everything after id N" and then going live sees no gap and no duplicate.
+    It is the only thing that delivers messages, so every client sees ids in increasing order:
+    a client replaying "everything after id N" and then going live sees no gap and no duplicate.
+    On PostgreSQL (`shared`), other processes write too: each takes a lock while it inserts, so
+    ids become visible in order, and NOTIFYs the newest id; the listener wakes this writer, which
+    delivers whatever is stored after the last id it delivered.
     """
 
     BATCH = 100
 
     def __init__(self, database: Database, hub: Hub):
         self.database, self.hub = database, hub
+        self.shared = database.url.dialect == "postgresql"
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.last_delivered = 0
 
     async def post(self, room: str, username: str, content: str) -> dict | None:
         """Store and broadcast one message; None if the user does not exist."""
@@ -441,13 +460,20 @@ class MessageWriter:
         self.queue.put_nowait(({"room": room, "username": username, "content": content}, done))
         return await done
 
+    def wake(self, newest_id: int = NO_UPPER_BOUND) -> None:
+        """Another process stored messages up to newest_id (or: check, after a reconnect)."""
+        self.queue.put_nowait(newest_id)
+
     async def run(self):
-        """Take what is queued (up to BATCH), store it, broadcast it; until stop() is called."""
+        """Take what is queued (up to BATCH), store it, deliver it; until stop() is called."""
+        self.last_delivered = await self.database.fetch_val(LAST_ID)
         while True:
             batch = [await self.queue.get()]
             while not self.queue.empty() and len(batch) < self.BATCH:
                 batch.append(self.queue.get_nowait())
-            await self.store([item for item in batch if item is not None])
+            await self.store([item for item in batch if isinstance(item, tuple)])
+            if any(isinstance(item, int) and item > self.last_delivered for item in batch):
+                await self.catch_up()
             if None in batch:
                 return
 
@@ -461,22 +487,200 @@ class MessageWriter:
             return
         try:
             async with self.database.transaction():
+                if self.shared:  # held to commit: no other process's ids can commit out of order
+                    await self.database.fetch_val("SELECT pg_advisory_xact_lock(7451)")
                 rows = [await self.database.fetch_one(INSERT_MESSAGE, {**values, "now": utcnow()})
                         for values, _ in batch]
+                ids = [row["id"] for row in rows if row is not None]
+                if self.shared and ids:
+                    await self.database.fetch_val("SELECT pg_notify('chat_messages', :id)", {"id": str(ids[-1])})
         except DATABASE_ERRORS as exc:
             log.warning("storing %d message(s) failed: %r", len(batch), exc)
             for _, done in batch:
                 if not done.done():
                     done.set_exception(exc)
             return
-        for (values, done), row in zip(batch, rows):
-            message = None
-            if row is not None:
-                message = {"id": row["id"], "room": values["room"], "username": values["username"],
-                           "content": values["content"], "timestamp": iso(row["created_at"])}
-                self.hub.deliver(values["room"], {"type": "message", **message})
+        messages = [None if row is None else
+                    {"id": row["id"], "room": values["room"], "username": values["username"],
+                     "content": values["content"], "timestamp": iso(row["created_at"])}
+                    for (values, _), row in zip(batch, rows)]
+        if ids and ids[0] == self.last_delivered + 1 and ids[-1] - ids[0] == len(ids) - 1:
+            for message in filter(None, messages):
+                self.hub.deliver(message["room"], {"type": "message", **message})
+            self.last_delivered = ids[-1]
+        elif ids:
+            await self.catch_up()  # another process's messages come first
+        for (_, done), message in zip(batch, messages):
             if not done.done():  # the poster may have disconnected; the message still went out
                 done.set_result(message)
+
+    async def catch_up(self) -> None:
+        """Deliver every stored message after the last one delivered, in id order."""
+        try:
+            while rows := await self.database.fetch_all(UNDELIVERED, {"since": self.last_delivered,
+                                                                      "limit": 500}):
+                for row in rows:
+                    self.hub.deliver(row["room"], {"type": "message", **message_out(row)})
+                    self.last_delivered = row["id"]
+        except DATABASE_ERRORS as exc:  # the next wake-up (the listener reconnecting) tries again
+            log.warning("catching up after id %d failed: %r", self.last_delivered, exc)
+
+
+# --- Several processes: PostgreSQL LISTEN/NOTIFY and a presence table ----------------------------
+
+
+class Cluster:
+    """Makes processes sharing one PostgreSQL one chat: messages (see MessageWriter), notices and
+    presence cross between them; a process that dies is noticed and its users are marked gone."""
+
+    PRESENT_ELSEWHERE = """
+        SELECT COUNT(*) FROM presence JOIN processes ON processes.id = presence.process
+        WHERE room = :room AND username = :username AND process <> :me
+          AND heartbeat > CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'"""
+    ACTIVE = """
+        SELECT DISTINCT room, username FROM presence JOIN processes ON processes.id = presence.process
+        WHERE heartbeat > CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'
+        ORDER BY room, username"""
+    REAP = """
+        DELETE FROM presence WHERE process IN (
+            SELECT id FROM processes
+            WHERE heartbeat < CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second')
+        RETURNING room, username"""
+
+    def __init__(self, app):
+        self.app, self.database = app, app.state.database
+        self.me = uuid.uuid4().hex[:12]
+        self.tasks: list[asyncio.Task] = []
+
+    def values(self, **extra) -> dict:
+        return {"me": self.me, "timeout": PRESENCE_TIMEOUT, **extra}
+
+    async def start(self) -> None:
+        await self.database.execute(
+            "INSERT INTO processes (id, heartbeat) VALUES (:me, CURRENT_TIMESTAMP)", {"me": self.me})
+        self.tasks = [asyncio.create_task(self.listen_forever()), asyncio.create_task(self.beat_forever())]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        with contextlib.suppress(*DATABASE_ERRORS):
+            await self.database.execute("DELETE FROM processes WHERE id = :me", {"me": self.me})
+
+    async def arrive(self, room: str, username: str) -> bool:
+        """Record the user here; True if no other process has them in the room (so: announce)."""
+        await self.database.execute(
+            "INSERT INTO presence (process, room, username) VALUES (:me, :room, :username) "
+            "ON CONFLICT DO NOTHING", {"me": self.me, "room": room, "username": username})
+        return not await self.database.fetch_val(self.PRESENT_ELSEWHERE,
+                                                 self.values(room=room, username=username))
+
+    async def depart(self, room: str, username: str) -> bool:
+        """Forget the user here; True if no other process has them in the room (so: announce)."""
+        await self.database.execute(
+            "DELETE FROM presence WHERE process = :me AND room = :room AND username = :username",
+            {"me": self.me, "room": room, "username": username})
+        return not await self.database.fetch_val(self.PRESENT_ELSEWHERE,
+                                                 self.values(room=room, username=username))
+
+    async def announce(self, frame: dict) -> None:
+        payload = json.dumps({"from": self.me, "frame": frame})
+        await self.database.fetch_val("SELECT pg_notify('chat_events', :payload)", {"payload": payload})
+
+    async def active(self) -> dict[str, list[str]]:
+        rooms: dict[str, list[str]] = {}
+        for row in await self.database.fetch_all(self.ACTIVE, {"timeout": PRESENCE_TIMEOUT}):
+            rooms.setdefault(row["room"], []).append(row["username"])
+        return rooms
+
+    def on_notify(self, connection, pid, channel: str, payload: str) -> None:
+        if channel == "chat_messages":
+            self.app.state.writer.wake(int(payload))
+            return
+        event = json.loads(payload)
+        if event["from"] != self.me:
+            self.app.state.hub.deliver(event["frame"]["room"], event["frame"])
+
+    async def listen_forever(self) -> None:
+        """A dedicated connection LISTENs; if it drops, reconnect with backoff and repair the gap."""
+        delay = 0.25
+        while True:
+            connection = None
+            try:
+                connection = await asyncpg.connect(str(self.database.url), timeout=10)
+                await connection.add_listener("chat_messages", self.on_notify)
+                await connection.add_listener("chat_events", self.on_notify)
+                self.app.state.writer.wake()  # deliver what was stored while nobody listened
+                delay = 0.25
+                while True:  # a terminated backend shows up here as an error within a second
+                    await asyncio.sleep(1)
+                    await connection.fetch_val("SELECT 1", timeout=5)
+            except (*DATABASE_ERRORS, asyncio.TimeoutError) as exc:
+                log.warning("listener connection lost (%r); reconnecting in %.2f s", exc, delay)
+            finally:
+                if connection is not None:
+                    connection.terminate()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5)
+
+    async def beat_forever(self) -> None:
+        """Renew our heartbeat; reap processes that stopped renewing theirs, and say their users left."""
+        while True:
+            await asyncio.sleep(PRESENCE_TIMEOUT / 3)
+            try:
+                renewed = await self.database.fetch_val(
+                    "UPDATE processes SET heartbeat = CURRENT_TIMESTAMP WHERE id = :me RETURNING id",
+                    {"me": self.me})
+                if renewed is None:  # reaped while cut off from the database: register again
+                    await self.database.execute(
+                        "INSERT INTO processes (id, heartbeat) VALUES (:me, CURRENT_TIMESTAMP)", {"me": self.me})
+                    for room, users in self.app.state.hub.active().items():
+                        for username in users:
+                            await self.arrive(room, username)
+                gone = {(row["room"], row["username"])
+                        for row in await self.database.fetch_all(self.REAP, {"timeout": PRESENCE_TIMEOUT})}
+                await self.database.execute(
+                    "DELETE FROM processes WHERE heartbeat < CURRENT_TIMESTAMP - "
+                    "CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'", {"timeout": PRESENCE_TIMEOUT})
+                for room, username in sorted(gone):
+                    if not await self.database.fetch_val(self.PRESENT_ELSEWHERE,
+                                                         self.values(room=room, username=username)):
+                        await announce(self.app, system_frame(room, f"{username} left the chat"))
+                    await self.database.execute(TOUCH_USER, {"username": username, "now": utcnow()})
+            except DATABASE_ERRORS as exc:
+                log.warning("heartbeat failed: %r", exc)
+
+
+async def announce(app, frame: dict, exclude: Client | None = None) -> None:
+    """A notice for a room: to this process's clients, and through PostgreSQL to the others'."""
+    app.state.hub.deliver(frame["room"], frame, exclude=exclude)
+    if app.state.cluster:
+        await app.state.cluster.announce(frame)
+
+
+async def say_joined(app, client: Client) -> None:
+    """The user's first connection in the room, on any process, is announced."""
+    if app.state.cluster and not await app.state.cluster.arrive(client.room, client.username):
+        return
+    await announce(app, system_frame(client.room, f"{client.username} joined the chat"), exclude=client)
+
+
+async def say_left(app, room: str, username: str) -> None:
+    """The user's last connection in the room, on any process, is announced."""
+    if app.state.cluster and not await app.state.cluster.depart(room, username):
+        return
+    await announce(app, system_frame(room, f"{username} left the chat"))
+
+
+async def active_users(app) -> dict[str, list[str]]:
+    """Who is connected, room by room: this process's clients, or every live process's."""
+    return await app.state.cluster.active() if app.state.cluster else app.state.hub.active()
+
+
+def background(app, coroutine) -> None:
+    """Run a coroutine in its own task, which shutdown waits for."""
+    task = asyncio.create_task(coroutine)
+    app.state.tasks.add(task)
+    task.add_done_callback(app.state.tasks.discard)
 
 
 # --- HTTP handlers -------------------------------------------------------------------------------
@@ -560,19 +764,22 @@ async def create_user(request):
                          "last_seen": iso(row["last_seen"])}, status_code=status)
 
 
-async def active_users(request):
-    return JSONResponse(request.app.state.hub.active(query_room(request, default=None)))
+async def list_active_users(request):
+    room = query_room(request, default=None)
+    rooms = await active_users(request.app)
+    names = rooms.get(room, []) if room else sorted({name for users in rooms.values() for name in users})
+    return JSONResponse(names)
 
 
 async def list_rooms(request):
     """Rooms with messages or connected users: who is here, how many messages, last activity."""
-    hub = request.app.state.hub
+    active = await active_users(request.app)
     stats = {row["room"]: row for row in await request.app.state.database.fetch_all(ROOM_STATS)}
     return JSONResponse([
-        {"room": room, "active_users": hub.active(room),
+        {"room": room, "active_users": active.get(room, []),
          "messages": stats[room]["messages"] if room in stats else 0,
          "last_activity": iso(stats[room]["last_activity"]) if room in stats else None}
-        for room in sorted(set(stats) | set(hub.rooms))])
+        for room in sorted(set(stats) | set(active))])
 
 
 FRAME_FORMATS = {
@@ -699,12 +906,12 @@ async def on_join(app, client: Client, frame: dict) -> None:
                 notices.append(system_frame(
                     room, "More messages were missed than are replayed; load older ones with "
                     "GET /messages?before=<id>", code="history_truncated", before=history[0]["id"]))
+        if first:
+            await say_joined(app, client)
     except DATABASE_ERRORS:
         app.state.hub.remove(client)  # not joined after all: the client may try again
         client.username, client.replay = None, None
         raise
-    if first:
-        app.state.hub.deliver(room, system_frame(room, f"{username} joined the chat"), exclude=client)
     client.end_replay(notices, history)
 
 
@@ -723,13 +930,16 @@ async def on_leave(app, client: Client, frame: dict) -> None:
 
 async def part(app, client: Client) -> None:
     """Unregister a joined client; the user's last connection announces the leave."""
-    if client.username is None:
+    room, username = client.room, client.username
+    if username is None or client not in app.state.hub.rooms.get(room, {}).get(username, ()):
         return
-    app.state.hub.drop(client)
+    last_here = app.state.hub.remove(client)
     try:
-        await app.state.database.execute(TOUCH_USER, {"username": client.username, "now": utcnow()})
-    except DATABASE_ERRORS as exc:  # presence is already gone; last_seen is best effort
-        log.warning("could not update last_seen of %r: %r", client.username, exc)
+        if last_here:
+            await say_left(app, room, username)
+        await app.state.database.execute(TOUCH_USER, {"username": username, "now": utcnow()})
+    except DATABASE_ERRORS as exc:  # gone from this process already; the rest is best effort
+        log.warning("could not record that %r left: %r", username, exc)
 
 
 HANDLERS = {"join": on_join, "message": on_message, "leave": on_leave}
@@ -759,7 +969,7 @@ async def chat_socket(websocket: WebSocket):
     if refusal:
         await websocket.close(*refusal)
         return
-    client = Client(websocket, app.state.hub, room, identity)
+    client = Client(websocket, app, room, identity)
     app.state.hub.connect(client)
     try:
         while True:
@@ -784,12 +994,8 @@ async def chat_socket(websocket: WebSocket):
     finally:
         app.state.hub.disconnect(client)
         client.writer.cancel()
-        # Its own task: the last_seen write completes even if this handler is being cancelled,
-        # and shutdown waits for it.
-        parting = asyncio.create_task(part(app, client))
-        app.state.partings.add(parting)
-        parting.add_done_callback(app.state.partings.discard)
-        await asyncio.shield(parting)
+        # Its own task: leaving completes even if this handler is being cancelled.
+        background(app, part(app, client))
 
 
 async def upgrade_required(request):
@@ -911,16 +1117,26 @@ OPENAPI = {
 
 @contextlib.asynccontextmanager
 async def lifespan(app):
-    """Connect and create the schema; on shutdown, store every message already accepted."""
-    await app.state.database.connect()
-    await apply_schema(app.state.database)
+    """Connect, create the schema, start the writer (and, on PostgreSQL, the cluster); on shutdown,
+    store every message already accepted."""
+    database = app.state.database
+    await database.connect()
+    lock = lock_sqlite_file(database) if database.url.dialect == "sqlite" else None
+    await apply_schema(database)
     writer = asyncio.create_task(app.state.writer.run())
+    if database.url.dialect == "postgresql":
+        app.state.cluster = Cluster(app)
+        await app.state.cluster.start()
     try:
         yield
     finally:
+        await asyncio.gather(*app.state.tasks)
         await app.state.writer.stop(writer)
-        await asyncio.gather(*app.state.partings)
-        await app.state.database.disconnect()
+        if app.state.cluster:
+            await app.state.cluster.stop()
+        await database.disconnect()
+        if lock:
+            lock.close()
 
 
 def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = ALLOWED_ORIGINS) -> Starlette:
@@ -928,7 +1144,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
         Route("/", home),
         Route("/messages", Messages),
         Route("/users", create_user, methods=["POST"]),
-        Route("/users/active", active_users),
+        Route("/users/active", list_active_users),
         Route("/rooms", list_rooms),
         Route("/ws-info", ws_info),
         Route("/openapi.json", openapi),
@@ -946,7 +1162,8 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     app.state.database = open_database(database_url)
     app.state.hub = Hub()
-    app.state.partings = set()
+    app.state.tasks = set()
+    app.state.cluster = None
     app.state.writer = MessageWriter(app.state.database, app.state.hub)
     return app
 

@@ -22,3 +22,18 @@ CREATE TABLE IF NOT EXISTS messages (
 
 -- Every message query is "this room, by id": history on join, paging, replay after a reconnect.
 CREATE INDEX IF NOT EXISTS messages_room_id ON messages (room, id);
+
+-- Several processes on one PostgreSQL (see Cluster in chat.py): who is connected where. A process
+-- renews its heartbeat every few seconds; one that stops is reaped by the others, with its users.
+-- Unused, and harmless, on SQLite, which serves one process.
+CREATE TABLE IF NOT EXISTS processes (
+    id        TEXT PRIMARY KEY,
+    heartbeat TIMESTAMPTZ NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS presence (
+    process  TEXT NOT NULL REFERENCES processes (id) ON DELETE CASCADE,
+    room     TEXT NOT NULL,
+    username TEXT NOT NULL,
+    PRIMARY KEY (process, room, username)
+);
