@@ -606,16 +606,19 @@ class Cluster:
         while True:
             connection = None
             try:
-                connection = await asyncpg.connect(str(self.database.url), timeout=10)
+                connection = await asyncpg.connect(str(self.database.url), timeout=10,
+                                                   server_settings={"application_name": "chat-listener"})
                 await connection.add_listener("chat_messages", self.on_notify)
                 await connection.add_listener("chat_events", self.on_notify)
                 self.app.state.writer.wake()  # deliver what was stored while nobody listened
                 delay = 0.25
                 while True:  # a terminated backend shows up here as an error within a second
                     await asyncio.sleep(1)
-                    await connection.fetch_val("SELECT 1", timeout=5)
+                    await connection.fetchval("SELECT 1", timeout=5)
             except (*DATABASE_ERRORS, asyncio.TimeoutError) as exc:
                 log.warning("listener connection lost (%r); reconnecting in %.2f s", exc, delay)
+            except Exception:  # a bug must not end the supervision silently: show it, and go on
+                log.exception("listener failed; reconnecting in %.2f s", delay)
             finally:
                 if connection is not None:
                     connection.terminate()

@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -647,7 +648,8 @@ def running_server(database_url: str, port: int | None = None, runner: bool = Fa
     env = {**os.environ, "DATABASE_URL": database_url, "HOST": "127.0.0.1", "PORT": str(port), **(env or {})}
     command = ([sys.executable, "chat.py"] if runner else
                [sys.executable, "-m", "uvicorn", "chat:app", "--port", str(port), "--no-access-log", *args])
-    process = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tempfile.TemporaryFile()  # not a pipe: a chatty server must never block on its log
+    process = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=log)
     base = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
@@ -657,13 +659,18 @@ def running_server(database_url: str, port: int | None = None, runner: bool = Fa
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("server did not start: " + process.stderr.read().decode())
+                    log.seek(0)
+                    raise RuntimeError("server did not start: " + log.read().decode())
                 time.sleep(0.1)
-        running_server.process = process
+        running_server.process, running_server.log = process, log
         yield base
     finally:
         process.terminate()
         process.wait(timeout=20)
+        if os.environ.get("CHAT_TEST_SERVER_LOGS"):
+            log.seek(0)
+            print(log.read().decode())
+        log.close()
 
 
 @pytest.fixture
@@ -1100,7 +1107,8 @@ def test_sigterm_closes_every_client_with_1001_and_loses_no_accepted_message(dat
         assert closed.value.rcvd.code == 1001
         # uvicorn re-raises SIGTERM once its graceful shutdown (our lifespan included) is over.
         assert running_server.process.wait(timeout=15) == -signal.SIGTERM
-        assert b"Application shutdown complete." in running_server.process.stderr.read()
+        running_server.log.seek(0)
+        assert b"Application shutdown complete." in running_server.log.read()
     with running_server(database_url, port, env=FAST) as base:
         stored = stored_ids(base)
         assert set(acked) <= set(stored)  # every acknowledged message was kept
@@ -1276,3 +1284,117 @@ def test_random_frames_never_break_the_server_or_the_other_clients(client, unlim
                 assert isinstance(frame, dict) and frame["type"] in {"system", "message", "error"}, frame
                 if frame.get("content") == sentinel:
                     break
+
+
+# --- Several processes on one PostgreSQL ---------------------------------------------------------
+
+
+@pytest.fixture
+def shared_url(postgres_url):
+    postgres_execute(postgres_url, "DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    return postgres_url
+
+
+@contextlib.contextmanager
+def two_servers(url: str, env: dict | None = None):
+    env = {**FAST, **(env or {})}
+    with running_server(url, runner=True, env=env) as a:
+        first = running_server.process
+        with running_server(url, runner=True, env=env) as b:
+            yield (a, first), (b, running_server.process)
+
+
+def collect(ws, count: int) -> list[int]:
+    ids = []
+    while len(ids) < count:
+        frame = json.loads(ws.recv(timeout=10))
+        if frame["type"] == "message":
+            ids.append(frame["id"])
+    return ids
+
+
+def send_many(ws, tag: str, count: int) -> None:
+    for n in range(count):
+        ws.send(json.dumps({"type": "message", "content": f"{tag}{n}"}))
+
+
+def test_clients_on_two_processes_see_every_message_once_in_order(shared_url):
+    with two_servers(shared_url) as ((a, _), (b, _)):
+        with ws_connect(a) as on_a, ws_connect(b) as on_b, ws_connect(a) as s1, ws_connect(b) as s2:
+            for ws, name in ((on_a, "ann"), (on_b, "ben"), (s1, "sam"), (s2, "sue")):
+                ws_join(ws, name)
+            senders = [threading.Thread(target=send_many, args=(ws, tag, 150)) for ws, tag in ((s1, "a"), (s2, "b"))]
+            for thread in senders:
+                thread.start()
+            seen_a, seen_b = collect(on_a, 300), collect(on_b, 300)
+            for thread in senders:
+                thread.join()
+        stored = stored_ids(a)
+    assert len(stored) == 300
+    assert seen_a == stored and seen_b == stored
+
+
+def test_presence_and_notices_cross_processes(shared_url):
+    with two_servers(shared_url) as ((a, _), (b, _)):
+        with ws_connect(b) as bob:
+            ws_join(bob, "bob")
+            with ws_connect(a) as alice:
+                ws_join(alice, "alice")
+                assert untimed(json.loads(bob.recv(timeout=5))) == {
+                    "type": "system", "room": "general", "content": "alice joined the chat"}
+                assert active(a) == active(b) == ["alice", "bob"]
+            assert untimed(json.loads(bob.recv(timeout=5))) == {
+                "type": "system", "room": "general", "content": "alice left the chat"}
+            assert active(a) == active(b) == ["bob"]
+
+
+def test_a_user_on_two_processes_is_announced_once(shared_url):
+    with two_servers(shared_url) as ((a, _), (b, _)):
+        with ws_connect(a) as watcher, ws_connect(a) as tab1, ws_connect(b) as tab2:
+            ws_join(watcher, "carol")
+            ws_join(tab1, "alice")
+            ws_join(tab2, "alice")
+            tab2.send('{"type":"message","content":"one joined notice only"}')
+            frames = [untimed(json.loads(watcher.recv(timeout=5))) for _ in range(2)]
+        assert [f["content"] for f in frames] == ["alice joined the chat", "one joined notice only"]
+
+
+def test_killing_one_process_leaves_the_other_serving_and_its_users_gone(shared_url):
+    with two_servers(shared_url, env={"PRESENCE_TIMEOUT": "1.5"}) as ((a, process_a), (b, _)):
+        with ws_connect(b) as bob:
+            ws_join(bob, "bob")
+            alice = ws_connect(a)
+            ws_join(alice, "alice")
+            json.loads(bob.recv(timeout=5))  # alice joined
+            process_a.kill()
+            assert untimed(json.loads(bob.recv(timeout=10))) == {
+                "type": "system", "room": "general", "content": "alice left the chat"}
+            assert active(b) == ["bob"]
+            bob.send('{"type":"message","content":"still here"}')
+            assert json.loads(bob.recv(timeout=5))["content"] == "still here"
+
+
+def test_cutting_the_listener_connection_loses_nothing(shared_url):
+    with two_servers(shared_url) as ((a, _), (b, _)):
+        with ws_connect(a) as reader, ws_connect(b) as sender:
+            ws_join(reader, "reader")
+            ws_join(sender, "sender")
+            thread = threading.Thread(target=send_many, args=(sender, "m", 300))
+            thread.start()
+            first = collect(reader, 50)
+            postgres_execute(shared_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                         "WHERE application_name = 'chat-listener'")
+            rest = collect(reader, 250)
+            thread.join()
+        assert first + rest == stored_ids(a) == list(range(1, 301))
+
+
+def test_a_second_process_on_the_same_sqlite_file_refuses_to_start(tmp_path):
+    url = f"sqlite:///{tmp_path}/chat.db"
+    with running_server(url):
+        second = subprocess.run([sys.executable, "-m", "uvicorn", "chat:app", "--port", str(free_port())],
+                                cwd=HERE, env={**os.environ, "DATABASE_URL": url},
+                                capture_output=True, text=True, timeout=30)
+    assert second.returncode != 0
+    assert (f"another chat process is serving {tmp_path}/chat.db; SQLite serves one process. "
+            "To run several, use PostgreSQL: DATABASE_URL=postgresql://...") in second.stderr
