@@ -466,16 +466,19 @@ class MessageWriter:
 
     async def run(self):
         """Take what is queued (up to BATCH), store it, deliver it; until stop() is called."""
-        self.last_delivered = await self.database.fetch_val(LAST_ID)
-        while True:
-            batch = [await self.queue.get()]
-            while not self.queue.empty() and len(batch) < self.BATCH:
-                batch.append(self.queue.get_nowait())
-            await self.store([item for item in batch if isinstance(item, tuple)])
-            if any(isinstance(item, int) and item > self.last_delivered for item in batch):
-                await self.catch_up()
-            if None in batch:
-                return
+        # One connection for the writer's life: `databases` would otherwise open (SQLite) or
+        # check out (PostgreSQL) a connection for every statement.
+        async with self.database.connection():
+            self.last_delivered = await self.database.fetch_val(LAST_ID)
+            while True:
+                batch = [await self.queue.get()]
+                while not self.queue.empty() and len(batch) < self.BATCH:
+                    batch.append(self.queue.get_nowait())
+                await self.store([item for item in batch if isinstance(item, tuple)])
+                if any(isinstance(item, int) and item > self.last_delivered for item in batch):
+                    await self.catch_up()
+                if None in batch:
+                    return
 
     async def stop(self, task: asyncio.Task) -> None:
         """Store everything accepted so far, then end the run() task."""
