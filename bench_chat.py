@@ -94,7 +94,13 @@ def servers(database_url: str, workers: int):
     finally:
         for process in processes:
             process.terminate()
-            process.wait(timeout=30)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                print(f"the server (pid {process.pid}) did not stop within 30 s of SIGTERM; killed",
+                      file=sys.stderr)
+                process.kill()
 
 
 def cpu_seconds(processes) -> float:
@@ -152,8 +158,10 @@ async def join(url: str, name: str, room: str):
     return ws
 
 
-async def open_clients(urls: list[str], count: int, room: str, prefix: str = "u"):
-    batches = [join(urls[n % len(urls)], f"{prefix}{n}", room) for n in range(count)]
+async def open_clients(urls: list[str], count: int, room: str, prefix: str = "u", room_size: int = 0):
+    """`count` joined clients, spread over the servers; in rooms of `room_size` if given."""
+    rooms = [f"{room}{n // room_size}" if room_size else room for n in range(count)]
+    batches = [join(urls[n % len(urls)], f"{prefix}{n}", rooms[n]) for n in range(count)]
     clients = []
     for start in range(0, count, 200):  # not all at once: the handshake backlog is finite
         clients += await asyncio.gather(*batches[start:start + 200])
@@ -217,7 +225,8 @@ async def run_load(urls, room: str, clients: int, senders: int, per_sender: int,
 async def idle_memory(urls, processes, count: int) -> tuple[float, int]:
     """Server memory per joined, idle connection, with `count` of them open."""
     before = rss_bytes(processes)
-    sockets = await open_clients(urls, count, "idle", prefix="i")
+    # Rooms of ten: in one room of thousands, each join would notify everyone before it.
+    sockets = await open_clients(urls, count, "idle", prefix="i", room_size=10)
     await asyncio.sleep(2)
     after = rss_bytes(processes)
     await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
@@ -257,14 +266,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.workers > 1 and not args.database:
         raise SystemExit("several workers need PostgreSQL: --database postgresql://...")
+    backend = "PostgreSQL" if args.database else "SQLite"
     with fresh_database(args.database) as url, servers(url, args.workers) as (urls, processes):
         rows = uvloop.run(measure(urls, processes, args.quick))
-    backend = "PostgreSQL" if args.database else "SQLite"
-    print(f"chat.py, {backend}, {args.workers} process(es); {os.cpu_count()} cores "
-          f"({platform.processor() or platform.machine()}), server, database and load generator "
-          f"on the same machine; Python {platform.python_version()}")
-    for scenario, result in rows:
-        print(f"  {scenario:55} {result}")
+        print(f"chat.py, {backend}, {args.workers} process(es); {os.cpu_count()} cores "
+              f"({platform.processor() or platform.machine()}), server, database and load generator "
+              f"on the same machine; Python {platform.python_version()}", flush=True)
+        for scenario, result in rows:
+            print(f"  {scenario:55} {result}", flush=True)
 
 
 if __name__ == "__main__":

@@ -75,10 +75,6 @@ log = logging.getLogger("chat")
 # What a failing database raises; callers turn these into an "unavailable" error, never a 500.
 DATABASE_ERRORS = (OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError)
 
-# SQLite keeps timestamps as ISO 8601 text; PostgreSQL receives aware datetimes for TIMESTAMPTZ.
-sqlite3.register_adapter(datetime.datetime, datetime.datetime.isoformat)
-
-
 class SQLiteConnection(sqlite3.Connection):
     """Every SQLite connection enforces foreign keys and waits for a lock instead of failing."""
 
@@ -452,7 +448,7 @@ class MessageWriter:
         self.database, self.hub = database, hub
         self.shared = database.url.dialect == "postgresql"
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.last_delivered = 0
+        self.last_delivered: int | None = None
 
     async def post(self, room: str, username: str, content: str) -> dict | None:
         """Store and broadcast one message; None if the user does not exist."""
@@ -460,25 +456,52 @@ class MessageWriter:
         self.queue.put_nowait(({"room": room, "username": username, "content": content}, done))
         return await done
 
+    def touch(self, username: str) -> None:
+        """Record last_seen with the next batch: a thousand clients leaving at once cost one write."""
+        self.queue.put_nowait(username)
+
     def wake(self, newest_id: int = NO_UPPER_BOUND) -> None:
         """Another process stored messages up to newest_id (or: check, after a reconnect)."""
         self.queue.put_nowait(newest_id)
 
     async def run(self):
-        """Take what is queued (up to BATCH), store it, deliver it; until stop() is called."""
-        # One connection for the writer's life: `databases` would otherwise open (SQLite) or
-        # check out (PostgreSQL) a connection for every statement.
-        async with self.database.connection():
-            self.last_delivered = await self.database.fetch_val(LAST_ID)
-            while True:
-                batch = [await self.queue.get()]
-                while not self.queue.empty() and len(batch) < self.BATCH:
-                    batch.append(self.queue.get_nowait())
-                await self.store([item for item in batch if isinstance(item, tuple)])
-                if any(isinstance(item, int) and item > self.last_delivered for item in batch):
-                    await self.catch_up()
-                if None in batch:
-                    return
+        """Store and deliver what is queued, batch by batch, until stop() is called.
+
+        Each session keeps one connection while it works (`databases` would otherwise open or
+        check out one per statement). When the database fails, a new session starts in a new
+        task, because `databases` ties a connection to the task that opened it.
+        """
+        self.carry: list = []
+        while not await asyncio.create_task(self.session()):
+            await asyncio.sleep(0.5)
+
+    async def session(self) -> bool:
+        """Work with one connection until stop() (True) or the database fails (False)."""
+        batch = self.carry
+        try:
+            async with self.database.connection():
+                if self.last_delivered is None:
+                    self.last_delivered = await self.database.fetch_val(LAST_ID)
+                while True:
+                    batch = batch or [await self.queue.get()]
+                    while not self.queue.empty() and len(batch) < self.BATCH:
+                        batch.append(self.queue.get_nowait())
+                    await self.store([item for item in batch if isinstance(item, tuple)])
+                    await self.record_last_seen({item for item in batch if isinstance(item, str)})
+                    if any(isinstance(item, int) and item > self.last_delivered for item in batch):
+                        await self.catch_up()
+                    if None in batch:
+                        return True
+                    batch = []
+        except DATABASE_ERRORS as exc:
+            log.warning("the writer lost the database (%r); retrying", exc)
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            for item in batch:
+                if isinstance(item, tuple) and not item[1].done():
+                    item[1].set_exception(exc)  # the sender hears "unavailable" at once
+            self.carry = [NO_UPPER_BOUND]  # once back: deliver whatever others stored meanwhile
+            return None in batch
 
     async def stop(self, task: asyncio.Task) -> None:
         """Store everything accepted so far, then end the run() task."""
@@ -502,7 +525,7 @@ class MessageWriter:
             for _, done in batch:
                 if not done.done():
                     done.set_exception(exc)
-            return
+            raise
         messages = [None if row is None else
                     {"id": row["id"], "room": values["room"], "username": values["username"],
                      "content": values["content"], "timestamp": iso(row["created_at"])}
@@ -516,6 +539,17 @@ class MessageWriter:
         for (_, done), message in zip(batch, messages):
             if not done.done():  # the poster may have disconnected; the message still went out
                 done.set_result(message)
+
+    async def record_last_seen(self, usernames: set[str]) -> None:
+        if not usernames:
+            return
+        try:
+            now = utcnow()
+            async with self.database.transaction():
+                for username in sorted(usernames):
+                    await self.database.execute(TOUCH_USER, {"username": username, "now": now})
+        except DATABASE_ERRORS as exc:  # best effort: the user has left either way
+            log.warning("could not record last_seen of %d user(s): %r", len(usernames), exc)
 
     async def catch_up(self) -> None:
         """Deliver every stored message after the last one delivered, in id order."""
@@ -651,7 +685,7 @@ class Cluster:
                     if not await self.database.fetch_val(self.PRESENT_ELSEWHERE,
                                                          self.values(room=room, username=username)):
                         await announce(self.app, system_frame(room, f"{username} left the chat"))
-                    await self.database.execute(TOUCH_USER, {"username": username, "now": utcnow()})
+                    self.app.state.writer.touch(username)
             except DATABASE_ERRORS as exc:
                 log.warning("heartbeat failed: %r", exc)
 
@@ -940,10 +974,10 @@ async def part(app, client: Client) -> None:
     if username is None or client not in app.state.hub.rooms.get(room, {}).get(username, ()):
         return
     last_here = app.state.hub.remove(client)
+    app.state.writer.touch(username)
     try:
         if last_here:
             await say_left(app, room, username)
-        await app.state.database.execute(TOUCH_USER, {"username": username, "now": utcnow()})
     except DATABASE_ERRORS as exc:  # gone from this process already; the rest is best effort
         log.warning("could not record that %r left: %r", username, exc)
 

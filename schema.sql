@@ -4,7 +4,8 @@
 -- "INTEGER PRIMARY KEY", which PostgreSQL does not number at all. chat.py's apply_schema() rewrites
 -- that phrase to "BIGSERIAL PRIMARY KEY" on PostgreSQL; nothing else differs.
 --
--- Timestamps are written by chat.py as UTC (TIMESTAMPTZ on PostgreSQL, ISO 8601 text on SQLite).
+-- Timestamps are written by chat.py in UTC: TIMESTAMPTZ on PostgreSQL; on SQLite, text such as
+-- "2026-11-25 10:00:00.123456" (SQLAlchemy's format, UTC without a zone), read back by chat.iso().
 
 CREATE TABLE IF NOT EXISTS users (
     id        INTEGER PRIMARY KEY,
