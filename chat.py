@@ -20,7 +20,7 @@ import sqlite3
 import sys
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -293,17 +293,18 @@ def system_frame(room: str, content: str, **extra) -> dict:
 
 
 class Client:
-    """One WebSocket connection with its own writer task, so a slow reader stalls only itself."""
+    """One WebSocket connection with its own outbox and writer task, so a slow reader stalls
+    only itself. The writer runs while there is something to send: an idle client costs less."""
 
     def __init__(self, websocket: WebSocket, app, room: str, identity: str | None = None):
         self.websocket, self.app, self.room, self.identity = websocket, app, room, identity
         self.ip = websocket.client.host if websocket.client else "unknown"
         self.username: str | None = None
-        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=SEND_QUEUE_FRAMES)
+        self.outbox: deque[str] = deque()
         self.replay: list[tuple[int | None, str]] | None = None  # live frames held during a replay
         self.stalled = False
         self.tokens, self.refilled, self.refused = RATE_BURST, time.monotonic(), 0
-        self.writer = asyncio.create_task(self.write_forever())
+        self.writer: asyncio.Task | None = None
 
     def allow(self) -> bool:
         """Token bucket: RATE_BURST frames at once, RATE_PER_SECOND on average."""
@@ -317,11 +318,11 @@ class Client:
         self.refused += 1
         return False
 
-    async def write_forever(self):
-        """Send queued frames in order until the socket goes away."""
+    async def write_pending(self):
+        """Send the outbox in order, then end; push() starts it again."""
         with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected):
-            while True:
-                await self.websocket.send_text(await self.queue.get())
+            while self.outbox:
+                await self.websocket.send_text(self.outbox.popleft())
 
     def push(self, text: str, message_id: int | None = None) -> None:
         if self.stalled:
@@ -329,18 +330,23 @@ class Client:
         if self.replay is not None:
             self.replay.append((message_id, text))
             return
-        try:
-            self.queue.put_nowait(text)
-        except asyncio.QueueFull:
+        if len(self.outbox) >= SEND_QUEUE_FRAMES:
             # It stopped reading: it leaves the room now and nothing more is queued for it. The
             # close frame reaches it if it ever reads again; until then its socket holds no more
             # than the transport's buffer, and counts against its address's connection limit.
             self.stalled = True
-            self.writer.cancel()
-            while not self.queue.empty():
-                self.queue.get_nowait()
+            self.stop_writing()
             background(self.app, part(self.app, self))
             self.closing = asyncio.create_task(self.close(1013, "too slow: send queue full", timeout=None))
+            return
+        self.outbox.append(text)
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.create_task(self.write_pending())
+
+    def stop_writing(self) -> None:
+        self.outbox.clear()
+        if self.writer:
+            self.writer.cancel()
 
     def send(self, frame: dict) -> None:
         self.push(encode(frame))
@@ -1033,7 +1039,7 @@ async def chat_socket(websocket: WebSocket):
                 client.error("unavailable", "the database is unavailable; try again shortly")
     finally:
         app.state.hub.disconnect(client)
-        client.writer.cancel()
+        client.stop_writing()
         # Its own task: leaving completes even if this handler is being cancelled.
         background(app, part(app, client))
 
