@@ -3,8 +3,11 @@
 Run it:   pip install -r requirements.txt && python chat.py     (or: uvicorn chat:app)
 Then open http://127.0.0.1:8000/test, or: websocat ws://127.0.0.1:8000/ws
 
-Reading order: configuration, database, validation, the hub (who is connected, broadcast),
-the message writer (persistence), HTTP handlers, the WebSocket handler, lifespan, routes, app.
+Reading order: configuration; database; validation; security checks (tokens, origins); the hub
+(who is connected where, and the broadcast); the message writer (persistence, delivery in id
+order); several processes (PostgreSQL LISTEN/NOTIFY, shared presence); HTTP handlers; the
+WebSocket handler (the handshake checks, then one frame at a time); OpenAPI; lifespan, routes, app;
+the runner (python chat.py, python chat.py token NAME).
 """
 
 import asyncio
