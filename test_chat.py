@@ -371,6 +371,31 @@ def test_a_binary_frame_gets_an_error_and_the_connection_keeps_working(client):
         assert join(ws, "alice") == welcome("alice")
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.text(st.characters(codec=None), max_size=40) | st.sampled_from(["", " ", "\t\n", "a\x00", "\x00 "]))
+def test_the_published_content_pattern_states_the_content_check_exactly(text):
+    try:
+        chat.check_content(text)
+        accepted = True
+    except chat.Invalid:
+        accepted = False
+    published = bool(chat.CONTENT_PATTERN.fullmatch(text)) and not any("\ud800" <= c <= "\udfff" for c in text)
+    assert accepted == published
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(st.characters(codec=None), max_size=40))
+def test_the_published_username_pattern_and_the_username_check_agree(text):
+    try:
+        chat.check_username(text)
+        accepted = True
+    except chat.Invalid:
+        accepted = False
+    published = (bool(chat.USERNAME_PATTERN.fullmatch(text)) and len(text) <= 32
+                 and not any("\ud800" <= c <= "\udfff" for c in text))
+    assert accepted == published
+
+
 # --- REST ----------------------------------------------------------------------------------------
 
 
@@ -1366,9 +1391,8 @@ def test_a_user_on_two_processes_is_announced_once(shared_url):
 
 def test_killing_one_process_leaves_the_other_serving_and_its_users_gone(shared_url):
     with two_servers(shared_url, env={"PRESENCE_TIMEOUT": "1.5"}) as ((a, process_a), (b, _)):
-        with ws_connect(b) as bob:
+        with ws_connect(b) as bob, ws_connect(a) as alice:
             ws_join(bob, "bob")
-            alice = ws_connect(a)
             ws_join(alice, "alice")
             json.loads(bob.recv(timeout=5))  # alice joined
             process_a.kill()
