@@ -89,7 +89,7 @@ def servers(database_url: str, workers: int):
                     break
                 except OSError:
                     if time.monotonic() > deadline or processes[-1].poll() is not None:
-                        raise SystemExit("the server did not start")
+                        raise SystemExit("the server did not start") from None
                     time.sleep(0.1)
         yield urls, processes
     finally:
@@ -202,7 +202,7 @@ async def run_load(urls, room: str, clients: int, senders: int, per_sender: int,
             await ws.send('{"type":"message","content":"s%d:%d:%.6f"}' % (index, seq, time.perf_counter()))
 
     started = time.perf_counter()
-    readers = [asyncio.create_task(receive(ws, r, n)) for n, (ws, r) in enumerate(zip(sockets, receivers))]
+    readers = [asyncio.create_task(receive(ws, r, n)) for n, (ws, r) in enumerate(zip(sockets, receivers, strict=True))]
     await asyncio.gather(*(send(sockets[n], n) for n in range(senders)))
     done, pending = await asyncio.wait(readers, timeout=30)
     elapsed = time.perf_counter() - started

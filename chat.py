@@ -542,14 +542,14 @@ class MessageWriter:
         messages = [None if row is None else
                     {"id": row["id"], "room": values["room"], "username": values["username"],
                      "content": values["content"], "timestamp": iso(row["created_at"])}
-                    for (values, _), row in zip(batch, rows)]
+                    for (values, _), row in zip(batch, rows, strict=True)]
         if ids and ids[0] == self.last_delivered + 1 and ids[-1] - ids[0] == len(ids) - 1:
             for message in filter(None, messages):
                 self.hub.deliver(message["room"], {"type": "message", **message})
             self.last_delivered = ids[-1]
         elif ids:
             await self.catch_up()  # another process's messages come first
-        for (_, done), message in zip(batch, messages):
+        for (_, done), message in zip(batch, messages, strict=True):
             if not done.done():  # the poster may have disconnected; the message still went out
                 done.set_result(message)
 

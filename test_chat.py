@@ -692,7 +692,7 @@ def running_server(database_url: str, port: int | None = None, runner: bool = Fa
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
-                    raise RuntimeError("server did not start: " + log.read().decode())
+                    raise RuntimeError("server did not start: " + log.read().decode()) from None
                 time.sleep(0.1)
         running_server.process, running_server.log = process, log
         yield base
