@@ -301,9 +301,8 @@ class Client:
     """One WebSocket connection with its own outbox and writer task, so a slow reader stalls
     only itself. The writer runs while there is something to send: an idle client costs less."""
 
-    def __init__(self, websocket: WebSocket, app, room: str, identity: str | None = None):
-        self.websocket, self.app, self.room, self.identity = websocket, app, room, identity
-        self.ip = websocket.client.host if websocket.client else "unknown"
+    def __init__(self, websocket: WebSocket, app, ip: str, room: str, identity: str | None = None):
+        self.websocket, self.app, self.ip, self.room, self.identity = websocket, app, ip, room, identity
         self.username: str | None = None
         self.outbox: deque[str] = deque()
         self.replay: list[tuple[int | None, str]] | None = None  # live frames held during a replay
@@ -430,8 +429,9 @@ class Hub:
         """Encode a frame once and queue it for every client in the room."""
         text = encode(frame)
         message_id = frame["id"] if frame["type"] == "message" else None
-        for connections in list(self.rooms.get(room, {}).values()):
-            for client in list(connections):
+        # No copies needed: push() never changes the rooms (a stalled client leaves in a task).
+        for connections in self.rooms.get(room, {}).values():
+            for client in connections:
                 if client is not exclude:
                     client.push(text, message_id)
 
@@ -1018,11 +1018,12 @@ async def chat_socket(websocket: WebSocket):
     except Invalid as exc:
         await websocket.close(1008, exc.detail[:120])
         return
-    refusal = app.state.hub.refusal(websocket.client.host if websocket.client else "unknown")
+    ip = websocket.client.host if websocket.client else "unknown"
+    refusal = app.state.hub.refusal(ip)
     if refusal:
         await websocket.close(*refusal)
         return
-    client = Client(websocket, app, room, identity)
+    client = Client(websocket, app, ip, room, identity)
     app.state.hub.connect(client)
     try:
         while True:
