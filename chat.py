@@ -75,8 +75,14 @@ log = logging.getLogger("chat")
 
 # --- Database -----------------------------------------------------------------------------------
 
+class Unavailable(Exception):
+    """The database failed while a message waited to be stored: it was not stored."""
+
+
 # What a failing database raises; callers turn these into an "unavailable" error, never a 500.
-DATABASE_ERRORS = (OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError)
+# (asyncpg raises InternalClientError when a connection is terminated mid-operation.)
+DATABASE_ERRORS = (OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError,
+                   asyncpg.InternalClientError, Unavailable)
 
 
 class SQLiteConnection(sqlite3.Connection):
@@ -145,17 +151,41 @@ def message_out(row) -> dict:
 
 UPSERT_USER = """
     INSERT INTO users (username, last_seen) VALUES (:username, :now)
-    ON CONFLICT (username) DO UPDATE SET last_seen = excluded.last_seen"""
+    ON CONFLICT (username) DO UPDATE SET last_seen = excluded.last_seen RETURNING id"""
 CREATE_USER = """
     INSERT INTO users (username, last_seen) VALUES (:username, :now)
     ON CONFLICT (username) DO NOTHING RETURNING id, username, last_seen"""
 FIND_USER = "SELECT id, username, last_seen FROM users WHERE username = :username"
-TOUCH_USER = "UPDATE users SET last_seen = :now WHERE username = :username"
-# One round trip per message: the user's id is looked up inside the INSERT itself.
-INSERT_MESSAGE = """
-    INSERT INTO messages (room, user_id, content, created_at)
-    SELECT :room, id, :content, :now FROM users WHERE username = :username
-    RETURNING id, created_at"""
+# A whole batch is one statement, its rows one JSON array: one round trip however many messages
+# wait, and no transaction left half-open if the connection dies mid-batch. The SQLite and the
+# PostgreSQL forms differ in their JSON functions; on PostgreSQL the same statement takes the
+# lock that keeps ids committing in order across processes, and wakes the other processes.
+INSERT_MESSAGES = {
+    "sqlite": """
+        INSERT INTO messages (room, user_id, content, created_at)
+        SELECT json_extract(value, '$.room'), json_extract(value, '$.user_id'),
+               json_extract(value, '$.content'), :now
+        FROM json_each(:batch) ORDER BY key
+        RETURNING id""",
+    "postgresql": """
+        WITH locked AS (SELECT pg_advisory_xact_lock(:lock)),
+        stored AS (
+            INSERT INTO messages (room, user_id, content, created_at)
+            SELECT b.room, b.user_id, b.content, :now
+            FROM locked, ROWS FROM (json_to_recordset(CAST(:batch AS JSON))
+                                    AS (room TEXT, user_id BIGINT, content TEXT))
+                         WITH ORDINALITY AS b(room, user_id, content, n)
+            ORDER BY b.n
+            RETURNING id),
+        notified AS (SELECT pg_notify('chat_messages', CAST(MAX(id) AS TEXT)) FROM stored)
+        SELECT id FROM stored, notified""",
+}
+TOUCH_USERS = {
+    "sqlite": "UPDATE users SET last_seen = :now WHERE username IN (SELECT value FROM json_each(:usernames))",
+    "postgresql": """UPDATE users SET last_seen = :now
+                     WHERE username IN (SELECT json_array_elements_text(CAST(:usernames AS JSON)))""",
+}
+MESSAGES_LOCK = 7451  # PostgreSQL advisory lock: one process at a time assigns message ids
 SELECT_MESSAGES = """
     SELECT m.id, m.room, u.username, m.content, m.created_at
     FROM messages AS m JOIN users AS u ON u.id = m.user_id"""
@@ -304,6 +334,7 @@ class Client:
     def __init__(self, websocket: WebSocket, app, ip: str, room: str, identity: str | None = None):
         self.websocket, self.app, self.ip, self.room, self.identity = websocket, app, ip, room, identity
         self.username: str | None = None
+        self.user_id: int | None = None
         self.outbox: deque[str] = deque()
         self.replay: list[tuple[int | None, str]] | None = None  # live frames held during a replay
         self.stalled = False
@@ -457,17 +488,18 @@ class MessageWriter:
 
     def __init__(self, database: Database, hub: Hub):
         self.database, self.hub = database, hub
-        self.shared = database.url.dialect == "postgresql"
+        self.dialect = database.url.dialect
         # What is queued: (values, future) a message to store; a str, a username whose last_seen
         # to record; an int, the newest id another process stored; None, stop.
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.carry: list = []  # what a failed session leaves for the next one
+        self.batch: list = []  # what is being worked on; what a failed session leaves to the next
         self.last_delivered: int | None = None
 
-    async def post(self, room: str, username: str, content: str) -> dict | None:
-        """Store and broadcast one message; None if the user does not exist."""
+    async def post(self, room: str, user_id: int, username: str, content: str) -> dict:
+        """Store and broadcast one message; raises Unavailable if the database fails first."""
         done = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait(({"room": room, "username": username, "content": content}, done))
+        self.queue.put_nowait(({"room": room, "user_id": user_id, "username": username,
+                                "content": content}, done))
         return await done
 
     def touch(self, username: str) -> None:
@@ -482,39 +514,48 @@ class MessageWriter:
         """Store and deliver what is queued, batch by batch, until stop() is called.
 
         Each session keeps one connection while it works (`databases` would otherwise open or
-        check out one per statement). When the database fails, a new session starts in a new
-        task, because `databases` ties a connection to the task that opened it.
+        check out one per statement). A session that fails, for any reason, fails every waiting
+        sender at once ("unavailable"), and a new session starts in a new task, on a new
+        connection, because `databases` ties a connection to the task that opened it.
         """
-        while not await asyncio.create_task(self.session()):
+        while True:
+            try:
+                if await asyncio.create_task(self.session()):
+                    return
+            except DATABASE_ERRORS as exc:
+                log.warning("the writer lost the database (%r); retrying", exc)
+            except Exception:  # the supervisor: a writer that died would leave every sender waiting
+                log.exception("the writer failed; starting over")
+            if self.fail_waiting():
+                return
             await asyncio.sleep(0.5)
 
     async def session(self) -> bool:
-        """Work with one connection until stop() (True) or the database fails (False)."""
-        batch = self.carry
-        try:
-            async with self.database.connection():
-                if self.last_delivered is None:
-                    self.last_delivered = await self.database.fetch_val(LAST_ID)
-                while True:
-                    batch = batch or [await self.queue.get()]
-                    while not self.queue.empty() and len(batch) < self.BATCH:
-                        batch.append(self.queue.get_nowait())
-                    await self.store([item for item in batch if isinstance(item, tuple)])
-                    await self.record_last_seen({item for item in batch if isinstance(item, str)})
-                    if any(isinstance(item, int) and item > self.last_delivered for item in batch):
-                        await self.catch_up()
-                    if None in batch:
-                        return True
-                    batch = []
-        except DATABASE_ERRORS as exc:
-            log.warning("the writer lost the database (%r); retrying", exc)
-            while not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            for item in batch:
-                if isinstance(item, tuple) and not item[1].done():
-                    item[1].set_exception(exc)  # the sender hears "unavailable" at once
-            self.carry = [NO_UPPER_BOUND]  # once back: deliver whatever others stored meanwhile
-            return None in batch
+        """Work with one connection until stop() (True); a database failure raises."""
+        async with self.database.connection():
+            if self.last_delivered is None:
+                self.last_delivered = await self.database.fetch_val(LAST_ID)
+            while True:
+                self.batch = self.batch or [await self.queue.get()]
+                while not self.queue.empty() and len(self.batch) < self.BATCH:
+                    self.batch.append(self.queue.get_nowait())
+                await self.store([item for item in self.batch if isinstance(item, tuple)])
+                await self.record_last_seen({item for item in self.batch if isinstance(item, str)})
+                if any(isinstance(item, int) and item > self.last_delivered for item in self.batch):
+                    await self.catch_up()
+                if None in self.batch:
+                    return True
+                self.batch = []
+
+    def fail_waiting(self) -> bool:
+        """Tell every sender still waiting that its message was not stored; True if stop() came."""
+        batch, self.batch = self.batch, [NO_UPPER_BOUND]  # once back: deliver what others stored meanwhile
+        while not self.queue.empty():
+            batch.append(self.queue.get_nowait())
+        for item in batch:
+            if isinstance(item, tuple) and not item[1].done():
+                item[1].set_exception(Unavailable())
+        return None in batch
 
     async def stop(self, task: asyncio.Task) -> None:
         """Store everything accepted so far, then end the run() task."""
@@ -522,32 +563,27 @@ class MessageWriter:
         await task
 
     async def store(self, batch: list) -> None:
+        """Store a batch in one statement, deliver it in id order, then answer its senders."""
         if not batch:
             return
+        now = utcnow()
+        rows = json.dumps([{"room": v["room"], "user_id": v["user_id"], "content": v["content"]}
+                           for v, _ in batch])
         try:
-            async with self.database.transaction():
-                if self.shared:  # held to commit: no other process's ids can commit out of order
-                    await self.database.fetch_val("SELECT pg_advisory_xact_lock(7451)")
-                rows = [await self.database.fetch_one(INSERT_MESSAGE, {**values, "now": utcnow()})
-                        for values, _ in batch]
-                ids = [row["id"] for row in rows if row is not None]
-                if self.shared and ids:
-                    await self.database.fetch_val("SELECT pg_notify('chat_messages', :id)", {"id": str(ids[-1])})
+            ids = sorted(row[0] for row in await self.database.fetch_all(
+                INSERT_MESSAGES[self.dialect], {"batch": rows, "now": now, "lock": MESSAGES_LOCK}
+                if self.dialect == "postgresql" else {"batch": rows, "now": now}))
         except DATABASE_ERRORS as exc:
             log.warning("storing %d message(s) failed: %r", len(batch), exc)
-            for _, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
             raise
-        messages = [None if row is None else
-                    {"id": row["id"], "room": values["room"], "username": values["username"],
-                     "content": values["content"], "timestamp": iso(row["created_at"])}
-                    for (values, _), row in zip(batch, rows, strict=True)]
-        if ids and ids[0] == self.last_delivered + 1 and ids[-1] - ids[0] == len(ids) - 1:
-            for message in filter(None, messages):
+        messages = [{"id": id, "room": values["room"], "username": values["username"],
+                     "content": values["content"], "timestamp": iso(now)}
+                    for id, (values, _) in zip(ids, batch, strict=True)]
+        if ids[0] == self.last_delivered + 1 and ids[-1] - ids[0] == len(ids) - 1:
+            for message in messages:
                 self.hub.deliver(message["room"], {"type": "message", **message})
             self.last_delivered = ids[-1]
-        elif ids:
+        else:
             await self.catch_up()  # another process's messages come first
         for (_, done), message in zip(batch, messages, strict=True):
             if not done.done():  # the poster may have disconnected; the message still went out
@@ -557,10 +593,8 @@ class MessageWriter:
         if not usernames:
             return
         try:
-            now = utcnow()
-            async with self.database.transaction():
-                for username in sorted(usernames):
-                    await self.database.execute(TOUCH_USER, {"username": username, "now": now})
+            await self.database.execute(TOUCH_USERS[self.dialect],
+                                        {"usernames": json.dumps(sorted(usernames)), "now": utcnow()})
         except DATABASE_ERRORS as exc:  # best effort: the user has left either way
             log.warning("could not record last_seen of %d user(s): %r", len(usernames), exc)
 
@@ -701,6 +735,8 @@ class Cluster:
                     self.app.state.writer.touch(username)
             except DATABASE_ERRORS as exc:
                 log.warning("heartbeat failed: %r", exc)
+            except Exception:  # a bug must not end the heartbeat silently: show it, and go on
+                log.exception("heartbeat failed")
 
 
 async def announce(app, frame: dict, exclude: Client | None = None) -> None:
@@ -785,9 +821,10 @@ async def post_message(request):
     except Invalid as exc:
         raise HTTPException(422, exc.detail) from None
     writer_identity(request, username)
-    message = await request.app.state.writer.post(room, username, content)
-    if message is None:
+    user = await request.app.state.database.fetch_one(FIND_USER, {"username": username})
+    if user is None:
         raise HTTPException(404, f"no user named {username!r}; create it with POST /users")
+    message = await request.app.state.writer.post(room, user["id"], username, content)
     return JSONResponse(message, status_code=201)
 
 
@@ -942,7 +979,7 @@ async def on_join(app, client: Client, frame: dict) -> None:
         raise Invalid("wrong_user", f"your token is for {client.identity!r}")
     room = check_room(frame.get("room", client.room))
     since = check_id(frame["since"], "since") if frame.get("since") is not None else None
-    await app.state.database.execute(UPSERT_USER, {"username": username, "now": utcnow()})
+    client.user_id = await app.state.database.fetch_val(UPSERT_USER, {"username": username, "now": utcnow()})
     client.username, client.room = username, room
     # Register before reading history: whatever is stored from now on is held in client.replay
     # and sent after the history, minus the ids the history already had.
@@ -971,7 +1008,7 @@ async def on_join(app, client: Client, frame: dict) -> None:
 async def on_message(app, client: Client, frame: dict) -> None:
     check_same_user(client, frame)
     content = check_content(frame.get("content"))
-    await app.state.writer.post(client.room, client.username, content)
+    await app.state.writer.post(client.room, client.user_id, client.username, content)
 
 
 async def on_leave(app, client: Client, frame: dict) -> None:

@@ -20,7 +20,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
+from collections import Counter
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -698,11 +700,13 @@ def running_server(database_url: str, port: int | None = None, runner: bool = Fa
         yield base
     finally:
         process.terminate()
-        process.wait(timeout=20)
-        if os.environ.get("CHAT_TEST_SERVER_LOGS"):
-            log.seek(0)
-            print(log.read().decode())
-        log.close()
+        try:
+            process.wait(timeout=20)
+        finally:
+            if os.environ.get("CHAT_TEST_SERVER_LOGS"):
+                log.seek(0)
+                print(log.read().decode())
+            log.close()
 
 
 @pytest.fixture
@@ -1240,6 +1244,87 @@ def test_after_postgresql_comes_back_the_server_recovers_without_loss_or_duplica
         ws.send_json({"type": "message", "content": "after"})
         assert untimed(ws.receive_json()) == message(2, "alice", "after")
         assert [(m["id"], m["content"]) for m in client.get("/messages").json()] == [(1, "before"), (2, "after")]
+
+
+def terminate_backends(url: str) -> None:
+    """What an operator's pg_terminate_backend does to every connection the server holds."""
+    name = urlsplit(url).path.lstrip("/")
+    postgres_execute(url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          f"WHERE datname = '{name}' AND pid <> pg_backend_pid()")
+
+
+def test_terminating_the_backends_repeatedly_loses_no_acknowledged_message_and_leaves_no_sender_waiting(shared_url):
+    answers = {"ws": [], "rest": []}  # (content, stored?) for every message sent
+    stop = threading.Event()
+
+    def ws_sender(base):
+        with ws_connect(base) as ws:
+            ws_join(ws, "alice")
+            n = 0
+            while not stop.is_set():
+                content = f"ws {n}"
+                ws.send(json.dumps({"type": "message", "content": content}))
+                while True:  # its own echo, or an error; anything else is someone else's traffic
+                    frame = json.loads(ws.recv(timeout=10))
+                    if frame.get("content") == content or frame["type"] == "error":
+                        break
+                assert frame["type"] in ("message", "error"), frame
+                assert frame["type"] == "message" or frame["code"] == "unavailable", frame
+                answers["ws"].append((content, frame["type"] == "message"))
+                n += 1
+
+    def rest_sender(base):
+        n = 0
+        while not stop.is_set():
+            content = f"rest {n}"
+            request = urllib.request.Request(base + "/messages", method="POST",
+                                             data=json.dumps({"username": "bob", "content": content}).encode(),
+                                             headers={"Content-Type": "application/json"})
+            try:
+                status = urllib.request.urlopen(request, timeout=10).status
+            except urllib.error.HTTPError as exc:
+                status = exc.code
+            assert status in (201, 503), status
+            answers["rest"].append((content, status == 201))
+            n += 1
+
+    with running_server(shared_url, env=FAST) as base:
+        post_user(base, "bob")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            senders = [pool.submit(ws_sender, base), pool.submit(rest_sender, base)]
+            for _ in range(5):
+                time.sleep(1.5)
+                terminate_backends(shared_url)
+            time.sleep(1.5)
+            stop.set()
+            for sender in senders:
+                sender.result(timeout=30)  # raises if a sender waited 10 s for an answer
+        stored = Counter(m["content"] for m in all_messages(base))
+        acknowledged = [content for kind in answers.values() for content, ok in kind if ok]
+        assert all(stored[content] == 1 for content in acknowledged)
+        assert max(stored.values()) == 1  # nothing stored twice
+        # The service is back: a fresh message is stored at once.
+        with ws_connect(base) as ws:
+            ws_join(ws, "carol")
+            ws.send(json.dumps({"type": "message", "content": "after"}))
+            while (frame := json.loads(ws.recv(timeout=5)))["content"] != "after":
+                assert frame["type"] == "message"  # the history sent on joining
+    assert len(answers["ws"]) > 20 and len(answers["rest"]) > 20
+
+
+def post_user(base: str, username: str) -> None:
+    request = urllib.request.Request(base + "/users", method="POST", data=json.dumps({"username": username}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=5)
+
+
+def all_messages(base: str, room: str = "general") -> list[dict]:
+    """Every message of a room, paging back through GET /messages."""
+    messages, before = [], ""
+    while page := json.load(urllib.request.urlopen(f"{base}/messages?room={room}&limit=100{before}")):
+        messages = page + messages
+        before = f"&before={page[0]['id']}"
+    return messages
 
 
 # --- TLS -----------------------------------------------------------------------------------------
