@@ -3,17 +3,32 @@
 Run it:   pip install -r requirements.txt && python chat.py     (or: uvicorn chat:app)
 Then open http://127.0.0.1:8000/test, or: websocat ws://127.0.0.1:8000/ws
 
-Reading order: configuration; database; validation; security checks (tokens, origins); the hub
-(who is connected where, and the broadcast); the message writer (persistence, delivery in id
-order); several processes (PostgreSQL LISTEN/NOTIFY, shared presence); HTTP handlers; the
-WebSocket handler (the handshake checks, then one frame at a time); OpenAPI; lifespan, routes, app;
-the runner (python chat.py, python chat.py token NAME).
+It is the chat app of the Bun + Elysia + Drizzle tutorial, done right, and it reads as a house with
+two storeys:
+
+1. The chat, as the tutorial teaches it: configuration; database and SQL; validation; the
+   handshake's security checks; rooms and fan-out; the join / message / leave handlers and the
+   WebSocket endpoint (with the path of one message traced at its top); REST; lifespan, routes,
+   app; the runner. On its own, this storey is the whole chat for one process (SQLite).
+2. Several processes (PostgreSQL): LISTEN/NOTIFY, catch-up and shared presence, behind the same
+   four methods that the first storey calls on `OneProcess` (arrive, depart, announce, present).
+Appendix: the OpenAPI document.
+
+The tutorial's Elysia names, and ours:
+
+    beforeHandle (check the token)     handshake checks before accept(): token_user, origin_allowed
+    ws.subscribe(room)                 Rooms.subscribe(client)
+    ws.unsubscribe(room)               Rooms.unsubscribe(client)
+    ws.publish(room, data)             Rooms.publish(room, frame): into each subscriber's outbox
+    ws.send(data)                      Client.send(frame)
+    broadcastMessage (a notice)        cluster.announce(frame): this process's rooms, and the others'
+    chatService.saveMessage            MessageWriter.post(): stored in batches, then published
+    message(ws, message) + switch      HANDLERS: on_join, on_message, on_leave
 """
 
 import asyncio
 import contextlib
 import datetime
-import fcntl
 import json
 import logging
 import os
@@ -24,6 +39,7 @@ import sys
 import time
 import uuid
 from collections import Counter, deque
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -31,6 +47,7 @@ import jwt
 import swagger_ui_bundle
 import uvicorn
 from databases import Database
+from starlette import status
 from starlette.applications import Starlette
 from starlette.endpoints import HTTPEndpoint
 from starlette.exceptions import HTTPException
@@ -42,11 +59,17 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
+# =================================================================================================
+# Storey 1: the chat, as the tutorial teaches it, done right
+# =================================================================================================
+
 # --- Configuration: environment variables, each with a default that works offline -------------
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///chat.db")
 HOST = os.environ.get("HOST", "127.0.0.1")
 PORT = int(os.environ.get("PORT", "8000"))
+SSL_KEYFILE = os.environ.get("SSL_KEYFILE")  # both set: python chat.py serves wss:// and https://
+SSL_CERTFILE = os.environ.get("SSL_CERTFILE")
 # Browser origins allowed besides the server's own, for REST (CORS) and WebSocket handshakes; "*" = any.
 ALLOWED_ORIGINS = [o for o in os.environ.get("ALLOWED_ORIGINS", "").split(",") if o]
 SECRET = os.environ.get("CHAT_SECRET", "")  # set it to require signed tokens (python chat.py token NAME)
@@ -70,10 +93,24 @@ REPLAY_LIMIT = 500  # most messages replayed after a reconnect; older ones are l
 MAX_USERNAME_LENGTH = 32
 DEFAULT_ROOM = "general"
 
+# The close codes this server sends, named as starlette.status names them. A refused handshake
+# (a foreign origin, no valid token) gets HTTP 403 instead: no socket is ever opened.
+CLOSE_CODES = {
+    status.WS_1001_GOING_AWAY: "the server is shutting down (plain uvicorn says 1012)",
+    status.WS_1008_POLICY_VIOLATION: "a bad room in the URL, too many connections from your address, "
+                                     "or a flood of refused frames",
+    status.WS_1009_MESSAGE_TOO_BIG: "a frame over the runner's limit (4 x MAX_FRAME_BYTES)",
+    status.WS_1011_INTERNAL_ERROR: "no answer to the server's pings (sent by uvicorn: "
+                                   "\"keepalive ping timeout\")",
+    status.WS_1012_SERVICE_RESTART: "plain uvicorn (and --workers) shutting down",
+    status.WS_1013_TRY_AGAIN_LATER: "the server is full, or you stopped reading (send queue full)",
+}
+
 HERE = pathlib.Path(__file__).parent
 log = logging.getLogger("chat")
 
-# --- Database -----------------------------------------------------------------------------------
+# --- Database and SQL ---------------------------------------------------------------------------
+
 
 class Unavailable(Exception):
     """The database failed while a message waited to be stored: it was not stored."""
@@ -113,20 +150,28 @@ async def apply_schema(database: Database) -> None:
         else:
             # The lock keeps two processes starting at once from racing on CREATE TABLE.
             async with raw.transaction():
-                await raw.execute("SELECT pg_advisory_xact_lock(7450)")
+                await raw.execute("SELECT pg_advisory_xact_lock(hashtext('chat.schema'))")
                 await raw.execute(schema.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY"))
 
 
-def lock_sqlite_file(database: Database):
-    """SQLite serves one process: a second one on the same file would split the chat, so it refuses."""
+class SecondProcess(Exception):
+    """Another chat process already serves this SQLite file."""
+
+
+def lock_sqlite_file(database: Database) -> sqlite3.Connection:
+    """SQLite serves one process: a second one on the same file would split the chat, so it refuses.
+
+    The lock is SQLite's own (an exclusive transaction held open on a small side file), so it
+    works wherever SQLite does, Windows included, and ends with the process, however it ends.
+    """
     path = database.url.database
-    lock = open(f"{path}.lock", "w")
+    lock = sqlite3.connect(f"{path}.lock", timeout=0, isolation_level=None)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        lock.execute("BEGIN EXCLUSIVE")
+    except sqlite3.OperationalError:
         lock.close()
-        raise RuntimeError(f"another chat process is serving {path}; SQLite serves one process. "
-                           "To run several, use PostgreSQL: DATABASE_URL=postgresql://...") from None
+        raise SecondProcess(f"another chat process is serving {path}; SQLite serves one process. "
+                            "To run several, use PostgreSQL: DATABASE_URL=postgresql://...") from None
     return lock
 
 
@@ -156,10 +201,10 @@ CREATE_USER = """
     INSERT INTO users (username, last_seen) VALUES (:username, :now)
     ON CONFLICT (username) DO NOTHING RETURNING id, username, last_seen"""
 FIND_USER = "SELECT id, username, last_seen FROM users WHERE username = :username"
-# A whole batch is one statement, its rows one JSON array: one round trip however many messages
-# wait, and no transaction left half-open if the connection dies mid-batch. The SQLite and the
-# PostgreSQL forms differ in their JSON functions; on PostgreSQL the same statement takes the
-# lock that keeps ids committing in order across processes, and wakes the other processes.
+# A whole batch of messages is one statement, its rows one JSON array: one round trip however
+# many messages wait, and nothing left half-done if the connection dies mid-batch. SQLite and
+# PostgreSQL spell JSON differently; on PostgreSQL the same statement also takes the lock that
+# keeps ids committing in order across processes, and wakes those processes (see storey 2).
 INSERT_MESSAGES = {
     "sqlite": """
         INSERT INTO messages (room, user_id, content, created_at)
@@ -168,7 +213,7 @@ INSERT_MESSAGES = {
         FROM json_each(:batch) ORDER BY key
         RETURNING id""",
     "postgresql": """
-        WITH locked AS (SELECT pg_advisory_xact_lock(:lock)),
+        WITH locked AS (SELECT pg_advisory_xact_lock(hashtext('chat.messages'))),
         stored AS (
             INSERT INTO messages (room, user_id, content, created_at)
             SELECT b.room, b.user_id, b.content, :now
@@ -180,12 +225,11 @@ INSERT_MESSAGES = {
         notified AS (SELECT pg_notify('chat_messages', CAST(MAX(id) AS TEXT)) FROM stored)
         SELECT id FROM stored, notified""",
 }
-TOUCH_USERS = {
+RECORD_LAST_SEEN = {
     "sqlite": "UPDATE users SET last_seen = :now WHERE username IN (SELECT value FROM json_each(:usernames))",
     "postgresql": """UPDATE users SET last_seen = :now
                      WHERE username IN (SELECT json_array_elements_text(CAST(:usernames AS JSON)))""",
 }
-MESSAGES_LOCK = 7451  # PostgreSQL advisory lock: one process at a time assigns message ids
 SELECT_MESSAGES = """
     SELECT m.id, m.room, u.username, m.content, m.created_at
     FROM messages AS m JOIN users AS u ON u.id = m.user_id"""
@@ -193,12 +237,12 @@ RECENT_MESSAGES = SELECT_MESSAGES + """
     WHERE m.room = :room AND m.id < :before ORDER BY m.id DESC LIMIT :limit"""
 MESSAGES_AFTER = SELECT_MESSAGES + """
     WHERE m.room = :room AND m.id > :since ORDER BY m.id DESC LIMIT :limit"""
-UNDELIVERED = SELECT_MESSAGES + " WHERE m.id > :since ORDER BY m.id LIMIT :limit"
+UNPUBLISHED = SELECT_MESSAGES + " WHERE m.id > :since ORDER BY m.id LIMIT :limit"
 LAST_ID = "SELECT COALESCE(MAX(id), 0) FROM messages"
 ROOM_STATS = """
     SELECT room, COUNT(*) AS messages, MAX(created_at) AS last_activity
     FROM messages GROUP BY room"""
-NO_UPPER_BOUND = 2**63 - 1
+NO_UPPER_BOUND = 2**63 - 1  # larger than any message id
 
 
 async def recent_messages(database, room, limit, before=NO_UPPER_BOUND, since=None) -> list[dict]:
@@ -269,7 +313,52 @@ def check_id(value, field: str) -> int:
     return value
 
 
-# --- Security checks: tokens and origins ----------------------------------------------------------
+FRAME_FORMATS = {
+    "join": {"type": "join", "username": "string", "room": "string (optional)",
+             "since": "integer (optional: last message id seen)"},
+    "message": {"type": "message", "content": "string", "username": "string (optional)"},
+    "leave": {"type": "leave"},
+}
+
+ERROR_CODES = {
+    "binary_frame": "a binary frame; send JSON as text",
+    "frame_too_large": f"a frame over {MAX_FRAME_BYTES} bytes",
+    "invalid_json": "the frame is not JSON",
+    "not_object": "the frame is JSON but not an object",
+    "unknown_type": "type is missing or not join, message or leave",
+    "invalid_username": f"username missing, not a string, blank, over {MAX_USERNAME_LENGTH} "
+                        "characters, or with control characters",
+    "invalid_content": f"content missing, not a string, blank, over {MAX_CONTENT_LENGTH} "
+                       "characters, or with a NUL",
+    "invalid_room": "room is not 1-32 of a-z, 0-9, '-', '_'",
+    "invalid_since": "since is not a message id (an integer >= 0)",
+    "not_joined": "message or leave before join",
+    "already_joined": "a second join on one connection (leave first)",
+    "wrong_user": "username differs from the one this connection joined as",
+    "unavailable": "the database is down; the frame was not stored, send it again later",
+    "rate_limited": f"over RATE_PER_SECOND ({RATE_PER_SECOND:g}) frames a second; the frame was dropped",
+}
+
+
+def parse_frame(message: dict) -> dict:
+    """Turn a raw ASGI receive into a frame dict with a known type, or raise Invalid."""
+    text = message.get("text")
+    if text is None:
+        raise Invalid("binary_frame", "binary frames are not supported; send JSON as text")
+    if len(text) > MAX_FRAME_BYTES:  # characters >= bytes / 4: a cheap first gate before parsing
+        raise Invalid("frame_too_large", f"frames are limited to {MAX_FRAME_BYTES} bytes")
+    try:
+        frame = json.loads(text)
+    except (ValueError, RecursionError):
+        raise Invalid("invalid_json", "the frame is not valid JSON") from None
+    if not isinstance(frame, dict):
+        raise Invalid("not_object", "the frame must be a JSON object")
+    if frame.get("type") not in ("join", "message", "leave"):
+        raise Invalid("unknown_type", "type must be one of: join, message, leave")
+    return frame
+
+
+# --- The handshake's security checks (Elysia's beforeHandle): tokens, origins, limits -----------
 
 
 def make_token(username: str, ttl: int = TOKEN_TTL_SECONDS) -> str:
@@ -316,7 +405,26 @@ def writer_identity(request, username: str) -> None:
         raise HTTPException(403, f"this token is for {holder!r}")
 
 
-# --- The hub: who is connected where, and delivery to them ---------------------------------------
+class RateLimit:
+    """A token bucket: `burst` frames at once, `per_second` on average; counts refusals in a row."""
+
+    def __init__(self, per_second: float, burst: float):
+        self.per_second, self.burst = per_second, burst
+        self.tokens, self.refilled, self.refused = burst, time.monotonic(), 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.per_second)
+        self.refilled = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            self.refused = 0
+            return True
+        self.refused += 1
+        return False
+
+
+# --- Rooms and fan-out: subscribe, publish, one outbox per client --------------------------------
 
 
 def encode(frame: dict) -> str:
@@ -328,71 +436,72 @@ def system_frame(room: str, content: str, **extra) -> dict:
 
 
 class Client:
-    """One WebSocket connection with its own outbox and writer task, so a slow reader stalls
-    only itself. The writer runs while there is something to send: an idle client costs less."""
+    """One WebSocket connection and its own outbox.
 
-    def __init__(self, websocket: WebSocket, app, ip: str, room: str, identity: str | None = None):
-        self.websocket, self.app, self.ip, self.room, self.identity = websocket, app, ip, room, identity
+    A broadcast that awaited each socket's send in turn (FastAPI's ConnectionManager does) would
+    wait for the slowest reader before anyone got the next message. Here publishing only appends
+    to each client's outbox, and each client's sender task empties its own outbox into its own
+    socket: a client that stops reading delays only itself. The sender task runs only while
+    there is something to send, so an idle client costs less.
+    """
+
+    def __init__(self, websocket: WebSocket, ip: str, room: str, identity: str | None, on_stall):
+        self.websocket, self.ip, self.room, self.identity = websocket, ip, room, identity
+        self.on_stall = on_stall  # called once if the outbox overflows: the client stopped reading
         self.username: str | None = None
         self.user_id: int | None = None
+        self.rate = RateLimit(RATE_PER_SECOND, RATE_BURST)
         self.outbox: deque[str] = deque()
-        self.replay: list[tuple[int | None, str]] | None = None  # live frames held during a replay
+        self.sender: asyncio.Task | None = None
+        self.held: list[tuple[int | None, str]] | None = None  # live frames held while joining
         self.stalled = False
-        self.closing: asyncio.Task | None = None  # the 1013 close of a client that stopped reading
-        self.tokens, self.refilled, self.refused = RATE_BURST, time.monotonic(), 0
-        self.writer: asyncio.Task | None = None
-
-    def allow(self) -> bool:
-        """Token bucket: RATE_BURST frames at once, RATE_PER_SECOND on average."""
-        now = time.monotonic()
-        self.tokens = min(RATE_BURST, self.tokens + (now - self.refilled) * RATE_PER_SECOND)
-        self.refilled = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            self.refused = 0
-            return True
-        self.refused += 1
-        return False
-
-    async def write_pending(self):
-        """Send the outbox in order, then end; push() starts it again."""
-        with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected):
-            while self.outbox:
-                await self.websocket.send_text(self.outbox.popleft())
-
-    def push(self, text: str, message_id: int | None = None) -> None:
-        if self.stalled:
-            return
-        if self.replay is not None:
-            self.replay.append((message_id, text))
-            return
-        if len(self.outbox) >= SEND_QUEUE_FRAMES:
-            # It stopped reading: it leaves the room now and nothing more is queued for it. The
-            # close frame reaches it if it ever reads again; until then its socket holds no more
-            # than the transport's buffer, and counts against its address's connection limit.
-            self.stalled = True
-            self.stop_writing()
-            background(self.app, part(self.app, self))
-            self.closing = asyncio.create_task(self.close(1013, "too slow: send queue full", timeout=None))
-            return
-        self.outbox.append(text)
-        if self.writer is None or self.writer.done():
-            self.writer = asyncio.create_task(self.write_pending())
-
-    def stop_writing(self) -> None:
-        self.outbox.clear()
-        if self.writer:
-            self.writer.cancel()
 
     def send(self, frame: dict) -> None:
-        self.push(encode(frame))
+        self.send_text(encode(frame))
 
     def error(self, code: str, content: str) -> None:
         self.send({"type": "error", "code": code, "content": content})
 
-    def end_replay(self, notices: list[dict], history: list[dict]) -> None:
-        """Send the notices, the history, then the live frames held meanwhile, skipping ids already sent."""
-        held, self.replay = self.replay or [], None
+    def send_text(self, text: str, message_id: int | None = None) -> None:
+        """Queue an encoded frame; the sender task writes it to the socket."""
+        if self.stalled:
+            return
+        if self.held is not None:
+            self.held.append((message_id, text))
+            return
+        if len(self.outbox) >= SEND_QUEUE_FRAMES:
+            # It stopped reading: nothing more is queued for it, and it is told so with 1013. The
+            # close frame reaches it if it ever reads again; until then its socket holds no more
+            # than the transport's buffer, and counts against its address's connection limit.
+            self.stalled = True
+            self.stop_sending()
+            self.on_stall(self)
+            asyncio.create_task(self.close(status.WS_1013_TRY_AGAIN_LATER, "too slow: send queue full",
+                                           timeout=None))
+            return
+        self.outbox.append(text)
+        if self.sender is None or self.sender.done():
+            self.sender = asyncio.create_task(self.send_pending())
+
+    async def send_pending(self) -> None:
+        """Write the outbox to the socket in order, then end; send_text() starts it again."""
+        with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected):
+            while self.outbox:
+                await self.websocket.send_text(self.outbox.popleft())
+
+    def stop_sending(self) -> None:
+        self.outbox.clear()
+        if self.sender:
+            self.sender.cancel()
+
+    def hold(self) -> None:
+        """From now until release(), live frames wait: the client is reading its history."""
+        self.held = []
+
+    def release(self, notices: list[dict], history: list[dict]) -> None:
+        """Send the notices, the history, then the live frames held meanwhile, minus those the
+        history already had (delivery is in id order, so comparing ids is exact)."""
+        held, self.held = self.held or [], None
         for notice in notices:
             self.send(notice)
         last_id = 0
@@ -401,7 +510,7 @@ class Client:
             last_id = message["id"]
         for message_id, text in held:
             if message_id is None or message_id > last_id:
-                self.push(text)
+                self.send_text(text)
 
     async def close(self, code: int, reason: str, timeout: float | None = 2) -> None:
         """Send a close frame; it waits behind unread data, so give up after `timeout` seconds."""
@@ -409,20 +518,21 @@ class Client:
             await asyncio.wait_for(self.websocket.close(code, reason), timeout)
 
 
-class Hub:
-    """Rooms of joined clients. deliver() is the one place a broadcast enters."""
+class Rooms:
+    """Who is connected, and who is subscribed to which room, in this process (ws.subscribe and
+    ws.publish in the tutorial's Elysia). publish() is the one place a broadcast enters."""
 
     def __init__(self):
-        self.rooms: dict[str, dict[str, set[Client]]] = {}
+        self.rooms: dict[str, dict[str, set[Client]]] = {}  # room -> username -> that user's sockets
         self.connections: set[Client] = set()  # every open socket, joined or not
         self.per_ip: Counter[str] = Counter()
 
     def refusal(self, ip: str) -> tuple[int, str] | None:
         """Why a new connection from this address may not stay, as (close code, reason); None if it may."""
         if len(self.connections) >= MAX_CONNECTIONS:
-            return 1013, "the server is full; try again later"
+            return status.WS_1013_TRY_AGAIN_LATER, "the server is full; try again later"
         if self.per_ip[ip] >= MAX_CONNECTIONS_PER_IP:
-            return 1008, "too many connections from your address"
+            return status.WS_1008_POLICY_VIOLATION, "too many connections from your address"
         return None
 
     def connect(self, client: Client) -> None:
@@ -435,15 +545,15 @@ class Hub:
         if not self.per_ip[client.ip]:
             del self.per_ip[client.ip]
 
-    def add(self, client: Client) -> bool:
-        """Register a joined client; True if it is the user's first connection in the room."""
+    def subscribe(self, client: Client) -> bool:
+        """Add a joined client to its room; True if it is the user's first connection there."""
         users = self.rooms.setdefault(client.room, {})
         first = client.username not in users
         users.setdefault(client.username, set()).add(client)
         return first
 
-    def remove(self, client: Client) -> bool:
-        """Unregister a client; True if it was the user's last connection in the room."""
+    def unsubscribe(self, client: Client) -> bool:
+        """Take a client out of its room; True if it was the user's last connection there."""
         users = self.rooms.get(client.room, {})
         connections = users.get(client.username, set())
         if client not in connections:
@@ -456,313 +566,302 @@ class Hub:
             self.rooms.pop(client.room, None)
         return True
 
-    def deliver(self, room: str, frame: dict, exclude: Client | None = None) -> None:
+    def subscribed(self, client: Client) -> bool:
+        return client in self.rooms.get(client.room, {}).get(client.username, ())
+
+    def publish(self, room: str, frame: dict, exclude: Client | None = None) -> None:
         """Encode a frame once and queue it for every client in the room."""
         text = encode(frame)
         message_id = frame["id"] if frame["type"] == "message" else None
-        # No copies needed: push() never changes the rooms (a stalled client leaves in a task).
+        # No copies needed: send_text() never changes the rooms (a stalled client leaves in a task).
         for connections in self.rooms.get(room, {}).values():
             for client in connections:
                 if client is not exclude:
-                    client.push(text, message_id)
+                    client.send_text(text, message_id)
 
-    def active(self) -> dict[str, list[str]]:
-        """Who is connected to this process, room by room."""
+    def present(self) -> dict[str, list[str]]:
+        """Who is here, room by room."""
         return {room: sorted(users) for room, users in self.rooms.items()}
 
 
-# --- The message writer: persistence, then broadcast, in id order --------------------------------
+class OneProcess:
+    """What the processes of one chat share, when the chat is this one process (SQLite): nothing.
+
+    Storey 2's PostgresCluster has the same methods and also tells the other processes; the
+    handlers below call them the same way and never ask which one they have.
+    """
+
+    def __init__(self, app):
+        self.rooms = app.state.rooms
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def arrive(self, room: str, username: str) -> bool:
+        """Called on a user's first connection in a room here; True: announce them."""
+        return True
+
+    async def depart(self, room: str, username: str) -> bool:
+        """Called when a user's last connection in a room here goes; True: announce it."""
+        return True
+
+    async def announce(self, frame: dict, exclude: Client | None = None) -> None:
+        """A notice (joined, left) for everyone in its room."""
+        self.rooms.publish(frame["room"], frame, exclude=exclude)
+
+    async def present(self) -> dict[str, list[str]]:
+        """Who is connected, room by room."""
+        return self.rooms.present()
+
+
+# --- Persistence: the message writer -------------------------------------------------------------
+
+
+@dataclass
+class Post:
+    """A message waiting to be stored, and its sender waiting for the stored version."""
+    room: str
+    user_id: int
+    username: str
+    content: str
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+async def supervise(name: str, work, on_failure=lambda: None, delay: float = 0.5) -> None:
+    """Run work() until it returns, starting it again after any error whatever: a long-lived task
+    that died would quietly stop the chat (no message stored, no sender ever answered)."""
+    while True:
+        try:
+            return await work()
+        except DATABASE_ERRORS as exc:
+            log.warning("%s lost the database (%r); again in %g s", name, exc, delay)
+        except Exception:  # the supervisor: the one place for a broad except
+            log.exception("%s failed; again in %g s", name, delay)
+        on_failure()
+        await asyncio.sleep(delay)
 
 
 class MessageWriter:
-    """Stores messages in batches (one transaction each) and delivers them in id order.
+    """The tutorial's "save, then broadcast", done in batches and in id order.
 
-    It is the only thing that delivers messages, so every client sees ids in increasing order:
-    a client replaying "everything after id N" and then going live sees no gap and no duplicate.
-    On PostgreSQL (`shared`), other processes write too: each takes a lock while it inserts, so
-    ids become visible in order, and NOTIFYs the newest id; the listener wakes this writer, which
-    delivers whatever is stored after the last id it delivered.
+    Senders post() a message and wait. The writer stores whatever is waiting in one statement
+    (group commit), then publishes it in id order, then answers the senders. It is the only thing
+    that publishes messages, so every client sees a room's ids in increasing order: a client that
+    replays "everything after id N" and then goes live sees no gap and no duplicate. On
+    PostgreSQL other processes store messages too; their NOTIFY wakes this writer (wake()), and
+    it publishes whatever was stored after the last id it published (catch_up()).
     """
 
     BATCH = 100
 
-    def __init__(self, database: Database, hub: Hub):
-        self.database, self.hub = database, hub
-        self.dialect = database.url.dialect
-        # What is queued: (values, future) a message to store; a str, a username whose last_seen
-        # to record; an int, the newest id another process stored; None, stop.
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.batch: list = []  # what is being worked on; what a failed session leaves to the next
-        self.last_delivered: int | None = None
+    def __init__(self, database: Database, rooms: Rooms):
+        self.database, self.rooms = database, rooms
+        self.insert_sql = INSERT_MESSAGES[database.url.dialect]
+        self.last_seen_sql = RECORD_LAST_SEEN[database.url.dialect]
+        self.posts: deque[Post] = deque()  # waiting to be stored
+        self.batch: list[Post] = []  # being stored now
+        self.leavers: set[str] = set()  # users whose last_seen to record
+        self.behind = False  # others may have stored messages this process has not published
+        self.stopping = False
+        self.work = asyncio.Event()  # set when any of the above has something to do
+        self.last_published: int | None = None  # the highest id published here
 
     async def post(self, room: str, user_id: int, username: str, content: str) -> dict:
-        """Store and broadcast one message; raises Unavailable if the database fails first."""
-        done = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait(({"room": room, "user_id": user_id, "username": username,
-                                "content": content}, done))
-        return await done
+        """Store and publish one message; raises Unavailable if the database fails first."""
+        post = Post(room, user_id, username, content)
+        self.posts.append(post)
+        self.work.set()
+        return await post.done
 
-    def touch(self, username: str) -> None:
+    def record_leaving(self, username: str) -> None:
         """Record last_seen with the next batch: a thousand clients leaving at once cost one write."""
-        self.queue.put_nowait(username)
+        self.leavers.add(username)
+        self.work.set()
 
-    def wake(self, newest_id: int = NO_UPPER_BOUND) -> None:
-        """Another process stored messages up to newest_id (or: check, after a reconnect)."""
-        self.queue.put_nowait(newest_id)
+    def wake(self, newest_id: int | None = None) -> None:
+        """Another process stored messages up to newest_id (None: maybe; check)."""
+        if newest_id is None or self.last_published is None or newest_id > self.last_published:
+            self.behind = True
+            self.work.set()
 
-    async def run(self):
-        """Store and deliver what is queued, batch by batch, until stop() is called.
-
-        Each session keeps one connection while it works (`databases` would otherwise open or
-        check out one per statement). A session that fails, for any reason, fails every waiting
-        sender at once ("unavailable"), and a new session starts in a new task, on a new
-        connection, because `databases` ties a connection to the task that opened it.
-        """
-        while True:
-            try:
-                if await asyncio.create_task(self.session()):
-                    return
-            except DATABASE_ERRORS as exc:
-                log.warning("the writer lost the database (%r); retrying", exc)
-            except Exception:  # the supervisor: a writer that died would leave every sender waiting
-                log.exception("the writer failed; starting over")
-            if self.fail_waiting():
-                return
-            await asyncio.sleep(0.5)
-
-    async def session(self) -> bool:
-        """Work with one connection until stop() (True); a database failure raises."""
-        async with self.database.connection():
-            if self.last_delivered is None:
-                self.last_delivered = await self.database.fetch_val(LAST_ID)
-            while True:
-                self.batch = self.batch or [await self.queue.get()]
-                while not self.queue.empty() and len(self.batch) < self.BATCH:
-                    self.batch.append(self.queue.get_nowait())
-                await self.store([item for item in self.batch if isinstance(item, tuple)])
-                await self.record_last_seen({item for item in self.batch if isinstance(item, str)})
-                if any(isinstance(item, int) and item > self.last_delivered for item in self.batch):
-                    await self.catch_up()
-                if None in self.batch:
-                    return True
-                self.batch = []
-
-    def fail_waiting(self) -> bool:
-        """Tell every sender still waiting that its message was not stored; True if stop() came."""
-        batch, self.batch = self.batch, [NO_UPPER_BOUND]  # once back: deliver what others stored meanwhile
-        while not self.queue.empty():
-            batch.append(self.queue.get_nowait())
-        for item in batch:
-            if isinstance(item, tuple) and not item[1].done():
-                item[1].set_exception(Unavailable())
-        return None in batch
+    async def run(self) -> None:
+        """Work until stop(). Each session runs in a new task, on a new connection: `databases`
+        ties a connection to the task that opened it, and a failed one must not be reused."""
+        await supervise("the message writer", lambda: asyncio.create_task(self.session()),
+                        on_failure=self.fail_waiting)
 
     async def stop(self, task: asyncio.Task) -> None:
         """Store everything accepted so far, then end the run() task."""
-        self.queue.put_nowait(None)
+        self.stopping = True
+        self.work.set()
         await task
 
-    async def store(self, batch: list) -> None:
-        """Store a batch in one statement, deliver it in id order, then answer its senders."""
-        if not batch:
+    async def session(self) -> None:
+        """Hold one connection and work until stop(); `databases` would otherwise check one out
+        for every statement."""
+        if self.stopping and not self.posts:
             return
-        now = utcnow()
-        rows = json.dumps([{"room": v["room"], "user_id": v["user_id"], "content": v["content"]}
-                           for v, _ in batch])
-        try:
-            ids = sorted(row[0] for row in await self.database.fetch_all(
-                INSERT_MESSAGES[self.dialect], {"batch": rows, "now": now, "lock": MESSAGES_LOCK}
-                if self.dialect == "postgresql" else {"batch": rows, "now": now}))
-        except DATABASE_ERRORS as exc:
-            log.warning("storing %d message(s) failed: %r", len(batch), exc)
-            raise
-        messages = [{"id": id, "room": values["room"], "username": values["username"],
-                     "content": values["content"], "timestamp": iso(now)}
-                    for id, (values, _) in zip(ids, batch, strict=True)]
-        if ids[0] == self.last_delivered + 1 and ids[-1] - ids[0] == len(ids) - 1:
-            for message in messages:
-                self.hub.deliver(message["room"], {"type": "message", **message})
-            self.last_delivered = ids[-1]
-        else:
-            await self.catch_up()  # another process's messages come first
-        for (_, done), message in zip(batch, messages, strict=True):
-            if not done.done():  # the poster may have disconnected; the message still went out
-                done.set_result(message)
+        async with self.database.connection():
+            if self.last_published is None:
+                self.last_published = await self.database.fetch_val(LAST_ID)
+            while True:
+                await self.work.wait()
+                self.work.clear()
+                if self.behind:
+                    await self.catch_up()
+                while self.posts:
+                    self.batch = [self.posts.popleft() for _ in range(min(self.BATCH, len(self.posts)))]
+                    await self.store(self.batch)
+                    self.batch = []
+                if self.leavers:
+                    await self.record_last_seen()
+                if self.stopping:
+                    return
 
-    async def record_last_seen(self, usernames: set[str]) -> None:
-        if not usernames:
-            return
+    def fail_waiting(self) -> None:
+        """After a failure: every sender still waiting hears "unavailable" at once, and the next
+        session first publishes whatever was stored meanwhile (the failed batch may have been)."""
+        for post in [*self.batch, *self.posts]:
+            if not post.done.done():
+                post.done.set_exception(Unavailable())
+        self.batch, self.behind = [], True
+        self.posts.clear()
+
+    async def store(self, batch: list[Post]) -> None:
+        """Store a batch in one statement, publish it in id order, then answer its senders."""
+        now = utcnow()
+        rows = json.dumps([{"room": p.room, "user_id": p.user_id, "content": p.content} for p in batch])
+        ids = sorted(row[0] for row in await self.database.fetch_all(self.insert_sql,
+                                                                     {"batch": rows, "now": now}))
+        messages = [{"id": id, "room": post.room, "username": post.username, "content": post.content,
+                     "timestamp": iso(now)} for id, post in zip(ids, batch, strict=True)]
+        if ids[0] == self.last_published + 1 and ids[-1] - ids[0] == len(ids) - 1:
+            for message in messages:
+                self.rooms.publish(message["room"], {"type": "message", **message})
+            self.last_published = ids[-1]
+        else:
+            await self.catch_up()  # another process's messages came in between: they go first
+        for post, message in zip(batch, messages, strict=True):
+            if not post.done.done():  # the sender may have gone; the message went out all the same
+                post.done.set_result(message)
+
+    async def record_last_seen(self) -> None:
+        usernames, self.leavers = self.leavers, set()
         try:
-            await self.database.execute(TOUCH_USERS[self.dialect],
+            await self.database.execute(self.last_seen_sql,
                                         {"usernames": json.dumps(sorted(usernames)), "now": utcnow()})
-        except DATABASE_ERRORS as exc:  # best effort: the user has left either way
+        except DATABASE_ERRORS as exc:  # best effort: the users have left either way
             log.warning("could not record last_seen of %d user(s): %r", len(usernames), exc)
 
     async def catch_up(self) -> None:
-        """Deliver every stored message after the last one delivered, in id order."""
-        try:
-            while rows := await self.database.fetch_all(UNDELIVERED, {"since": self.last_delivered,
-                                                                      "limit": 500}):
-                for row in rows:
-                    self.hub.deliver(row["room"], {"type": "message", **message_out(row)})
-                    self.last_delivered = row["id"]
-        except DATABASE_ERRORS as exc:  # the next wake-up (the listener reconnecting) tries again
-            log.warning("catching up after id %d failed: %r", self.last_delivered, exc)
+        """Publish every stored message after the last one published here, in id order."""
+        self.behind = False
+        while rows := await self.database.fetch_all(UNPUBLISHED, {"since": self.last_published,
+                                                                  "limit": 500}):
+            for row in rows:
+                self.rooms.publish(row["room"], {"type": "message", **message_out(row)})
+                self.last_published = row["id"]
 
 
-# --- Several processes: PostgreSQL LISTEN/NOTIFY and a presence table ----------------------------
+# --- The chat: join, message, leave, and the WebSocket endpoint ----------------------------------
+#
+# One message's path, from a client's frame to every client in the room:
+#
+#   chat_socket()      receives the frame, checks the sender's rate, hands it to parse_frame()
+#   parse_frame()      checks it is a JSON object with a known type
+#   on_message()       checks the sender has joined, and the content
+#   writer.post()      queues it, and waits for the stored version
+#   writer.store()     saves every waiting message in one INSERT (in batches: group commit), then
+#   rooms.publish()    encodes the stored message once and puts it in the outbox of every client
+#                      in the room, in id order (Client.send_text)
+#   Client.send_pending()  each client's own task writes its outbox to its socket
+#
+# The sender gets its own copy too: that is its acknowledgement. With PostgreSQL and several
+# processes, the other processes' writers read the new rows and publish them to their own
+# clients (storey 2).
 
 
-class Cluster:
-    """Makes processes sharing one PostgreSQL one chat: messages (see MessageWriter), notices and
-    presence cross between them; a process that dies is noticed and its users are marked gone."""
-
-    PRESENT_ELSEWHERE = """
-        SELECT COUNT(*) FROM presence JOIN processes ON processes.id = presence.process
-        WHERE room = :room AND username = :username AND process <> :me
-          AND heartbeat > CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'"""
-    ACTIVE = """
-        SELECT DISTINCT room, username FROM presence JOIN processes ON processes.id = presence.process
-        WHERE heartbeat > CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'
-        ORDER BY room, username"""
-    REAP = """
-        DELETE FROM presence WHERE process IN (
-            SELECT id FROM processes
-            WHERE heartbeat < CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second')
-        RETURNING room, username"""
-
-    def __init__(self, app):
-        self.app, self.database = app, app.state.database
-        self.me = uuid.uuid4().hex[:12]
-        self.tasks: list[asyncio.Task] = []
-
-    def values(self, **extra) -> dict:
-        return {"me": self.me, "timeout": PRESENCE_TIMEOUT, **extra}
-
-    async def start(self) -> None:
-        await self.database.execute(
-            "INSERT INTO processes (id, heartbeat) VALUES (:me, CURRENT_TIMESTAMP)", {"me": self.me})
-        self.tasks = [asyncio.create_task(self.listen_forever()), asyncio.create_task(self.beat_forever())]
-
-    async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        with contextlib.suppress(*DATABASE_ERRORS):
-            await self.database.execute("DELETE FROM processes WHERE id = :me", {"me": self.me})
-
-    async def arrive(self, room: str, username: str) -> bool:
-        """Record the user here; True if no other process has them in the room (so: announce)."""
-        await self.database.execute(
-            "INSERT INTO presence (process, room, username) VALUES (:me, :room, :username) "
-            "ON CONFLICT DO NOTHING", {"me": self.me, "room": room, "username": username})
-        return not await self.database.fetch_val(self.PRESENT_ELSEWHERE,
-                                                 self.values(room=room, username=username))
-
-    async def depart(self, room: str, username: str) -> bool:
-        """Forget the user here; True if no other process has them in the room (so: announce)."""
-        await self.database.execute(
-            "DELETE FROM presence WHERE process = :me AND room = :room AND username = :username",
-            {"me": self.me, "room": room, "username": username})
-        return not await self.database.fetch_val(self.PRESENT_ELSEWHERE,
-                                                 self.values(room=room, username=username))
-
-    async def announce(self, frame: dict) -> None:
-        payload = json.dumps({"from": self.me, "frame": frame})
-        await self.database.fetch_val("SELECT pg_notify('chat_events', :payload)", {"payload": payload})
-
-    async def active(self) -> dict[str, list[str]]:
-        rooms: dict[str, list[str]] = {}
-        for row in await self.database.fetch_all(self.ACTIVE, {"timeout": PRESENCE_TIMEOUT}):
-            rooms.setdefault(row["room"], []).append(row["username"])
-        return rooms
-
-    def on_notify(self, connection, pid, channel: str, payload: str) -> None:
-        if channel == "chat_messages":
-            self.app.state.writer.wake(int(payload))
-            return
-        event = json.loads(payload)
-        if event["from"] != self.me:
-            self.app.state.hub.deliver(event["frame"]["room"], event["frame"])
-
-    async def listen_forever(self) -> None:
-        """A dedicated connection LISTENs; if it drops, reconnect with backoff and repair the gap."""
-        delay = 0.25
-        while True:
-            connection = None
-            try:
-                connection = await asyncpg.connect(str(self.database.url), timeout=10,
-                                                   server_settings={"application_name": "chat-listener"})
-                await connection.add_listener("chat_messages", self.on_notify)
-                await connection.add_listener("chat_events", self.on_notify)
-                self.app.state.writer.wake()  # deliver what was stored while nobody listened
-                delay = 0.25
-                while True:  # a terminated backend shows up here as an error within a second
-                    await asyncio.sleep(1)
-                    await connection.fetchval("SELECT 1", timeout=5)
-            except (*DATABASE_ERRORS, asyncio.TimeoutError) as exc:
-                log.warning("listener connection lost (%r); reconnecting in %.2f s", exc, delay)
-            except Exception:  # a bug must not end the supervision silently: show it, and go on
-                log.exception("listener failed; reconnecting in %.2f s", delay)
-            finally:
-                if connection is not None:
-                    connection.terminate()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5)
-
-    async def beat_forever(self) -> None:
-        """Renew our heartbeat; reap processes that stopped renewing theirs, and say their users left."""
-        while True:
-            await asyncio.sleep(PRESENCE_TIMEOUT / 3)
-            try:
-                renewed = await self.database.fetch_val(
-                    "UPDATE processes SET heartbeat = CURRENT_TIMESTAMP WHERE id = :me RETURNING id",
-                    {"me": self.me})
-                if renewed is None:  # reaped while cut off from the database: register again
-                    await self.database.execute(
-                        "INSERT INTO processes (id, heartbeat) VALUES (:me, CURRENT_TIMESTAMP)", {"me": self.me})
-                    for room, users in self.app.state.hub.active().items():
-                        for username in users:
-                            await self.arrive(room, username)
-                gone = {(row["room"], row["username"])
-                        for row in await self.database.fetch_all(self.REAP, {"timeout": PRESENCE_TIMEOUT})}
-                await self.database.execute(
-                    "DELETE FROM processes WHERE heartbeat < CURRENT_TIMESTAMP - "
-                    "CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'", {"timeout": PRESENCE_TIMEOUT})
-                for room, username in sorted(gone):
-                    if not await self.database.fetch_val(self.PRESENT_ELSEWHERE,
-                                                         self.values(room=room, username=username)):
-                        await announce(self.app, system_frame(room, f"{username} left the chat"))
-                    self.app.state.writer.touch(username)
-            except DATABASE_ERRORS as exc:
-                log.warning("heartbeat failed: %r", exc)
-            except Exception:  # a bug must not end the heartbeat silently: show it, and go on
-                log.exception("heartbeat failed")
+def check_same_user(client: Client, frame: dict) -> None:
+    """Tutorial clients repeat the username on every frame; it must be the joined one."""
+    if client.username is None:
+        raise Invalid("not_joined", "join first: {\"type\":\"join\",\"username\":\"...\"}")
+    if "username" in frame and frame["username"] != client.username:
+        raise Invalid("wrong_user", f"this connection is {client.username!r}")
 
 
-async def announce(app, frame: dict, exclude: Client | None = None) -> None:
-    """A notice for a room: to this process's clients, and through PostgreSQL to the others'."""
-    app.state.hub.deliver(frame["room"], frame, exclude=exclude)
-    if app.state.cluster:
-        await app.state.cluster.announce(frame)
+async def on_join(app, client: Client, frame: dict) -> None:
+    """Store the user, subscribe them to the room, then send the welcome and the history.
+
+    Subscribed before the history is read, so that nothing stored meanwhile is missed: live
+    frames are held until the history is sent, and those the history already had are dropped.
+    With `since`, the history is everything after that id (at most REPLAY_LIMIT, then a notice
+    says where to page back from), so a client that reconnects misses nothing and sees nothing
+    twice.
+    """
+    if client.username is not None:
+        raise Invalid("already_joined", f"already joined as {client.username!r}; leave first")
+    username = check_username(frame.get("username", client.identity))
+    if client.identity and username != client.identity:
+        raise Invalid("wrong_user", f"your token is for {client.identity!r}")
+    room = check_room(frame.get("room", client.room))
+    since = check_id(frame["since"], "since") if frame.get("since") is not None else None
+    client.user_id = await app.state.database.fetch_val(UPSERT_USER, {"username": username, "now": utcnow()})
+    client.username, client.room = username, room
+    client.hold()
+    first_here = app.state.rooms.subscribe(client)
+    notices = [system_frame(room, f"Welcome {username}!")]
+    try:
+        if since is None:
+            history = await recent_messages(app.state.database, room, HISTORY_ON_JOIN)
+        else:  # one more than the limit: if it comes back, some were left out
+            history = await recent_messages(app.state.database, room, REPLAY_LIMIT + 1, since=since)
+            if len(history) > REPLAY_LIMIT:
+                history = history[1:]
+                notices.append(system_frame(
+                    room, "More messages were missed than are replayed; load older ones with "
+                    "GET /messages?before=<id>", code="history_truncated", before=history[0]["id"]))
+        if first_here and await app.state.cluster.arrive(room, username):
+            await app.state.cluster.announce(system_frame(room, f"{username} joined the chat"), exclude=client)
+    except DATABASE_ERRORS:
+        app.state.rooms.unsubscribe(client)  # not joined after all: the client may try again
+        client.username, client.held = None, None
+        raise
+    client.release(notices, history)
 
 
-async def say_joined(app, client: Client) -> None:
-    """The user's first connection in the room, on any process, is announced."""
-    if app.state.cluster and not await app.state.cluster.arrive(client.room, client.username):
+async def on_message(app, client: Client, frame: dict) -> None:
+    """Store the message; the writer publishes it to the room, the sender included."""
+    check_same_user(client, frame)
+    content = check_content(frame.get("content"))
+    await app.state.writer.post(client.room, client.user_id, client.username, content)
+
+
+async def on_leave(app, client: Client, frame: dict) -> None:
+    """Leave the room; the connection stays open and may join again."""
+    check_same_user(client, frame)
+    await leave(app, client)
+    client.send(system_frame(client.room, f"Goodbye {client.username}!"))
+    client.username = None
+
+
+async def leave(app, client: Client) -> None:
+    """Unsubscribe a joined client; the user's last connection in the room announces the leave."""
+    room, username = client.room, client.username
+    if username is None or not app.state.rooms.subscribed(client):
         return
-    await announce(app, system_frame(client.room, f"{client.username} joined the chat"), exclude=client)
+    last_here = app.state.rooms.unsubscribe(client)
+    app.state.writer.record_leaving(username)
+    try:
+        if last_here and await app.state.cluster.depart(room, username):
+            await app.state.cluster.announce(system_frame(room, f"{username} left the chat"))
+    except DATABASE_ERRORS as exc:  # gone from this process already; the rest is best effort
+        log.warning("could not record that %r left: %r", username, exc)
 
 
-async def say_left(app, room: str, username: str) -> None:
-    """The user's last connection in the room, on any process, is announced."""
-    if app.state.cluster and not await app.state.cluster.depart(room, username):
-        return
-    await announce(app, system_frame(room, f"{username} left the chat"))
-
-
-async def active_users(app) -> dict[str, list[str]]:
-    """Who is connected, room by room: this process's clients, or every live process's."""
-    return await app.state.cluster.active() if app.state.cluster else app.state.hub.active()
+HANDLERS = {"join": on_join, "message": on_message, "leave": on_leave}
 
 
 def background(app, coroutine) -> None:
@@ -772,7 +871,68 @@ def background(app, coroutine) -> None:
     task.add_done_callback(app.state.tasks.discard)
 
 
-# --- HTTP handlers -------------------------------------------------------------------------------
+async def chat_socket(websocket: WebSocket):
+    """Check the handshake, then handle one frame at a time until the socket goes."""
+    app = websocket.app
+    # Refused before accept: the client gets HTTP 403 and no socket is ever opened.
+    if not origin_allowed(websocket):
+        log.info("refused a WebSocket from origin %r", websocket.headers.get("origin"))
+        await websocket.close(status.WS_1008_POLICY_VIOLATION)
+        return
+    identity = token_user(presented_token(websocket)) if SECRET else None
+    if SECRET and identity is None:
+        log.info("refused a WebSocket without a valid token")
+        await websocket.close(status.WS_1008_POLICY_VIOLATION)
+        return
+    await websocket.accept()
+    # Refused after accept, so that the client can read the close code and the reason.
+    try:
+        room = check_room(websocket.path_params.get("room", DEFAULT_ROOM))
+    except Invalid as exc:
+        await websocket.close(status.WS_1008_POLICY_VIOLATION, exc.detail[:120])
+        return
+    ip = websocket.client.host if websocket.client else "unknown"
+    refusal = app.state.rooms.refusal(ip)
+    if refusal:
+        await websocket.close(*refusal)
+        return
+    # A client that stops reading leaves its room at once, so that the others see it go.
+    client = Client(websocket, ip, room, identity, on_stall=lambda stalled: background(app, leave(app, stalled)))
+    app.state.rooms.connect(client)
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            if not client.rate.allow():
+                if client.rate.refused > FLOOD_LIMIT:
+                    await client.close(status.WS_1008_POLICY_VIOLATION, "flooding: too many frames")
+                    break
+                client.error("rate_limited", f"over {RATE_PER_SECOND:g} frames a second; "
+                             "this one was dropped")
+                continue
+            try:
+                frame = parse_frame(message)
+                await HANDLERS[frame["type"]](app, client, frame)
+            except Invalid as exc:
+                client.error(exc.code, exc.detail)
+            except DATABASE_ERRORS as exc:
+                log.warning("database error on a WebSocket frame: %r", exc)
+                client.error("unavailable", "the database is unavailable; try again shortly")
+    finally:
+        app.state.rooms.disconnect(client)
+        client.stop_sending()
+        # Its own task: leaving completes even if this handler is being cancelled.
+        background(app, leave(app, client))
+
+
+async def upgrade_required(request):
+    """A plain HTTP request to the WebSocket path: say how to connect instead of a bare 404."""
+    return JSONResponse({"detail": "this is a WebSocket endpoint: connect with ws:// (see /ws-info)"},
+                        status_code=426, headers={"Upgrade": "websocket"})
+
+
+# --- REST ----------------------------------------------------------------------------------------
 
 
 def query_int(request, name: str, default: int, low: int, high: int) -> int:
@@ -814,6 +974,7 @@ async def list_messages(request):
 
 
 async def post_message(request):
+    """Store a message and publish it to the room's sockets, as a WebSocket message is."""
     body = await json_body(request)
     try:
         username, content = check_username(body.get("username")), check_content(body.get("content"))
@@ -839,6 +1000,7 @@ class Messages(HTTPEndpoint):
 
 
 async def create_user(request):
+    """Create a user (201), or return the one that exists (200)."""
     body = await json_body(request)
     try:
         username = check_username(body.get("username"))
@@ -848,36 +1010,29 @@ async def create_user(request):
     database = request.app.state.database
     values = {"username": username}
     row = await database.fetch_one(CREATE_USER, {**values, "now": utcnow()})
-    status = 201 if row else 200
+    created = row is not None
     row = row or await database.fetch_one(FIND_USER, values)
     return JSONResponse({"id": row["id"], "username": row["username"],
-                         "last_seen": iso(row["last_seen"])}, status_code=status)
+                         "last_seen": iso(row["last_seen"])}, status_code=201 if created else 200)
 
 
-async def list_active_users(request):
+async def list_present_users(request):
+    """Names of connected users (in one room, or in any), sorted."""
     room = query_room(request, default=None)
-    rooms = await active_users(request.app)
+    rooms = await request.app.state.cluster.present()
     names = rooms.get(room, []) if room else sorted({name for users in rooms.values() for name in users})
     return JSONResponse(names)
 
 
 async def list_rooms(request):
     """Rooms with messages or connected users: who is here, how many messages, last activity."""
-    active = await active_users(request.app)
+    present = await request.app.state.cluster.present()
     stats = {row["room"]: row for row in await request.app.state.database.fetch_all(ROOM_STATS)}
     return JSONResponse([
-        {"room": room, "active_users": active.get(room, []),
+        {"room": room, "active_users": present.get(room, []),
          "messages": stats[room]["messages"] if room in stats else 0,
          "last_activity": iso(stats[room]["last_activity"]) if room in stats else None}
-        for room in sorted(set(stats) | set(active))])
-
-
-FRAME_FORMATS = {
-    "join": {"type": "join", "username": "string", "room": "string (optional)",
-             "since": "integer (optional: last message id seen)"},
-    "message": {"type": "message", "content": "string", "username": "string (optional)"},
-    "leave": {"type": "leave"},
-}
+        for room in sorted(set(stats) | set(present))])
 
 
 async def ws_info(request):
@@ -885,7 +1040,8 @@ async def ws_info(request):
     scheme = "wss" if request.url.scheme == "https" else "ws"
     url = request.url.replace(scheme=scheme, path="/ws", query="", fragment="")
     return JSONResponse({"websocketUrl": str(url), "roomUrl": str(url) + "/{room}",
-                         "messageFormats": FRAME_FORMATS, "errorCodes": ERROR_CODES})
+                         "messageFormats": FRAME_FORMATS, "errorCodes": ERROR_CODES,
+                         "closeCodes": {str(code): meaning for code, meaning in CLOSE_CODES.items()}})
 
 
 async def openapi(request):
@@ -923,179 +1079,227 @@ async def database_down(request, exc):
     return JSONResponse({"detail": "the database is unavailable; try again shortly"}, status_code=503)
 
 
-# --- The WebSocket handler -----------------------------------------------------------------------
-
-ERROR_CODES = {
-    "binary_frame": "a binary frame; send JSON as text",
-    "frame_too_large": f"a frame over {MAX_FRAME_BYTES} bytes",
-    "invalid_json": "the frame is not JSON",
-    "not_object": "the frame is JSON but not an object",
-    "unknown_type": "type is missing or not join, message or leave",
-    "invalid_username": f"username missing, not a string, blank, over {MAX_USERNAME_LENGTH} "
-                        "characters, or with control characters",
-    "invalid_content": f"content missing, not a string, blank, over {MAX_CONTENT_LENGTH} "
-                       "characters, or with a NUL",
-    "invalid_room": "room is not 1-32 of a-z, 0-9, '-', '_'",
-    "invalid_since": "since is not a message id (an integer >= 0)",
-    "not_joined": "message or leave before join",
-    "already_joined": "a second join on one connection (leave first)",
-    "wrong_user": "username differs from the one this connection joined as",
-    "unavailable": "the database is down; the frame was not stored, send it again later",
-    "rate_limited": f"over RATE_PER_SECOND ({RATE_PER_SECOND:g}) frames a second; the frame was dropped",
-}
+# --- Lifespan, routes, app -----------------------------------------------------------------------
 
 
-def parse_frame(message: dict) -> dict:
-    """Turn a raw ASGI receive into a frame dict with a known type, or raise Invalid."""
-    text = message.get("text")
-    if text is None:
-        raise Invalid("binary_frame", "binary frames are not supported; send JSON as text")
-    if len(text) > MAX_FRAME_BYTES:  # characters >= bytes / 4: a cheap first gate before parsing
-        raise Invalid("frame_too_large", f"frames are limited to {MAX_FRAME_BYTES} bytes")
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    """Connect, create the schema, start the writer and the cluster; on shutdown, store every
+    message already accepted."""
+    database = app.state.database
+    await database.connect()
+    lock = lock_sqlite_file(database) if database.url.dialect == "sqlite" else None
+    await apply_schema(database)
+    writer = asyncio.create_task(app.state.writer.run())
+    # The one place that asks which database this is: PostgreSQL may have other processes.
+    app.state.cluster = PostgresCluster(app) if database.url.dialect == "postgresql" else OneProcess(app)
+    await app.state.cluster.start()
     try:
-        frame = json.loads(text)
-    except (ValueError, RecursionError):
-        raise Invalid("invalid_json", "the frame is not valid JSON") from None
-    if not isinstance(frame, dict):
-        raise Invalid("not_object", "the frame must be a JSON object")
-    if frame.get("type") not in ("join", "message", "leave"):
-        raise Invalid("unknown_type", "type must be one of: join, message, leave")
-    return frame
-
-
-def check_same_user(client: Client, frame: dict) -> None:
-    """Tutorial clients repeat the username on every frame; it must be the joined one."""
-    if client.username is None:
-        raise Invalid("not_joined", "join first: {\"type\":\"join\",\"username\":\"...\"}")
-    if "username" in frame and frame["username"] != client.username:
-        raise Invalid("wrong_user", f"this connection is {client.username!r}")
-
-
-async def on_join(app, client: Client, frame: dict) -> None:
-    if client.username is not None:
-        raise Invalid("already_joined", f"already joined as {client.username!r}; leave first")
-    username = check_username(frame.get("username", client.identity))
-    if client.identity and username != client.identity:
-        raise Invalid("wrong_user", f"your token is for {client.identity!r}")
-    room = check_room(frame.get("room", client.room))
-    since = check_id(frame["since"], "since") if frame.get("since") is not None else None
-    client.user_id = await app.state.database.fetch_val(UPSERT_USER, {"username": username, "now": utcnow()})
-    client.username, client.room = username, room
-    # Register before reading history: whatever is stored from now on is held in client.replay
-    # and sent after the history, minus the ids the history already had.
-    client.replay = []
-    first = app.state.hub.add(client)
-    notices = [system_frame(room, f"Welcome {username}!")]
-    try:
-        if since is None:
-            history = await recent_messages(app.state.database, room, HISTORY_ON_JOIN)
-        else:
-            history = await recent_messages(app.state.database, room, REPLAY_LIMIT + 1, since=since)
-            if len(history) > REPLAY_LIMIT:
-                history = history[1:]
-                notices.append(system_frame(
-                    room, "More messages were missed than are replayed; load older ones with "
-                    "GET /messages?before=<id>", code="history_truncated", before=history[0]["id"]))
-        if first:
-            await say_joined(app, client)
-    except DATABASE_ERRORS:
-        app.state.hub.remove(client)  # not joined after all: the client may try again
-        client.username, client.replay = None, None
-        raise
-    client.end_replay(notices, history)
-
-
-async def on_message(app, client: Client, frame: dict) -> None:
-    check_same_user(client, frame)
-    content = check_content(frame.get("content"))
-    await app.state.writer.post(client.room, client.user_id, client.username, content)
-
-
-async def on_leave(app, client: Client, frame: dict) -> None:
-    check_same_user(client, frame)
-    await part(app, client)
-    client.send(system_frame(client.room, f"Goodbye {client.username}!"))
-    client.username = None
-
-
-async def part(app, client: Client) -> None:
-    """Unregister a joined client; the user's last connection announces the leave."""
-    room, username = client.room, client.username
-    if username is None or client not in app.state.hub.rooms.get(room, {}).get(username, ()):
-        return
-    last_here = app.state.hub.remove(client)
-    app.state.writer.touch(username)
-    try:
-        if last_here:
-            await say_left(app, room, username)
-    except DATABASE_ERRORS as exc:  # gone from this process already; the rest is best effort
-        log.warning("could not record that %r left: %r", username, exc)
-
-
-HANDLERS = {"join": on_join, "message": on_message, "leave": on_leave}
-
-
-async def chat_socket(websocket: WebSocket):
-    """Check the handshake, then handle one frame at a time until the socket goes."""
-    app = websocket.app
-    # Refused before accept: the client gets HTTP 403 and no socket is ever opened.
-    if not origin_allowed(websocket):
-        log.info("refused a WebSocket from origin %r", websocket.headers.get("origin"))
-        await websocket.close(1008)
-        return
-    identity = token_user(presented_token(websocket)) if SECRET else None
-    if SECRET and identity is None:
-        log.info("refused a WebSocket without a valid token")
-        await websocket.close(1008)
-        return
-    await websocket.accept()
-    # Refused after accept, so that the client can read the close code and the reason.
-    try:
-        room = check_room(websocket.path_params.get("room", DEFAULT_ROOM))
-    except Invalid as exc:
-        await websocket.close(1008, exc.detail[:120])
-        return
-    ip = websocket.client.host if websocket.client else "unknown"
-    refusal = app.state.hub.refusal(ip)
-    if refusal:
-        await websocket.close(*refusal)
-        return
-    client = Client(websocket, app, ip, room, identity)
-    app.state.hub.connect(client)
-    try:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            if not client.allow():
-                if client.refused > FLOOD_LIMIT:
-                    await client.close(1008, "flooding: too many frames")
-                    break
-                client.error("rate_limited", f"over {RATE_PER_SECOND:g} frames a second; "
-                             "this one was dropped")
-                continue
-            try:
-                frame = parse_frame(message)
-                await HANDLERS[frame["type"]](app, client, frame)
-            except Invalid as exc:
-                client.error(exc.code, exc.detail)
-            except DATABASE_ERRORS as exc:
-                log.warning("database error on a WebSocket frame: %r", exc)
-                client.error("unavailable", "the database is unavailable; try again shortly")
+        yield
     finally:
-        app.state.hub.disconnect(client)
-        client.stop_writing()
-        # Its own task: leaving completes even if this handler is being cancelled.
-        background(app, part(app, client))
+        await asyncio.gather(*app.state.tasks)
+        await app.state.writer.stop(writer)
+        await app.state.cluster.stop()
+        await database.disconnect()
+        if lock:
+            lock.close()
 
 
-async def upgrade_required(request):
-    """A plain HTTP request to the WebSocket path: say how to connect instead of a bare 404."""
-    return JSONResponse({"detail": "this is a WebSocket endpoint: connect with ws:// (see /ws-info)"},
-                        status_code=426, headers={"Upgrade": "websocket"})
+def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = ALLOWED_ORIGINS) -> Starlette:
+    routes = [
+        Route("/", home),
+        Route("/messages", Messages),
+        Route("/users", create_user, methods=["POST"]),
+        Route("/users/active", list_present_users),
+        Route("/rooms", list_rooms),
+        Route("/ws-info", ws_info),
+        Route("/openapi.json", openapi),
+        Route("/swagger", swagger),
+        Mount("/swagger/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path)),
+        Route("/test", tester),
+        WebSocketRoute("/ws", chat_socket),
+        WebSocketRoute("/ws/{room}", chat_socket),
+        Route("/ws", upgrade_required),
+        Route("/ws/{room}", upgrade_required),
+    ]
+    middleware = [Middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
+                             allow_headers=["Content-Type", "Authorization"])]
+    handlers = {HTTPException: http_error, **{error: database_down for error in DATABASE_ERRORS}}
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
+    app.state.database = open_database(database_url)
+    app.state.rooms = Rooms()
+    app.state.tasks = set()
+    app.state.writer = MessageWriter(app.state.database, app.state.rooms)
+    return app
 
 
-# --- OpenAPI: every endpoint, with the WebSocket protocol described on GET /ws --------------------
+app = create_app()
+
+
+# --- The runner: python chat.py, python chat.py token NAME ---------------------------------------
+
+
+class Server(uvicorn.Server):
+    """uvicorn closes WebSockets with 1012 when it stops; say 1001 (going away) to each first."""
+
+    async def shutdown(self, sockets=None):
+        await asyncio.gather(*(client.close(status.WS_1001_GOING_AWAY, "server shutting down")
+                               for client in list(app.state.rooms.connections)))
+        await super().shutdown(sockets=sockets)
+
+
+def main(argv: list[str]) -> None:
+    """python chat.py: serve. python chat.py token NAME: print a token for NAME."""
+    if argv[:1] == ["token"]:
+        if not SECRET or len(argv) != 2:
+            sys.exit("usage: CHAT_SECRET=... python chat.py token USERNAME")
+        print(make_token(argv[1]))
+        return
+    logging.basicConfig(level=logging.INFO)
+    # Small frames and no per-message deflate: a chat line needs neither 16 MiB nor compression.
+    config = uvicorn.Config(
+        app, host=HOST, port=PORT, ws_max_size=4 * MAX_FRAME_BYTES, ws_per_message_deflate=False,
+        ws_ping_interval=PING_INTERVAL, ws_ping_timeout=PING_TIMEOUT, timeout_graceful_shutdown=SHUTDOWN_SECONDS,
+        proxy_headers=bool(TRUSTED_PROXIES), forwarded_allow_ips=TRUSTED_PROXIES or None,
+        ssl_keyfile=SSL_KEYFILE, ssl_certfile=SSL_CERTFILE)
+    Server(config).run()
+
+
+# =================================================================================================
+# Storey 2: several processes on one PostgreSQL
+# =================================================================================================
+#
+# Any number of processes (uvicorn --workers N, or several machines behind a load balancer) make
+# one chat when they share one PostgreSQL:
+#
+# - Messages: the `messages` table is the record and NOTIFY only the wake-up. Every process
+#   stores its batches under one advisory lock held until commit ('chat.messages' in
+#   INSERT_MESSAGES), so ids become visible in id order across processes, and the same statement
+#   sends pg_notify('chat_messages', <newest id>). Each process LISTENs on a connection of its own;
+#   a notification wakes its writer, which publishes every row after the last id it published.
+#   So every process publishes every message exactly once and in id order, as one process does.
+# - Notices (joined, left) travel as small NOTIFY payloads on 'chat_events'.
+# - Presence is the `presence` table, with a heartbeat per process; the others reap a process that
+#   stops beating (it died) and announce its users as gone.
+
+
+class PostgresCluster(OneProcess):
+    """OneProcess's four methods, for processes that share one PostgreSQL; plus the listener and
+    the heartbeat that keep them in step."""
+
+    PRESENT_ELSEWHERE = """
+        SELECT COUNT(*) FROM presence JOIN processes ON processes.id = presence.process
+        WHERE room = :room AND username = :username AND process <> :me
+          AND heartbeat > CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'"""
+    PRESENT = """
+        SELECT DISTINCT room, username FROM presence JOIN processes ON processes.id = presence.process
+        WHERE heartbeat > CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'
+        ORDER BY room, username"""
+    REAP = """
+        DELETE FROM presence WHERE process IN (
+            SELECT id FROM processes
+            WHERE heartbeat < CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second')
+        RETURNING room, username"""
+    FORGET_DEAD = """
+        DELETE FROM processes
+        WHERE heartbeat < CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'"""
+    REGISTER = "INSERT INTO processes (id, heartbeat) VALUES (:me, CURRENT_TIMESTAMP)"
+    RENEW = "UPDATE processes SET heartbeat = CURRENT_TIMESTAMP WHERE id = :me RETURNING id"
+
+    def __init__(self, app):
+        super().__init__(app)
+        self.app, self.database, self.writer = app, app.state.database, app.state.writer
+        self.me = uuid.uuid4().hex[:12]
+        self.tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        await self.database.execute(self.REGISTER, {"me": self.me})
+        self.tasks = [asyncio.create_task(supervise("the listener", self.listen)),
+                      asyncio.create_task(supervise("the heartbeat", self.beat))]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        with contextlib.suppress(*DATABASE_ERRORS):
+            await self.database.execute("DELETE FROM processes WHERE id = :me", {"me": self.me})
+
+    async def arrive(self, room: str, username: str) -> bool:
+        """Record the user here; True if no other process has them in the room (so: announce)."""
+        await self.database.execute(
+            "INSERT INTO presence (process, room, username) VALUES (:me, :room, :username) "
+            "ON CONFLICT DO NOTHING", {"me": self.me, "room": room, "username": username})
+        return not await self.present_elsewhere(room, username)
+
+    async def depart(self, room: str, username: str) -> bool:
+        """Forget the user here; True if no other process has them in the room (so: announce)."""
+        await self.database.execute(
+            "DELETE FROM presence WHERE process = :me AND room = :room AND username = :username",
+            {"me": self.me, "room": room, "username": username})
+        return not await self.present_elsewhere(room, username)
+
+    async def announce(self, frame: dict, exclude: Client | None = None) -> None:
+        """To this process's clients now, and to the other processes' through PostgreSQL."""
+        await super().announce(frame, exclude)
+        payload = json.dumps({"from": self.me, "frame": frame})
+        await self.database.fetch_val("SELECT pg_notify('chat_events', :payload)", {"payload": payload})
+
+    async def present(self) -> dict[str, list[str]]:
+        """Who is connected to any live process, room by room."""
+        rooms: dict[str, list[str]] = {}
+        for row in await self.database.fetch_all(self.PRESENT, {"timeout": PRESENCE_TIMEOUT}):
+            rooms.setdefault(row["room"], []).append(row["username"])
+        return rooms
+
+    async def present_elsewhere(self, room: str, username: str) -> bool:
+        return bool(await self.database.fetch_val(self.PRESENT_ELSEWHERE, {
+            "me": self.me, "timeout": PRESENCE_TIMEOUT, "room": room, "username": username}))
+
+    def on_notify(self, connection, pid, channel: str, payload: str) -> None:
+        """A message stored by any process (wake the writer), or another process's notice."""
+        if channel == "chat_messages":
+            self.writer.wake(int(payload))
+            return
+        event = json.loads(payload)
+        if event["from"] != self.me:
+            self.rooms.publish(event["frame"]["room"], event["frame"])
+
+    async def listen(self) -> None:
+        """LISTEN on a connection of our own (a pooled one would lose its listeners when released);
+        a terminated backend shows up as an error within a second, and supervise() reconnects."""
+        connection = await asyncpg.connect(str(self.database.url), timeout=10,
+                                           server_settings={"application_name": "chat-listener"})
+        try:
+            await connection.add_listener("chat_messages", self.on_notify)
+            await connection.add_listener("chat_events", self.on_notify)
+            self.writer.wake()  # publish what was stored while nobody listened
+            while True:
+                await asyncio.sleep(1)
+                await connection.fetchval("SELECT 1", timeout=5)
+        finally:
+            connection.terminate()
+
+    async def beat(self) -> None:
+        """Renew our heartbeat; reap processes that stopped renewing theirs, and say their users left."""
+        while True:
+            await asyncio.sleep(PRESENCE_TIMEOUT / 3)
+            if await self.database.fetch_val(self.RENEW, {"me": self.me}) is None:
+                # Reaped while cut off from the database: register again, with our users.
+                await self.database.execute(self.REGISTER, {"me": self.me})
+                for room, users in self.rooms.present().items():
+                    for username in users:
+                        await self.arrive(room, username)
+            gone = {(row["room"], row["username"])
+                    for row in await self.database.fetch_all(self.REAP, {"timeout": PRESENCE_TIMEOUT})}
+            await self.database.execute(self.FORGET_DEAD, {"timeout": PRESENCE_TIMEOUT})
+            for room, username in sorted(gone):
+                if not await self.present_elsewhere(room, username):
+                    await self.announce(system_frame(room, f"{username} left the chat"))
+                self.writer.record_leaving(username)
+
+
+# =================================================================================================
+# Appendix: the OpenAPI document (GET /openapi.json, shown by Swagger UI at /swagger)
+# =================================================================================================
 
 def _schema(properties: dict, required=()) -> dict:
     return {"type": "object", "properties": properties, "required": list(required)}
@@ -1201,91 +1405,6 @@ OPENAPI = {
     "components": {"schemas": {"Message": _MESSAGE, "User": _USER, "Error": _ERROR},
                    "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
 }
-
-
-# --- Lifespan, routes, app -----------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def lifespan(app):
-    """Connect, create the schema, start the writer (and, on PostgreSQL, the cluster); on shutdown,
-    store every message already accepted."""
-    database = app.state.database
-    await database.connect()
-    lock = lock_sqlite_file(database) if database.url.dialect == "sqlite" else None
-    await apply_schema(database)
-    writer = asyncio.create_task(app.state.writer.run())
-    if database.url.dialect == "postgresql":
-        app.state.cluster = Cluster(app)
-        await app.state.cluster.start()
-    try:
-        yield
-    finally:
-        await asyncio.gather(*app.state.tasks)
-        await app.state.writer.stop(writer)
-        if app.state.cluster:
-            await app.state.cluster.stop()
-        await database.disconnect()
-        if lock:
-            lock.close()
-
-
-def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = ALLOWED_ORIGINS) -> Starlette:
-    routes = [
-        Route("/", home),
-        Route("/messages", Messages),
-        Route("/users", create_user, methods=["POST"]),
-        Route("/users/active", list_active_users),
-        Route("/rooms", list_rooms),
-        Route("/ws-info", ws_info),
-        Route("/openapi.json", openapi),
-        Route("/swagger", swagger),
-        Mount("/swagger/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path)),
-        Route("/test", tester),
-        WebSocketRoute("/ws", chat_socket),
-        WebSocketRoute("/ws/{room}", chat_socket),
-        Route("/ws", upgrade_required),
-        Route("/ws/{room}", upgrade_required),
-    ]
-    middleware = [Middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
-                             allow_headers=["Content-Type", "Authorization"])]
-    handlers = {HTTPException: http_error, **{error: database_down for error in DATABASE_ERRORS}}
-    app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
-    app.state.database = open_database(database_url)
-    app.state.hub = Hub()
-    app.state.tasks = set()
-    app.state.cluster = None
-    app.state.writer = MessageWriter(app.state.database, app.state.hub)
-    return app
-
-
-app = create_app()
-
-
-class Server(uvicorn.Server):
-    """uvicorn closes WebSockets with 1012 when it stops; say 1001 (going away) to each first."""
-
-    async def shutdown(self, sockets=None):
-        await asyncio.gather(*(client.close(1001, "server shutting down")
-                               for client in list(app.state.hub.connections)))
-        await super().shutdown(sockets=sockets)
-
-
-def main(argv: list[str]) -> None:
-    """python chat.py: serve. python chat.py token NAME: print a token for NAME."""
-    if argv[:1] == ["token"]:
-        if not SECRET or len(argv) != 2:
-            sys.exit("usage: CHAT_SECRET=... python chat.py token USERNAME")
-        print(make_token(argv[1]))
-        return
-    logging.basicConfig(level=logging.INFO)
-    # Small frames and no per-message deflate: a chat line needs neither 16 MiB nor compression.
-    config = uvicorn.Config(
-        app, host=HOST, port=PORT, ws_max_size=4 * MAX_FRAME_BYTES, ws_per_message_deflate=False,
-        ws_ping_interval=PING_INTERVAL, ws_ping_timeout=PING_TIMEOUT, timeout_graceful_shutdown=SHUTDOWN_SECONDS,
-        proxy_headers=bool(TRUSTED_PROXIES), forwarded_allow_ips=TRUSTED_PROXIES or None,
-        ssl_keyfile=os.environ.get("SSL_KEYFILE"), ssl_certfile=os.environ.get("SSL_CERTFILE"))
-    Server(config).run()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import hypothesis.strategies as st
 import jwt
 import pytest
 import schemathesis
+import starlette.status
 import trustme
 import websockets.sync.client
 from hypothesis import HealthCheck, given, settings
@@ -998,7 +999,7 @@ def test_a_closed_connection_frees_its_place_under_the_per_address_limit(client,
     monkeypatch.setattr(chat, "MAX_CONNECTIONS_PER_IP", 1)
     with client.websocket_connect("/ws") as first:
         join(first, "alice")
-    wait_until(lambda: not client.app.state.hub.connections)
+    wait_until(lambda: not client.app.state.rooms.connections)
     with client.websocket_connect("/ws") as again:
         assert join(again, "alice") == welcome("alice")
 
@@ -1514,6 +1515,41 @@ def test_a_second_process_on_the_same_sqlite_file_refuses_to_start(tmp_path):
     assert second.returncode != 0
     assert (f"another chat process is serving {tmp_path}/chat.db; SQLite serves one process. "
             "To run several, use PostgreSQL: DATABASE_URL=postgresql://...") in second.stderr
+
+
+def test_without_fcntl_as_on_windows_chat_starts_and_still_refuses_a_second_process(tmp_path):
+    script = """
+import sys
+sys.modules["fcntl"] = None  # import fcntl now fails, as it does on Windows
+import chat
+from starlette.testclient import TestClient
+with TestClient(chat.create_app(sys.argv[1])) as client, client.websocket_connect("/ws") as ws:
+    ws.send_json({"type": "join", "username": "alice"})
+    print(ws.receive_json()["content"])
+    try:
+        with TestClient(chat.create_app(sys.argv[1])):
+            print("a second server started")
+    except chat.SecondProcess as refused:
+        print(refused)
+"""
+    url = f"sqlite:///{tmp_path}/chat.db"
+    result = subprocess.run([sys.executable, "-c", script, url], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines() == [
+        "Welcome alice!",
+        f"another chat process is serving {tmp_path}/chat.db; SQLite serves one process. "
+        "To run several, use PostgreSQL: DATABASE_URL=postgresql://..."], result.stderr
+
+
+def test_every_close_code_the_server_sends_is_a_documented_one(client):
+    source = (HERE / "chat.py").read_text()
+    assert not re.search(r"close\(\s*\d", source)  # no bare numbers: every code is named
+    named = {getattr(starlette.status, name) for name in re.findall(r"status\.(WS_\d{4}_\w+)", source)}
+    assert named == set(chat.CLOSE_CODES)
+    published = client.get("/ws-info").json()["closeCodes"]
+    assert published == {str(code): meaning for code, meaning in chat.CLOSE_CODES.items()}
+    readme = (HERE / "README.md").read_text()
+    documented = set(map(int, re.findall(r"^\| `(\d{4})` \|", readme, flags=re.MULTILINE)))
+    assert documented == set(chat.CLOSE_CODES)
 
 
 # --- The benchmark (that it works, not how fast) -------------------------------------------------
