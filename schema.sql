@@ -24,6 +24,14 @@ CREATE TABLE IF NOT EXISTS messages (
 -- Every message query is "this room, by id": history on join, paging, replay after a reconnect.
 CREATE INDEX IF NOT EXISTS messages_room_id ON messages (room, id);
 
+-- One user per look: names that a reader cannot tell apart ("alice", "аlice" with a Cyrillic а,
+-- "ALICE") share a skeleton (Unicode's UTS #39, computed by chat.py's skeleton()), and the first
+-- name to claim a skeleton keeps it.
+CREATE TABLE IF NOT EXISTS skeletons (
+    skeleton TEXT PRIMARY KEY,
+    username TEXT NOT NULL UNIQUE
+);
+
 -- Several processes on one PostgreSQL (see Cluster in chat.py): who is connected where. A process
 -- renews its heartbeat every few seconds; one that stops is reaped by the others, with its users.
 -- Unused, and harmless, on SQLite, which serves one process.

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -394,11 +395,89 @@ def test_the_published_content_pattern_states_the_content_check_exactly(text):
     assert accepted(chat.check_content, text) == published
 
 
+# Usernames as /openapi.json's format "rfc8265-username" describes them: printable ASCII without
+# spaces, or names in other scripts. schemathesis generates them from this too.
+USERNAMES = (st.from_regex(r"^[!-~]{1,32}$", fullmatch=True)
+             | st.sampled_from(["café", "Émile", "Ωmega", "名前", "Данила", "محمد", "ß_1", "ｂｏｂ"]))
+schemathesis.openapi.format("rfc8265-username", USERNAMES)
+
+
 @settings(max_examples=500, deadline=None)
-@given(st.text(st.characters(codec=None), max_size=40))
-def test_the_published_username_pattern_states_the_username_check_exactly(text):
-    published = bool(chat.USERNAME_PATTERN.fullmatch(text)) and len(text) <= 32 and no_lone_surrogates(text)
-    assert accepted(chat.check_username, text) == published
+@given(USERNAMES)
+def test_every_username_the_published_format_describes_is_accepted_in_canonical_form(name):
+    assert chat.check_username(name) == unicodedata.normalize("NFKC", name)
+
+
+# --- Names that look alike -----------------------------------------------------------------------
+
+LOOKALIKES = {
+    "a Cyrillic а": ("\u0430lice", "confusable_username"),
+    "capitals": ("ALICE", "confusable_username"),
+    "a digit one for the l": ("a1ice", "confusable_username"),
+    "a trailing zero-width space": ("alice\u200b", "invalid_username"),
+    "a leading zero-width space": ("\u200balice", "invalid_username"),
+    "a zero-width joiner": ("al\u200dice", "invalid_username"),
+    "a byte-order mark": ("alice\ufeff", "invalid_username"),
+    "a Hangul filler": ("alice\u3164", "invalid_username"),
+    "a soft hyphen": ("ali\u00adce", "invalid_username"),
+    "bidi overrides": ("\u202eecila :olleh\u202c", "invalid_username"),
+}
+
+
+@pytest.mark.parametrize("case", LOOKALIKES)
+def test_a_name_that_looks_like_an_existing_users_is_refused(client, case):
+    name, code = LOOKALIKES[case]
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "join", "username": name})
+        error = ws.receive_json()
+        assert (error["type"], error["code"]) == ("error", code)
+    assert query(client, "SELECT username FROM users") == [{"username": "alice"}]
+
+
+def test_a_refused_character_is_named_in_the_error(client):
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "join", "username": "alice\u200b"})
+        assert ws.receive_json() == {
+            "type": "error", "code": "invalid_username",
+            "content": "username may not contain U+200B ZERO WIDTH SPACE (DISALLOWED/precis_ignorable_properties)"}
+
+
+def test_a_lookalike_is_told_whose_name_it_looks_like(client):
+    client.post("/users", json={"username": "alice"})
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "join", "username": "\u0430lice"})
+        assert ws.receive_json() == {
+            "type": "error", "code": "confusable_username",
+            "content": "'\u0430lice' looks like the existing user 'alice'; choose another name"}
+
+
+def test_the_decomposed_and_composed_forms_of_a_name_are_one_user(client):
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    with client.websocket_connect("/ws") as ws:
+        assert join(ws, decomposed) == welcome(composed)
+        ws.send_json({"type": "message", "username": composed, "content": "hi"})
+        assert untimed(ws.receive_json()) == message(1, composed, "hi")
+    with client.websocket_connect("/ws") as ws:
+        assert join(ws, composed) == welcome(composed)
+    assert query(client, "SELECT username FROM users") == [{"username": composed}]
+
+
+def test_rest_refuses_a_lookalike_user_with_409(client):
+    assert client.post("/users", json={"username": "alice"}).status_code == 201
+    response = client.post("/users", json={"username": "ALICE"})
+    assert (response.status_code, response.json()) == (
+        409, {"detail": "'ALICE' looks like the existing user 'alice'; choose another name"})
+    assert query(client, "SELECT username FROM users") == [{"username": "alice"}]
+
+
+def test_users_stored_before_names_were_claimed_keep_their_look(database_url):
+    with TestClient(chat.create_app(database_url)) as client:
+        client.post("/users", json={"username": "alice"})
+        client.portal.call(client.app.state.database.execute, "DELETE FROM skeletons")
+    with TestClient(chat.create_app(database_url)) as client:  # a restart claims alice's look again
+        assert client.post("/users", json={"username": "ALICE"}).status_code == 409
 
 
 # --- REST ----------------------------------------------------------------------------------------
