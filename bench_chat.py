@@ -1,45 +1,69 @@
-"""bench_chat.py: start chat.py, drive it with real WebSocket clients, print the numbers.
+"""bench_chat.py: start chat.py (or a peer), drive it with real WebSocket clients, print the numbers.
 
     python bench_chat.py                                   # SQLite, one process
     python bench_chat.py --database postgresql://postgres@127.0.0.1/postgres --workers 2
     DATABASE_URL=postgresql://postgres@127.0.0.1/postgres python bench_chat.py   # the same server
-    python bench_chat.py --quick                           # a few seconds: does it work?
+    python bench_chat.py --quick                           # a few seconds: does it work? (any mode)
+    python bench_chat.py --url ws://127.0.0.1:8000/ws --pid 1234       # a server already running
+    python bench_chat.py --compare /work/shared/tutorial-app --runs 3  # chat.py vs the tutorial app
+    python bench_chat.py --compare /tmp/before/chat.py --runs 3        # vs another checkout's chat.py
+    python bench_chat.py --scaling --database postgresql://postgres@127.0.0.1/postgres --runs 3
 
-It starts `python chat.py` itself (`--workers N` processes on N ports, clients spread over them,
-as behind a load balancer), on a fresh database: a temporary SQLite file, or a new database on the
-PostgreSQL server you name (dropped afterwards). Every message is stored.
+By default it starts `python chat.py` (`--workers N` processes on N ports, clients spread over them,
+as behind a load balancer) on a fresh database: a temporary SQLite file, or a new database on the
+PostgreSQL server you name (dropped afterwards), with the rate and connection limits, which are for
+humans, lifted (BENCH_ENV). Every message is stored.
 
-Rate limits are for humans, not load tests: the server is started with RATE_PER_SECOND,
-RATE_BURST, MAX_CONNECTIONS_PER_IP, MAX_CONNECTIONS and SEND_QUEUE_FRAMES raised (see BENCH_ENV).
-The load generator is this one Python process (uvloop), on the same machine as the server.
+--url drives a running server that speaks the tutorial's protocol (messages carry the username);
+lift its limits yourself, and give --pid for its CPU and memory figures.
+
+--compare TARGET runs the same scenarios on this checkout's chat.py and on TARGET, alternating,
+--runs times each, each run on a freshly started server and fresh database, and prints medians,
+ranges and the ratio of the medians (only same-run ratios mean anything on a noisy machine).
+TARGET is a folder with setup.sh and run.sh (the tutorial app, on its own database, emptied by
+`setup.sh --reset` before each run) or a chat.py file (e.g. from `git worktree add /tmp/before
+HEAD~1`). All load goes to the plain /ws path (the tutorial app has no rooms), and idle memory is
+measured on connections open but not joined.
+
+--scaling (PostgreSQL) runs the write-heavy scenario (each sender alone in its room, so every stored
+message is delivered once) on 1, 2 and 4 chat.py processes, alternating over --runs rounds.
+
+The load generator is this one Python process on the same machine (uvloop and a minimal WebSocket
+client on asyncio.Protocol); it prints its own CPU use, to show whether it is the limit.
 """
 
 import argparse
 import asyncio
 import contextlib
-import json
+import datetime
 import os
 import pathlib
 import platform
 import re
+import shlex
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
+from typing import NamedTuple
 
 import asyncpg
 import uvloop
-from websockets.asyncio.client import connect
 
 HERE = pathlib.Path(__file__).parent
 BENCH_ENV = {"RATE_PER_SECOND": "1e9", "RATE_BURST": "1e9", "MAX_CONNECTIONS_PER_IP": "1000000",
              "MAX_CONNECTIONS": "1000000", "SEND_QUEUE_FRAMES": "100000"}
-CONTENT = re.compile(r'"content":"s(\d+):(\d+):([\d.]+)"')
+CONTENT = re.compile(rb'"content":"s(\d+):(\d+):([\d.]+)"')
+WINDOW = 50  # flat out: unacknowledged messages per sender
+STALL_SECONDS = 10  # a flat-out sender whose messages stop coming back gives up; the rest counts as lost
+DRAIN_SECONDS = 30  # after the last send, how long to wait for every delivery
 
 
-# --- The server under test -----------------------------------------------------------------------
+# --- The servers under test ----------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -72,26 +96,23 @@ def fresh_database(admin_url: str | None):
 
 
 @contextlib.contextmanager
-def servers(database_url: str, workers: int):
-    """`workers` chat.py processes on one database; yields their ws:// URLs and processes."""
-    processes, urls = [], []
+def launched(commands: list[tuple[list[str], pathlib.Path, dict, int]]):
+    """Start each (argv, cwd, env, port), wait until it answers GET /ws-info; yield the pids; SIGTERM."""
+    processes = []
     try:
-        for _ in range(workers):
-            port = free_port()
-            env = {**os.environ, **BENCH_ENV, "DATABASE_URL": database_url, "PORT": str(port)}
-            processes.append(subprocess.Popen([sys.executable, "chat.py"], cwd=HERE, env=env,
-                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            urls.append(f"ws://127.0.0.1:{port}/ws")
-            deadline = time.monotonic() + 30
+        for argv, cwd, env, port in commands:
+            processes.append(subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL))
+            deadline = time.monotonic() + 60
             while True:
                 try:
                     urllib.request.urlopen(f"http://127.0.0.1:{port}/ws-info", timeout=1)
                     break
                 except OSError:
                     if time.monotonic() > deadline or processes[-1].poll() is not None:
-                        raise SystemExit("the server did not start") from None
+                        raise SystemExit(f"the server did not start: {shlex.join(argv)}") from None
                     time.sleep(0.1)
-        yield urls, processes
+        yield [process.pid for process in processes]
     finally:
         for process in processes:
             process.terminate()
@@ -104,159 +125,493 @@ def servers(database_url: str, workers: int):
                 process.kill()
 
 
-def cpu_seconds(processes) -> float:
+@contextlib.contextmanager
+def chat_servers(script: pathlib.Path, admin_url: str | None, workers: int):
+    """`workers` processes of a chat.py on one fresh database; yields their ws:// URLs and pids."""
+    with fresh_database(admin_url) as database_url:
+        ports = [free_port() for _ in range(workers)]
+        env = {**os.environ, **BENCH_ENV, "DATABASE_URL": database_url}
+        commands = [([sys.executable, script.name], script.parent, {**env, "PORT": str(port)}, port)
+                    for port in ports]
+        with launched(commands) as pids:
+            yield [f"ws://127.0.0.1:{port}/ws" for port in ports], pids
+
+
+@contextlib.contextmanager
+def tutorial_server(folder: pathlib.Path):
+    """The tutorial app on its own database, emptied first (it keeps every message it stores)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PORT")}  # chat's, not its
+    setup = subprocess.run(["./setup.sh", "--reset"], cwd=folder, env=env, capture_output=True, text=True)
+    if setup.returncode:
+        raise SystemExit(f"{folder}/setup.sh --reset failed:\n{setup.stdout}{setup.stderr}")
+    port = free_port()
+    with launched([(["./run.sh", str(port)], folder, env, port)]) as pids:  # run.sh execs bun
+        yield [f"ws://127.0.0.1:{port}/ws"], pids
+
+
+def cpu_seconds(pids) -> float:
     """User + system CPU time the server processes have used so far."""
     total = 0
-    for process in processes:
-        fields = pathlib.Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    for pid in pids:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def rss_bytes(processes) -> int:
+def rss_bytes(pids) -> int:
     total = 0
-    for process in processes:
-        for line in pathlib.Path(f"/proc/{process.pid}/status").read_text().splitlines():
+    for pid in pids:
+        for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1]) * 1024
     return total
 
 
-# --- Clients -------------------------------------------------------------------------------------
+# --- A minimal WebSocket client ------------------------------------------------------------------
+
+
+class Socket(asyncio.Protocol):
+    """The client side of RFC 6455, just enough for this benchmark: no compression, no extensions,
+    no TLS. Measured here, the `websockets` client cost 9-16 µs of CPU per delivered frame and this
+    one 6-10 µs (mostly the kernel and the event loop now): more of the shared cores for the server."""
+
+    def __init__(self, host: str, path: str):
+        self.request = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                        "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode()  # fixed key
+        loop = asyncio.get_running_loop()
+        self.connected, self.lost = loop.create_future(), loop.create_future()  # handshake done, TCP gone
+        self.buffer = bytearray()
+        self.fragments: list[bytes] = []  # a message split into continuation frames, so far
+        self.closing = False
+        self.on_text = lambda payload: None  # called with the payload of every complete message
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(self.request)
+
+    def connection_lost(self, exc):
+        if not self.connected.done():
+            self.connected.set_exception(ConnectionError("closed during the handshake"))
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def data_received(self, data: bytes):
+        self.buffer += data
+        if not self.connected.done():  # still in the HTTP upgrade: wait for the whole response head
+            head, blank, rest = self.buffer.partition(b"\r\n\r\n")
+            if not blank:
+                return
+            status = bytes(head.split(b"\r\n", 1)[0])
+            if b" 101 " not in status:
+                self.connected.set_exception(ConnectionError(status.decode(errors="replace")))
+                self.transport.close()
+                return
+            self.connected.set_result(None)
+            self.buffer = rest
+        buffer, start, end = self.buffer, 0, len(self.buffer)
+        while end - start >= 2:  # one frame: FIN/opcode byte, length byte, [extended length], payload
+            first, length, at = buffer[start], buffer[start + 1] & 0x7F, start + 2  # servers don't mask
+            if length >= 126:
+                size = 2 if length == 126 else 8
+                if end - at < size:
+                    break
+                length, at = int.from_bytes(buffer[at:at + size], "big"), at + size
+            if end - at < length:
+                break
+            start = at + length
+            self.frame(first, buffer[at:start])  # a copy: the buffer moves on
+        del buffer[:start]
+
+    def frame(self, first: int, payload: bytearray):
+        opcode = first & 0x0F
+        if opcode in (0x0, 0x1, 0x2):  # continuation, text, binary
+            if not first & 0x80:  # not FIN: more of this message follows
+                self.fragments.append(payload)
+                return
+            if self.fragments:
+                payload, self.fragments = b"".join(self.fragments) + payload, []
+            self.on_text(payload)
+        elif opcode == 0x9:  # PING: answer with the same payload
+            self.write(0xA, payload)
+        elif opcode == 0x8:  # CLOSE: answer it (unless it answers ours), then hang up
+            if not self.closing:
+                self.closing = True
+                self.write(0x8, payload[:2])
+            self.transport.close()
+
+    def write(self, opcode: int, payload: bytes):
+        """One final frame. Clients must mask; with the all-zero key the payload is sent as is.
+        Every frame this client sends fits the 7-bit length (control frames must, by the RFC)."""
+        if len(payload) > 125:
+            raise ValueError(f"a {len(payload)}-byte frame: this client sends only short ones")
+        self.transport.write(bytes((0x80 | opcode, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
+
+    def send(self, text: str):
+        self.write(0x1, text.encode())
+
+    async def close(self):
+        """CLOSE 1000, then give the server a moment to close the TCP connection first."""
+        if not self.closing and not self.transport.is_closing():
+            self.closing = True
+            self.write(0x8, (1000).to_bytes(2, "big"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.lost), 2)
+        self.transport.abort()
+
+
+async def dial(url: str) -> Socket:
+    parts = urllib.parse.urlsplit(url)
+    _, sock = await asyncio.get_running_loop().create_connection(
+        lambda: Socket(parts.netloc, parts.path or "/"), parts.hostname, parts.port or 80)
+    await asyncio.wait_for(sock.connected, 60)
+    return sock
+
+
+async def join(url: str, name: str) -> Socket:
+    """A client joined as `name`: both servers say `Welcome name!` when it is in."""
+    sock = await dial(url)
+    welcome, marker = asyncio.get_running_loop().create_future(), f'"content":"Welcome {name}!"'.encode()
+
+    def wait_for_welcome(payload: bytes):
+        if marker in payload and not welcome.done():
+            welcome.set_result(None)
+
+    sock.on_text = wait_for_welcome
+    sock.send('{"type":"join","username":"%s"}' % name)
+    await asyncio.wait((welcome, sock.lost), timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    if not welcome.done():
+        raise ConnectionError(f"{url}: {name} was not welcomed (refused, or no answer within 60 s)")
+    return sock
+
+
+async def open_clients(urls: list[str], paths: list[str], names: list[str] | None) -> list[Socket]:
+    """One client per path (appended to a server URL, spread over the servers), joined as `names`."""
+    opening = [join(urls[n % len(urls)] + path, names[n]) if names else dial(urls[n % len(urls)] + path)
+               for n, path in enumerate(paths)]
+    clients = []
+    for start in range(0, len(opening), 200):  # not all at once: the handshake backlog is finite
+        clients += await asyncio.gather(*opening[start:start + 200])
+    return clients
+
+
+async def leave(sockets: list[Socket], names: list[str]):
+    """Leave, wait until the server has gone quiet (the tutorial app forgets a user only on leave,
+    after a database write), then close: the next scenario joins under the same names."""
+    heard = time.perf_counter()
+
+    def note(payload: bytes):
+        nonlocal heard
+        heard = time.perf_counter()
+
+    for sock, name in zip(sockets, names, strict=True):
+        sock.on_text = note
+        sock.send('{"type":"leave","username":"%s"}' % name)
+    deadline = time.perf_counter() + 10
+    while time.perf_counter() - heard < 0.3 and time.perf_counter() < deadline:
+        await asyncio.sleep(0.1)
+    await asyncio.gather(*(sock.close() for sock in sockets))
+
+
+# --- Scenarios -----------------------------------------------------------------------------------
+
+
+class Scenario(NamedTuple):
+    kind: str  # latency, flat out, write-heavy, idle
+    label: str
+    clients: int
+    senders: int = 0
+    rate: float | None = None  # messages a second in all, or None: flat out with WINDOW
+    per_sender: int = 0
+
+
+def load_scenarios(quick: bool) -> list[Scenario]:
+    seconds, clients = (2, 20) if quick else (10, 200)
+    rows = [Scenario("latency", f"{r} msg/s to {c} clients", c, 10, r, r * seconds // 10)
+            for r, c in ([(50, 10)] if quick else [(500, 50), (200, 200)])]
+    return rows + [Scenario("flat out", f"10 senders, {clients} clients, as fast as possible", clients, 10,
+                            None, 100 if quick else 500)]
+
+
+def write_heavy(quick: bool) -> Scenario:
+    return Scenario("write-heavy", "10 senders alone in their rooms, flat out", 10, 10, None,
+                    100 if quick else 2000)
 
 
 class Receiver:
     """One client's view: which of each sender's messages arrived, in what order, how late."""
 
-    def __init__(self, senders: int, per_sender: int):
-        self.seen = [bytearray(per_sender) for _ in range(senders)]
-        self.highest = [-1] * senders
+    def __init__(self, index: int, s: Scenario, expected: int, since: float, finished):
+        self.index, self.expected, self.since, self.finished = index, expected, since, finished
+        self.seen = [bytearray(s.per_sender) for _ in range(s.senders)]
+        self.highest = [-1] * s.senders
         self.latencies: list[float] = []
-        self.duplicated = self.out_of_order = self.received = 0
+        self.duplicated = self.out_of_order = self.received = self.acked = 0
+        self.echo = asyncio.Event()  # set when one of this client's own messages comes back
 
-    def take(self, text: str) -> tuple[int, int] | None:
-        match = CONTENT.search(text)
-        if not match:
-            return None
-        sender, seq, sent = int(match[1]), int(match[2]), float(match[3])
+    def take(self, payload: bytearray):
+        """Every message frame; those sent before this scenario began (history on join) are skipped.
+        It runs once per delivery, so it is written for speed."""
+        match = CONTENT.search(payload)
+        if match is None:
+            return
+        sender, seq, sent = match.groups()
+        sent = float(sent)
+        if sent < self.since:
+            return
+        sender, seq = int(sender), int(seq)
         self.latencies.append(time.perf_counter() - sent)
         self.received += 1
-        if self.seen[sender][seq]:
+        seen = self.seen[sender]
+        if seen[seq]:
             self.duplicated += 1
         elif seq < self.highest[sender]:
             self.out_of_order += 1
-        self.seen[sender][seq] = 1
-        self.highest[sender] = max(self.highest[sender], seq)
-        return sender, seq
+        else:
+            self.highest[sender] = seq
+        seen[seq] = 1
+        if sender == self.index:
+            self.acked += 1
+            self.echo.set()
+        if self.received == self.expected:
+            self.finished()
 
 
-async def join(url: str, name: str, room: str):
-    ws = await connect(f"{url}/{room}", compression=None, max_queue=None, ping_interval=None,
-                       open_timeout=60)
-    await ws.send(json.dumps({"type": "join", "username": name}))
-    while not (await ws.recv()).startswith('{"type":"system","room":"%s","content":"Welcome' % room):
-        pass
-    return ws
+async def run_load(urls, pids, s: Scenario, room: str) -> dict:
+    """Senders (the first clients) send per_sender messages each, at `rate` messages a second in
+    all, or flat out with at most WINDOW unanswered each; every client counts what reaches it.
+    Write-heavy: each sender alone in its own room. Measured from the first send to the last delivery."""
+    alone = s.kind == "write-heavy"
+    names = [f"{'w' if alone else 'u'}{n}" for n in range(s.clients)]
+    sockets = await open_clients(urls, [f"/w{n}" if alone else room for n in range(s.clients)], names)
+    all_in, waiting = asyncio.get_running_loop().create_future(), s.clients
 
+    def finished():
+        nonlocal waiting
+        waiting -= 1
+        if not waiting and not all_in.done():
+            all_in.set_result(None)
 
-async def open_clients(urls: list[str], count: int, room: str, prefix: str = "u", room_size: int = 0):
-    """`count` joined clients, spread over the servers; in rooms of `room_size` if given."""
-    rooms = [f"{room}{n // room_size}" if room_size else room for n in range(count)]
-    batches = [join(urls[n % len(urls)], f"{prefix}{n}", rooms[n]) for n in range(count)]
-    clients = []
-    for start in range(0, count, 200):  # not all at once: the handshake backlog is finite
-        clients += await asyncio.gather(*batches[start:start + 200])
-    return clients
+    since = time.perf_counter()
+    expected = s.per_sender * (1 if alone else s.senders)
+    receivers = [Receiver(n, s, expected, since, finished) for n in range(s.clients)]
+    for sock, receiver in zip(sockets, receivers, strict=True):
+        sock.on_text = receiver.take
 
-
-async def run_load(urls, room: str, clients: int, senders: int, per_sender: int,
-                   rate: float | None, window: int = 50) -> dict:
-    """Senders send per_sender messages each, at `rate` messages a second in all, or flat out
-    with at most `window` unanswered each; every client counts what reaches it."""
-    sockets = await open_clients(urls, clients, room)
-    receivers = [Receiver(senders, per_sender) for _ in sockets]
-    expected = senders * per_sender
-    echoed = [asyncio.Event() for _ in range(senders)]
-    acked = [0] * senders
-
-    async def receive(ws, receiver: Receiver, index: int):
-        async for text in ws:
-            got = receiver.take(text)
-            if got and index < senders and got[0] == index:
-                acked[index] += 1
-                echoed[index].set()
-            if receiver.received >= expected:
-                return
-
-    async def send(ws, index: int):
-        interval = senders / rate if rate else 0
-        next_at = time.perf_counter() + (index / rate if rate else 0)  # evenly spaced, not in bursts
-        for seq in range(per_sender):
-            if rate:
+    async def send(n: int):
+        receiver, interval = receivers[n], s.senders / s.rate if s.rate else 0
+        next_at = time.perf_counter() + (n / s.rate if s.rate else 0)  # evenly spaced, not in bursts
+        for seq in range(s.per_sender):
+            if s.rate:
                 next_at += interval
                 await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-            else:
-                while seq - acked[index] >= window:
-                    echoed[index].clear()
-                    await echoed[index].wait()
-            await ws.send('{"type":"message","content":"s%d:%d:%.6f"}' % (index, seq, time.perf_counter()))
+            while not s.rate and seq - receiver.acked >= WINDOW:
+                receiver.echo.clear()
+                try:
+                    await asyncio.wait_for(receiver.echo.wait(), STALL_SECONDS)
+                except TimeoutError:
+                    return
+            sockets[n].send('{"type":"message","username":"%s","content":"s%d:%d:%.6f"}'
+                            % (names[n], n, seq, time.perf_counter()))
 
-    started = time.perf_counter()
-    readers = [asyncio.create_task(receive(ws, r, n)) for n, (ws, r) in enumerate(zip(sockets, receivers, strict=True))]
-    await asyncio.gather(*(send(sockets[n], n) for n in range(senders)))
-    done, pending = await asyncio.wait(readers, timeout=30)
+    cpu, own_cpu, started = cpu_seconds(pids), time.process_time(), time.perf_counter()
+    await asyncio.gather(*(send(n) for n in range(s.senders)))
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(all_in, DRAIN_SECONDS)
     elapsed = time.perf_counter() - started
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+    server_cpu, own_cpu = cpu_seconds(pids) - cpu, time.process_time() - own_cpu
+    await leave(sockets, names)
     latencies = sorted(x for r in receivers for x in r.latencies)
     received = sum(r.received for r in receivers)
-    unique = sum(sum(seen) for r in receivers for seen in r.seen)
     return {
-        "deliveries": received,
         "per_second": received / elapsed,
         "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else float("nan"),
         "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else float("nan"),
-        "lost": expected * clients - unique,
+        "cpu_us": 1e6 * server_cpu / max(1, received) if pids else None,
+        "generator_pct": 100 * own_cpu / elapsed,
+        "lost": expected * s.clients - sum(sum(seen) for r in receivers for seen in r.seen),
         "duplicated": sum(r.duplicated for r in receivers),
         "out_of_order": sum(r.out_of_order for r in receivers),
     }
 
 
-async def idle_memory(urls, processes, count: int) -> tuple[float, int]:
-    """Server memory per joined, idle connection, with `count` of them open."""
-    before = rss_bytes(processes)
-    # Rooms of ten: in one room of thousands, each join would notify everyone before it.
-    sockets = await open_clients(urls, count, "idle", prefix="i", room_size=10)
+async def idle_memory(urls, pids, s: Scenario, joined: bool) -> dict:
+    """Server memory per idle connection: joined in rooms of ten (in one room of thousands, each
+    join would notify everyone before it), or open but not joined."""
+    if not pids:
+        return {"kb_each": None}
+    before = rss_bytes(pids)
+    paths = [f"/idle{n // 10}" for n in range(s.clients)] if joined else [""] * s.clients
+    sockets = await open_clients(urls, paths, [f"i{n}" for n in range(s.clients)] if joined else None)
     await asyncio.sleep(2)
-    after = rss_bytes(processes)
-    await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
-    return (after - before) / count, len(sockets)
+    after, dropped = rss_bytes(pids), sum(sock.lost.done() for sock in sockets)
+    await asyncio.gather(*(sock.close() for sock in sockets))
+    if dropped:
+        print(f"the server closed {dropped} of the {s.clients} idle connections: lift its limits",
+              file=sys.stderr)
+        return {"kb_each": None}
+    return {"kb_each": (after - before) / s.clients / 1024}
 
 
-# --- Main ----------------------------------------------------------------------------------------
-
-
-async def measure(urls, processes, quick: bool) -> list[tuple[str, str]]:
-    seconds = 2 if quick else 10
-    scenarios = [("latency", f"{r} msg/s to {c} clients", c, 10, r) for r, c in
-                 ([(50, 10)] if quick else [(500, 50), (200, 200)])]
-    scenarios.append(("flat out", f"10 senders, {20 if quick else 200} clients, as fast as possible",
-                      20 if quick else 200, 10, None))
-    rows = []
-    for n, (kind, label, clients, senders, rate) in enumerate(scenarios):
-        per_sender = int(rate * seconds / senders) if rate else (100 if quick else 500)
-        cpu = cpu_seconds(processes)
-        result = await run_load(urls, f"bench{n}", clients, senders, per_sender, rate)
-        cpu_us = 1e6 * (cpu_seconds(processes) - cpu) / max(1, result["deliveries"])
-        rows.append((f"{kind}: {label}",
-                     f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
-                     f"{result['per_second']:,.0f} deliveries/s, {cpu_us:.1f} µs server CPU per delivery; "
-                     f"lost {result['lost']}, duplicated {result['duplicated']}, "
-                     f"out of order {result['out_of_order']}"))
-    per_connection, opened = await idle_memory(urls, processes, 200 if quick else 10000)
-    rows.append((f"idle: {opened} joined connections", f"{per_connection / 1024:.1f} kB server memory each"))
+async def measure(urls, pids, quick: bool, rooms: bool, writes: bool) -> list[tuple[Scenario, dict]]:
+    """The load scenarios (in rooms of their own, or all on the plain path), idle memory
+    (joined in rooms, or not joined), then, if `writes`, the write-heavy scenario."""
+    rows = [(s, await run_load(urls, pids, s, f"/bench{n}" if rooms else ""))
+            for n, s in enumerate(load_scenarios(quick))]
+    count = 200 if quick else 10000
+    label = f"{count} joined connections" if rooms else f"{count} connections, open, not joined"
+    idle = Scenario("idle", label, count)
+    rows.append((idle, await idle_memory(urls, pids, idle, joined=rooms)))
+    if writes:
+        s = write_heavy(quick)
+        rows.append((s, await run_load(urls, pids, s, "")))
     return rows
+
+
+# --- Reports -------------------------------------------------------------------------------------
+
+
+def number(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}" if isinstance(value, int) or abs(value) >= 100 else f"{value:.1f}"
+
+
+def result_line(s: Scenario, r: dict) -> str:
+    if s.kind == "idle":
+        kb = r["kb_each"]
+        return "server memory n/a" if kb is None else f"{kb:.1f} kB server memory each"
+    unit = "message" if s.kind == "write-heavy" else "delivery"
+    cpu = "server CPU n/a (no --pid)" if r["cpu_us"] is None else f"{r['cpu_us']:.1f} µs server CPU per {unit}"
+    rate = (f"{r['per_second']:,.0f} messages stored/s, {cpu}" if s.kind == "write-heavy" else
+            f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, {r['per_second']:,.0f} deliveries/s, {cpu}")
+    return (f"{rate}, load generator {r['generator_pct']:.0f}% of a core; lost {r['lost']}, "
+            f"duplicated {r['duplicated']}, out of order {r['out_of_order']}")
+
+
+def figures(rows: list[tuple[Scenario, dict]]) -> dict[tuple[str, str], float | None]:
+    """One run's figures by (scenario, figure), for the comparison table."""
+    out = {}
+    for s, r in rows:
+        scenario = f"{s.kind}: {s.label}"
+        if s.kind == "idle":
+            out[scenario, "kB server memory each"] = r["kb_each"]
+            continue
+        if s.kind == "latency":
+            out[scenario, "p50 ms"], out[scenario, "p99 ms"] = r["p50_ms"], r["p99_ms"]
+        else:
+            out[scenario, "messages stored/s" if s.kind == "write-heavy" else "deliveries/s"] = r["per_second"]
+        out[scenario, "server CPU µs per delivery"] = r["cpu_us"]
+        out[scenario, "load generator % of a core"] = r["generator_pct"]
+        for key in ("lost", "duplicated", "out_of_order"):
+            out[scenario, key.replace("_", " ")] = r[key]
+    return out
+
+
+def summary(values: list[float | None]) -> tuple[float | None, str]:
+    """Median and min-max of one figure over the runs."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return None, "n/a"
+    return statistics.median(known), f"{number(min(known))}-{number(max(known))}"
+
+
+def header(title: str, command: bool = True) -> None:
+    """The first line (and the command line): when, on what, with which Python."""
+    models = re.findall(r"model name\s*:\s*(.+)", pathlib.Path("/proc/cpuinfo").read_text())
+    print(f"{title}; {datetime.date.today().isoformat()}, {os.cpu_count()} cores "
+          f"({models[0] if models else platform.machine()}), servers, database and load generator "
+          f"on the same machine; Python {platform.python_version()}", flush=True)
+    if command:
+        print(f"  command: {shlex.join(['python', *sys.argv])}", flush=True)
+
+
+def database_label(admin_url: str | None) -> str:
+    return f"PostgreSQL (a fresh database on {admin_url.rsplit('/', 1)[0]})" if admin_url else "SQLite"
+
+
+# --- Modes ---------------------------------------------------------------------------------------
+
+
+def single(args) -> None:
+    """One server: this checkout's chat.py (started here), or the one at --url."""
+    if args.url:
+        target = contextlib.nullcontext(([args.url], [args.pid] if args.pid else []))
+        title = f"{args.url} (already running, pid {args.pid or 'n/a'})"
+    else:
+        target = chat_servers(HERE / "chat.py", args.database, args.workers)
+        title = f"chat.py, {'PostgreSQL' if args.database else 'SQLite'}, {args.workers} process(es)"
+    with target as (urls, pids):
+        rows = uvloop.run(measure(urls, pids, args.quick, rooms=not args.url, writes=not args.url))
+    header(title, command=False)
+    limits = ", ".join(f"{k}={v}" for k, v in BENCH_ENV.items())
+    print("  limits: as the server was started (lift its rate limits first)" if args.url else
+          f"  limits lifted for the load test: {limits}", flush=True)
+    for s, r in rows:
+        print(f"  {s.kind + ': ' + s.label:55} {result_line(s, r)}", flush=True)
+
+
+def compare(args) -> None:
+    """This checkout's chat.py against a peer, alternating, --runs times each."""
+    peer_path = pathlib.Path(args.compare).resolve()
+    if (peer_path / "run.sh").exists() and (peer_path / "setup.sh").exists():
+        peer, peer_label = (lambda: tutorial_server(peer_path)), f"tutorial app {peer_path}"
+        peer_database, peer_rooms = "PostgreSQL database 'tutorial' (its own; emptied before each run)", False
+    elif peer_path.is_file() and peer_path.suffix == ".py":
+        peer, peer_label = (lambda: chat_servers(peer_path, args.database, args.workers)), str(peer_path)
+        peer_database = f"{args.workers} process(es), {database_label(args.database)}, the same limits lifted"
+        peer_rooms = True
+    else:
+        raise SystemExit(f"--compare: {peer_path} is neither a folder with setup.sh and run.sh nor a .py file")
+    targets = {"chat": (lambda: chat_servers(HERE / "chat.py", args.database, args.workers), True),
+               "peer": (peer, peer_rooms)}
+    runs = {"chat": [], "peer": []}
+    for n in range(args.runs):
+        for name, (start, rooms) in targets.items():
+            print(f"  run {n + 1} of {args.runs}: {name}", file=sys.stderr, flush=True)
+            with start() as (urls, pids):
+                runs[name].append(figures(uvloop.run(measure(urls, pids, args.quick, rooms=False, writes=rooms))))
+    header(f"chat.py vs peer, {args.runs} run(s) each, alternating, each on a fresh server and database")
+    print(f"  chat: {HERE / 'chat.py'}, {args.workers} process(es), {database_label(args.database)}; "
+          "limits lifted: " + ", ".join(f"{k}={v}" for k, v in BENCH_ENV.items()))
+    print(f"  peer: {peer_label}, {peer_database}")
+    print("  all load on the plain /ws path; server CPU is the server's processes only (not PostgreSQL's)")
+    print(f"  {'':30} {'chat median (range)':>28} {'peer median (range)':>28} {'chat/peer':>9}")
+    section = None
+    for scenario, figure in runs["chat"][0] | runs["peer"][0]:
+        if scenario != section:
+            section = scenario
+            print(f"  {scenario}")
+        (chat, chat_range), (other, other_range) = (summary([run.get((scenario, figure)) for run in runs[name]])
+                                                    for name in ("chat", "peer"))
+        ratio = f"{chat / other:.2f}" if chat is not None and other else "n/a"
+        print(f"    {figure:28} {number(chat) + ' (' + chat_range + ')':>28} "
+              f"{number(other) + ' (' + other_range + ')':>28} {ratio:>9}", flush=True)
+
+
+def scaling(args) -> None:
+    """The write-heavy scenario on 1, 2 and 4 chat.py processes sharing one PostgreSQL database."""
+    counts, s = (1, 2, 4), write_heavy(args.quick)
+    results = {count: [] for count in counts}
+    for n in range(args.runs):
+        for count in counts:
+            print(f"  round {n + 1} of {args.runs}: {count} process(es)", file=sys.stderr, flush=True)
+            with chat_servers(HERE / "chat.py", args.database, count) as (urls, pids):
+                result = uvloop.run(run_load(urls, pids, s, ""))
+            results[count].append(result)
+            if result["lost"] or result["duplicated"] or result["out_of_order"]:
+                print(f"  {count} process(es): {result_line(s, result)}", file=sys.stderr)
+    header(f"chat.py write-heavy scaling, {database_label(args.database)}, {args.runs} round(s), "
+           f"process counts alternating {', '.join(map(str, counts))}")
+    print(f"  write-heavy: {s.label}, {s.per_sender} messages each, window {WINDOW}")
+    one = statistics.median(r["per_second"] for r in results[1])
+    for count in counts:
+        median, spread = summary([r["per_second"] for r in results[count]])
+        print(f"  {count} process(es): {number(median)} messages stored/s median ({spread}), "
+              f"{median / one if one else float('nan'):.2f}x one process; "
+              f"{number(statistics.median(r['cpu_us'] for r in results[count]))} µs server CPU per message",
+              flush=True)
 
 
 def main() -> None:
@@ -267,19 +622,26 @@ def main() -> None:
                              "(default: DATABASE_URL if PostgreSQL, else a temporary SQLite file)")
     parser.add_argument("--workers", type=int, default=1, help="chat.py processes (PostgreSQL only for >1)")
     parser.add_argument("--quick", action="store_true", help="small and short: check that it works")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--url", help="drive a server already running at ws://HOST:PORT/PATH instead")
+    mode.add_argument("--compare", metavar="TARGET",
+                      help="compare with a folder with setup.sh and run.sh, or a chat.py file")
+    mode.add_argument("--scaling", action="store_true", help="write-heavy on 1, 2, 4 processes (PostgreSQL)")
+    parser.add_argument("--pid", type=int, help="with --url: its process, for CPU and memory figures")
+    parser.add_argument("--runs", type=int, default=3, help="--compare, --scaling: runs each (default 3)")
     args = parser.parse_args()
-    if args.workers > 1 and not args.database:
-        raise SystemExit("several workers need PostgreSQL: --database postgresql://...")
-    backend = "PostgreSQL" if args.database else "SQLite"
-    with fresh_database(args.database) as url, servers(url, args.workers) as (urls, processes):
-        rows = uvloop.run(measure(urls, processes, args.quick))
-        print(f"chat.py, {backend}, {args.workers} process(es); {os.cpu_count()} cores "
-              f"({platform.processor() or platform.machine()}), server, database and load generator "
-              f"on the same machine; Python {platform.python_version()}", flush=True)
-        print("  limits lifted for the load test: " + ", ".join(f"{k}={v}" for k, v in BENCH_ENV.items()),
-              flush=True)
-        for scenario, result in rows:
-            print(f"  {scenario:55} {result}", flush=True)
+    for wrong, message in ((args.workers > 1 and not args.database, "several workers need PostgreSQL"),
+                           (args.scaling and not args.database, "--scaling needs PostgreSQL"),
+                           (args.pid and not args.url, "--pid goes with --url"),
+                           (args.runs < 1, "--runs must be at least 1")):
+        if wrong:
+            parser.error(message)
+    if args.compare:
+        compare(args)
+    elif args.scaling:
+        scaling(args)
+    else:
+        single(args)
 
 
 if __name__ == "__main__":

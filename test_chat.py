@@ -1653,3 +1653,11 @@ def test_the_benchmark_runs_on_two_postgresql_processes_and_loses_nothing(postgr
     lines = run_benchmark("--database", POSTGRES_URL, "--workers", "2")
     assert lines[0].startswith("chat.py, PostgreSQL, 2 process(es); ")
     assert [line.split("; ")[-1] for line in lines[2:4]] == ["lost 0, duplicated 0, out of order 0"] * 2
+
+
+def test_the_benchmark_compares_this_chat_with_a_second_chat_server_run_for_run():
+    lines = run_benchmark("--compare", str(HERE / "chat.py"), "--runs", "1")
+    assert lines[0].startswith("chat.py vs peer, 1 run(s) each, alternating")
+    assert lines[3] == f"  peer: {HERE / 'chat.py'}, 1 process(es), SQLite, the same limits lifted"
+    counts = [line.split() for line in lines if line.split()[:1] in (["lost"], ["duplicated"])]
+    assert len(counts) == 6 and all(row[-5:] == ["0", "(0-0)", "0", "(0-0)", "n/a"] for row in counts)
