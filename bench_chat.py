@@ -56,7 +56,7 @@ import uvloop
 
 HERE = pathlib.Path(__file__).parent
 BENCH_ENV = {"RATE_PER_SECOND": "1e9", "RATE_BURST": "1e9", "MAX_CONNECTIONS_PER_IP": "1000000",
-             "MAX_CONNECTIONS": "1000000", "SEND_QUEUE_FRAMES": "100000"}
+             "MAX_CONNECTIONS": "1000000", "SEND_QUEUE_FRAMES": "100000", "JOINS_PER_MINUTE": "1000000000"}
 CONTENT = re.compile(rb'"content":"s(\d+):(\d+):([\d.]+)"')
 WINDOW = 50  # flat out: unacknowledged messages per sender
 STALL_SECONDS = 10  # a flat-out sender whose messages stop coming back gives up; the rest counts as lost

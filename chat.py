@@ -16,7 +16,7 @@ Appendix: the OpenAPI document.
 
 The tutorial's Elysia names, and ours:
 
-    beforeHandle (check the token)     handshake checks before accept(): token_user, origin_allowed
+    beforeHandle (check the token)     handshake checks before accept(): token_holder, origin_allowed
     ws.subscribe(room)                 Rooms.subscribe(client)
     ws.unsubscribe(room)               Rooms.unsubscribe(client)
     ws.publish(room, data)             Rooms.publish(room, frame): into each subscriber's outbox
@@ -42,10 +42,11 @@ import unicodedata
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import asyncpg
 import jwt
+import limits
+import limits.aio
 import precis_i18n
 import swagger_ui_bundle
 import uvicorn
@@ -56,8 +57,8 @@ from starlette.endpoints import HTTPEndpoint
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import HTTPConnection
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
+from starlette.requests import ClientDisconnect, HTTPConnection
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
@@ -77,13 +78,18 @@ SSL_CERTFILE = os.environ.get("SSL_CERTFILE")
 ALLOWED_ORIGINS = [o for o in os.environ.get("ALLOWED_ORIGINS", "").split(",") if o]
 SECRET = os.environ.get("CHAT_SECRET", "")  # set it to require signed tokens (python chat.py token NAME)
 TOKEN_TTL_SECONDS = int(os.environ.get("TOKEN_TTL_SECONDS", "86400"))
+PUBLIC_READS = os.environ.get("PUBLIC_READS", "") == "1"  # with a secret: 1 lets anyone read history
 MAX_CONNECTIONS = int(os.environ.get("MAX_CONNECTIONS", "10000"))
 MAX_CONNECTIONS_PER_IP = int(os.environ.get("MAX_CONNECTIONS_PER_IP", "20"))
 RATE_PER_SECOND = float(os.environ.get("RATE_PER_SECOND", "5"))  # frames per connection, on average
 RATE_BURST = float(os.environ.get("RATE_BURST", "10"))  # frames a connection may send at once
 FLOOD_LIMIT = int(os.environ.get("FLOOD_LIMIT", "50"))  # refused frames in a row before we hang up
+JOIN_COST = 5  # a join counts as five frames: it writes to the database and tells the room
+JOINS_PER_MINUTE = int(os.environ.get("JOINS_PER_MINUTE", "60"))  # per address, all its sockets together
+REST_WRITES_PER_MINUTE = int(os.environ.get("REST_WRITES_PER_MINUTE", "120"))  # per address
 MAX_CONTENT_LENGTH = int(os.environ.get("MAX_CONTENT_LENGTH", "2000"))  # schema.sql CHECKs 2000 too
 MAX_FRAME_BYTES = int(os.environ.get("MAX_FRAME_BYTES", "16384"))
+MAX_BODY_BYTES = int(os.environ.get("MAX_BODY_BYTES", "16384"))  # REST request bodies
 SEND_QUEUE_FRAMES = int(os.environ.get("SEND_QUEUE_FRAMES", "1000"))
 PING_INTERVAL = float(os.environ.get("PING_INTERVAL", "20"))  # a dead peer is dropped within
 PING_TIMEOUT = float(os.environ.get("PING_TIMEOUT", "20"))  # PING_INTERVAL + PING_TIMEOUT seconds
@@ -93,11 +99,14 @@ SHUTDOWN_SECONDS = float(os.environ.get("SHUTDOWN_SECONDS", "10"))  # then stuck
 TRUSTED_PROXIES = os.environ.get("TRUSTED_PROXIES", "")  # addresses whose X-Forwarded-For is believed
 HISTORY_ON_JOIN = 10
 REPLAY_LIMIT = 500  # most messages replayed after a reconnect; older ones are left to GET /messages
+REPLAY_BYTES = 256 * 1024  # and at most this much of them
 MAX_USERNAME_LENGTH = 32
 DEFAULT_ROOM = "general"
 
-# The close codes this server sends, named as starlette.status names them. A refused handshake
-# (a foreign origin, no valid token) gets HTTP 403 instead: no socket is ever opened.
+# The close codes this server sends, named as starlette.status names them (the 4000s are the
+# application's own, RFC 6455 section 7.4.2). A refused handshake (a foreign origin, no valid
+# token) gets HTTP 403 instead: no socket is ever opened.
+WS_4001_TOKEN_EXPIRED = 4001
 CLOSE_CODES = {
     status.WS_1001_GOING_AWAY: "the server is shutting down (plain uvicorn says 1012)",
     status.WS_1008_POLICY_VIOLATION: "a bad room in the URL, too many connections from your address, "
@@ -107,10 +116,11 @@ CLOSE_CODES = {
                                    "\"keepalive ping timeout\")",
     status.WS_1012_SERVICE_RESTART: "plain uvicorn (and --workers) shutting down",
     status.WS_1013_TRY_AGAIN_LATER: "the server is full, or you stopped reading (send queue full)",
+    WS_4001_TOKEN_EXPIRED: "the token the socket was opened with has expired: connect with a fresh one",
 }
 
 HERE = pathlib.Path(__file__).parent
-log = logging.getLogger("chat")
+log = logging.getLogger("uvicorn.error.chat")  # uvicorn's log: shown, in its format, under both runners
 
 # --- Database and SQL ---------------------------------------------------------------------------
 
@@ -250,7 +260,7 @@ UNPUBLISHED = SELECT_MESSAGES + " WHERE m.id > :since ORDER BY m.id LIMIT :limit
 LAST_ID = "SELECT COALESCE(MAX(id), 0) FROM messages"
 ROOM_STATS = """
     SELECT room, COUNT(*) AS messages, MAX(created_at) AS last_activity
-    FROM messages GROUP BY room"""
+    FROM messages WHERE room > :after GROUP BY room ORDER BY room LIMIT :limit"""
 NO_UPPER_BOUND = 2**63 - 1  # larger than any message id
 
 
@@ -392,7 +402,9 @@ ERROR_CODES = {
     "already_joined": "a second join on one connection (leave first)",
     "wrong_user": "username differs from the one this connection joined as",
     "unavailable": "the database is down; the frame was not stored, send it again later",
-    "rate_limited": f"over RATE_PER_SECOND ({RATE_PER_SECOND:g}) frames a second; the frame was dropped",
+    "rate_limited": f"over RATE_PER_SECOND ({RATE_PER_SECOND:g}) frames a second (a join counts as {JOIN_COST}), "
+                    f"or over JOINS_PER_MINUTE ({JOINS_PER_MINUTE}) joins a minute from your address; "
+                    "the frame was dropped",
 }
 
 
@@ -401,7 +413,10 @@ def parse_frame(message: dict) -> dict:
     text = message.get("text")
     if text is None:
         raise Invalid("binary_frame", "binary frames are not supported; send JSON as text")
-    if len(text) > MAX_FRAME_BYTES:  # characters >= bytes / 4: a cheap first gate before parsing
+    # The limit is in bytes, as on the wire. UTF-8 takes 1 to 4 bytes a character, so only a frame
+    # of more than a quarter of the limit in characters needs its bytes counted.
+    if len(text) > MAX_FRAME_BYTES or (4 * len(text) > MAX_FRAME_BYTES
+                                       and len(text.encode()) > MAX_FRAME_BYTES):
         raise Invalid("frame_too_large", f"frames are limited to {MAX_FRAME_BYTES} bytes")
     try:
         frame = json.loads(text)
@@ -424,11 +439,11 @@ def make_token(username: str, ttl: int = TOKEN_TTL_SECONDS) -> str:
     return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
-def token_user(token: str | None) -> str | None:
-    """The username a valid, unexpired token of ours names; None for anything else."""
+def token_holder(token: str | None) -> tuple[str, float] | None:
+    """(username, expiry as a Unix time) of a valid, unexpired token of ours; None for anything else."""
     try:
         claims = jwt.decode(token or "", SECRET, algorithms=["HS256"], options={"require": ["exp", "sub"]})
-        return check_username(claims["sub"])
+        return check_username(claims["sub"]), claims["exp"]
     except (jwt.InvalidTokenError, Invalid):
         return None
 
@@ -442,42 +457,67 @@ def presented_token(connection: HTTPConnection) -> str | None:
 
 
 def origin_allowed(connection: HTTPConnection) -> bool:
-    """Browsers send Origin; a page from another site may not use a visitor's connection."""
+    """Browsers send Origin; a page from another site may not use a visitor's connection.
+
+    The server's own origin is the same scheme (http for ws://, https for wss://), host and port:
+    an https:// or chrome-extension:// page on the same host and port is another origin.
+    """
     origin = connection.headers.get("origin")
     if origin is None or "*" in ALLOWED_ORIGINS or origin in ALLOWED_ORIGINS:
         return True
-    return urlsplit(origin).netloc == connection.headers.get("host")
+    scheme = {"ws": "http", "wss": "https"}.get(connection.url.scheme, connection.url.scheme)
+    return origin == f"{scheme}://{connection.headers.get('host')}"
+
+
+def token_required(request) -> str:
+    """With a secret set, the name the request's token is for; 401 without a valid one."""
+    holder = token_holder(presented_token(request))
+    if holder is None:
+        raise HTTPException(401, "a valid token is required: Authorization: Bearer <token>",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return holder[0]
 
 
 def writer_identity(request, username: str) -> None:
     """With a secret set, a REST write must carry a token for the user it writes as."""
-    if not SECRET:
-        return
-    holder = token_user(presented_token(request))
-    if holder is None:
-        raise HTTPException(401, "a valid token is required: Authorization: Bearer <token>",
-                            headers={"WWW-Authenticate": "Bearer"})
-    if holder != username:
+    if SECRET and (holder := token_required(request)) != username:
         raise HTTPException(403, f"this token is for {holder!r}")
 
 
-class RateLimit:
-    """A token bucket: `burst` frames at once, `per_second` on average; counts refusals in a row."""
+async def rest_write_allowed(request) -> None:
+    """REST writes from one address are limited too: each may create a user or a room."""
+    if not await request.app.state.limits.rest_write(request.client.host if request.client else "unknown"):
+        raise HTTPException(429, f"over {REST_WRITES_PER_MINUTE} writes a minute from your address; "
+                            "try again shortly", headers={"Retry-After": "60"})
 
-    def __init__(self, per_second: float, burst: float):
-        self.per_second, self.burst = per_second, burst
-        self.tokens, self.refilled, self.refused = burst, time.monotonic(), 0
 
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.per_second)
-        self.refilled = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            self.refused = 0
-            return True
-        self.refused += 1
-        return False
+def reader_identity(request) -> None:
+    """With a secret set, reading the chat needs a token too, unless PUBLIC_READS=1."""
+    if SECRET and not PUBLIC_READS:
+        token_required(request)
+
+
+class RateLimits:
+    """What each connection and each address may do, over moving windows (the `limits` library,
+    in this process's memory): RATE_BURST frames per RATE_BURST / RATE_PER_SECOND seconds per
+    connection, a join counting as JOIN_COST of them; JOINS_PER_MINUTE joins and
+    REST_WRITES_PER_MINUTE REST writes per address."""
+
+    def __init__(self):
+        self.limiter = limits.aio.strategies.MovingWindowRateLimiter(limits.aio.storage.MemoryStorage())
+
+    async def frame(self, connection: str, cost: int = 1) -> bool:
+        window = max(1, round(RATE_BURST / RATE_PER_SECOND))
+        return await self.limiter.hit(limits.RateLimitItemPerSecond(int(RATE_BURST), window),
+                                      "frames", connection, cost=cost)
+
+    async def join(self, connection: str, ip: str) -> bool:
+        """The rest of a join's cost (its frame was counted already), and the address's joins."""
+        return (await self.frame(connection, JOIN_COST - 1)
+                and await self.limiter.hit(limits.RateLimitItemPerMinute(JOINS_PER_MINUTE), "joins", ip))
+
+    async def rest_write(self, ip: str) -> bool:
+        return await self.limiter.hit(limits.RateLimitItemPerMinute(REST_WRITES_PER_MINUTE), "writes", ip)
 
 
 # --- Rooms and fan-out: subscribe, publish, one outbox per client --------------------------------
@@ -506,7 +546,8 @@ class Client:
         self.on_stall = on_stall  # called once if the outbox overflows: the client stopped reading
         self.username: str | None = None
         self.user_id: int | None = None
-        self.rate = RateLimit(RATE_PER_SECOND, RATE_BURST)
+        self.key = uuid.uuid4().hex  # this connection's name for the rate limits
+        self.refused = 0  # frames refused in a row
         self.outbox: deque[str] = deque()
         self.sender: asyncio.Task | None = None
         self.held: list[tuple[int | None, str]] | None = None  # live frames held while joining
@@ -877,9 +918,9 @@ async def on_join(app, client: Client, frame: dict) -> None:
         if since is None:
             history = await recent_messages(app.state.database, room, HISTORY_ON_JOIN)
         else:  # one more than the limit: if it comes back, some were left out
-            history = await recent_messages(app.state.database, room, REPLAY_LIMIT + 1, since=since)
-            if len(history) > REPLAY_LIMIT:
-                history = history[1:]
+            missed = await recent_messages(app.state.database, room, REPLAY_LIMIT + 1, since=since)
+            history = newest_within(missed[-REPLAY_LIMIT:], REPLAY_BYTES)
+            if len(history) < len(missed):
                 notices.append(system_frame(
                     room, "More messages were missed than are replayed; load older ones with "
                     "GET /messages?before=<id>", code="history_truncated", before=history[0]["id"]))
@@ -890,6 +931,17 @@ async def on_join(app, client: Client, frame: dict) -> None:
         client.username, client.held = None, None
         raise
     client.release(notices, history)
+
+
+def newest_within(messages: list[dict], budget: int) -> list[dict]:
+    """The newest messages whose frames fit in `budget` bytes (at least one), oldest first."""
+    kept = []
+    for message in reversed(messages):
+        budget -= len(encode({"type": "message", **message}).encode())
+        if budget < 0 and kept:
+            break
+        kept.append(message)
+    return kept[::-1]
 
 
 async def on_message(app, client: Client, frame: dict) -> None:
@@ -936,14 +988,17 @@ async def chat_socket(websocket: WebSocket):
     app = websocket.app
     # Refused before accept: the client gets HTTP 403 and no socket is ever opened.
     if not origin_allowed(websocket):
-        log.info("refused a WebSocket from origin %r", websocket.headers.get("origin"))
+        origin = websocket.headers.get("origin")
+        log.warning("refused a WebSocket from origin %r; to let that page in, start the server with "
+                    "ALLOWED_ORIGINS=%s", origin, origin)
         await websocket.close(status.WS_1008_POLICY_VIOLATION)
         return
-    identity = token_user(presented_token(websocket)) if SECRET else None
-    if SECRET and identity is None:
+    holder = token_holder(presented_token(websocket)) if SECRET else None
+    if SECRET and holder is None:
         log.info("refused a WebSocket without a valid token")
         await websocket.close(status.WS_1008_POLICY_VIOLATION)
         return
+    identity, expires = holder or (None, None)
     await websocket.accept()
     # Refused after accept, so that the client can read the close code and the reason.
     try:
@@ -959,27 +1014,36 @@ async def chat_socket(websocket: WebSocket):
     # A client that stops reading leaves its room at once, so that the others see it go.
     client = Client(websocket, ip, room, identity, on_stall=lambda stalled: background(app, leave(app, stalled)))
     app.state.rooms.connect(client)
+    # A socket lives no longer than its token.
+    expiry = expires and asyncio.get_running_loop().call_later(
+        max(0.0, expires - time.time()),
+        lambda: background(app, client.close(WS_4001_TOKEN_EXPIRED, "token expired")))
     try:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 break
-            if not client.rate.allow():
-                if client.rate.refused > FLOOD_LIMIT:
-                    await client.close(status.WS_1008_POLICY_VIOLATION, "flooding: too many frames")
-                    break
-                client.error("rate_limited", f"over {RATE_PER_SECOND:g} frames a second; "
-                             "this one was dropped")
-                continue
             try:
+                if not await app.state.limits.frame(client.key):
+                    raise Invalid("rate_limited", f"over {RATE_PER_SECOND:g} frames a second; this one was dropped")
                 frame = parse_frame(message)
+                if frame["type"] == "join" and not await app.state.limits.join(client.key, ip):
+                    raise Invalid("rate_limited", f"too many joins: a join counts as {JOIN_COST} frames, and an "
+                                  f"address may join {JOINS_PER_MINUTE} times a minute; try again shortly")
+                client.refused = 0
                 await HANDLERS[frame["type"]](app, client, frame)
             except Invalid as exc:
+                client.refused += exc.code == "rate_limited"
+                if client.refused > FLOOD_LIMIT:
+                    await client.close(status.WS_1008_POLICY_VIOLATION, "flooding: too many frames")
+                    break
                 client.error(exc.code, exc.detail)
             except DATABASE_ERRORS as exc:
                 log.warning("database error on a WebSocket frame: %r", exc)
                 client.error("unavailable", "the database is unavailable; try again shortly")
     finally:
+        if expiry:
+            expiry.cancel()
         app.state.rooms.disconnect(client)
         client.stop_sending()
         # Its own task: leaving completes even if this handler is being cancelled.
@@ -1013,12 +1077,22 @@ def query_room(request, default: str | None = DEFAULT_ROOM) -> str | None:
 
 
 async def json_body(request) -> dict:
+    """The body as a JSON object, read no further than MAX_BODY_BYTES (chunked bodies too)."""
     # Only JSON: a cross-site form cannot send it without the browser asking us first (CORS).
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         raise HTTPException(415, "send the body as application/json")
+    too_large = HTTPException(413, f"the body is over {MAX_BODY_BYTES} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise too_large
     try:
-        body = await request.json()
-    except ValueError:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: nested thousands deep
         raise HTTPException(422, "body must be a JSON object") from None
     if not isinstance(body, dict):
         raise HTTPException(422, "body must be a JSON object")
@@ -1027,6 +1101,7 @@ async def json_body(request) -> dict:
 
 async def list_messages(request):
     """The newest messages of a room, oldest first; page back with ?before=<oldest id seen>."""
+    reader_identity(request)
     room = query_room(request)
     limit = query_int(request, "limit", 50, 1, 100)
     before = query_int(request, "before", NO_UPPER_BOUND, 1, NO_UPPER_BOUND)
@@ -1035,6 +1110,7 @@ async def list_messages(request):
 
 async def post_message(request):
     """Store a message and publish it to the room's sockets, as a WebSocket message is."""
+    await rest_write_allowed(request)
     body = await json_body(request)
     try:
         username, content = check_username(body.get("username")), check_content(body.get("content"))
@@ -1061,6 +1137,7 @@ class Messages(HTTPEndpoint):
 
 async def create_user(request):
     """Create a user (201), or return the one that exists (200)."""
+    await rest_write_allowed(request)
     body = await json_body(request)
     try:
         username = check_username(body.get("username"))
@@ -1082,6 +1159,7 @@ async def create_user(request):
 
 async def list_present_users(request):
     """Names of connected users (in one room, or in any), sorted."""
+    reader_identity(request)
     room = query_room(request, default=None)
     rooms = await request.app.state.cluster.present()
     names = rooms.get(room, []) if room else sorted({name for users in rooms.values() for name in users})
@@ -1089,14 +1167,20 @@ async def list_present_users(request):
 
 
 async def list_rooms(request):
-    """Rooms with messages or connected users: who is here, how many messages, last activity."""
+    """Rooms with messages or connected users, by name, a page at a time (?after=<last room seen>):
+    who is here, how many messages, last activity."""
+    reader_identity(request)
+    limit = query_int(request, "limit", 100, 1, 100)
+    after = request.query_params.get("after", "")
     present = await request.app.state.cluster.present()
-    stats = {row["room"]: row for row in await request.app.state.database.fetch_all(ROOM_STATS)}
+    stats = {row["room"]: row for row in await request.app.state.database.fetch_all(
+        ROOM_STATS, {"after": after, "limit": limit})}
+    rooms = sorted(set(stats) | {room for room in present if room > after})[:limit]
     return JSONResponse([
         {"room": room, "active_users": present.get(room, []),
          "messages": stats[room]["messages"] if room in stats else 0,
          "last_activity": iso(stats[room]["last_activity"]) if room in stats else None}
-        for room in sorted(set(stats) | set(present))])
+        for room in rooms])
 
 
 async def ws_info(request):
@@ -1136,6 +1220,12 @@ async def home(request):
 async def http_error(request, exc: HTTPException):
     """Every HTTP error, the framework's own 404 and 405 included, is JSON with a detail."""
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def client_gone(request, exc):
+    """The client hung up in the middle of sending its request: one line in the log is enough."""
+    log.info("%s %s: the client went away before its request was read", request.method, request.url.path)
+    return Response(status_code=400)
 
 
 async def database_down(request, exc):
@@ -1191,10 +1281,12 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
     ]
     middleware = [Middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
                              allow_headers=["Content-Type", "Authorization"])]
-    handlers = {HTTPException: http_error, **{error: database_down for error in DATABASE_ERRORS}}
+    handlers = {HTTPException: http_error, ClientDisconnect: client_gone,
+                **{error: database_down for error in DATABASE_ERRORS}}
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     app.state.database = open_database(database_url)
     app.state.rooms = Rooms()
+    app.state.limits = RateLimits()
     app.state.tasks = set()
     app.state.writer = MessageWriter(app.state.database, app.state.rooms)
     return app
@@ -1222,7 +1314,6 @@ def main(argv: list[str]) -> None:
             sys.exit("usage: CHAT_SECRET=... python chat.py token USERNAME")
         print(make_token(argv[1]))
         return
-    logging.basicConfig(level=logging.INFO)
     # Small frames and no per-message deflate: a chat line needs neither 16 MiB nor compression.
     config = uvicorn.Config(
         app, host=HOST, port=PORT, ws_max_size=4 * MAX_FRAME_BYTES, ws_per_message_deflate=False,
@@ -1386,8 +1477,10 @@ def _json(schema: dict, description: str) -> dict:
 
 
 def _errors(*codes: int) -> dict:
-    text = {401: "No valid token (only with CHAT_SECRET set)", 403: "The token is for another user",
-            404: "Not found", 409: "The name looks like an existing user's", 415: "The body is not application/json",
+    text = {401: "No valid token (only with CHAT_SECRET set; for reads, unless PUBLIC_READS=1)", 403: "The token is for another user",
+            404: "Not found", 409: "The name looks like an existing user's",
+            413: f"The body is over {MAX_BODY_BYTES} bytes", 415: "The body is not application/json",
+            429: f"Over REST_WRITES_PER_MINUTE ({REST_WRITES_PER_MINUTE}) writes a minute from one address",
             422: "Invalid input",
             426: "Plain HTTP: connect with a WebSocket instead", 503: "Database unavailable"}
     return {str(code): _json({"$ref": "#/components/schemas/Error"}, text[code]) for code in codes}
@@ -1403,7 +1496,7 @@ _USERNAME = {"type": "string", "minLength": 1, "maxLength": MAX_USERNAME_LENGTH,
                             "characters), stored in its canonical form. A name that looks like an "
                             "existing user's is refused."}
 _ROOM_QUERY = _query("room", {"type": "string", "pattern": ROOM_PATTERN.pattern}, "Room name")
-_WRITE_SECURITY = [{}, {"bearer": []}]  # a token is needed only when CHAT_SECRET is set
+_SECURITY = [{}, {"bearer": []}]  # a token is needed only when CHAT_SECRET is set
 _MSG_REF, _USER_REF = {"$ref": "#/components/schemas/Message"}, {"$ref": "#/components/schemas/User"}
 
 OPENAPI = {
@@ -1413,6 +1506,7 @@ OPENAPI = {
     "paths": {
         "/messages": {
             "get": {"tags": ["Messages"], "summary": "Recent messages of a room, oldest first",
+                    "security": _SECURITY,
                     "parameters": [
                         {**_ROOM_QUERY, "schema": {**_ROOM_QUERY["schema"], "default": DEFAULT_ROOM}},
                         _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 50},
@@ -1420,7 +1514,7 @@ OPENAPI = {
                         _query("before", {"type": "integer", "minimum": 1, "maximum": NO_UPPER_BOUND},
                                "Only messages with a smaller id: page backwards")],
                     "responses": {"200": _json({"type": "array", "items": _MSG_REF}, "Messages"),
-                                  **_errors(422, 503)}},
+                                  **_errors(401, 422, 503)}},
             "post": {"tags": ["Messages"], "summary": "Send a message (broadcast to the room's sockets)",
                      "requestBody": {"required": True, "content": {"application/json": {"schema": _schema(
                          {"username": _USERNAME,
@@ -1429,31 +1523,39 @@ OPENAPI = {
                           "room": {"type": "string", "pattern": ROOM_PATTERN.pattern,
                                    "default": DEFAULT_ROOM}},
                          ["username", "content"])}}},
-                     "security": _WRITE_SECURITY,
+                     "security": _SECURITY,
                      "responses": {"201": _json(_MSG_REF, "The stored message"),
-                                   **_errors(401, 403, 404, 415, 422, 503)}},
+                                   **_errors(401, 403, 404, 413, 415, 422, 429, 503)}},
         },
         "/users": {
             "post": {"tags": ["Users"], "summary": "Create a user (200 with the user if it exists)",
                      "requestBody": {"required": True, "content": {"application/json": {"schema": _schema(
                          {"username": _USERNAME}, ["username"])}}},
-                     "security": _WRITE_SECURITY,
+                     "security": _SECURITY,
                      "responses": {"201": _json(_USER_REF, "Created"), "200": _json(_USER_REF, "Exists"),
-                                   **_errors(401, 403, 409, 415, 422, 503)}},
+                                   **_errors(401, 403, 409, 413, 415, 422, 429, 503)}},
         },
         "/users/active": {
             "get": {"tags": ["Users"], "summary": "Names of connected users, sorted",
+                    "security": _SECURITY,
                     "parameters": [_ROOM_QUERY],
                     "responses": {"200": _json({"type": "array", "items": _STR}, "Usernames"),
-                                  **_errors(422)}},
+                                  **_errors(401, 422)}},
         },
         "/rooms": {
-            "get": {"tags": ["Rooms"], "summary": "Rooms with their active users, message count, last activity",
+            "get": {"tags": ["Rooms"], "summary": "Rooms by name, a page at a time: active users, message count, "
+                                                   "last activity",
+                    "security": _SECURITY,
+                    "parameters": [
+                        _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 100},
+                               "How many rooms"),
+                        _query("after", {"type": "string"}, "Only rooms whose name sorts after this one: "
+                                                            "the next page after the last room seen")],
                     "responses": {"200": _json({"type": "array", "items": _schema(
                         {"room": _STR, "active_users": {"type": "array", "items": _STR}, "messages": _INT,
                          "last_activity": {"type": "string", "format": "date-time", "nullable": True}},
                         ["room", "active_users", "messages", "last_activity"])}, "Rooms"),
-                        **_errors(503)}},
+                        **_errors(401, 422, 503)}},
         },
         "/ws-info": {
             "get": {"tags": ["WebSocket"], "summary": "The WebSocket URL and frame formats",

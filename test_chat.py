@@ -108,6 +108,8 @@ def unlimited(monkeypatch):
     """Rate limits are for humans: tests that send fast lift them, as the benchmark does."""
     monkeypatch.setattr(chat, "RATE_PER_SECOND", 1e9)
     monkeypatch.setattr(chat, "RATE_BURST", 1e9)
+    monkeypatch.setattr(chat, "JOINS_PER_MINUTE", 10**9)
+    monkeypatch.setattr(chat, "REST_WRITES_PER_MINUTE", 10**9)
 
 
 def query(client, sql: str, values: dict | None = None) -> list[dict]:
@@ -318,6 +320,8 @@ BAD_FRAMES = {
     "a huge number": ('{"type": "message", "content": ' + "9" * 5000 + "}", "invalid_json"),
     "a frame over the size limit": (json.dumps({"type": "message", "content": "x" * 20000}),
                                     "frame_too_large"),
+    "a frame over the size limit in bytes, not in characters": (
+        json.dumps({"type": "message", "content": "\u20ac" * 6000}, ensure_ascii=False), "frame_too_large"),
 }
 
 
@@ -492,7 +496,7 @@ def test_get_messages_returns_the_newest_oldest_first(client):
         message(n, "alice", f"m{n}") for n in (3, 4, 5)]
 
 
-def test_get_messages_defaults_to_fifty(client):
+def test_get_messages_defaults_to_fifty(client, unlimited):
     for n in range(55):
         post(client, "alice", str(n))
     assert [m["id"] for m in client.get("/messages").json()] == list(range(6, 56))
@@ -546,6 +550,63 @@ def test_post_message_with_a_bad_body_is_422_and_stores_nothing(client, case):
     assert response.status_code == 422
     assert isinstance(response.json()["detail"], str)
     assert query(client, "SELECT id FROM messages") == []
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(client):
+    client.post("/users", json={"username": "alice"})
+    body = json.dumps({"username": "alice", "content": "x" * chat.MAX_BODY_BYTES}).encode()
+    response = client.post("/messages", content=body, headers={"content-type": "application/json"})
+    assert (response.status_code, response.json()) == (413, {"detail": "the body is over 16384 bytes"})
+    assert query(client, "SELECT id FROM messages") == []
+
+
+def test_a_chunked_body_over_the_limit_is_413_too(client):
+    def chunks():
+        yield b'{"username": "alice", "content": "'
+        for _ in range(100):
+            yield b"x" * 1000
+        yield b'"}'
+    response = client.post("/messages", content=chunks(), headers={"content-type": "application/json"})
+    assert (response.status_code, response.json()) == (413, {"detail": "the body is over 16384 bytes"})
+
+
+def test_a_body_nested_thousands_deep_is_422(client):
+    response = client.post("/users", content=b"[" * 100_000 + b"]" * 100_000,
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 413  # too large already; a nested body under the limit:
+    response = client.post("/users", content=b"[" * 8000 + b"]" * 8000, headers={"content-type": "application/json"})
+    assert (response.status_code, response.json()) == (422, {"detail": "body must be a JSON object"})
+
+
+def test_a_real_server_answers_a_50_mb_body_with_413_without_holding_it(server):
+    pid = running_server.process.pid
+    before = rss_kb(pid)
+    with socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(b"POST /messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 52428800\r\n\r\n")
+        sock.settimeout(5)
+        with contextlib.suppress(OSError):  # the server may stop reading, or hang up, first
+            for _ in range(800):
+                sock.sendall(b"x" * 65536)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert answer.endswith(b'{"detail":"the body is over 16384 bytes"}')
+    assert rss_kb(pid) - before < 20_000
+
+
+def rss_kb(pid: int) -> int:
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+
+
+def test_an_upload_cut_off_midway_is_one_line_in_the_log(server):
+    with socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(b"POST /users HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"username\": ")
+        time.sleep(0.5)
+    wait_until(lambda: b"the client went away" in server_log())
+    assert b"POST /users: the client went away before its request was read" in server_log()
+    assert b"Traceback" not in server_log()
 
 
 def test_post_users_creates_a_user_with_201(client):
@@ -679,6 +740,18 @@ def test_rooms_lists_active_users_message_counts_and_last_activity(client):
         assert client.get("/rooms").json() == [
             {"room": "den", "active_users": [], "messages": 2, "last_activity": stored["timestamp"]},
             {"room": "lobby", "active_users": ["bob"], "messages": 0, "last_activity": None}]
+
+
+def test_rooms_come_a_page_at_a_time_by_name(client, unlimited):
+    for room in ("c", "a", "e", "b", "d"):
+        post(client, "alice", "hi", room=room)
+    with client.websocket_connect("/ws/bb") as ws:  # a room with a user and no messages
+        join(ws, "bob")
+        first = client.get("/rooms?limit=3").json()
+        second = client.get(f"/rooms?limit=3&after={first[-1]['room']}").json()
+    assert [r["room"] for r in first] == ["a", "b", "bb"]
+    assert [r["room"] for r in second] == ["c", "d", "e"]
+    assert first[2]["active_users"] == ["bob"]
 
 
 def test_paging_back_with_before_returns_every_message_exactly_once(client):
@@ -1015,6 +1088,27 @@ def test_a_real_server_with_a_secret_answers_a_tokenless_handshake_with_403(data
             assert untimed(json.loads(ws.recv(timeout=5))) == welcome("alice")
 
 
+def test_with_a_secret_reading_the_chat_needs_a_token_too(client, secret):
+    for path in ("/messages", "/rooms", "/users/active"):
+        response = client.get(path)
+        assert (response.status_code, response.json()) == (
+            401, {"detail": "a valid token is required: Authorization: Bearer <token>"}), path
+        headers = {"Authorization": f"Bearer {chat.make_token('alice')}"}
+        assert client.get(path, headers=headers).status_code == 200, path
+
+
+def test_with_a_secret_and_public_reads_anyone_may_read(client, secret, monkeypatch):
+    monkeypatch.setattr(chat, "PUBLIC_READS", True)
+    assert [client.get(path).status_code for path in ("/messages", "/rooms", "/users/active")] == [200] * 3
+
+
+def test_a_socket_is_closed_with_4001_when_its_token_expires(client, secret):
+    with client.websocket_connect(f"/ws?token={chat.make_token('alice', ttl=1)}") as ws:
+        assert join(ws, "alice") == welcome("alice")
+        assert closed_with(ws) == (4001, "token expired")
+    assert client.get("/users/active", headers={"Authorization": f"Bearer {chat.make_token('bob')}"}).json() == []
+
+
 # --- Origin check --------------------------------------------------------------------------------
 
 
@@ -1043,6 +1137,25 @@ def test_a_real_server_answers_a_cross_site_handshake_with_403(server):
     with pytest.raises(InvalidStatus) as refused:
         ws_connect(server, origin="http://evil.example")
     assert refused.value.response.status_code == 403
+
+
+@pytest.mark.parametrize("origin", ["https://testserver", "ftp://testserver", "chrome-extension://testserver",
+                                    "null", "http://testserver.evil.example"])
+def test_an_origin_with_the_servers_host_but_another_scheme_or_host_is_refused(client, origin):
+    assert refused_code(client, "/ws", headers={"Origin": origin}) == 1008
+
+
+def test_a_refused_origin_is_logged_with_the_setting_that_would_let_it_in(server):
+    with pytest.raises(InvalidStatus):
+        ws_connect(server, origin="http://127.0.0.1:18650")
+    wait_until(lambda: b"ALLOWED_ORIGINS=http://127.0.0.1:18650" in server_log())
+    assert (b"refused a WebSocket from origin 'http://127.0.0.1:18650'; to let that page in, start the "
+            b"server with ALLOWED_ORIGINS=http://127.0.0.1:18650") in server_log()
+
+
+def server_log() -> bytes:
+    running_server.log.seek(0)
+    return running_server.log.read()
 
 
 def test_a_rest_post_that_is_not_json_is_415(client):
@@ -1091,10 +1204,10 @@ def test_connections_over_the_total_limit_are_closed_with_1013(client, monkeypat
 
 
 def test_frames_over_the_rate_limit_get_rate_limited_and_are_not_stored(client, monkeypatch):
-    monkeypatch.setattr(chat, "RATE_BURST", 3)
+    monkeypatch.setattr(chat, "RATE_BURST", chat.JOIN_COST + 2)
     monkeypatch.setattr(chat, "RATE_PER_SECOND", 0.001)
     with client.websocket_connect("/ws") as ws:
-        join(ws, "alice")  # one of the three
+        join(ws, "alice")  # JOIN_COST of them
         ws.send_json({"type": "message", "content": "one"})
         ws.send_json({"type": "message", "content": "two"})
         ws.send_json({"type": "message", "content": "three"})
@@ -1105,7 +1218,7 @@ def test_frames_over_the_rate_limit_get_rate_limited_and_are_not_stored(client, 
 
 
 def test_a_sustained_flood_is_closed_with_1008(client, monkeypatch):
-    monkeypatch.setattr(chat, "RATE_BURST", 1)
+    monkeypatch.setattr(chat, "RATE_BURST", chat.JOIN_COST)
     monkeypatch.setattr(chat, "RATE_PER_SECOND", 0.001)
     monkeypatch.setattr(chat, "FLOOD_LIMIT", 5)
     with client.websocket_connect("/ws") as ws:
@@ -1115,6 +1228,54 @@ def test_a_sustained_flood_is_closed_with_1008(client, monkeypatch):
         assert [ws.receive_json()["code"] for _ in range(5)] == ["rate_limited"] * 5
         assert closed_with(ws) == (1008, "flooding: too many frames")
     assert query(client, "SELECT id FROM messages") == []
+
+
+def test_a_join_counts_as_several_frames_and_leaving_does_not_pay_them_back(client, monkeypatch):
+    monkeypatch.setattr(chat, "RATE_BURST", 2 * chat.JOIN_COST)
+    monkeypatch.setattr(chat, "RATE_PER_SECOND", 0.001)
+    with client.websocket_connect("/ws") as ws:
+        assert join(ws, "alice") == welcome("alice")
+        ws.send_json({"type": "leave"})
+        assert ws.receive_json()["content"] == "Goodbye alice!"
+        ws.send_json({"type": "join", "username": "alice"})  # 1 + JOIN_COST + 1 + JOIN_COST > the burst
+        assert ws.receive_json() == {"type": "error", "code": "rate_limited", "content": (
+            "too many joins: a join counts as 5 frames, and an address may join 60 times a minute; "
+            "try again shortly")}
+
+
+def test_joins_from_one_address_are_limited_across_its_sockets(client, monkeypatch):
+    monkeypatch.setattr(chat, "JOINS_PER_MINUTE", 3)
+    codes = []
+    for n in range(5):
+        with client.websocket_connect("/ws") as ws:
+            ws.send_json({"type": "join", "username": f"user{n}"})
+            frame = ws.receive_json()
+            codes.append(frame.get("code", frame["content"]))
+    assert codes == ["Welcome user0!", "Welcome user1!", "Welcome user2!", "rate_limited", "rate_limited"]
+    assert len(query(client, "SELECT id FROM users")) == 3
+
+
+def test_rest_writes_from_one_address_are_limited_with_429(client, monkeypatch):
+    monkeypatch.setattr(chat, "REST_WRITES_PER_MINUTE", 3)
+    statuses = [client.post("/users", json={"username": f"user{n}"}).status_code for n in range(3)]
+    response = client.post("/messages", json={"username": "user0", "content": "hi"})
+    assert statuses == [201, 201, 201]
+    assert (response.status_code, response.json(), response.headers["retry-after"]) == (
+        429, {"detail": "over 3 writes a minute from your address; try again shortly"}, "60")
+    assert query(client, "SELECT id FROM messages") == []
+
+
+def test_a_replay_is_bounded_in_bytes_too(client, monkeypatch):
+    monkeypatch.setattr(chat, "REPLAY_BYTES", 3000)
+    for n in range(1, 6):
+        post(client, "bob", str(n) * 1000)
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice", since=0)
+        notice = untimed(ws.receive_json())
+        replay = [ws.receive_json()["id"] for _ in range(2)]
+        ws.send_json({"type": "message", "content": "live"})
+        assert ws.receive_json()["content"] == "live"  # nothing more of the history came first
+    assert (notice["code"], notice["before"], replay) == ("history_truncated", 4, [4, 5])
 
 
 def test_the_runner_closes_a_frame_over_four_times_the_frame_limit_with_1009(database_url):
@@ -1127,7 +1288,8 @@ def test_the_runner_closes_a_frame_over_four_times_the_frame_limit_with_1009(dat
 
 # --- Slow readers and dead peers -----------------------------------------------------------------
 
-FAST = {"RATE_PER_SECOND": "1000000", "RATE_BURST": "1000000"}
+FAST = {"RATE_PER_SECOND": "1000000", "RATE_BURST": "1000000", "JOINS_PER_MINUTE": "1000000",
+        "REST_WRITES_PER_MINUTE": "1000000"}
 
 
 class StalledClient:
@@ -1622,7 +1784,8 @@ with TestClient(chat.create_app(sys.argv[1])) as client, client.websocket_connec
 def test_every_close_code_the_server_sends_is_a_documented_one(client):
     source = (HERE / "chat.py").read_text()
     assert not re.search(r"close\(\s*\d", source)  # no bare numbers: every code is named
-    named = {getattr(starlette.status, name) for name in re.findall(r"status\.(WS_\d{4}_\w+)", source)}
+    named = {getattr(starlette.status, name, None) or getattr(chat, name)
+             for name in re.findall(r"\b(WS_\d{4}_\w+)", source)}
     assert named == set(chat.CLOSE_CODES)
     published = client.get("/ws-info").json()["closeCodes"]
     assert published == {str(code): meaning for code, meaning in chat.CLOSE_CODES.items()}
