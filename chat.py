@@ -35,6 +35,7 @@ import logging
 import os
 import pathlib
 import re
+import socket
 import sqlite3
 import sys
 import time
@@ -42,6 +43,12 @@ import unicodedata
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from urllib.parse import unquote_plus
+
+try:
+    import resource  # file-descriptor limits; Unix only
+except ImportError:  # Windows
+    resource = None
 
 import asyncpg
 import jwt
@@ -57,11 +64,15 @@ from starlette.endpoints import HTTPEndpoint
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware, _TrustedHosts
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 # =================================================================================================
 # Storey 1: the chat, as the tutorial teaches it, done right
@@ -72,6 +83,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///chat.db")
 HOST = os.environ.get("HOST", "127.0.0.1")
 PORT = int(os.environ.get("PORT", "8000"))
+# Host names this server answers to, against DNS rebinding; "*" = any. The default: loopback
+# names and HOST, and, when HOST is every address (0.0.0.0), this machine's name and addresses.
+ALLOWED_HOSTS = [h for h in os.environ.get("ALLOWED_HOSTS", "").split(",") if h]
 SSL_KEYFILE = os.environ.get("SSL_KEYFILE")  # both set: python chat.py serves wss:// and https://
 SSL_CERTFILE = os.environ.get("SSL_CERTFILE")
 # Browser origins allowed besides the server's own, for REST (CORS) and WebSocket handshakes; "*" = any.
@@ -96,7 +110,13 @@ PING_TIMEOUT = float(os.environ.get("PING_TIMEOUT", "20"))  # PING_INTERVAL + PI
 PRESENCE_TIMEOUT = float(os.environ.get("PRESENCE_TIMEOUT", "15"))  # PostgreSQL: a silent process's
                                                                      # users count as gone after this
 SHUTDOWN_SECONDS = float(os.environ.get("SHUTDOWN_SECONDS", "10"))  # then stuck connections are cut
-TRUSTED_PROXIES = os.environ.get("TRUSTED_PROXIES", "")  # addresses whose X-Forwarded-For is believed
+# Addresses (or networks) of your proxies: only their X-Forwarded-For is believed.
+TRUSTED_PROXIES = [p.strip() for p in os.environ.get("TRUSTED_PROXIES", "").split(",") if p.strip()]
+# What a client may take of the server itself (Appendix A): time to send a request, its size,
+# TCP connections per address (WebSockets and a few browsers' HTTP connections).
+REQUEST_TIMEOUT = float(os.environ.get("REQUEST_TIMEOUT", "10"))
+MAX_HEAD_BYTES = int(os.environ.get("MAX_HEAD_BYTES", "16384"))  # request line and headers
+MAX_SOCKETS_PER_IP = int(os.environ.get("MAX_SOCKETS_PER_IP") or MAX_CONNECTIONS_PER_IP + 40)
 HISTORY_ON_JOIN = 10
 REPLAY_LIMIT = 500  # most messages replayed after a reconnect; older ones are left to GET /messages
 REPLAY_BYTES = 256 * 1024  # and at most this much of them
@@ -167,8 +187,19 @@ async def apply_schema(database: Database) -> None:
                 await raw.execute(schema.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY"))
 
 
-class SecondProcess(Exception):
+class Refusal(Exception):
+    """A setting or a state the server cannot start with; said in one line, not a traceback."""
+
+
+class SecondProcess(Refusal):
     """Another chat process already serves this SQLite file."""
+
+
+def check_secret() -> None:
+    """A short secret is guessed offline from any one token: refuse it (PyJWT would only warn)."""
+    if SECRET and len(SECRET.encode()) < 32:
+        raise Refusal(f"CHAT_SECRET is {len(SECRET.encode())} bytes; use at least 32 random bytes, e.g. "
+                      "CHAT_SECRET=$(python -c \"import secrets; print(secrets.token_hex(32))\")")
 
 
 def lock_sqlite_file(database: Database) -> sqlite3.Connection:
@@ -1068,12 +1099,12 @@ def query_int(request, name: str, default: int, low: int, high: int) -> int:
     return int(raw)
 
 
-def query_room(request, default: str | None = DEFAULT_ROOM) -> str | None:
-    room = request.query_params.get("room", default)
+def query_room(request, name: str = "room", default: str | None = DEFAULT_ROOM) -> str | None:
+    room = request.query_params.get(name, default)
     try:
-        return room if room is None else check_room(room)
+        return room if room in (None, default) else check_room(room)
     except Invalid as exc:
-        raise HTTPException(422, exc.detail) from None
+        raise HTTPException(422, exc.detail.replace("room", name, 1)) from None
 
 
 async def json_body(request) -> dict:
@@ -1171,7 +1202,7 @@ async def list_rooms(request):
     who is here, how many messages, last activity."""
     reader_identity(request)
     limit = query_int(request, "limit", 100, 1, 100)
-    after = request.query_params.get("after", "")
+    after = query_room(request, "after", default="")  # a room name, the last one seen
     present = await request.app.state.cluster.present()
     stats = {row["room"]: row for row in await request.app.state.database.fetch_all(
         ROOM_STATS, {"after": after, "limit": limit})}
@@ -1240,6 +1271,7 @@ async def database_down(request, exc):
 async def lifespan(app):
     """Connect, create the schema, start the writer and the cluster; on shutdown, store every
     message already accepted."""
+    check_secret()
     database = app.state.database
     await database.connect()
     lock = lock_sqlite_file(database) if database.url.dialect == "sqlite" else None
@@ -1262,6 +1294,16 @@ async def lifespan(app):
             lock.close()
 
 
+def local_hosts() -> list[str]:
+    """The names this machine is reached by: loopback, HOST, and for HOST=0.0.0.0 its own name and addresses."""
+    hosts = {"127.0.0.1", "localhost", "::1", HOST}
+    if HOST in ("0.0.0.0", "::", ""):
+        name = socket.gethostname()
+        with contextlib.suppress(OSError):
+            hosts |= {name, socket.getfqdn(), *(info[4][0] for info in socket.getaddrinfo(name, None))}
+    return sorted(hosts - {"", "0.0.0.0", "::"})
+
+
 def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = ALLOWED_ORIGINS) -> Starlette:
     routes = [
         Route("/", home),
@@ -1279,7 +1321,9 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
         Route("/ws", upgrade_required),
         Route("/ws/{room}", upgrade_required),
     ]
-    middleware = [Middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
+    middleware = [Middleware(ServerBounds),  # Appendix A: what a client may take of the server itself
+                  Middleware(TrustedHostMiddleware, allowed_hosts=ALLOWED_HOSTS or local_hosts()),
+                  Middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
                              allow_headers=["Content-Type", "Authorization"])]
     handlers = {HTTPException: http_error, ClientDisconnect: client_gone,
                 **{error: database_down for error in DATABASE_ERRORS}}
@@ -1292,35 +1336,56 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
     return app
 
 
-app = create_app()
+
+# `app = create_app()` is the module's last line but two: it needs Appendix A, defined below.
 
 
 # --- The runner: python chat.py, python chat.py token NAME ---------------------------------------
 
+SETTINGS = ["DATABASE_URL", "HOST", "PORT", "ALLOWED_HOSTS", "ALLOWED_ORIGINS", "CHAT_SECRET",
+            "TOKEN_TTL_SECONDS", "PUBLIC_READS", "MAX_CONNECTIONS", "MAX_CONNECTIONS_PER_IP",
+            "RATE_PER_SECOND", "RATE_BURST", "FLOOD_LIMIT", "JOINS_PER_MINUTE", "REST_WRITES_PER_MINUTE",
+            "MAX_CONTENT_LENGTH", "MAX_FRAME_BYTES", "MAX_BODY_BYTES", "SEND_QUEUE_FRAMES", "PING_INTERVAL",
+            "PING_TIMEOUT", "PRESENCE_TIMEOUT", "SHUTDOWN_SECONDS", "TRUSTED_PROXIES", "REQUEST_TIMEOUT",
+            "MAX_HEAD_BYTES", "MAX_SOCKETS_PER_IP", "SSL_KEYFILE", "SSL_CERTFILE"]
 
-class Server(uvicorn.Server):
-    """uvicorn closes WebSockets with 1012 when it stops; say 1001 (going away) to each first."""
 
-    async def shutdown(self, sockets=None):
-        await asyncio.gather(*(client.close(status.WS_1001_GOING_AWAY, "server shutting down")
-                               for client in list(app.state.rooms.connections)))
-        await super().shutdown(sockets=sockets)
+def usage() -> str:
+    """What --help prints: the commands, and every setting with the value it has now."""
+    settings = {name: os.environ.get(name) for name in SETTINGS}
+    settings["CHAT_SECRET"] = "(set)" if SECRET else None
+    lines = [f"  {name:24} {value if value is not None else '(default)'}" for name, value in settings.items()]
+    return "\n".join([
+        "usage: python chat.py              serve the chat (Ctrl+C stops it)",
+        "       python chat.py token NAME   print a token for NAME (needs CHAT_SECRET)",
+        "       python chat.py --help       this text",
+        "",
+        "Settings are environment variables (README.md, Configuration, says what each does):",
+        *lines])
 
 
 def main(argv: list[str]) -> None:
     """python chat.py: serve. python chat.py token NAME: print a token for NAME."""
-    if argv[:1] == ["token"]:
-        if not SECRET or len(argv) != 2:
-            sys.exit("usage: CHAT_SECRET=... python chat.py token USERNAME")
-        print(make_token(argv[1]))
+    if argv[:1] in (["--help"], ["-h"], ["help"]):
+        print(usage())
         return
-    # Small frames and no per-message deflate: a chat line needs neither 16 MiB nor compression.
-    config = uvicorn.Config(
-        app, host=HOST, port=PORT, ws_max_size=4 * MAX_FRAME_BYTES, ws_per_message_deflate=False,
-        ws_ping_interval=PING_INTERVAL, ws_ping_timeout=PING_TIMEOUT, timeout_graceful_shutdown=SHUTDOWN_SECONDS,
-        proxy_headers=bool(TRUSTED_PROXIES), forwarded_allow_ips=TRUSTED_PROXIES or None,
-        ssl_keyfile=SSL_KEYFILE, ssl_certfile=SSL_CERTFILE)
-    Server(config).run()
+    if argv[:1] == ["token"]:
+        if len(argv) != 2:
+            sys.exit("usage: python chat.py token USERNAME")
+        if not SECRET:
+            sys.exit("tokens are signed with CHAT_SECRET, which is not set. Set it (to the same value "
+                     "for the server), e.g.: export CHAT_SECRET=$(python -c \"import secrets; "
+                     "print(secrets.token_hex(32))\")")
+        try:
+            check_secret()
+            print(make_token(argv[1]))
+        except (Refusal, Invalid) as exc:
+            sys.exit(str(exc))
+        return
+    if argv:
+        sys.exit(f"unknown arguments: {' '.join(argv)}\n\n{usage()}")
+    # The server's bounds are applied to this config at startup (Appendix A), as under plain uvicorn.
+    uvicorn.run(app, host=HOST, port=PORT, ssl_keyfile=SSL_KEYFILE, ssl_certfile=SSL_CERTFILE)
 
 
 # =================================================================================================
@@ -1456,7 +1521,301 @@ class PostgresCluster(OneProcess):
 
 
 # =================================================================================================
-# Appendix: the OpenAPI document (GET /openapi.json, shown by Swagger UI at /swagger)
+# Appendix A: what a client may take of the server itself (uvicorn 0.54)
+# =================================================================================================
+#
+# uvicorn's defaults suit a trusted network. Seen under attack with them: idle and half-sent
+# requests held for ever (21,000 of them used up every file descriptor), a 64 MB header answered,
+# a peer that pings and never reads growing memory by 16 MB/s, compressed frames inflating to
+# 16 MiB each, tokens in the access log, and X-Forwarded-For believed from any local process.
+# So at startup, before uvicorn listens, ServerBounds tightens the server that runs this app,
+# under `python chat.py` and plain `uvicorn chat:app` alike: uvicorn's lifespan `receive` belongs
+# to an object whose `.config` is the live uvicorn.Config, and uvicorn reads the settings and
+# protocol classes below for each new connection. It refuses to start on a server it cannot
+# bound (another uvicorn version, or --http/--ws implementations it has no subclass for).
+#
+# The uvicorn internals relied on (checked on 0.54.0, which requirements.txt pins): Server.startup()
+# runs the lifespan before create_server(); create_protocol() reads config.http_protocol_class, and
+# each protocol's __init__ config.loaded_app, ws_protocol_class, ws_max_size, ws_per_message_deflate
+# and the ping settings; the protocol methods and attributes the two subclasses use.
+
+MAX_HEAD_FIELDS = 100
+CLOSE_GRACE = 5.0  # seconds a closing WebSocket has to flush to a peer that does not read
+PINGS_PER_SECOND, PINGS_BURST = 1.0, 10.0  # pings and pongs a peer may send (browsers send none)
+
+
+def socket_budget() -> int:
+    """Sockets this process may hold: its file-descriptor limit (raised to the hard limit, which
+    needs no privilege) less a tenth, at least 64, for the database, logs and files."""
+    if resource is None:  # Windows has no such limit to run into
+        return 2 * MAX_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    limit = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    return limit - max(64, limit // 10)
+
+
+class BoundedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with: a cap on connections (in all, and per address), a deadline
+    to send each request (head and body), and a cap on the request head (bytes and fields)."""
+
+    max_sockets = 0  # set by bound_server()
+    per_ip: Counter[str] = Counter()  # open TCP connections per address, HTTP and WebSocket
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.refused, self.deadline, self.head_bytes, self.head_size, self.fields = False, None, 0, 0, 0
+        self.ip = self.client[0] if self.client else ""
+        self.per_ip[self.ip] += 1
+        if len(self.connections) > self.max_sockets or (
+                self.per_ip[self.ip] > MAX_SOCKETS_PER_IP and self.ip not in TRUSTED):
+            self.refuse(503, b"Service Unavailable")  # not 429: that invites a retry from the same address
+        else:
+            self.deadline = self.loop.call_later(REQUEST_TIMEOUT, self.expired)
+
+    def connection_lost(self, exc):
+        self.cancel_deadline()
+        forget(self.ip)
+        super().connection_lost(exc)
+
+    def cancel_deadline(self):
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def expired(self):
+        self.deadline = None
+        if self.flow.read_paused:  # our own back-pressure (pipelining, an unread body): not the client's
+            self.deadline = self.loop.call_later(REQUEST_TIMEOUT, self.expired)
+        elif self.cycle is None or self.cycle.response_complete:
+            self.refuse(408, b"Request Timeout")
+        else:
+            self.transport.close()  # the app waits for a body that does not come: it gets a disconnect
+
+    def refuse(self, status_code: int, phrase: bytes):
+        self.refused = True
+        self.cancel_deadline()
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                             % (status_code, phrase))
+        self.transport.close()
+
+    def data_received(self, data):
+        if self.refused:
+            return
+        super().data_received(data)
+        # httptools gathers a long header line before it calls on_header: count the raw bytes too.
+        if self.head_bytes is not None and not self.refused:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self.refuse(431, b"Request Header Fields Too Large")
+
+    def send_400_response(self, msg):
+        if not self.refused:  # count() stops the parser by raising, which lands here
+            super().send_400_response(msg)
+
+    def on_message_begin(self):
+        super().on_message_begin()
+        self.head_bytes, self.head_size, self.fields = 0, 0, 0
+        if self.deadline is None:
+            self.deadline = self.loop.call_later(REQUEST_TIMEOUT, self.expired)
+
+    def on_url(self, url):
+        self.count(len(url), 0)
+        super().on_url(url)
+
+    def on_header(self, name, value):
+        self.count(len(name) + len(value) + 4, 1)
+        super().on_header(name, value)
+
+    def count(self, size: int, fields: int):
+        self.head_size += size
+        self.fields += fields
+        if self.head_size > MAX_HEAD_BYTES or self.fields > MAX_HEAD_FIELDS:
+            self.refuse(431, b"Request Header Fields Too Large")
+            raise HeadTooLarge
+
+    def on_headers_complete(self):
+        self.head_bytes = None
+        super().on_headers_complete()
+
+    def on_message_complete(self):
+        self.cancel_deadline()
+        super().on_message_complete()
+
+    def handle_websocket_upgrade(self):
+        self.cancel_deadline()
+        super().handle_websocket_upgrade()
+
+
+class HeadTooLarge(Exception):
+    """Raised from a parser callback to stop httptools once the 431 is sent."""
+
+
+def forget(ip: str) -> None:
+    BoundedHttpTools.per_ip[ip] -= 1
+    if BoundedHttpTools.per_ip[ip] <= 0:
+        del BoundedHttpTools.per_ip[ip]
+
+
+class ClosingTransport:
+    """The transport, except that a peer that stops reading cannot hold a close open for ever
+    (uvloop's close() waits, without a timeout, for the write buffer to drain): abort after a grace."""
+
+    def __init__(self, transport, loop):
+        self.transport, self.loop = transport, loop
+        self.write = transport.write  # the hot path, without __getattr__
+
+    def __getattr__(self, name):
+        return getattr(self.transport, name)
+
+    def close(self):
+        if not self.transport.is_closing():
+            self.loop.call_later(CLOSE_GRACE, self.transport.abort)  # nothing, if it is gone by then
+        self.transport.close()
+
+
+class BoundedWebSockets(WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio protocol with: a budget for pings and pongs (uvicorn answers
+    every ping at once and reads on, so a peer that pings and never reads grows the buffer without
+    bound), closes that complete even if the peer never reads, a refused handshake answered, 1001
+    (going away) on shutdown instead of 1012, and the per-address count."""
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.transport = ClosingTransport(transport, self.loop)
+        self.tokens, self.refilled = PINGS_BURST, self.loop.time()
+
+    def connection_lost(self, exc):
+        forget(self.client[0] if self.client else "")
+        super().connection_lost(exc)
+
+    def data_received(self, data):
+        super().data_received(data)
+        # websockets queues its 4xx for a bad handshake (a header line over 8 KiB, say) but raises
+        # no event, so uvicorn would hold the connection without answering: answer, and close.
+        if not self.handshake_initiated and self.conn.handshake_exc is not None:
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()
+
+    def handle_ping(self):
+        if self.control_frame_allowed():
+            super().handle_ping()  # writes the pong
+
+    def handle_pong(self, event):
+        if self.control_frame_allowed():
+            super().handle_pong(event)
+
+    def control_frame_allowed(self) -> bool:
+        now = self.loop.time()
+        self.tokens = min(PINGS_BURST, self.tokens + (now - self.refilled) * PINGS_PER_SECOND)
+        self.refilled = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        if not self.close_sent:  # as uvicorn's keepalive_timeout() closes, with 1008
+            self.conn.fail(status.WS_1008_POLICY_VIOLATION, "too many pings")
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.transport.close()
+        return False
+
+    def shutdown(self):
+        if not self.handshake_complete or self.close_sent:
+            return super().shutdown()
+        self.stop_keepalive()
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": status.WS_1001_GOING_AWAY})
+        self.conn.send_close(status.WS_1001_GOING_AWAY, "server shutting down")
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
+
+
+class RedactTokens(logging.Filter):
+    """A `token` in a logged query string (uvicorn's access log, its WebSocket lines) becomes [redacted]."""
+
+    PARAMETER = re.compile(r"([?&])([^=&#\s\"]*)=([^&#\s\"]*)")
+
+    def redact(self, match):
+        if unquote_plus(match.group(2)).lower() == "token":
+            return f"{match.group(1)}{match.group(2)}=[redacted]"
+        return match.group(0)
+
+    def filter(self, record):
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and "=" in a for a in record.args):
+            record.args = tuple(self.PARAMETER.sub(self.redact, a) if isinstance(a, str) else a
+                                for a in record.args)
+        return True
+
+
+def bound_server(config) -> str | None:
+    """Apply the bounds to a live uvicorn.Config before it listens; say why if it cannot be done."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(RedactTokens())
+    if config is None:
+        return None  # not uvicorn (Starlette's TestClient, another server): nothing to adjust
+    if not uvicorn.__version__.startswith("0.54."):
+        return (f"uvicorn {uvicorn.__version__} is not the version this app can bound: "
+                "pip install -r requirements.txt")
+    if config.http_protocol_class not in (HttpToolsProtocol, BoundedHttpTools):
+        return "this app bounds uvicorn's default HTTP implementation only: leave out --http"
+    if config.ws_protocol_class not in (WebSocketsSansIOProtocol, BoundedWebSockets):
+        return "this app bounds uvicorn's default WebSocket implementation only: leave out --ws"
+    BoundedHttpTools.max_sockets = socket_budget()
+    config.http_protocol_class, config.ws_protocol_class = BoundedHttpTools, BoundedWebSockets
+    config.ws_max_size = 4 * MAX_FRAME_BYTES  # the app answers frame_too_large below that
+    config.ws_per_message_deflate = False  # no inflating bombs; a chat line needs no compression
+    config.ws_ping_interval, config.ws_ping_timeout = PING_INTERVAL, PING_TIMEOUT
+    config.timeout_graceful_shutdown = SHUTDOWN_SECONDS
+    # uvicorn wrapped the app in ProxyHeadersMiddleware (believing 127.0.0.1) before the lifespan;
+    # the protocols read config.loaded_app for each connection, so this takes effect everywhere.
+    inner = config.loaded_app.app if isinstance(config.loaded_app, ProxyHeadersMiddleware) else config.loaded_app
+    config.loaded_app = ProxyHeadersMiddleware(inner, trusted_hosts=TRUSTED_PROXIES) if TRUSTED_PROXIES else inner
+    log.info("bounds: %d sockets (%d per address), %g s to send a request, heads of %d bytes, frames of "
+             "%d bytes, no deflate; X-Forwarded-For believed from: %s", BoundedHttpTools.max_sockets,
+             MAX_SOCKETS_PER_IP, REQUEST_TIMEOUT, MAX_HEAD_BYTES, config.ws_max_size,
+             ", ".join(TRUSTED_PROXIES) or "nobody")
+    return None
+
+
+class ServerBounds:
+    """The outermost middleware: at lifespan startup, bound the server that runs the app, and turn
+    a Refusal (a setting the app cannot start with) into one line instead of a traceback."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+        refusal = bound_server(getattr(getattr(receive, "__self__", None), "config", None))
+        if refusal:
+            await receive()  # lifespan.startup
+            return await send({"type": "lifespan.startup.failed", "message": refusal})
+        failures = []
+
+        async def hold_failures(message):  # a Refusal's failure is said below, in one line
+            if message["type"] == "lifespan.startup.failed":
+                return failures.append(message)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, hold_failures)
+        except Refusal as exc:
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            raise  # uvicorn has said it already; a test client raises it
+        except BaseException:
+            for message in failures:
+                await send(message)
+            raise
+
+
+TRUSTED = _TrustedHosts(TRUSTED_PROXIES)  # addresses and networks, as uvicorn's --forwarded-allow-ips
+
+
+# =================================================================================================
+# Appendix B: the OpenAPI document (GET /openapi.json, shown by Swagger UI at /swagger)
 # =================================================================================================
 
 def _schema(properties: dict, required=()) -> dict:
@@ -1549,8 +1908,8 @@ OPENAPI = {
                     "parameters": [
                         _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 100},
                                "How many rooms"),
-                        _query("after", {"type": "string"}, "Only rooms whose name sorts after this one: "
-                                                            "the next page after the last room seen")],
+                        _query("after", {"type": "string", "pattern": ROOM_PATTERN.pattern},
+                               "Only rooms whose name sorts after this one: the page after the last room seen")],
                     "responses": {"200": _json({"type": "array", "items": _schema(
                         {"room": _STR, "active_users": {"type": "array", "items": _STR}, "messages": _INT,
                          "last_activity": {"type": "string", "format": "date-time", "nullable": True}},
@@ -1579,6 +1938,8 @@ OPENAPI = {
                    "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
 }
 
+
+app = create_app()
 
 if __name__ == "__main__":
     main(sys.argv[1:])
