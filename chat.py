@@ -55,6 +55,7 @@ import jwt
 import limits
 import limits.aio
 import precis_i18n
+import prometheus_client
 import swagger_ui_bundle
 import uvicorn
 from databases import Database
@@ -650,7 +651,8 @@ class Rooms:
     """Who is connected, and who is subscribed to which room, in this process (ws.subscribe and
     ws.publish in the tutorial's Elysia). publish() is the one place a broadcast enters."""
 
-    def __init__(self):
+    def __init__(self, metrics: "Metrics"):
+        self.metrics = metrics
         self.rooms: dict[str, dict[str, set[Client]]] = {}  # room -> username -> that user's sockets
         self.connections: set[Client] = set()  # every open socket, joined or not
         self.per_ip: Counter[str] = Counter()
@@ -702,10 +704,13 @@ class Rooms:
         text = encode(frame)
         message_id = frame["id"] if frame["type"] == "message" else None
         # No copies needed: send_text() never changes the rooms (a stalled client leaves in a task).
+        sent = 0
         for connections in self.rooms.get(room, {}).values():
             for client in connections:
                 if client is not exclude:
                     client.send_text(text, message_id)
+                    sent += 1
+        self.metrics.deliveries.inc(sent)
 
     def present(self) -> dict[str, list[str]]:
         """Who is here, room by room."""
@@ -758,7 +763,7 @@ class Post:
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
-async def supervise(name: str, work, on_failure=lambda: None, delay: float = 0.5) -> None:
+async def supervise(name: str, work, on_failure=lambda: None, delay: float = 0.5, metrics=None) -> None:
     """Run work() until it returns, starting it again after any error whatever: a long-lived task
     that died would quietly stop the chat (no message stored, no sender ever answered)."""
     while True:
@@ -766,6 +771,8 @@ async def supervise(name: str, work, on_failure=lambda: None, delay: float = 0.5
             return await work()
         except DATABASE_ERRORS as exc:
             log.warning("%s lost the database (%r); again in %g s", name, exc, delay)
+            if metrics:
+                metrics.database_errors.inc()
         except Exception:  # the supervisor: the one place for a broad except
             log.exception("%s failed; again in %g s", name, delay)
         on_failure()
@@ -785,8 +792,8 @@ class MessageWriter:
 
     BATCH = 100
 
-    def __init__(self, database: Database, rooms: Rooms):
-        self.database, self.rooms = database, rooms
+    def __init__(self, database: Database, rooms: Rooms, metrics: "Metrics"):
+        self.database, self.rooms, self.metrics = database, rooms, metrics
         self.insert_sql = INSERT_MESSAGES[database.url.dialect]
         self.last_seen_sql = RECORD_LAST_SEEN[database.url.dialect]
         self.posts: deque[Post] = deque()  # waiting to be stored
@@ -819,7 +826,7 @@ class MessageWriter:
         """Work until stop(). Each session runs in a new task, on a new connection: `databases`
         ties a connection to the task that opened it, and a failed one must not be reused."""
         await supervise("the message writer", lambda: asyncio.create_task(self.session()),
-                        on_failure=self.fail_waiting)
+                        on_failure=self.fail_waiting, metrics=self.metrics)
 
     async def stop(self, task: asyncio.Task) -> None:
         """Store everything accepted so far, then end the run() task."""
@@ -860,10 +867,13 @@ class MessageWriter:
 
     async def store(self, batch: list[Post]) -> None:
         """Store a batch in one statement, publish it in id order, then answer its senders."""
-        now = utcnow()
+        now, started = utcnow(), time.perf_counter()
         rows = json.dumps([{"room": p.room, "user_id": p.user_id, "content": p.content} for p in batch])
         ids = sorted(row[0] for row in await self.database.fetch_all(self.insert_sql,
                                                                      {"batch": rows, "now": now}))
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.stored.inc(len(batch))
         messages = [{"id": id, "room": post.room, "username": post.username, "content": post.content,
                      "timestamp": iso(now)} for id, post in zip(ids, batch, strict=True)]
         if ids[0] == self.last_published + 1 and ids[-1] - ids[0] == len(ids) - 1:
@@ -1042,8 +1052,11 @@ async def chat_socket(websocket: WebSocket):
     if refusal:
         await websocket.close(*refusal)
         return
-    # A client that stops reading leaves its room at once, so that the others see it go.
-    client = Client(websocket, ip, room, identity, on_stall=lambda stalled: background(app, leave(app, stalled)))
+    def stalled(client):  # it stopped reading: it leaves its room at once, so the others see it go
+        app.state.metrics.slow_readers_cut.inc()
+        background(app, leave(app, client))
+
+    client = Client(websocket, ip, room, identity, on_stall=stalled)
     app.state.rooms.connect(client)
     # A socket lives no longer than its token.
     expiry = expires and asyncio.get_running_loop().call_later(
@@ -1068,9 +1081,12 @@ async def chat_socket(websocket: WebSocket):
                 if client.refused > FLOOD_LIMIT:
                     await client.close(status.WS_1008_POLICY_VIOLATION, "flooding: too many frames")
                     break
+                app.state.metrics.refused.labels(exc.code).inc()
                 client.error(exc.code, exc.detail)
             except DATABASE_ERRORS as exc:
                 log.warning("database error on a WebSocket frame: %r", exc)
+                app.state.metrics.database_errors.inc()
+                app.state.metrics.refused.labels("unavailable").inc()
                 client.error("unavailable", "the database is unavailable; try again shortly")
     finally:
         if expiry:
@@ -1261,7 +1277,64 @@ async def client_gone(request, exc):
 
 async def database_down(request, exc):
     log.warning("database error on %s %s: %r", request.method, request.url.path, exc)
+    request.app.state.metrics.database_errors.inc()
     return JSONResponse({"detail": "the database is unavailable; try again shortly"}, status_code=503)
+
+
+# --- Health and metrics: for a load balancer and an operator -----------------------------------
+
+
+class Metrics:
+    """What an operator watches, at GET /metrics in Prometheus's text format (prometheus-client).
+    One set per app; with several processes, each process counts its own."""
+
+    def __init__(self, app):
+        self.registry = prometheus_client.CollectorRegistry()
+        state = app.state  # the rooms and the writer are made after this: gauges read them at each scrape
+        self.gauge("chat_connections", "Open WebSocket connections", lambda: len(state.rooms.connections))
+        self.gauge("chat_joined_users", "Users joined to a room (a user in two rooms counts twice)",
+                   lambda: sum(len(users) for users in state.rooms.rooms.values()))
+        self.gauge("chat_outbox_frames", "Frames queued for clients, not yet written to their sockets",
+                   lambda: sum(len(client.outbox) for client in state.rooms.connections))
+        self.gauge("chat_writer_waiting", "Messages waiting to be stored", lambda: len(state.writer.posts))
+        self.stored = self.counter("chat_messages_stored", "Messages stored by this process")
+        self.deliveries = self.counter("chat_deliveries", "Frames put in clients' outboxes (messages, notices)")
+        self.refused = self.counter("chat_frames_refused", "WebSocket frames answered with an error, by code",
+                                    "code")
+        self.slow_readers_cut = self.counter("chat_slow_readers_cut", "Clients dropped: they stopped reading")
+        self.database_errors = self.counter("chat_database_errors", "Database errors seen")
+        self.batch_size = prometheus_client.Histogram(
+            "chat_writer_batch_size", "Messages stored per statement", registry=self.registry,
+            buckets=(1, 2, 5, 10, 20, 50, 100))
+        self.batch_seconds = prometheus_client.Histogram(
+            "chat_writer_batch_seconds", "Time to store one batch", registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+
+    def gauge(self, name: str, text: str, value) -> None:
+        prometheus_client.Gauge(name, text, registry=self.registry).set_function(value)
+
+    def counter(self, name: str, text: str, *labels: str) -> prometheus_client.Counter:
+        return prometheus_client.Counter(name, text, labels, registry=self.registry)
+
+
+async def healthz(request):
+    """For a load balancer: 200 while the database answers, 503 when it does not."""
+    try:
+        await asyncio.wait_for(request.app.state.database.fetch_val("SELECT 1"), 2)
+    except (*DATABASE_ERRORS, asyncio.TimeoutError) as exc:
+        log.warning("health check: the database does not answer (%r)", exc)
+        return JSONResponse({"detail": "the database is unavailable"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+async def metrics(request):
+    return Response(prometheus_client.generate_latest(request.app.state.metrics.registry),
+                    media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
+async def favicon(request):
+    """Browsers ask every page for one; there is none, and no 404 in the log for it."""
+    return Response(status_code=204)
 
 
 # --- Lifespan, routes, app -----------------------------------------------------------------------
@@ -1316,6 +1389,9 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
         Route("/swagger", swagger),
         Mount("/swagger/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path)),
         Route("/test", tester),
+        Route("/healthz", healthz),
+        Route("/metrics", metrics),
+        Route("/favicon.ico", favicon),
         WebSocketRoute("/ws", chat_socket),
         WebSocketRoute("/ws/{room}", chat_socket),
         Route("/ws", upgrade_required),
@@ -1329,10 +1405,11 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
                 **{error: database_down for error in DATABASE_ERRORS}}
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     app.state.database = open_database(database_url)
-    app.state.rooms = Rooms()
+    app.state.metrics = Metrics(app)
+    app.state.rooms = Rooms(app.state.metrics)
     app.state.limits = RateLimits()
     app.state.tasks = set()
-    app.state.writer = MessageWriter(app.state.database, app.state.rooms)
+    app.state.writer = MessageWriter(app.state.database, app.state.rooms, app.state.metrics)
     return app
 
 
@@ -1853,8 +1930,10 @@ _USERNAME = {"type": "string", "minLength": 1, "maxLength": MAX_USERNAME_LENGTH,
              "description": "A username as RFC 8265's PRECIS profile UsernameCasePreserved allows it "
                             "(letters, digits, printable ASCII; no spaces, no invisible or format "
                             "characters), stored in its canonical form. A name that looks like an "
-                            "existing user's is refused."}
-_ROOM_QUERY = _query("room", {"type": "string", "pattern": ROOM_PATTERN.pattern}, "Room name")
+                            "existing user's is refused.",
+             "example": "alice"}
+_ROOM_QUERY = {**_query("room", {"type": "string", "pattern": ROOM_PATTERN.pattern}, "Room name"),
+               "example": DEFAULT_ROOM}
 _SECURITY = [{}, {"bearer": []}]  # a token is needed only when CHAT_SECRET is set
 _MSG_REF, _USER_REF = {"$ref": "#/components/schemas/Message"}, {"$ref": "#/components/schemas/User"}
 
@@ -1864,7 +1943,8 @@ OPENAPI = {
              "description": "Real-time chat: a WebSocket at /ws (see GET /ws) and this REST API."},
     "paths": {
         "/messages": {
-            "get": {"tags": ["Messages"], "summary": "Recent messages of a room, oldest first",
+            "get": {"tags": ["Messages"], "operationId": "listMessages",
+                    "summary": "Recent messages of a room, oldest first",
                     "security": _SECURITY,
                     "parameters": [
                         {**_ROOM_QUERY, "schema": {**_ROOM_QUERY["schema"], "default": DEFAULT_ROOM}},
@@ -1874,8 +1954,11 @@ OPENAPI = {
                                "Only messages with a smaller id: page backwards")],
                     "responses": {"200": _json({"type": "array", "items": _MSG_REF}, "Messages"),
                                   **_errors(401, 422, 503)}},
-            "post": {"tags": ["Messages"], "summary": "Send a message (broadcast to the room's sockets)",
-                     "requestBody": {"required": True, "content": {"application/json": {"schema": _schema(
+            "post": {"tags": ["Messages"], "operationId": "sendMessage",
+                     "summary": "Send a message (broadcast to the room's sockets); create its user first",
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "example": {"username": "alice", "content": "Hello!", "room": DEFAULT_ROOM},
+                         "schema": _schema(
                          {"username": _USERNAME,
                           "content": {"type": "string", "minLength": 1, "maxLength": MAX_CONTENT_LENGTH,
                                       "pattern": CONTENT_PATTERN.pattern},
@@ -1887,23 +1970,25 @@ OPENAPI = {
                                    **_errors(401, 403, 404, 413, 415, 422, 429, 503)}},
         },
         "/users": {
-            "post": {"tags": ["Users"], "summary": "Create a user (200 with the user if it exists)",
-                     "requestBody": {"required": True, "content": {"application/json": {"schema": _schema(
-                         {"username": _USERNAME}, ["username"])}}},
+            "post": {"tags": ["Users"], "operationId": "createUser",
+                     "summary": "Create a user (200 with the user if it exists)",
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "example": {"username": "alice"},
+                         "schema": _schema({"username": _USERNAME}, ["username"])}}},
                      "security": _SECURITY,
                      "responses": {"201": _json(_USER_REF, "Created"), "200": _json(_USER_REF, "Exists"),
                                    **_errors(401, 403, 409, 413, 415, 422, 429, 503)}},
         },
         "/users/active": {
-            "get": {"tags": ["Users"], "summary": "Names of connected users, sorted",
+            "get": {"tags": ["Users"], "operationId": "listActiveUsers", "summary": "Names of connected users, sorted",
                     "security": _SECURITY,
                     "parameters": [_ROOM_QUERY],
                     "responses": {"200": _json({"type": "array", "items": _STR}, "Usernames"),
                                   **_errors(401, 422)}},
         },
         "/rooms": {
-            "get": {"tags": ["Rooms"], "summary": "Rooms by name, a page at a time: active users, message count, "
-                                                   "last activity",
+            "get": {"tags": ["Rooms"], "operationId": "listRooms",
+                    "summary": "Rooms by name, a page at a time: active users, message count, last activity",
                     "security": _SECURITY,
                     "parameters": [
                         _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 100},
@@ -1917,11 +2002,12 @@ OPENAPI = {
                         **_errors(401, 422, 503)}},
         },
         "/ws-info": {
-            "get": {"tags": ["WebSocket"], "summary": "The WebSocket URL and frame formats",
+            "get": {"tags": ["WebSocket"], "operationId": "wsInfo", "summary": "The WebSocket URL and frame formats",
                     "responses": {"200": _json({"type": "object"}, "Connection information")}},
         },
         "/ws": {
-            "get": {"tags": ["WebSocket"], "summary": "The chat WebSocket (ws://HOST/ws or /ws/{room})",
+            "get": {"tags": ["WebSocket"], "operationId": "chatSocket",
+                    "summary": "The chat WebSocket (ws://HOST/ws or /ws/{room})",
                     "description": (
                         "Upgrade to a WebSocket; every frame is a JSON text frame with a `type`.\n\n"
                         "Client → server: `join` {username, room?, since?}, `message` {content}, `leave`.\n\n"
@@ -1932,6 +2018,20 @@ OPENAPI = {
                     "parameters": [_query("token", _STR, "A token from `python chat.py token NAME` "
                                           "(only with CHAT_SECRET set)")],
                     "responses": {"101": {"description": "Switching Protocols"}, **_errors(426)}},
+        },
+        "/healthz": {
+            "get": {"tags": ["Operations"], "operationId": "healthz",
+                    "summary": "For a load balancer: 200 while the database answers",
+                    "responses": {"200": _json(_schema({"status": _STR}, ["status"]), "Healthy"),
+                                  **_errors(503)}},
+        },
+        "/metrics": {
+            "get": {"tags": ["Operations"], "operationId": "metrics",
+                    "summary": "Prometheus metrics of this process: connections, users, messages stored and "
+                               "delivered, frames refused by code, slow readers cut, database errors, "
+                               "the writer's batches",
+                    "responses": {"200": {"description": "Prometheus text format",
+                                          "content": {"text/plain": {"schema": _STR}}}}},
         },
     },
     "components": {"schemas": {"Message": _MESSAGE, "User": _USER, "Error": _ERROR},

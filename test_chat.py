@@ -667,7 +667,8 @@ def test_a_wrong_method_is_a_json_405(client):
 def test_openapi_is_a_valid_openapi_3_document_covering_every_endpoint(client):
     spec = client.get("/openapi.json").json()
     validate(spec)
-    assert set(spec["paths"]) == {"/messages", "/users", "/users/active", "/rooms", "/ws-info", "/ws"}
+    assert set(spec["paths"]) == {"/messages", "/users", "/users/active", "/rooms", "/ws-info", "/ws",
+                                  "/healthz", "/metrics"}
     assert "invalid_content" in spec["paths"]["/ws"]["get"]["description"]
 
 
@@ -691,6 +692,42 @@ def test_the_tester_page_is_served_at_test(client):
     response = client.get("/test")
     assert response.status_code == 200
     assert "<title>chat tester</title>" in response.text
+
+
+def test_healthz_answers_200_while_the_database_answers(client):
+    response = client.get("/healthz")
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+
+
+def metric(client, line_start: str) -> float:
+    """One sample from GET /metrics, by the start of its line."""
+    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(line_start + " ")]
+    assert len(lines) == 1, line_start
+    return float(lines[0].split()[-1])
+
+
+def test_metrics_count_connections_messages_deliveries_and_refusals(client):
+    assert metric(client, "chat_messages_stored_total") == 0
+    with client.websocket_connect("/ws") as a, client.websocket_connect("/ws") as b:
+        join(a, "alice")
+        join(b, "bob")
+        a.receive_json()  # bob joined
+        a.send_json({"type": "message", "content": "hi"})
+        b.receive_json()
+        a.receive_json()
+        a.send_json({"type": "message", "content": ""})
+        a.receive_json()
+        assert metric(client, "chat_connections") == 2
+        assert metric(client, "chat_joined_users") == 2
+        assert metric(client, "chat_messages_stored_total") == 1
+        assert metric(client, "chat_deliveries_total") == 3  # "bob joined" to alice, "hi" to both
+        assert metric(client, 'chat_frames_refused_total{code="invalid_content"}') == 1
+        assert metric(client, "chat_writer_batch_size_count") == 1
+    assert client.get("/metrics").headers["content-type"].startswith("text/plain; version=")
+
+
+def test_the_favicon_that_browsers_ask_for_is_no_error(client):
+    assert client.get("/favicon.ico").status_code == 204
 
 
 # --- Rooms ---------------------------------------------------------------------------------------
@@ -955,6 +992,23 @@ def test_swagger_renders_every_operation_without_the_internet(browser, server):
     assert {"/messages", "/users", "/users/active", "/rooms", "/ws-info", "/ws"} <= {
         p.replace("\u200b", "") for p in paths}
     assert set(hosts) == {server.split("/")[2]}
+
+
+def test_the_tutorials_swagger_walk_through_succeeds_by_clicking_execute(browser, server):
+    page = browser.new_page()
+    page.goto(server + "/swagger")
+    page.wait_for_selector(".opblock")
+    statuses = []
+    for operation in ("Users-createUser", "Messages-sendMessage", "Messages-listMessages"):
+        block = page.locator(f"#operations-{operation}")
+        block.locator(".opblock-summary").click()
+        block.locator(".try-out__btn").click()
+        block.locator(".execute").click()
+        status = block.locator(".live-responses-table tbody .response-col_status")
+        status.wait_for()
+        statuses.append(status.inner_text())
+    assert statuses == ["201", "201", "200"]
+    assert [(m["username"], m["content"]) for m in all_messages(server)] == [("alice", "Hello!")]
 
 
 def test_the_tester_page_reconnects_after_a_restart_and_misses_nothing(browser, database_url):
@@ -1679,6 +1733,17 @@ def test_while_postgresql_is_away_sends_get_unavailable_and_rest_gets_503(outage
         assert (response.status_code, response.json()) == (
             503, {"detail": "the database is unavailable; try again shortly"})
         assert client.get("/messages").status_code == 503
+
+
+def test_healthz_says_503_while_postgresql_is_away_and_200_when_it_is_back(outage_url):
+    proxy, url = outage_url
+    with TestClient(chat.create_app(url)) as client:
+        assert client.get("/healthz").status_code == 200
+        proxy.cut()
+        response = client.get("/healthz")
+        assert (response.status_code, response.json()) == (503, {"detail": "the database is unavailable"})
+        proxy.restore()
+        wait_until(lambda: client.get("/healthz").status_code == 200)
 
 
 def test_after_postgresql_comes_back_the_server_recovers_without_loss_or_duplicates(outage_url):
