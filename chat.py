@@ -516,6 +516,19 @@ def writer_identity(request, username: str) -> None:
         raise HTTPException(403, f"this token is for {holder!r}")
 
 
+def handshake_refusal(connection: HTTPConnection) -> tuple[int, str] | None:
+    """Why a WebSocket handshake is refused before any socket opens, as (HTTP status, detail);
+    None if it may go on. Plain HTTP to the socket's path answers with the same, for browsers,
+    which never see why a handshake failed."""
+    if not origin_allowed(connection):
+        origin = connection.headers.get("origin")
+        return 403, (f"pages from {origin} may not open a socket here; to let them, start the server with "
+                     f"ALLOWED_ORIGINS={origin}")
+    if SECRET and token_holder(presented_token(connection)) is None:
+        return 401, "a valid token is required: ?token=<a token from python chat.py token NAME>"
+    return None
+
+
 async def rest_write_allowed(request) -> None:
     """REST writes from one address are limited too: each may create a user or a room."""
     if not await request.app.state.limits.rest_write(request.client.host if request.client else "unknown"):
@@ -1028,18 +1041,12 @@ async def chat_socket(websocket: WebSocket):
     """Check the handshake, then handle one frame at a time until the socket goes."""
     app = websocket.app
     # Refused before accept: the client gets HTTP 403 and no socket is ever opened.
-    if not origin_allowed(websocket):
-        origin = websocket.headers.get("origin")
-        log.warning("refused a WebSocket from origin %r; to let that page in, start the server with "
-                    "ALLOWED_ORIGINS=%s", origin, origin)
+    refusal = handshake_refusal(websocket)
+    if refusal:
+        log.warning("refused a WebSocket: %s", refusal[1])
         await websocket.close(status.WS_1008_POLICY_VIOLATION)
         return
-    holder = token_holder(presented_token(websocket)) if SECRET else None
-    if SECRET and holder is None:
-        log.info("refused a WebSocket without a valid token")
-        await websocket.close(status.WS_1008_POLICY_VIOLATION)
-        return
-    identity, expires = holder or (None, None)
+    identity, expires = token_holder(presented_token(websocket)) if SECRET else (None, None)
     await websocket.accept()
     # Refused after accept, so that the client can read the close code and the reason.
     try:
@@ -1098,7 +1105,10 @@ async def chat_socket(websocket: WebSocket):
 
 
 async def upgrade_required(request):
-    """A plain HTTP request to the WebSocket path: say how to connect instead of a bare 404."""
+    """Plain HTTP to the WebSocket path: why a handshake like it would be refused, or how to connect."""
+    refusal = handshake_refusal(request)
+    if refusal:
+        return JSONResponse({"detail": refusal[1]}, status_code=refusal[0])
     return JSONResponse({"detail": "this is a WebSocket endpoint: connect with ws:// (see /ws-info)"},
                         status_code=426, headers={"Upgrade": "websocket"})
 
@@ -1235,7 +1245,7 @@ async def ws_info(request):
     scheme = "wss" if request.url.scheme == "https" else "ws"
     url = request.url.replace(scheme=scheme, path="/ws", query="", fragment="")
     return JSONResponse({"websocketUrl": str(url), "roomUrl": str(url) + "/{room}",
-                         "messageFormats": FRAME_FORMATS, "errorCodes": ERROR_CODES,
+                         "tokenRequired": bool(SECRET), "messageFormats": FRAME_FORMATS, "errorCodes": ERROR_CODES,
                          "closeCodes": {str(code): meaning for code, meaning in CLOSE_CODES.items()}})
 
 
@@ -1913,7 +1923,8 @@ def _json(schema: dict, description: str) -> dict:
 
 
 def _errors(*codes: int) -> dict:
-    text = {401: "No valid token (only with CHAT_SECRET set; for reads, unless PUBLIC_READS=1)", 403: "The token is for another user",
+    text = {401: "No valid token (only with CHAT_SECRET set; for reads, unless PUBLIC_READS=1)",
+            403: "The token is for another user, or (GET /ws) the page's origin is not allowed",
             404: "Not found", 409: "The name looks like an existing user's",
             413: f"The body is over {MAX_BODY_BYTES} bytes", 415: "The body is not application/json",
             429: f"Over REST_WRITES_PER_MINUTE ({REST_WRITES_PER_MINUTE}) writes a minute from one address",
@@ -2017,7 +2028,8 @@ OPENAPI = {
                     "x-websocket-frames": FRAME_FORMATS,
                     "parameters": [_query("token", _STR, "A token from `python chat.py token NAME` "
                                           "(only with CHAT_SECRET set)")],
-                    "responses": {"101": {"description": "Switching Protocols"}, **_errors(426)}},
+                    "responses": {"101": {"description": "Switching Protocols"},
+                                  **_errors(401, 403, 426)}},
         },
         "/healthz": {
             "get": {"tags": ["Operations"], "operationId": "healthz",

@@ -1011,6 +1011,62 @@ def test_the_tutorials_swagger_walk_through_succeeds_by_clicking_execute(browser
     assert [(m["username"], m["content"]) for m in all_messages(server)] == [("alice", "Hello!")]
 
 
+def secret_token(username: str, ttl: int | None = None) -> str:
+    """A token as `python chat.py token NAME` prints it, for a server started with SECRET32."""
+    env = {**os.environ, "CHAT_SECRET": SECRET32, **({"TOKEN_TTL_SECONDS": str(ttl)} if ttl else {})}
+    return subprocess.run([sys.executable, "chat.py", "token", username], cwd=HERE, check=True, text=True,
+                          capture_output=True, env=env).stdout.strip()
+
+
+def test_with_a_secret_the_tester_page_joins_with_the_token_in_its_url(browser, database_url):
+    with running_server(database_url, env={"CHAT_SECRET": SECRET32}) as base:
+        page = browser.new_page()
+        page.goto(f"{base}/test?token={secret_token('alice')}")
+        assert page.locator("#token-field").is_visible()
+        assert page.input_value("#username") == "alice"  # the name the token is for
+        page.click("#join")
+        page.wait_for_selector("#status:text('joined general as alice')")
+        say_in(page, "with a token")
+        page.wait_for_selector(".msg .text:text('with a token')")
+
+
+def test_the_tester_page_shows_why_a_handshake_was_refused_and_stops_trying(browser, database_url):
+    with running_server(database_url, env={"CHAT_SECRET": SECRET32}) as base:
+        page = browser.new_page()
+        page.goto(base + "/test")
+        page.fill("#username", "alice")
+        page.click("#join")
+        page.wait_for_selector("#status.refused")
+        assert page.inner_text("#status") == (
+            "refused 401: a valid token is required: ?token=<a token from python chat.py token NAME>")
+        page.wait_for_timeout(1500)
+        assert page.locator("#log .out").count() == 0  # no join was sent, and no retry
+        assert page.inner_text("#status").startswith("refused 401")
+
+
+def test_the_tester_page_reconnects_with_a_fresh_token_when_its_token_expires(browser, database_url):
+    with running_server(database_url, env={"CHAT_SECRET": SECRET32}) as base:
+        page = browser.new_page()
+        page.goto(f"{base}/test?token={secret_token('alice', ttl=2)}")
+        page.click("#join")
+        page.wait_for_selector("#status:text('joined general as alice')")
+        page.fill("#token", secret_token("alice"))
+        page.wait_for_selector("#log .err:text('closed 4001 token expired')", timeout=10000)
+        page.wait_for_selector("#status:text('joined general as alice')")
+        say_in(page, "still here")
+        page.wait_for_selector(".msg .text:text('still here')")
+
+
+def test_the_tester_page_stops_when_its_token_expires_and_it_has_no_fresh_one(browser, database_url):
+    with running_server(database_url, env={"CHAT_SECRET": SECRET32}) as base:
+        page = browser.new_page()
+        page.goto(f"{base}/test?token={secret_token('alice', ttl=2)}")
+        page.click("#join")
+        page.wait_for_selector("#status.refused", timeout=10000)
+        assert page.inner_text("#status") == (
+            "closed 4001 (token expired): token expired; paste a fresh token and join again")
+
+
 def test_the_tester_page_reconnects_after_a_restart_and_misses_nothing(browser, database_url):
     port = free_port()
     with running_server(database_url, port) as base:
@@ -1206,8 +1262,8 @@ def test_a_refused_origin_is_logged_with_the_setting_that_would_let_it_in(server
     with pytest.raises(InvalidStatus):
         ws_connect(server, origin="http://127.0.0.1:18650")
     wait_until(lambda: b"ALLOWED_ORIGINS=http://127.0.0.1:18650" in server_log())
-    assert (b"refused a WebSocket from origin 'http://127.0.0.1:18650'; to let that page in, start the "
-            b"server with ALLOWED_ORIGINS=http://127.0.0.1:18650") in server_log()
+    assert (b"refused a WebSocket: pages from http://127.0.0.1:18650 may not open a socket here; to let them, "
+            b"start the server with ALLOWED_ORIGINS=http://127.0.0.1:18650") in server_log()
 
 
 def server_log() -> bytes:
@@ -1219,6 +1275,17 @@ def test_a_rest_post_that_is_not_json_is_415(client):
     response = client.post("/messages", content='{"username": "a", "content": "b"}',
                            headers={"Content-Type": "text/plain"})
     assert (response.status_code, response.json()) == (415, {"detail": "send the body as application/json"})
+
+
+def test_plain_http_to_the_websocket_path_says_why_a_handshake_would_be_refused(client, secret):
+    response = client.get("/ws/general")
+    assert (response.status_code, response.json()) == (
+        401, {"detail": "a valid token is required: ?token=<a token from python chat.py token NAME>"})
+    response = client.get(f"/ws/general?token={chat.make_token('alice')}", headers={"Origin": "http://evil.example"})
+    assert (response.status_code, response.json()) == (403, {"detail": (
+        "pages from http://evil.example may not open a socket here; to let them, start the server with "
+        "ALLOWED_ORIGINS=http://evil.example")})
+    assert client.get(f"/ws/general?token={chat.make_token('alice')}").status_code == 426
 
 
 def test_plain_http_to_the_websocket_path_is_426(client):
