@@ -2169,3 +2169,36 @@ def test_the_benchmark_compares_this_chat_with_a_second_chat_server_run_for_run(
     assert lines[3] == f"  peer: {HERE / 'chat.py'}, 1 process(es), SQLite, the same limits lifted"
     counts = [line.split() for line in lines if line.split()[:1] in (["lost"], ["duplicated"])]
     assert len(counts) == 6 and all(row[-5:] == ["0", "(0-0)", "0", "(0-0)", "n/a"] for row in counts)
+
+
+# --- A newcomer's install ------------------------------------------------------------------------
+
+
+def test_a_fresh_virtual_environment_with_the_runtime_requirements_alone_runs_the_chat(tmp_path):
+    for name in ("chat.py", "schema.sql", "requirements.txt", "static"):
+        (shutil.copytree if (HERE / name).is_dir() else shutil.copy)(HERE / name, tmp_path / name)
+    subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True, timeout=120)
+    python = str(tmp_path / "venv" / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "-q", "-r", "requirements.txt"], cwd=tmp_path, check=True,
+                   capture_output=True, timeout=300)
+    installed = subprocess.run([python, "-m", "pip", "list"], capture_output=True, text=True, check=True).stdout
+    assert not {"pytest", "hypothesis", "schemathesis", "playwright"} & {line.split()[0] for line in installed.splitlines()[2:]}
+    port = free_port()
+    server = subprocess.Popen([python, "chat.py"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "PORT": str(port), "DATABASE_URL": "sqlite:///chat.db"})
+    try:
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/healthz"), 30)
+        with ws_connect(f"http://127.0.0.1:{port}") as ws:
+            assert ws_join(ws, "alice") == welcome("alice")
+            ws.send('{"type":"message","content":"hello from a fresh install"}')
+            assert untimed(json.loads(ws.recv(timeout=5))) == message(1, "alice", "hello from a fresh install")
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def answers(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url, timeout=1).status == 200
+    except OSError:
+        return False
