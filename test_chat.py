@@ -1219,7 +1219,8 @@ def test_a_socket_is_closed_with_4001_when_its_token_expires(client, secret):
     with client.websocket_connect(f"/ws?token={chat.make_token('alice', ttl=1)}") as ws:
         assert join(ws, "alice") == welcome("alice")
         assert closed_with(ws) == (4001, "token expired")
-    assert client.get("/users/active", headers={"Authorization": f"Bearer {chat.make_token('bob')}"}).json() == []
+    headers = {"Authorization": f"Bearer {chat.make_token('bob')}"}
+    wait_until(lambda: client.get("/users/active", headers=headers).json() == [], seconds=5)
 
 
 # --- Origin check --------------------------------------------------------------------------------
@@ -1828,6 +1829,63 @@ def test_after_postgresql_comes_back_the_server_recovers_without_loss_or_duplica
         assert [(m["id"], m["content"]) for m in client.get("/messages").json()] == [(1, "before"), (2, "after")]
 
 
+def test_an_unexpected_error_in_the_writer_answers_unavailable_and_the_writer_carries_on(client, monkeypatch):
+    store, failures = chat.MessageWriter.store, []
+
+    async def fails_once(self, batch):
+        if not failures:
+            failures.append(batch)
+            raise RuntimeError("a bug in the writer")
+        await store(self, batch)
+
+    monkeypatch.setattr(chat.MessageWriter, "store", fails_once)
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        ws.send_json({"type": "message", "content": "first"})
+        assert ws.receive_json() == {"type": "error", "code": "unavailable",
+                                     "content": "the database is unavailable; try again shortly"}
+        ws.send_json({"type": "message", "content": "second"})
+        assert untimed(ws.receive_json()) == message(1, "alice", "second")
+    assert query(client, "SELECT content FROM messages") == [{"content": "second"}]
+
+
+def test_supervise_starts_a_task_again_after_any_error_until_it_returns():
+    calls, failures = [], []
+
+    async def work():
+        calls.append(1)
+        if len(calls) < 3:
+            raise (RuntimeError if len(calls) == 1 else KeyError)("a bug")
+        return "done"
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # its own loop: Playwright may hold this thread's
+        result = pool.submit(asyncio.run, chat.supervise("a test task", work, on_failure=lambda: failures.append(1),
+                                                         delay=0)).result()
+    assert (result, len(calls), len(failures)) == ("done", 3, 2)
+
+
+def test_the_listener_survives_an_unexpected_error_and_delivers_other_processes_messages(shared_url, monkeypatch):
+    connect, failed = chat.asyncpg.connect, []
+
+    async def fails_once(*args, **kwargs):
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("a bug in the listener")
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(chat.asyncpg, "connect", fails_once)
+    with TestClient(chat.create_app(shared_url)) as client, client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        wait_until(lambda: query(client, "SELECT COUNT(*) AS n FROM pg_stat_activity "
+                                         "WHERE application_name = 'chat-listener'")[0]["n"] == 1)
+        # Another process stores a message and wakes the others, as its writer's statement does.
+        postgres_execute(shared_url, "INSERT INTO messages (room, user_id, content) "
+                                     "SELECT 'general', id, 'from elsewhere' FROM users; "
+                                     "SELECT pg_notify('chat_messages', '1')")
+        assert untimed(ws.receive_json()) == message(1, "alice", "from elsewhere")
+    assert failed == [1]
+
+
 def terminate_backends(url: str) -> None:
     """What an operator's pg_terminate_backend does to every connection the server holds."""
     name = urlsplit(url).path.lstrip("/")
@@ -1907,6 +1965,31 @@ def all_messages(base: str, room: str = "general") -> list[dict]:
         messages = page + messages
         before = f"&before={page[0]['id']}"
     return messages
+
+
+def test_an_sqlite_fault_the_process_cannot_survive_loses_no_acknowledged_message(tmp_path):
+    """SQLite's shared-memory index is mapped into memory: made unwritable under a running server
+    (chattr +i), writing to it kills the process with SIGBUS. Acknowledged messages are on disk."""
+    if subprocess.run(["chattr", "+i", str(tmp_path)], capture_output=True).returncode:
+        missing("chattr +i is not permitted here (it needs root and a filesystem with attributes)")
+    subprocess.run(["chattr", "-i", str(tmp_path)], check=True)
+    url, acked = f"sqlite:///{tmp_path}/chat.db", []
+    with running_server(url, runner=True, env=FAST) as base:
+        with ws_connect(base) as ws:
+            ws_join(ws, "alice")
+            with contextlib.suppress(ConnectionClosed):
+                for n in range(5000):
+                    if n == 200:
+                        subprocess.run(["chattr", "+i", f"{tmp_path}/chat.db-shm"], check=True)
+                    ws.send(json.dumps({"type": "message", "content": f"m{n}"}))
+                    while (frame := json.loads(ws.recv(timeout=10)))["type"] != "message":
+                        pass
+                    acked.append(frame["content"])
+        assert running_server.process.wait(timeout=10) == -signal.SIGBUS
+    subprocess.run(["chattr", "-i", f"{tmp_path}/chat.db-shm"], check=True)
+    with running_server(url) as base:
+        assert [m["content"] for m in all_messages(base)][:len(acked)] == acked
+    assert len(acked) >= 200
 
 
 # --- TLS -----------------------------------------------------------------------------------------
