@@ -454,16 +454,24 @@ async def idle_memory(urls, pids, s: Scenario, joined: bool) -> dict:
     return {"kb_each": (after - before) / s.clients / 1024}
 
 
+ONLY: set[str] = set()  # --only: the kinds of scenario to run (all if empty)
+
+
+def wanted(kind: str) -> bool:
+    return not ONLY or kind.split()[0] in ONLY
+
+
 async def measure(urls, pids, quick: bool, rooms: bool, writes: bool) -> list[tuple[Scenario, dict]]:
     """The load scenarios (in rooms of their own, or all on the plain path), idle memory
     (joined in rooms, or not joined), then, if `writes`, the write-heavy scenario."""
     rows = [(s, await run_load(urls, pids, s, f"/bench{n}" if rooms else ""))
-            for n, s in enumerate(load_scenarios(quick))]
+            for n, s in enumerate(load_scenarios(quick)) if wanted(s.kind)]
     count = 200 if quick else 10000
     label = f"{count} joined connections" if rooms else f"{count} connections, open, not joined"
     idle = Scenario("idle", label, count)
-    rows.append((idle, await idle_memory(urls, pids, idle, joined=rooms)))
-    if writes:
+    if wanted("idle"):
+        rows.append((idle, await idle_memory(urls, pids, idle, joined=rooms)))
+    if writes and wanted("write-heavy"):
         s = write_heavy(quick)
         rows.append((s, await run_load(urls, pids, s, "")))
     return rows
@@ -629,7 +637,10 @@ def main() -> None:
     mode.add_argument("--scaling", action="store_true", help="write-heavy on 1, 2, 4 processes (PostgreSQL)")
     parser.add_argument("--pid", type=int, help="with --url: its process, for CPU and memory figures")
     parser.add_argument("--runs", type=int, default=3, help="--compare, --scaling: runs each (default 3)")
+    parser.add_argument("--only", default="", help="only these kinds of scenario, comma-separated: "
+                                                   "latency, flat, idle, write-heavy (default: all)")
     args = parser.parse_args()
+    ONLY.update(kind for kind in args.only.split(",") if kind)
     for wrong, message in ((args.workers > 1 and not args.database, "several workers need PostgreSQL"),
                            (args.scaling and not args.database, "--scaling needs PostgreSQL"),
                            (args.pid and not args.url, "--pid goes with --url"),
