@@ -542,24 +542,33 @@ def reader_identity(request) -> None:
         token_required(request)
 
 
-class RateLimits:
-    """What each connection and each address may do, over moving windows (the `limits` library,
-    in this process's memory): RATE_BURST frames per RATE_BURST / RATE_PER_SECOND seconds per
-    connection, a join counting as JOIN_COST of them; JOINS_PER_MINUTE joins and
-    REST_WRITES_PER_MINUTE REST writes per address."""
+class FrameBudget:
+    """A connection's frames, as a token bucket: RATE_BURST at once, RATE_PER_SECOND on average, a
+    join taking JOIN_COST. (Checked on every frame, so it is eight lines here rather than the
+    `limits` library, whose in-memory storage hops to a thread to expire each key.)"""
 
     def __init__(self):
-        self.limiter = limits.aio.strategies.MovingWindowRateLimiter(limits.aio.storage.MemoryStorage())
+        self.tokens, self.refilled = RATE_BURST, time.monotonic()
 
-    async def frame(self, connection: str, cost: int = 1) -> bool:
-        window = max(1, round(RATE_BURST / RATE_PER_SECOND))
-        return await self.limiter.hit(limits.RateLimitItemPerSecond(int(RATE_BURST), window),
-                                      "frames", connection, cost=cost)
+    def take(self, cost: int = 1) -> bool:
+        now = time.monotonic()
+        self.tokens = min(RATE_BURST, self.tokens + (now - self.refilled) * RATE_PER_SECOND)
+        self.refilled = now
+        if self.tokens < cost:
+            return False
+        self.tokens -= cost
+        return True
 
-    async def join(self, connection: str, ip: str) -> bool:
-        """The rest of a join's cost (its frame was counted already), and the address's joins."""
-        return (await self.frame(connection, JOIN_COST - 1)
-                and await self.limiter.hit(limits.RateLimitItemPerMinute(JOINS_PER_MINUTE), "joins", ip))
+
+class AddressLimits:
+    """What one address may do, whatever its sockets (the `limits` library, in this process's
+    memory): JOINS_PER_MINUTE joins and REST_WRITES_PER_MINUTE REST writes."""
+
+    def __init__(self):
+        self.limiter = limits.aio.strategies.SlidingWindowCounterRateLimiter(limits.aio.storage.MemoryStorage())
+
+    async def join(self, ip: str) -> bool:
+        return await self.limiter.hit(limits.RateLimitItemPerMinute(JOINS_PER_MINUTE), "joins", ip)
 
     async def rest_write(self, ip: str) -> bool:
         return await self.limiter.hit(limits.RateLimitItemPerMinute(REST_WRITES_PER_MINUTE), "writes", ip)
@@ -591,7 +600,7 @@ class Client:
         self.on_stall = on_stall  # called once if the outbox overflows: the client stopped reading
         self.username: str | None = None
         self.user_id: int | None = None
-        self.key = uuid.uuid4().hex  # this connection's name for the rate limits
+        self.budget = FrameBudget()
         self.refused = 0  # frames refused in a row
         self.outbox: deque[str] = deque()
         self.sender: asyncio.Task | None = None
@@ -1075,10 +1084,11 @@ async def chat_socket(websocket: WebSocket):
             if message["type"] == "websocket.disconnect":
                 break
             try:
-                if not await app.state.limits.frame(client.key):
+                if not client.budget.take():
                     raise Invalid("rate_limited", f"over {RATE_PER_SECOND:g} frames a second; this one was dropped")
                 frame = parse_frame(message)
-                if frame["type"] == "join" and not await app.state.limits.join(client.key, ip):
+                if frame["type"] == "join" and not (client.budget.take(JOIN_COST - 1)
+                                                    and await app.state.limits.join(ip)):
                     raise Invalid("rate_limited", f"too many joins: a join counts as {JOIN_COST} frames, and an "
                                   f"address may join {JOINS_PER_MINUTE} times a minute; try again shortly")
                 client.refused = 0
@@ -1417,7 +1427,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
     app.state.database = open_database(database_url)
     app.state.metrics = Metrics(app)
     app.state.rooms = Rooms(app.state.metrics)
-    app.state.limits = RateLimits()
+    app.state.limits = AddressLimits()
     app.state.tasks = set()
     app.state.writer = MessageWriter(app.state.database, app.state.rooms, app.state.metrics)
     return app
