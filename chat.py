@@ -1757,16 +1757,32 @@ def forget(ip: str) -> None:
 
 class ClosingTransport:
     """The transport, except that a peer that stops reading cannot hold a close open for ever
-    (uvloop's close() waits, without a timeout, for the write buffer to drain): abort after a grace."""
+    (uvloop's close() waits, without a timeout, for the write buffer to drain): abort after a grace.
+    And each write costs a system call, so when a broadcast puts many frames in a client's outbox,
+    the first goes at once and the others of that turn of the event loop follow in one write."""
 
     def __init__(self, transport, loop):
         self.transport, self.loop = transport, loop
-        self.write = transport.write  # the hot path, without __getattr__
+        self.pending: list[bytes] | None = None  # None: nothing written this turn
 
     def __getattr__(self, name):
         return getattr(self.transport, name)
 
+    def write(self, data: bytes) -> None:
+        if self.pending is None:
+            self.transport.write(data)
+            self.pending = []
+            self.loop.call_soon(self.flush)
+        else:
+            self.pending.append(data)
+
+    def flush(self) -> None:
+        if self.pending and not self.transport.is_closing():
+            self.transport.write(b"".join(self.pending))
+        self.pending = None
+
     def close(self):
+        self.flush()
         if not self.transport.is_closing():
             self.loop.call_later(CLOSE_GRACE, self.transport.abort)  # nothing, if it is gone by then
         self.transport.close()
