@@ -256,6 +256,8 @@ UNCLAIMED_USERS = "SELECT username FROM users WHERE username NOT IN (SELECT user
 # many messages wait, and nothing left half-done if the connection dies mid-batch. SQLite and
 # PostgreSQL spell JSON differently; on PostgreSQL the same statement also takes the lock that
 # keeps ids committing in order across processes, and wakes those processes (see storey 2).
+# It runs for every batch, so it goes straight to the driver (insert_messages()), and asyncpg
+# numbers its parameters: $1 is the batch, $2 the time.
 INSERT_MESSAGES = {
     "sqlite": """
         INSERT INTO messages (room, user_id, content, created_at)
@@ -267,8 +269,8 @@ INSERT_MESSAGES = {
         WITH locked AS (SELECT pg_advisory_xact_lock(hashtext('chat.messages'))),
         stored AS (
             INSERT INTO messages (room, user_id, content, created_at)
-            SELECT b.room, b.user_id, b.content, :now
-            FROM locked, ROWS FROM (json_to_recordset(CAST(:batch AS JSON))
+            SELECT b.room, b.user_id, b.content, $2
+            FROM locked, ROWS FROM (json_to_recordset(CAST($1 AS JSON))
                                     AS (room TEXT, user_id BIGINT, content TEXT))
                          WITH ORDINALITY AS b(room, user_id, content, n)
             ORDER BY b.n
@@ -294,6 +296,22 @@ ROOM_STATS = """
     SELECT room, COUNT(*) AS messages, MAX(created_at) AS last_activity
     FROM messages WHERE room > :after GROUP BY room ORDER BY room LIMIT :limit"""
 NO_UPPER_BOUND = 2**63 - 1  # larger than any message id
+
+
+async def insert_messages(database: Database, batch: str, now: datetime.datetime) -> list[int]:
+    """Store a batch of messages (a JSON array of room, user_id, content); their new ids, in order.
+
+    On the driver's own connection (asyncpg, aiosqlite), not through `databases`: it would compile
+    the statement through SQLAlchemy for every batch, and on SQLite hand it to the database's
+    thread three times instead of once. Measured: p99 at 500 msg/s to 50 clients 0.7-0.77x.
+    """
+    raw = database.connection().raw_connection  # the writer's, which it holds for its session
+    if database.url.dialect == "postgresql":
+        rows = await raw.fetch(INSERT_MESSAGES["postgresql"], batch, now)
+    else:  # the text form SQLAlchemy gives a time on SQLite, as everywhere else in the file
+        rows = await raw.execute_fetchall(INSERT_MESSAGES["sqlite"], {
+            "batch": batch, "now": now.strftime("%Y-%m-%d %H:%M:%S.%f")})
+    return sorted(row[0] for row in rows)
 
 
 async def recent_messages(database, room, limit, before=NO_UPPER_BOUND, since=None) -> list[dict]:
@@ -816,7 +834,6 @@ class MessageWriter:
 
     def __init__(self, database: Database, rooms: Rooms, metrics: "Metrics"):
         self.database, self.rooms, self.metrics = database, rooms, metrics
-        self.insert_sql = INSERT_MESSAGES[database.url.dialect]
         self.last_seen_sql = RECORD_LAST_SEEN[database.url.dialect]
         self.posts: deque[Post] = deque()  # waiting to be stored
         self.batch: list[Post] = []  # being stored now
@@ -891,8 +908,7 @@ class MessageWriter:
         """Store a batch in one statement, publish it in id order, then answer its senders."""
         now, started = utcnow(), time.perf_counter()
         rows = json.dumps([{"room": p.room, "user_id": p.user_id, "content": p.content} for p in batch])
-        ids = sorted(row[0] for row in await self.database.fetch_all(self.insert_sql,
-                                                                     {"batch": rows, "now": now}))
+        ids = await insert_messages(self.database, rows, now)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.stored.inc(len(batch))
