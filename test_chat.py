@@ -1829,6 +1829,48 @@ def test_after_postgresql_comes_back_the_server_recovers_without_loss_or_duplica
         assert [(m["id"], m["content"]) for m in client.get("/messages").json()] == [(1, "before"), (2, "after")]
 
 
+@pytest.fixture
+def statements(monkeypatch) -> list[str]:
+    """Every statement the app's pooled connections run, as the driver runs it (SQLite's trace
+    callback, asyncpg's query logger)."""
+    sent: list[str] = []
+
+    class Traced(chat.SQLiteConnection):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.set_trace_callback(sent.append)
+
+    async def log_queries(connection):
+        connection.add_query_logger(lambda record: sent.append(record.query))
+
+    def open_database(url: str) -> chat.Database:
+        if url.startswith("sqlite"):
+            return chat.Database(url, factory=Traced, timeout=30)
+        return chat.Database(url, min_size=5, max_size=10, command_timeout=10, init=log_queries)
+
+    monkeypatch.setattr(chat, "open_database", open_database)
+    return sent
+
+
+def test_a_batch_of_messages_costs_one_statement_whatever_its_size(database_url, statements):
+    with TestClient(chat.create_app(database_url)) as client:
+        alice = client.post("/users", json={"username": "alice"}).json()["id"]
+        writer = client.app.state.writer
+
+        async def batch(size: int) -> list[str]:
+            """Post `size` messages at once (they wait together, so they are one batch); the
+            statements about messages that storing and publishing them took."""
+            del statements[:]
+            await asyncio.gather(*(writer.post("general", alice, "alice", f"m{n}") for n in range(size)))
+            await asyncio.sleep(0.2)  # whatever the batch set off (a NOTIFY, a catch-up) has run
+            return [" ".join(s.split()[:2]) for s in statements if "messages" in s]
+
+        client.portal.call(batch, 1)  # the first batch also learns the newest id
+        sizes = {size: client.portal.call(batch, size) for size in (1, 10, 100)}
+    first_words = "INSERT INTO" if database_url.startswith("sqlite") else "WITH locked"
+    assert sizes == {1: [first_words], 10: [first_words], 100: [first_words]}
+
+
 def test_an_unexpected_error_in_the_writer_answers_unavailable_and_the_writer_carries_on(client, monkeypatch):
     store, failures = chat.MessageWriter.store, []
 
