@@ -290,7 +290,18 @@ RECENT_MESSAGES = SELECT_MESSAGES + """
     WHERE m.room = :room AND m.id < :before ORDER BY m.id DESC LIMIT :limit"""
 MESSAGES_AFTER = SELECT_MESSAGES + """
     WHERE m.room = :room AND m.id > :since ORDER BY m.id DESC LIMIT :limit"""
-UNPUBLISHED = SELECT_MESSAGES + " WHERE m.id > :since ORDER BY m.id LIMIT :limit"
+# What the writer has not published yet: stored after `since`, up to `upto`, in the rooms that
+# anyone connected to this process is in (a JSON array). On PostgreSQL, other processes' rooms
+# are none of this process's business.
+UNPUBLISHED = {
+    "sqlite": SELECT_MESSAGES + """
+        WHERE m.id > :since AND m.id <= :upto AND m.room IN (SELECT value FROM json_each(:rooms))
+        ORDER BY m.id LIMIT :limit""",
+    "postgresql": SELECT_MESSAGES + """
+        WHERE m.id > :since AND m.id <= :upto
+          AND m.room IN (SELECT json_array_elements_text(CAST(:rooms AS JSON)))
+        ORDER BY m.id LIMIT :limit""",
+}
 LAST_ID = "SELECT COALESCE(MAX(id), 0) FROM messages"
 ROOM_STATS = """
     SELECT room, COUNT(*) AS messages, MAX(created_at) AS last_activity
@@ -827,7 +838,8 @@ class MessageWriter:
     that publishes messages, so every client sees a room's ids in increasing order: a client that
     replays "everything after id N" and then goes live sees no gap and no duplicate. On
     PostgreSQL other processes store messages too; their NOTIFY wakes this writer (wake()), and
-    it publishes whatever was stored after the last id it published (catch_up()).
+    it publishes whatever was stored after the last id it published (catch_up()), in the rooms
+    of its own clients.
     """
 
     BATCH = 100
@@ -835,10 +847,12 @@ class MessageWriter:
     def __init__(self, database: Database, rooms: Rooms, metrics: "Metrics"):
         self.database, self.rooms, self.metrics = database, rooms, metrics
         self.last_seen_sql = RECORD_LAST_SEEN[database.url.dialect]
+        self.unpublished_sql = UNPUBLISHED[database.url.dialect]
         self.posts: deque[Post] = deque()  # waiting to be stored
         self.batch: list[Post] = []  # being stored now
         self.leavers: set[str] = set()  # users whose last_seen to record
-        self.behind = False  # others may have stored messages this process has not published
+        self.behind = False  # others may have stored messages this process has not heard of
+        self.newest = 0  # the highest id known to be stored (and every id below it is, or never will be)
         self.stopping = False
         self.work = asyncio.Event()  # set when any of the above has something to do
         self.last_published: int | None = None  # the highest id published here
@@ -857,9 +871,13 @@ class MessageWriter:
 
     def wake(self, newest_id: int | None = None) -> None:
         """Another process stored messages up to newest_id (None: maybe; check)."""
-        if newest_id is None or self.last_published is None or newest_id > self.last_published:
+        if newest_id is None:
             self.behind = True
-            self.work.set()
+        elif newest_id > self.newest:
+            self.newest = newest_id
+        else:
+            return
+        self.work.set()
 
     async def run(self) -> None:
         """Work until stop(). Each session runs in a new task, on a new connection: `databases`
@@ -881,10 +899,11 @@ class MessageWriter:
         async with self.database.connection():
             if self.last_published is None:
                 self.last_published = await self.database.fetch_val(LAST_ID)
+                self.newest = max(self.newest, self.last_published)
             while True:
                 await self.work.wait()
                 self.work.clear()
-                if self.behind:
+                if self.behind or self.newest > self.last_published:
                     await self.catch_up()
                 while self.posts:
                     self.batch = [self.posts.popleft() for _ in range(min(self.BATCH, len(self.posts)))]
@@ -914,12 +933,15 @@ class MessageWriter:
         self.metrics.stored.inc(len(batch))
         messages = [{"id": id, "room": post.room, "username": post.username, "content": post.content,
                      "timestamp": iso(now)} for id, post in zip(ids, batch, strict=True)]
-        if ids[0] == self.last_published + 1 and ids[-1] - ids[0] == len(ids) - 1:
+        self.newest = max(self.newest, ids[-1])
+        if ids[-1] - ids[0] == len(ids) - 1:  # always, under the lock: publish from memory
+            if ids[0] > self.last_published + 1:
+                await self.catch_up(upto=ids[0] - 1)  # another process's messages came first
             for message in messages:
                 self.rooms.publish(message["room"], {"type": "message", **message})
             self.last_published = ids[-1]
         else:
-            await self.catch_up()  # another process's messages came in between: they go first
+            await self.catch_up()
         for post, message in zip(batch, messages, strict=True):
             if not post.done.done():  # the sender may have gone; the message went out all the same
                 post.done.set_result(message)
@@ -932,14 +954,26 @@ class MessageWriter:
         except DATABASE_ERRORS as exc:  # best effort: the users have left either way
             log.warning("could not record last_seen of %d user(s): %r", len(usernames), exc)
 
-    async def catch_up(self) -> None:
-        """Publish every stored message after the last one published here, in id order."""
-        self.behind = False
-        while rows := await self.database.fetch_all(UNPUBLISHED, {"since": self.last_published,
-                                                                  "limit": 500}):
+    async def catch_up(self, upto: int | None = None) -> None:
+        """Publish, in id order, every message stored after the last one published here and up to
+        `upto` (default: the newest known) in the rooms of this process's clients.
+
+        Every id up to the newest known is stored or never will be (the lock in INSERT_MESSAGES),
+        so nothing is skipped; a client that joins a room meanwhile finds these in its history.
+        """
+        if self.behind:
+            self.behind = False
+            self.newest = max(self.newest, await self.database.fetch_val(LAST_ID))
+        upto = self.newest if upto is None else upto
+        while self.last_published < upto:
+            rows = await self.database.fetch_all(self.unpublished_sql, {
+                "since": self.last_published, "upto": upto, "limit": 500,
+                "rooms": json.dumps(list(self.rooms.rooms))})
             for row in rows:
                 self.rooms.publish(row["room"], {"type": "message", **message_out(row)})
                 self.last_published = row["id"]
+            if len(rows) < 500:
+                self.last_published = upto
 
 
 # --- The chat: join, message, leave, and the WebSocket endpoint ----------------------------------

@@ -2161,6 +2161,21 @@ def test_clients_on_two_processes_see_every_message_once_in_order(shared_url):
     assert seen_a == stored and seen_b == stored
 
 
+def test_joining_a_room_no_one_on_this_process_was_in_replays_then_goes_live_without_gap(shared_url):
+    with two_servers(shared_url) as ((a, _), (b, _)):
+        with ws_connect(a) as sender:
+            ws_join(sender, "sam")
+            send_many(sender, "before", 20)
+            collect(sender, 20)
+            thread = threading.Thread(target=send_many, args=(sender, "during", 180))
+            thread.start()
+            with ws_connect(b) as reader:  # the first client of process b in the room
+                reader.send(json.dumps({"type": "join", "username": "rita", "since": 0}))
+                seen = collect(reader, 200)
+            thread.join()
+    assert seen == list(range(1, 201))
+
+
 def test_presence_and_notices_cross_processes(shared_url):
     with two_servers(shared_url) as ((a, _), (b, _)):
         with ws_connect(b) as bob:
