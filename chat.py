@@ -129,13 +129,12 @@ DEFAULT_ROOM = "general"
 # token) gets HTTP 403 instead: no socket is ever opened.
 WS_4001_TOKEN_EXPIRED = 4001
 CLOSE_CODES = {
-    status.WS_1001_GOING_AWAY: "the server is shutting down (plain uvicorn says 1012)",
+    status.WS_1001_GOING_AWAY: "the server is shutting down (uvicorn's own 1012 is replaced, Appendix A)",
     status.WS_1008_POLICY_VIOLATION: "a bad room in the URL, too many connections from your address, "
-                                     "or a flood of refused frames",
+                                     "a flood of refused frames, or too many pings",
     status.WS_1009_MESSAGE_TOO_BIG: "a frame over the runner's limit (4 x MAX_FRAME_BYTES)",
     status.WS_1011_INTERNAL_ERROR: "no answer to the server's pings (sent by uvicorn: "
                                    "\"keepalive ping timeout\")",
-    status.WS_1012_SERVICE_RESTART: "plain uvicorn (and --workers) shutting down",
     status.WS_1013_TRY_AGAIN_LATER: "the server is full, or you stopped reading (send queue full)",
     WS_4001_TOKEN_EXPIRED: "the token the socket was opened with has expired: connect with a fresh one",
 }
@@ -509,6 +508,19 @@ def token_holder(token: str | None) -> tuple[str, float] | None:
         return None
 
 
+def token_refusal(token: str | None, how: str) -> str:
+    """Why token_holder() refused a token, in words that say what to do; `how` names where it goes."""
+    if not token:
+        return f"a token is required ({how}); python chat.py token NAME makes one"
+    try:
+        jwt.decode(token, SECRET, algorithms=["HS256"], options={"require": ["exp", "sub"]})
+    except jwt.ExpiredSignatureError:
+        return "the token has expired; get a fresh one (python chat.py token NAME)"
+    except jwt.InvalidTokenError:
+        return "the token is not valid here: made with another CHAT_SECRET, cut short, or without an expiry"
+    return "the token names a username that is not allowed"
+
+
 def presented_token(connection: HTTPConnection) -> str | None:
     """?token= (browsers cannot set headers on a WebSocket) or Authorization: Bearer."""
     scheme, _, credentials = connection.headers.get("authorization", "").partition(" ")
@@ -532,9 +544,9 @@ def origin_allowed(connection: HTTPConnection) -> bool:
 
 def token_required(request) -> str:
     """With a secret set, the name the request's token is for; 401 without a valid one."""
-    holder = token_holder(presented_token(request))
+    holder = token_holder(token := presented_token(request))
     if holder is None:
-        raise HTTPException(401, "a valid token is required: Authorization: Bearer <token>",
+        raise HTTPException(401, token_refusal(token, "Authorization: Bearer <token>"),
                             headers={"WWW-Authenticate": "Bearer"})
     return holder[0]
 
@@ -552,9 +564,9 @@ def handshake_refusal(connection: HTTPConnection) -> tuple[int, str] | None:
     if not origin_allowed(connection):
         origin = connection.headers.get("origin")
         return 403, (f"pages from {origin} may not open a socket here; to let them, start the server with "
-                     f"ALLOWED_ORIGINS={origin}")
-    if SECRET and token_holder(presented_token(connection)) is None:
-        return 401, "a valid token is required: ?token=<a token from python chat.py token NAME>"
+                     f"ALLOWED_ORIGINS={','.join([*ALLOWED_ORIGINS, origin])}")
+    if SECRET and token_holder(token := presented_token(connection)) is None:
+        return 401, token_refusal(token, "?token=<token> in the URL")
     return None
 
 
@@ -1499,9 +1511,13 @@ SETTINGS = ["DATABASE_URL", "HOST", "PORT", "ALLOWED_HOSTS", "ALLOWED_ORIGINS", 
 
 def usage() -> str:
     """What --help prints: the commands, and every setting with the value it has now."""
-    settings = {name: os.environ.get(name) for name in SETTINGS}
-    settings["CHAT_SECRET"] = "(set)" if SECRET else None
-    lines = [f"  {name:24} {value if value is not None else '(default)'}" for name, value in settings.items()]
+    values = {name: globals()[name] for name in SETTINGS if name != "CHAT_SECRET"}
+    values["CHAT_SECRET"] = "(set)" if SECRET else "(not set: no tokens needed)"
+    values["ALLOWED_HOSTS"] = ALLOWED_HOSTS or local_hosts()
+    values["PUBLIC_READS"] = "1" if PUBLIC_READS else "0"
+    shown = {name: ",".join(v) if isinstance(v, list) else v for name, v in values.items()}
+    lines = [f"  {name:24} {shown[name] if shown[name] not in ('', None) else '(empty)'}"
+             f"{'' if name in os.environ else '  (default)'}" for name in SETTINGS]
     return "\n".join([
         "usage: python chat.py              serve the chat (Ctrl+C stops it)",
         "       python chat.py token NAME   print a token for NAME (needs CHAT_SECRET)",

@@ -1038,7 +1038,7 @@ def test_the_tester_page_shows_why_a_handshake_was_refused_and_stops_trying(brow
         page.click("#join")
         page.wait_for_selector("#status.refused")
         assert page.inner_text("#status") == (
-            "refused 401: a valid token is required: ?token=<a token from python chat.py token NAME>")
+            "refused 401: a token is required (?token=<token> in the URL); python chat.py token NAME makes one")
         page.wait_for_timeout(1500)
         assert page.locator("#log .out").count() == 0  # no join was sent, and no retry
         assert page.inner_text("#status").startswith("refused 401")
@@ -1161,7 +1161,7 @@ def test_a_token_without_expiry_is_refused(client, secret):
 def test_with_a_secret_rest_writes_need_a_token(client, secret):
     response = client.post("/messages", json={"username": "alice", "content": "hi"})
     assert (response.status_code, response.json()) == (
-        401, {"detail": "a valid token is required: Authorization: Bearer <token>"})
+        401, {"detail": "a token is required (Authorization: Bearer <token>); python chat.py token NAME makes one"})
     assert response.headers["www-authenticate"] == "Bearer"
 
 
@@ -1205,7 +1205,8 @@ def test_with_a_secret_reading_the_chat_needs_a_token_too(client, secret):
     for path in ("/messages", "/rooms", "/users/active"):
         response = client.get(path)
         assert (response.status_code, response.json()) == (
-            401, {"detail": "a valid token is required: Authorization: Bearer <token>"}), path
+            401, {"detail": "a token is required (Authorization: Bearer <token>); python chat.py token NAME makes one"}
+        ), path
         headers = {"Authorization": f"Bearer {chat.make_token('alice')}"}
         assert client.get(path, headers=headers).status_code == 200, path
 
@@ -1281,12 +1282,33 @@ def test_a_rest_post_that_is_not_json_is_415(client):
 def test_plain_http_to_the_websocket_path_says_why_a_handshake_would_be_refused(client, secret):
     response = client.get("/ws/general")
     assert (response.status_code, response.json()) == (
-        401, {"detail": "a valid token is required: ?token=<a token from python chat.py token NAME>"})
+        401, {"detail": "a token is required (?token=<token> in the URL); python chat.py token NAME makes one"})
     response = client.get(f"/ws/general?token={chat.make_token('alice')}", headers={"Origin": "http://evil.example"})
     assert (response.status_code, response.json()) == (403, {"detail": (
         "pages from http://evil.example may not open a socket here; to let them, start the server with "
         "ALLOWED_ORIGINS=http://evil.example")})
     assert client.get(f"/ws/general?token={chat.make_token('alice')}").status_code == 426
+
+
+def test_plain_http_to_the_websocket_path_says_an_expired_token_has_expired(client, secret):
+    response = client.get(f"/ws/general?token={chat.make_token('alice', ttl=-1)}")
+    assert (response.status_code, response.json()) == (
+        401, {"detail": "the token has expired; get a fresh one (python chat.py token NAME)"})
+
+
+def test_plain_http_to_the_websocket_path_says_a_token_of_another_secret_is_not_valid_here(client, secret):
+    other = jwt.encode({"sub": "alice", "exp": time.time() + 60}, "another-secret-of-32-bytes-or-more", algorithm="HS256")
+    response = client.get(f"/ws/general?token={other}")
+    assert (response.status_code, response.json()) == (401, {"detail": (
+        "the token is not valid here: made with another CHAT_SECRET, cut short, or without an expiry")})
+
+
+def test_the_origin_refusal_adds_to_the_origins_already_allowed(client, monkeypatch):
+    monkeypatch.setattr(chat, "ALLOWED_ORIGINS", ["http://127.0.0.1:18650", "null"])
+    response = client.get("/ws/general", headers={"Origin": "http://localhost:18650"})
+    assert (response.status_code, response.json()) == (403, {"detail": (
+        "pages from http://localhost:18650 may not open a socket here; to let them, start the server with "
+        "ALLOWED_ORIGINS=http://127.0.0.1:18650,null,http://localhost:18650")})
 
 
 def test_plain_http_to_the_websocket_path_is_426(client):
