@@ -68,8 +68,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
-from starlette.staticfiles import StaticFiles
+from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware, _TrustedHosts
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -202,6 +201,14 @@ def check_secret() -> None:
                       "CHAT_SECRET=$(python -c \"import secrets; print(secrets.token_hex(32))\")")
 
 
+def check_content_limit() -> None:
+    """schema.sql refuses messages over 2000 characters: a higher limit would let through messages
+    that fail their whole batch in the database."""
+    if MAX_CONTENT_LENGTH > 2000:
+        raise Refusal(f"MAX_CONTENT_LENGTH is {MAX_CONTENT_LENGTH}, but schema.sql stores messages of at most "
+                      "2000 characters: use 2000 or less")
+
+
 def lock_sqlite_file(database: Database) -> sqlite3.Connection:
     """SQLite serves one process: a second one on the same file would split the chat, so it refuses.
 
@@ -245,12 +252,13 @@ CREATE_USER = """
     INSERT INTO users (username, last_seen) VALUES (:username, :now)
     ON CONFLICT (username) DO NOTHING RETURNING id, username, last_seen"""
 FIND_USER = "SELECT id, username, last_seen FROM users WHERE username = :username"
-# The first name to claim a look (a skeleton, see check_lookalike) keeps it; the statement answers
-# with whoever holds it now.
-CLAIM_SKELETON = """
-    INSERT INTO skeletons (skeleton, username) VALUES (:skeleton, :username)
-    ON CONFLICT (skeleton) DO UPDATE SET skeleton = excluded.skeleton RETURNING username"""
-UNCLAIMED_USERS = "SELECT username FROM users WHERE username NOT IN (SELECT username FROM skeletons)"
+# The first name to claim a look (see check_lookalike) keeps it; the claim answers with whoever
+# holds the look now.
+LOOK_HOLDERS = "SELECT username FROM looks WHERE look IN (:as_written, :any_case)"
+CLAIM_LOOK = """
+    INSERT INTO looks (look, username) VALUES (:look, :username)
+    ON CONFLICT (look) DO UPDATE SET look = excluded.look RETURNING username"""
+UNCLAIMED_USERS = "SELECT username FROM users WHERE username NOT IN (SELECT username FROM looks) ORDER BY id"
 # A whole batch of messages is one statement, its rows one JSON array: one round trip however
 # many messages wait, and nothing left half-done if the connection dies mid-batch. SQLite and
 # PostgreSQL spell JSON differently; on PostgreSQL the same statement also takes the lock that
@@ -302,9 +310,18 @@ UNPUBLISHED = {
         ORDER BY m.id LIMIT :limit""",
 }
 LAST_ID = "SELECT COALESCE(MAX(id), 0) FROM messages"
+# A page of rooms in a few index lookups each, however many messages there are (counting them,
+# or GROUP BY, would read every row): the next room name after the last one, `limit` times, then
+# each room's newest message.
 ROOM_STATS = """
-    SELECT room, COUNT(*) AS messages, MAX(created_at) AS last_activity
-    FROM messages WHERE room > :after GROUP BY room ORDER BY room LIMIT :limit"""
+    WITH RECURSIVE names (room, n) AS (
+        SELECT MIN(room), 1 FROM messages WHERE room > :after
+        UNION ALL
+        SELECT (SELECT MIN(room) FROM messages WHERE room > names.room), n + 1
+        FROM names WHERE names.room IS NOT NULL AND n < :limit)
+    SELECT names.room, m.id AS last_message_id, m.created_at AS last_activity
+    FROM names JOIN messages AS m ON m.id = (SELECT MAX(id) FROM messages WHERE room = names.room)
+    ORDER BY names.room"""
 NO_UPPER_BOUND = 2**63 - 1  # larger than any message id
 
 
@@ -375,6 +392,10 @@ def check_username(value) -> str:
     """The name in its canonical form, or Invalid saying which character is not allowed."""
     if not isinstance(value, str) or not value:
         raise Invalid("invalid_username", "username must be a non-empty string")
+    # PRECIS costs up to 20 µs a character: refuse what cannot be a name before it runs (a name of
+    # 32 characters may come decomposed, "e" and an accent for "é", so allow for that).
+    if len(value) > 2 * MAX_USERNAME_LENGTH:
+        raise Invalid("invalid_username", f"username is longer than {MAX_USERNAME_LENGTH} characters")
     try:
         name = USERNAMES.enforce(value)
     except UnicodeError as exc:  # precis_i18n names the character and the rule it breaks
@@ -401,23 +422,32 @@ def load_prototypes() -> dict[str, str]:
 PROTOTYPES = load_prototypes()
 
 
-def skeleton(name: str) -> str:
-    """What a name looks like: "alice", "аlice" (Cyrillic а), "ALICE" and "a1ice" share one.
-
-    UTS #39's skeleton, with case folded before and after (so "0", which maps to "O", meets "o").
-    """
+def skeleton(name: str, fold: bool) -> str:
+    """UTS #39's skeleton: each character replaced by the one it looks like, twice; with `fold`,
+    case folded before each pass (so "0", which maps to "O", meets "o")."""
     for _ in range(2):
-        name = unicodedata.normalize("NFD", name.casefold())
+        name = unicodedata.normalize("NFD", name.casefold() if fold else name)
         name = unicodedata.normalize("NFD", "".join(PROTOTYPES.get(char, char) for char in name))
     return name
 
 
+def looks(name: str) -> dict[str, str]:
+    """What a name looks like as written ("aIice", with a capital I, looks like "alice") and
+    whatever its case ("ALICE" is "alice"); "аlice" (Cyrillic а) and "a1ice" look like "alice" both ways."""
+    return {"as_written": skeleton(name, fold=False), "any_case": skeleton(name, fold=True)}
+
+
 async def check_lookalike(database, username: str) -> None:
     """Refuse a name that a reader could not tell from an existing user's; the first one keeps it."""
-    holder = await database.fetch_val(CLAIM_SKELETON, {"skeleton": skeleton(username), "username": username})
-    if holder != username:
-        raise Invalid("confusable_username", f"{username!r} looks like the existing user {holder!r}; "
-                      "choose another name")
+    name_looks = looks(username)
+    holders = [row[0] for row in await database.fetch_all(LOOK_HOLDERS, name_looks)]
+    if holders != [username] * len(set(name_looks.values())):  # not both this user's already
+        if not any(holder != username for holder in holders):
+            holders = [await database.fetch_val(CLAIM_LOOK, {"look": look, "username": username})
+                       for look in set(name_looks.values())]
+        if holder := next((holder for holder in holders if holder != username), None):
+            raise Invalid("confusable_username", f"{username!r} looks like the existing user {holder!r}; "
+                          "choose another name")
 
 
 def check_content(value) -> str:
@@ -551,9 +581,15 @@ def token_required(request) -> str:
     return holder[0]
 
 
-def writer_identity(request, username: str) -> None:
-    """With a secret set, a REST write must carry a token for the user it writes as."""
-    if SECRET and (holder := token_required(request)) != username:
+def writer_token(request) -> str | None:
+    """With a secret set, whom a REST write's token is for (401 without a valid one); asked before
+    the body is read, so that a stranger's body costs nothing."""
+    return token_required(request) if SECRET else None
+
+
+def check_writer(holder: str | None, username: str) -> None:
+    """A REST write must carry a token for the user it writes as (with a secret set)."""
+    if holder is not None and holder != username:
         raise HTTPException(403, f"this token is for {holder!r}")
 
 
@@ -1240,13 +1276,14 @@ async def list_messages(request):
 async def post_message(request):
     """Store a message and publish it to the room's sockets, as a WebSocket message is."""
     await rest_write_allowed(request)
+    holder = writer_token(request)
     body = await json_body(request)
     try:
         username, content = check_username(body.get("username")), check_content(body.get("content"))
         room = check_room(body.get("room", DEFAULT_ROOM))
     except Invalid as exc:
         raise HTTPException(422, exc.detail) from None
-    writer_identity(request, username)
+    check_writer(holder, username)
     user = await request.app.state.database.fetch_one(FIND_USER, {"username": username})
     if user is None:
         raise HTTPException(404, f"no user named {username!r}; create it with POST /users")
@@ -1267,12 +1304,13 @@ class Messages(HTTPEndpoint):
 async def create_user(request):
     """Create a user (201), or return the one that exists (200)."""
     await rest_write_allowed(request)
+    holder = writer_token(request)
     body = await json_body(request)
     try:
         username = check_username(body.get("username"))
     except Invalid as exc:
         raise HTTPException(422, exc.detail) from None
-    writer_identity(request, username)
+    check_writer(holder, username)
     database = request.app.state.database
     try:
         await check_lookalike(database, username)
@@ -1307,7 +1345,7 @@ async def list_rooms(request):
     rooms = sorted(set(stats) | {room for room in present if room > after})[:limit]
     return JSONResponse([
         {"room": room, "active_users": present.get(room, []),
-         "messages": stats[room]["messages"] if room in stats else 0,
+         "last_message_id": stats[room]["last_message_id"] if room in stats else None,
          "last_activity": iso(stats[room]["last_activity"]) if room in stats else None}
         for room in rooms])
 
@@ -1334,12 +1372,24 @@ SWAGGER_PAGE = """<!doctype html>
 </body></html>"""
 
 
+NOT_IN_A_FRAME = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY"}  # clickjacking
+SWAGGER_ASSETS = {"swagger-ui.css", "swagger-ui-bundle.js"}
+
+
 async def swagger(request):
-    return HTMLResponse(SWAGGER_PAGE)
+    return HTMLResponse(SWAGGER_PAGE, headers=NOT_IN_A_FRAME)
+
+
+async def swagger_asset(request):
+    """The two files the page loads, and no more: the package's own index.html shows a demo API."""
+    name = request.path_params["name"]
+    if name not in SWAGGER_ASSETS:
+        raise HTTPException(404, f"no such file: {name}")
+    return FileResponse(pathlib.Path(swagger_ui_bundle.swagger_ui_path) / name)
 
 
 async def tester(request):
-    return FileResponse(HERE / "static" / "test.html")
+    return FileResponse(HERE / "static" / "test.html", headers=NOT_IN_A_FRAME)
 
 
 async def home(request):
@@ -1410,6 +1460,8 @@ async def healthz(request):
 
 
 async def metrics(request):
+    """With a secret set, for holders of a token (a Prometheus scrape sends it as a bearer token)."""
+    reader_identity(request)
     return Response(prometheus_client.generate_latest(request.app.state.metrics.registry),
                     media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
@@ -1427,11 +1479,12 @@ async def lifespan(app):
     """Connect, create the schema, start the writer and the cluster; on shutdown, store every
     message already accepted."""
     check_secret()
+    check_content_limit()
     database = app.state.database
     await database.connect()
     lock = lock_sqlite_file(database) if database.url.dialect == "sqlite" else None
     await apply_schema(database)
-    for row in await database.fetch_all(UNCLAIMED_USERS):  # users stored before names were claimed
+    for row in await database.fetch_all(UNCLAIMED_USERS):  # users stored before their looks were
         with contextlib.suppress(Invalid):
             await check_lookalike(database, row["username"])
     writer = asyncio.create_task(app.state.writer.run())
@@ -1469,7 +1522,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
         Route("/ws-info", ws_info),
         Route("/openapi.json", openapi),
         Route("/swagger", swagger),
-        Mount("/swagger/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path)),
+        Route("/swagger/assets/{name}", swagger_asset),
         Route("/test", tester),
         Route("/healthz", healthz),
         Route("/metrics", metrics),
@@ -1963,10 +2016,12 @@ class ServerBounds:
     a Refusal (a setting the app cannot start with) into one line instead of a traceback."""
 
     def __init__(self, app):
-        self.app = app
+        self.app, self.started, self.said = app, False, False
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "lifespan":
+            if not self.started:
+                return await self.refuse(scope, receive, send)
             return await self.app(scope, receive, send)
         refusal = bound_server(getattr(getattr(receive, "__self__", None), "config", None))
         if refusal:
@@ -1977,6 +2032,7 @@ class ServerBounds:
         async def hold_failures(message):  # a Refusal's failure is said below, in one line
             if message["type"] == "lifespan.startup.failed":
                 return failures.append(message)
+            self.started = self.started or message["type"] == "lifespan.startup.complete"
             await send(message)
 
         try:
@@ -1988,6 +2044,18 @@ class ServerBounds:
             for message in failures:
                 await send(message)
             raise
+
+
+    async def refuse(self, scope, receive, send):
+        """Served without its lifespan (uvicorn --lifespan off): no database, no writer, no bounds.
+        Every request is refused, saying why, rather than half served."""
+        why = "chat was started without its lifespan (uvicorn --lifespan off): start it without that flag"
+        if not self.said:
+            log.error("%s; every request is refused", why)
+            self.said = True
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close"})
+        await JSONResponse({"detail": why}, status_code=503)(scope, receive, send)
 
 
 TRUSTED = _TrustedHosts(TRUSTED_PROXIES)  # addresses and networks, as uvicorn's --forwarded-allow-ips
@@ -2099,9 +2167,10 @@ OPENAPI = {
                         _query("after", {"type": "string", "pattern": ROOM_PATTERN.pattern},
                                "Only rooms whose name sorts after this one: the page after the last room seen")],
                     "responses": {"200": _json({"type": "array", "items": _schema(
-                        {"room": _STR, "active_users": {"type": "array", "items": _STR}, "messages": _INT,
+                        {"room": _STR, "active_users": {"type": "array", "items": _STR},
+                         "last_message_id": {**_INT, "nullable": True},
                          "last_activity": {"type": "string", "format": "date-time", "nullable": True}},
-                        ["room", "active_users", "messages", "last_activity"])}, "Rooms"),
+                        ["room", "active_users", "last_message_id", "last_activity"])}, "Rooms"),
                         **_errors(401, 422, 503)}},
         },
         "/ws-info": {

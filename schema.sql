@@ -25,12 +25,14 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_room_id ON messages (room, id);
 
 -- One user per look: names that a reader cannot tell apart ("alice", "аlice" with a Cyrillic а,
--- "ALICE") share a skeleton (Unicode's UTS #39, computed by chat.py's skeleton()), and the first
--- name to claim a skeleton keeps it.
-CREATE TABLE IF NOT EXISTS skeletons (
-    skeleton TEXT PRIMARY KEY,
-    username TEXT NOT NULL UNIQUE
+-- "aIice" with a capital I, "ALICE") share a look (Unicode's UTS #39 skeleton, of the name as
+-- written and of its case fold: chat.py's looks()), and the first name to claim a look keeps it.
+CREATE TABLE IF NOT EXISTS looks (
+    look TEXT PRIMARY KEY,
+    username TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS looks_username ON looks (username);
+DROP TABLE IF EXISTS skeletons;  -- the earlier form: one look per name, case folded first
 
 -- Several processes on one PostgreSQL (see Cluster in chat.py): who is connected where. A process
 -- renews its heartbeat every few seconds; one that stops is reaped by the others, with its users.

@@ -419,6 +419,8 @@ LOOKALIKES = {
     "a Cyrillic а": ("\u0430lice", "confusable_username"),
     "capitals": ("ALICE", "confusable_username"),
     "a digit one for the l": ("a1ice", "confusable_username"),
+    "a capital I for the l": ("aIice", "confusable_username"),
+    "a Greek capital iota for the l": ("a\u0399ice", "confusable_username"),
     "a trailing zero-width space": ("alice\u200b", "invalid_username"),
     "a leading zero-width space": ("\u200balice", "invalid_username"),
     "a zero-width joiner": ("al\u200dice", "invalid_username"),
@@ -439,6 +441,22 @@ def test_a_name_that_looks_like_an_existing_users_is_refused(client, case):
         error = ws.receive_json()
         assert (error["type"], error["code"]) == ("error", code)
     assert query(client, "SELECT username FROM users") == [{"username": "alice"}]
+
+
+def test_a_username_far_over_the_limit_is_refused_by_its_length_before_its_characters_are_checked(client):
+    marks = "\u05bd\u05b0" * 4075  # 16 kB of Hebrew points: slow to check one by one
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "join", "username": marks})
+        assert ws.receive_json() == {"type": "error", "code": "invalid_username",
+                                     "content": "username is longer than 32 characters"}
+
+
+def test_a_lookalike_of_a_name_with_two_looks_is_refused_by_either(client):
+    assert client.post("/users", json={"username": "bill"}).status_code == 201
+    assert [client.post("/users", json={"username": name}).status_code for name in ("bilI", "BILL", "bi1l")] == [
+        409, 409, 409]
+    assert query(client, "SELECT look, username FROM looks ORDER BY look") == [
+        {"look": "bill", "username": "bill"}]
 
 
 def test_a_refused_character_is_named_in_the_error(client):
@@ -480,7 +498,7 @@ def test_rest_refuses_a_lookalike_user_with_409(client):
 def test_users_stored_before_names_were_claimed_keep_their_look(database_url):
     with TestClient(chat.create_app(database_url)) as client:
         client.post("/users", json={"username": "alice"})
-        client.portal.call(client.app.state.database.execute, "DELETE FROM skeletons")
+        client.portal.call(client.app.state.database.execute, "DELETE FROM looks")
     with TestClient(chat.create_app(database_url)) as client:  # a restart claims alice's look again
         assert client.post("/users", json={"username": "ALICE"}).status_code == 409
 
@@ -679,6 +697,17 @@ def test_swagger_page_loads_its_assets_from_this_server(client):
     assert asset.status_code == 200 and len(asset.content) > 100_000
 
 
+def test_swagger_serves_only_the_assets_its_page_loads(client):
+    assert client.get("/swagger/assets/swagger-ui.css").status_code == 200
+    assert client.get("/swagger/assets/index.html").status_code == 404
+
+
+def test_the_tester_and_swagger_pages_may_not_be_framed_by_other_sites(client):
+    for path in ("/test", "/swagger"):
+        headers = client.get(path).headers
+        assert (headers["content-security-policy"], headers["x-frame-options"]) == ("frame-ancestors 'none'", "DENY")
+
+
 def test_cors_allows_only_the_configured_origins(database_url):
     app = chat.create_app(database_url, allowed_origins=["http://good.example"])
     with TestClient(app) as client:
@@ -771,14 +800,15 @@ def test_a_bad_room_in_the_url_closes_with_1008(client):
     assert closed.value.code == 1008
 
 
-def test_rooms_lists_active_users_message_counts_and_last_activity(client):
+def test_rooms_lists_active_users_the_last_message_id_and_last_activity(client):
     post(client, "alice", "one", room="den")
     stored = post(client, "alice", "two", room="den")
+    post(client, "alice", "three", room="attic")
     with client.websocket_connect("/ws/lobby") as ws:
         join(ws, "bob")
-        assert client.get("/rooms").json() == [
-            {"room": "den", "active_users": [], "messages": 2, "last_activity": stored["timestamp"]},
-            {"room": "lobby", "active_users": ["bob"], "messages": 0, "last_activity": None}]
+        assert client.get("/rooms").json()[1:] == [
+            {"room": "den", "active_users": [], "last_message_id": 2, "last_activity": stored["timestamp"]},
+            {"room": "lobby", "active_users": ["bob"], "last_message_id": None, "last_activity": None}]
 
 
 def test_rooms_come_a_page_at_a_time_by_name(client, unlimited):
@@ -864,6 +894,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
 
 
 @contextlib.contextmanager
@@ -1163,6 +1199,17 @@ def test_with_a_secret_rest_writes_need_a_token(client, secret):
     assert (response.status_code, response.json()) == (
         401, {"detail": "a token is required (Authorization: Bearer <token>); python chat.py token NAME makes one"})
     assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_with_a_secret_a_rest_write_without_a_token_is_401_before_its_body_is_read(client, secret):
+    response = client.post("/messages", json={"username": "\u05bd" * 8000, "content": "hi"})
+    assert (response.status_code, response.json()) == (
+        401, {"detail": "a token is required (Authorization: Bearer <token>); python chat.py token NAME makes one"})
+
+
+def test_with_a_secret_metrics_need_a_token(client, secret):
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers={"Authorization": f"Bearer {chat.make_token('prometheus')}"}).status_code == 200
 
 
 def test_with_a_secret_rest_writes_need_the_token_of_that_user(client, secret):
@@ -1618,6 +1665,35 @@ def test_a_short_secret_is_refused_at_start_in_one_line(runner, tmp_path):
     assert ("ERROR:    CHAT_SECRET is 3 bytes; use at least 32 random bytes, e.g. "
             "CHAT_SECRET=$(python -c \"import secrets; print(secrets.token_hex(32))\")\n") in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_content_limit_over_what_the_schema_stores_is_refused_at_start_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "uvicorn", "chat:app", "--port", str(free_port())],
+                            cwd=HERE, capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "MAX_CONTENT_LENGTH": "4000", "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"})
+    assert result.returncode == 3
+    assert ("ERROR:    MAX_CONTENT_LENGTH is 4000, but schema.sql stores messages of at most 2000 characters: "
+            "use 2000 or less\n") in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_served_without_its_lifespan_every_request_is_refused_saying_why(tmp_path):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "chat:app", "--lifespan", "off", "--port", str(port)],
+                              cwd=HERE, env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: port_open(port))
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert (refused.value.code, json.load(refused.value)) == (503, {"detail": (
+            "chat was started without its lifespan (uvicorn --lifespan off): start it without that flag")})
+        with pytest.raises(InvalidStatus):
+            ws_connect(f"http://127.0.0.1:{port}")
+    finally:
+        server.terminate()
+        log = server.communicate(timeout=30)[1]
+    assert log.count("chat was started without its lifespan") == 1
 
 
 def test_help_prints_the_usage_and_every_setting_and_exits_0():
