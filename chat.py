@@ -281,8 +281,9 @@ INSERT_MESSAGES = {
                                     AS (room TEXT, user_id BIGINT, content TEXT))
                          WITH ORDINALITY AS b(room, user_id, content, n)
             ORDER BY b.n
-            RETURNING id),
-        notified AS (SELECT pg_notify('chat_messages', CAST(MAX(id) AS TEXT)) FROM stored)
+            RETURNING id, room),
+        notified AS (SELECT pg_notify('chat_messages', CAST(json_build_object(
+                         'newest', MAX(id), 'rooms', json_agg(DISTINCT room)) AS TEXT)) FROM stored)
         SELECT id FROM stored, notified""",
 }
 RECORD_LAST_SEEN = {
@@ -900,10 +901,13 @@ class MessageWriter:
         self.batch: list[Post] = []  # being stored now
         self.leavers: set[str] = set()  # users whose last_seen to record
         self.behind = False  # others may have stored messages this process has not heard of
-        self.newest = 0  # the highest id known to be stored (and every id below it is, or never will be)
+        self.last_published: int | None = None  # the highest id published here
+        # Heard of: every message up to this id, and in which rooms (other processes' NOTIFYs
+        # come in commit order, which the lock makes id order). `wanted`: one of those not yet
+        # published may be in a room of this process's clients, so they must be read.
+        self.heard, self.wanted = 0, False
         self.stopping = False
         self.work = asyncio.Event()  # set when any of the above has something to do
-        self.last_published: int | None = None  # the highest id published here
 
     async def post(self, room: str, user_id: int, username: str, content: str) -> dict:
         """Store and publish one message; raises Unavailable if the database fails first."""
@@ -917,14 +921,15 @@ class MessageWriter:
         self.leavers.add(username)
         self.work.set()
 
-    def wake(self, newest_id: int | None = None) -> None:
-        """Another process stored messages up to newest_id (None: maybe; check)."""
+    def wake(self, newest_id: int | None = None, rooms: list[str] = ()) -> None:
+        """Another process stored messages up to newest_id in these rooms (None: maybe; check)."""
         if newest_id is None:
             self.behind = True
-        elif newest_id > self.newest:
-            self.newest = newest_id
+        elif self.last_published is None or newest_id > self.last_published:
+            self.heard = max(self.heard, newest_id)
+            self.wanted = self.wanted or any(room in self.rooms.rooms for room in rooms)
         else:
-            return
+            return  # published already: this process's own batch
         self.work.set()
 
     async def run(self) -> None:
@@ -947,11 +952,11 @@ class MessageWriter:
         async with self.database.connection():
             if self.last_published is None:
                 self.last_published = await self.database.fetch_val(LAST_ID)
-                self.newest = max(self.newest, self.last_published)
+                self.heard = max(self.heard, self.last_published)
             while True:
                 await self.work.wait()
                 self.work.clear()
-                if self.behind or self.newest > self.last_published:
+                if self.behind or self.heard > self.last_published:
                     await self.catch_up()
                 while self.posts:
                     self.batch = [self.posts.popleft() for _ in range(min(self.BATCH, len(self.posts)))]
@@ -979,16 +984,19 @@ class MessageWriter:
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.stored.inc(len(batch))
+        timestamp = iso(now)  # one time for the whole batch, as stored
         messages = [{"id": id, "room": post.room, "username": post.username, "content": post.content,
-                     "timestamp": iso(now)} for id, post in zip(ids, batch, strict=True)]
-        self.newest = max(self.newest, ids[-1])
+                     "timestamp": timestamp} for id, post in zip(ids, batch, strict=True)]
         if ids[-1] - ids[0] == len(ids) - 1:  # always, under the lock: publish from memory
-            if ids[0] > self.last_published + 1:
-                await self.catch_up(upto=ids[0] - 1)  # another process's messages came first
+            if ids[0] > self.last_published + 1:  # another process's messages came first
+                await self.catch_up(upto=ids[0] - 1)
             for message in messages:
                 self.rooms.publish(message["room"], {"type": "message", **message})
             self.last_published = ids[-1]
+            self.heard = max(self.heard, self.last_published)
+            self.wanted = self.wanted and self.heard > self.last_published
         else:
+            self.behind = True
             await self.catch_up()
         for post, message in zip(batch, messages, strict=True):
             if not post.done.done():  # the sender may have gone; the message went out all the same
@@ -1004,15 +1012,19 @@ class MessageWriter:
 
     async def catch_up(self, upto: int | None = None) -> None:
         """Publish, in id order, every message stored after the last one published here and up to
-        `upto` (default: the newest known) in the rooms of this process's clients.
+        `upto` (default: the newest heard of) in the rooms of this process's clients.
 
-        Every id up to the newest known is stored or never will be (the lock in INSERT_MESSAGES),
-        so nothing is skipped; a client that joins a room meanwhile finds these in its history.
+        Every id up to one heard of is stored or never will be (the lock in INSERT_MESSAGES), so
+        nothing is skipped; a client that joins a room meanwhile finds these in its history. When
+        all of them were heard of and none is in a room of ours, there is nothing to read.
         """
-        if self.behind:
-            self.behind = False
-            self.newest = max(self.newest, await self.database.fetch_val(LAST_ID))
-        upto = self.newest if upto is None else upto
+        if self.behind:  # heard of nothing: ask the table
+            self.behind, self.wanted = False, True
+            self.heard = max(self.heard, await self.database.fetch_val(LAST_ID))
+        upto = self.heard if upto is None else upto
+        if upto <= self.heard and not self.wanted:
+            self.last_published = max(self.last_published, upto)
+            return
         while self.last_published < upto:
             rows = await self.database.fetch_all(self.unpublished_sql, {
                 "since": self.last_published, "upto": upto, "limit": 500,
@@ -1022,6 +1034,7 @@ class MessageWriter:
                 self.last_published = row["id"]
             if len(rows) < 500:
                 self.last_published = upto
+        self.wanted = self.wanted and self.heard > self.last_published
 
 
 # --- The chat: join, message, leave, and the WebSocket endpoint ----------------------------------
@@ -1614,9 +1627,11 @@ def main(argv: list[str]) -> None:
 # - Messages: the `messages` table is the record and NOTIFY only the wake-up. Every process
 #   stores its batches under one advisory lock held until commit ('chat.messages' in
 #   INSERT_MESSAGES), so ids become visible in id order across processes, and the same statement
-#   sends pg_notify('chat_messages', <newest id>). Each process LISTENs on a connection of its own;
-#   a notification wakes its writer, which publishes every row after the last id it published.
-#   So every process publishes every message exactly once and in id order, as one process does.
+#   sends pg_notify('chat_messages', {"newest": <id>, "rooms": [<the batch's rooms>]}). Each
+#   process LISTENs on a connection of its own; a notification wakes its writer, which reads the
+#   rows after the last id it published, in its clients' rooms, and publishes them; when none of
+#   the rooms notified is one of its clients', it reads nothing. So every process publishes every
+#   message of its clients' rooms exactly once and in id order, as one process does.
 # - Notices (joined, left) travel as small NOTIFY payloads on 'chat_events'.
 # - Presence is the `presence` table, with a heartbeat per process; the others reap a process that
 #   stops beating (it died) and announce its users as gone.
@@ -1696,7 +1711,11 @@ class PostgresCluster(OneProcess):
     def on_notify(self, connection, pid, channel: str, payload: str) -> None:
         """A message stored by any process (wake the writer), or another process's notice."""
         if channel == "chat_messages":
-            self.writer.wake(int(payload))
+            try:
+                stored = json.loads(payload)
+                self.writer.wake(int(stored["newest"]), list(stored["rooms"]))
+            except (ValueError, TypeError, KeyError):  # not ours (an older version?): look for ourselves
+                self.writer.wake()
             return
         event = json.loads(payload)
         if event["from"] != self.me:

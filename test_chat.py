@@ -2021,9 +2021,32 @@ def test_the_listener_survives_an_unexpected_error_and_delivers_other_processes_
         # Another process stores a message and wakes the others, as its writer's statement does.
         postgres_execute(shared_url, "INSERT INTO messages (room, user_id, content) "
                                      "SELECT 'general', id, 'from elsewhere' FROM users; "
-                                     "SELECT pg_notify('chat_messages', '1')")
+                                     """SELECT pg_notify('chat_messages', '{"newest": 1, "rooms": ["general"]}')""")
         assert untimed(ws.receive_json()) == message(1, "alice", "from elsewhere")
     assert failed == [1]
+
+
+def test_a_notification_for_rooms_no_client_here_is_in_costs_no_query(shared_url, statements):
+    def elsewhere(room: str, newest: int) -> None:
+        """Another process stores a message in `room` and wakes the others, as its writer does."""
+        postgres_execute(shared_url, f"INSERT INTO messages (room, user_id, content) SELECT '{room}', id, 'hi' "
+                                     f"FROM users; SELECT pg_notify('chat_messages', "
+                                     f"""'{{"newest": {newest}, "rooms": ["{room}"]}}')""")
+
+    def catch_ups() -> int:
+        return sum("m.id > $" in statement for statement in statements)
+
+    with TestClient(chat.create_app(shared_url)) as client, client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        wait_until(lambda: query(client, "SELECT COUNT(*) AS n FROM pg_stat_activity "
+                                         "WHERE application_name = 'chat-listener'")[0]["n"] == 1)
+        before = catch_ups()
+        elsewhere("attic", 1)
+        time.sleep(0.5)
+        assert catch_ups() == before
+        elsewhere("general", 2)
+        assert untimed(ws.receive_json()) == message(2, "alice", "hi")
+        assert catch_ups() == before + 1
 
 
 def terminate_backends(url: str) -> None:
