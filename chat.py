@@ -442,13 +442,14 @@ async def check_lookalike(database, username: str) -> None:
     """Refuse a name that a reader could not tell from an existing user's; the first one keeps it."""
     name_looks = looks(username)
     holders = [row[0] for row in await database.fetch_all(LOOK_HOLDERS, name_looks)]
-    if holders != [username] * len(set(name_looks.values())):  # not both this user's already
-        if not any(holder != username for holder in holders):
-            holders = [await database.fetch_val(CLAIM_LOOK, {"look": look, "username": username})
-                       for look in set(name_looks.values())]
-        if holder := next((holder for holder in holders if holder != username), None):
-            raise Invalid("confusable_username", f"{username!r} looks like the existing user {holder!r}; "
-                          "choose another name")
+    others = set(holders) - {username}
+    if not others and len(holders) < len(set(name_looks.values())):  # a new name: claim its looks
+        claims = [await database.fetch_val(CLAIM_LOOK, {"look": look, "username": username})
+                  for look in set(name_looks.values())]
+        others = set(claims) - {username}  # someone else claimed one first, just now
+    if others:
+        raise Invalid("confusable_username", f"{username!r} looks like the existing user {min(others)!r}; "
+                      "choose another name")
 
 
 def check_content(value) -> str:
@@ -530,10 +531,15 @@ def make_token(username: str, ttl: int = TOKEN_TTL_SECONDS) -> str:
     return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
+def decode_token(token: str) -> dict:
+    """The claims of a token signed with our secret, unexpired and with an expiry; else jwt's error."""
+    return jwt.decode(token, SECRET, algorithms=["HS256"], options={"require": ["exp", "sub"]})
+
+
 def token_holder(token: str | None) -> tuple[str, float] | None:
     """(username, expiry as a Unix time) of a valid, unexpired token of ours; None for anything else."""
     try:
-        claims = jwt.decode(token or "", SECRET, algorithms=["HS256"], options={"require": ["exp", "sub"]})
+        claims = decode_token(token or "")
         return check_username(claims["sub"]), claims["exp"]
     except (jwt.InvalidTokenError, Invalid):
         return None
@@ -544,7 +550,7 @@ def token_refusal(token: str | None, how: str) -> str:
     if not token:
         return f"a token is required ({how}); python chat.py token NAME makes one"
     try:
-        jwt.decode(token, SECRET, algorithms=["HS256"], options={"require": ["exp", "sub"]})
+        decode_token(token)
     except jwt.ExpiredSignatureError:
         return "the token has expired; get a fresh one (python chat.py token NAME)"
     except jwt.InvalidTokenError:
