@@ -254,10 +254,11 @@ CREATE_USER = """
 FIND_USER = "SELECT id, username, last_seen FROM users WHERE username = :username"
 # The first name to claim a look (see check_lookalike) keeps it; the claim answers with whoever
 # holds the look now.
-LOOK_HOLDERS = "SELECT username FROM looks WHERE look IN (:as_written, :any_case)"
+LOOK_HOLDERS = "SELECT look, username FROM looks WHERE look IN (:as_written, :any_case, :folded_look)"
 CLAIM_LOOK = """
     INSERT INTO looks (look, username) VALUES (:look, :username)
     ON CONFLICT (look) DO UPDATE SET look = excluded.look RETURNING username"""
+RELEASE_LOOK = "DELETE FROM looks WHERE look = :look AND username = :username"
 UNCLAIMED_USERS = "SELECT username FROM users WHERE username NOT IN (SELECT username FROM looks) ORDER BY id"
 # A whole batch of messages is one statement, its rows one JSON array: one round trip however
 # many messages wait, and nothing left half-done if the connection dies mid-batch. SQLite and
@@ -433,20 +434,26 @@ def skeleton(name: str, fold: bool) -> str:
 
 
 def looks(name: str) -> dict[str, str]:
-    """What a name looks like as written ("aIice", with a capital I, looks like "alice") and
-    whatever its case ("ALICE" is "alice"); "аlice" (Cyrillic а) and "a1ice" look like "alice" both ways."""
-    return {"as_written": skeleton(name, fold=False), "any_case": skeleton(name, fold=True)}
+    """What a name looks like: as written ("aIice", with a capital I, looks like "alice"), whatever
+    its case ("ALICE" is "alice"), and as written then whatever its case ("ВОВ" in Cyrillic
+    capitals looks like "BOB", so like "bob"); "аlice" (Cyrillic а) and "a1ice" look like "alice" every way."""
+    as_written = skeleton(name, fold=False)
+    return {"as_written": as_written, "any_case": skeleton(name, fold=True),
+            "folded_look": skeleton(as_written, fold=True)}
 
 
 async def check_lookalike(database, username: str) -> None:
     """Refuse a name that a reader could not tell from an existing user's; the first one keeps it."""
     name_looks = looks(username)
-    holders = [row[0] for row in await database.fetch_all(LOOK_HOLDERS, name_looks)]
-    others = set(holders) - {username}
-    if not others and len(holders) < len(set(name_looks.values())):  # a new name: claim its looks
-        claims = [await database.fetch_val(CLAIM_LOOK, {"look": look, "username": username})
-                  for look in set(name_looks.values())]
-        others = set(claims) - {username}  # someone else claimed one first, just now
+    held = {row["look"]: row["username"] for row in await database.fetch_all(LOOK_HOLDERS, name_looks)}
+    others = set(held.values()) - {username}
+    unclaimed = set(name_looks.values()) - set(held)
+    if not others and unclaimed:  # a new name (or a new kind of look): claim what is free
+        claims = {look: await database.fetch_val(CLAIM_LOOK, {"look": look, "username": username})
+                  for look in sorted(unclaimed)}
+        others = set(claims.values()) - {username}  # someone else claimed one first, just now
+        for look in claims if others else ():  # refused: hold nothing a later name might need
+            await database.execute(RELEASE_LOOK, {"look": look, "username": username})
     if others:
         raise Invalid("confusable_username", f"{username!r} looks like the existing user {min(others)!r}; "
                       "choose another name")
