@@ -183,6 +183,7 @@ async def apply_schema(database: Database) -> None:
             # The lock keeps two processes starting at once from racing on CREATE TABLE.
             async with raw.transaction():
                 await raw.execute("SELECT pg_advisory_xact_lock(hashtext('chat.schema'))")
+                await raw.execute('CREATE COLLATION IF NOT EXISTS "binary" FROM "C"')  # SQLite's, by name
                 await raw.execute(schema.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY"))
 
 

@@ -15,7 +15,9 @@ CREATE TABLE IF NOT EXISTS users (
 
 CREATE TABLE IF NOT EXISTS messages (
     id         INTEGER PRIMARY KEY,
-    room       TEXT NOT NULL DEFAULT 'general' CHECK (length(room) BETWEEN 1 AND 32),
+    -- Room names compare byte by byte (SQLite's BINARY; chat.py makes PostgreSQL a "binary" too,
+    -- whatever the database's locale), so GET /rooms pages in the order Python sorts them.
+    room       TEXT COLLATE "binary" NOT NULL DEFAULT 'general' CHECK (length(room) BETWEEN 1 AND 32),
     user_id    BIGINT NOT NULL REFERENCES users (id),
     content    TEXT NOT NULL CHECK (length(content) BETWEEN 1 AND 2000),
     created_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP

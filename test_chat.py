@@ -835,6 +835,24 @@ def test_rooms_come_a_page_at_a_time_by_name(client, unlimited):
     assert first[2]["active_users"] == ["bob"]
 
 
+def test_rooms_page_in_one_order_on_a_postgresql_database_with_a_language_locale(postgres_url, unlimited):
+    url = postgres_url.rsplit("/", 1)[0] + f"/chat_icu_{os.getpid()}"
+    postgres_execute(postgres_url, f"CREATE DATABASE {url.rsplit('/', 1)[1]} TEMPLATE template0 "
+                                   "LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'")
+    rooms = ["a-c", "a_b", "ab", "a-b", "a0", "b"]  # en-US sorts past '-' and '_': ab, a-b, a_b...
+    try:
+        with TestClient(chat.create_app(url)) as client:
+            for room in rooms:
+                post(client, "alice", "hi", room=room)
+            seen, after = [], ""
+            while page := client.get(f"/rooms?limit=2&after={after}").json():
+                seen += [r["room"] for r in page]
+                after = page[-1]["room"]
+    finally:
+        postgres_execute(postgres_url, f"DROP DATABASE {url.rsplit('/', 1)[1]} WITH (FORCE)")
+    assert seen == sorted(rooms)
+
+
 def test_paging_back_with_before_returns_every_message_exactly_once(client):
     for n in range(1, 24):
         post(client, "alice", str(n))
