@@ -8,6 +8,7 @@
     python bench_chat.py --compare /work/shared/tutorial-app --runs 3  # chat.py vs the tutorial app
     python bench_chat.py --compare /tmp/before/chat.py --runs 3        # vs another checkout's chat.py
     python bench_chat.py --scaling --database postgresql://postgres@127.0.0.1/postgres --runs 3
+    python bench_chat.py --scaling /tmp/before/chat.py --database postgresql://...   # vs another chat.py
 
 By default it starts `python chat.py` (`--workers N` processes on N ports, clients spread over them,
 as behind a load balancer) on a fresh database: a temporary SQLite file, or a new database on the
@@ -26,7 +27,8 @@ HEAD~1`). All load goes to the plain /ws path (the tutorial app has no rooms), a
 measured on connections open but not joined.
 
 --scaling (PostgreSQL) runs the write-heavy scenario (each sender alone in its room, so every stored
-message is delivered once) on 1, 2 and 4 chat.py processes, alternating over --runs rounds.
+message is delivered once) on 1, 2 and 4 chat.py processes, alternating over --runs rounds; given
+another checkout's chat.py, on both, alternating, with the ratio of their medians.
 
 The load generator is this one Python process on the same machine (uvloop and a minimal WebSocket
 client on asyncio.Protocol); it prints its own CPU use, to show whether it is the limit.
@@ -599,27 +601,42 @@ def compare(args) -> None:
 
 
 def scaling(args) -> None:
-    """The write-heavy scenario on 1, 2 and 4 chat.py processes sharing one PostgreSQL database."""
+    """The write-heavy scenario on 1, 2 and 4 chat.py processes sharing one PostgreSQL database;
+    with a peer (another checkout's chat.py), the same for it, alternating."""
     counts, s = (1, 2, 4), write_heavy(args.quick)
-    results = {count: [] for count in counts}
+    scripts = {"chat": HERE / "chat.py"}
+    if args.scaling:
+        scripts["peer"] = pathlib.Path(args.scaling).resolve()
+        if not scripts["peer"].is_file():
+            raise SystemExit(f"--scaling: no chat.py at {scripts['peer']}")
+    results = {(name, count): [] for name in scripts for count in counts}
     for n in range(args.runs):
         for count in counts:
-            print(f"  round {n + 1} of {args.runs}: {count} process(es)", file=sys.stderr, flush=True)
-            with chat_servers(HERE / "chat.py", args.database, count) as (urls, pids):
-                result = uvloop.run(run_load(urls, pids, s, ""))
-            results[count].append(result)
-            if result["lost"] or result["duplicated"] or result["out_of_order"]:
-                print(f"  {count} process(es): {result_line(s, result)}", file=sys.stderr)
+            for name, script in scripts.items():
+                print(f"  round {n + 1} of {args.runs}: {name}, {count} process(es)", file=sys.stderr, flush=True)
+                with chat_servers(script, args.database, count) as (urls, pids):
+                    result = uvloop.run(run_load(urls, pids, s, ""))
+                results[name, count].append(result)
+                if result["lost"] or result["duplicated"] or result["out_of_order"]:
+                    print(f"  {name}, {count} process(es): {result_line(s, result)}", file=sys.stderr)
     header(f"chat.py write-heavy scaling, {database_label(args.database)}, {args.runs} round(s), "
-           f"process counts alternating {', '.join(map(str, counts))}")
+           f"process counts {'and servers ' if len(scripts) > 1 else ''}alternating")
     print(f"  write-heavy: {s.label}, {s.per_sender} messages each, window {WINDOW}")
-    one = statistics.median(r["per_second"] for r in results[1])
-    for count in counts:
-        median, spread = summary([r["per_second"] for r in results[count]])
-        print(f"  {count} process(es): {number(median)} messages stored/s median ({spread}), "
-              f"{median / one if one else float('nan'):.2f}x one process; "
-              f"{number(statistics.median(r['cpu_us'] for r in results[count]))} µs server CPU per message",
-              flush=True)
+    for name, script in scripts.items():
+        print(f"  {name}: {script}")
+        one = statistics.median(r["per_second"] for r in results[name, 1])
+        for count in counts:
+            median, spread = summary([r["per_second"] for r in results[name, count]])
+            print(f"    {count} process(es): {number(median)} messages stored/s median ({spread}), "
+                  f"{median / one if one else float('nan'):.2f}x one process; "
+                  f"{number(statistics.median(r['cpu_us'] for r in results[name, count]))} µs server CPU "
+                  f"per message; lost/duplicated/out of order: "
+                  f"{sum(r['lost'] + r['duplicated'] + r['out_of_order'] for r in results[name, count])}",
+                  flush=True)
+    if len(scripts) > 1:
+        median = {key: statistics.median(r["per_second"] for r in runs) for key, runs in results.items()}
+        ratios = ", ".join(f"{count}: {median['chat', count] / median['peer', count]:.2f}x" for count in counts)
+        print(f"  chat/peer, messages stored/s by process count: {ratios}", flush=True)
 
 
 def main() -> None:
@@ -634,7 +651,9 @@ def main() -> None:
     mode.add_argument("--url", help="drive a server already running at ws://HOST:PORT/PATH instead")
     mode.add_argument("--compare", metavar="TARGET",
                       help="compare with a folder with setup.sh and run.sh, or a chat.py file")
-    mode.add_argument("--scaling", action="store_true", help="write-heavy on 1, 2, 4 processes (PostgreSQL)")
+    mode.add_argument("--scaling", nargs="?", const="", metavar="PEER",
+                      help="write-heavy on 1, 2, 4 processes (PostgreSQL); with PEER (another chat.py), "
+                           "both, alternating")
     parser.add_argument("--pid", type=int, help="with --url: its process, for CPU and memory figures")
     parser.add_argument("--runs", type=int, default=3, help="--compare, --scaling: runs each (default 3)")
     parser.add_argument("--only", default="", help="only these kinds of scenario, comma-separated: "
@@ -642,14 +661,14 @@ def main() -> None:
     args = parser.parse_args()
     ONLY.update(kind for kind in args.only.split(",") if kind)
     for wrong, message in ((args.workers > 1 and not args.database, "several workers need PostgreSQL"),
-                           (args.scaling and not args.database, "--scaling needs PostgreSQL"),
+                           (args.scaling is not None and not args.database, "--scaling needs PostgreSQL"),
                            (args.pid and not args.url, "--pid goes with --url"),
                            (args.runs < 1, "--runs must be at least 1")):
         if wrong:
             parser.error(message)
     if args.compare:
         compare(args)
-    elif args.scaling:
+    elif args.scaling is not None:
         scaling(args)
     else:
         single(args)

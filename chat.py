@@ -99,6 +99,7 @@ RATE_PER_SECOND = float(os.environ.get("RATE_PER_SECOND", "5"))  # frames per co
 RATE_BURST = float(os.environ.get("RATE_BURST", "10"))  # frames a connection may send at once
 FLOOD_LIMIT = int(os.environ.get("FLOOD_LIMIT", "50"))  # refused frames in a row before we hang up
 JOIN_COST = 5  # a join counts as five frames: it writes to the database and tells the room
+MESSAGES_IN_FLIGHT = 64  # a connection's messages being stored at once; past this it reads no more
 JOINS_PER_MINUTE = int(os.environ.get("JOINS_PER_MINUTE", "60"))  # per address, all its sockets together
 REST_WRITES_PER_MINUTE = int(os.environ.get("REST_WRITES_PER_MINUTE", "120"))  # per address
 MAX_CONTENT_LENGTH = int(os.environ.get("MAX_CONTENT_LENGTH", "2000"))  # schema.sql CHECKs 2000 too
@@ -697,7 +698,8 @@ class Client:
         self.outbox: deque[str] = deque()
         self.sender: asyncio.Task | None = None
         self.held: list[tuple[int | None, str]] | None = None  # live frames held while joining
-        self.stalled = False
+        self.in_flight: deque[asyncio.Future] = deque()  # its messages being stored, oldest first
+        self.stopped = False  # nothing more is sent to it: it stalled, or it went
 
     def send(self, frame: dict) -> None:
         self.send_text(encode(frame))
@@ -707,7 +709,7 @@ class Client:
 
     def send_text(self, text: str, message_id: int | None = None) -> None:
         """Queue an encoded frame; the sender task writes it to the socket."""
-        if self.stalled:
+        if self.stopped:
             return
         if self.held is not None:
             self.held.append((message_id, text))
@@ -716,7 +718,6 @@ class Client:
             # It stopped reading: nothing more is queued for it, and it is told so with 1013. The
             # close frame reaches it if it ever reads again; until then its socket holds no more
             # than the transport's buffer, and counts against its address's connection limit.
-            self.stalled = True
             self.stop_sending()
             self.on_stall(self)
             asyncio.create_task(self.close(status.WS_1013_TRY_AGAIN_LATER, "too slow: send queue full",
@@ -733,9 +734,17 @@ class Client:
                 await self.websocket.send_text(self.outbox.popleft())
 
     def stop_sending(self) -> None:
+        self.stopped = True
         self.outbox.clear()
         if self.sender:
             self.sender.cancel()
+
+    async def settle(self, most: int = 0) -> None:
+        """Wait until no more than `most` of its messages are still being stored."""
+        while self.in_flight and self.in_flight[0].done():
+            self.in_flight.popleft()
+        while len(self.in_flight) > most:
+            await asyncio.wait([self.in_flight.popleft()])
 
     def hold(self) -> None:
         """From now until release(), live frames wait: the client is reading its history."""
@@ -896,13 +905,13 @@ async def supervise(name: str, work, on_failure=lambda: None, delay: float = 0.5
 class MessageWriter:
     """The tutorial's "save, then broadcast", done in batches and in id order.
 
-    Senders post() a message and wait. The writer stores whatever is waiting in one statement
-    (group commit), then publishes it in id order, then answers the senders. It is the only thing
-    that publishes messages, so every client sees a room's ids in increasing order: a client that
-    replays "everything after id N" and then goes live sees no gap and no duplicate. On
-    PostgreSQL other processes store messages too; their NOTIFY wakes this writer (wake()), and
-    it publishes whatever was stored after the last id it published (catch_up()), in the rooms
-    of its own clients.
+    Senders submit() a message (a socket goes on reading, REST waits for it). The writer stores
+    whatever is waiting in one statement (group commit), publishes it in id order, then answers
+    the senders. It is the only thing that publishes messages, so every client sees a room's ids
+    in increasing order: a client that replays "everything after id N" and then goes live sees no
+    gap and no duplicate. On PostgreSQL other processes store messages too; their NOTIFY wakes
+    this writer (wake()), and it publishes whatever was stored after the last id it published
+    (catch_up()), in the rooms of its own clients.
     """
 
     BATCH = 100
@@ -925,10 +934,14 @@ class MessageWriter:
 
     async def post(self, room: str, user_id: int, username: str, content: str) -> dict:
         """Store and publish one message; raises Unavailable if the database fails first."""
+        return await self.submit(room, user_id, username, content)
+
+    def submit(self, room: str, user_id: int, username: str, content: str) -> asyncio.Future:
+        """Queue one message; the future is the stored message, or Unavailable."""
         post = Post(room, user_id, username, content)
         self.posts.append(post)
         self.work.set()
-        return await post.done
+        return post.done
 
     def record_leaving(self, username: str) -> None:
         """Record last_seen with the next batch: a thousand clients leaving at once cost one write."""
@@ -1058,7 +1071,7 @@ class MessageWriter:
 #   chat_socket()      receives the frame, checks the sender's rate, hands it to parse_frame()
 #   parse_frame()      checks it is a JSON object with a known type
 #   on_message()       checks the sender has joined, and the content
-#   writer.post()      queues it, and waits for the stored version
+#   writer.submit()    queues it; the socket goes on reading (MESSAGES_IN_FLIGHT at a time)
 #   writer.store()     saves every waiting message in one INSERT (in batches: group commit), then
 #   rooms.publish()    encodes the stored message once and puts it in the outbox of every client
 #                      in the room, in id order (Client.send_text)
@@ -1133,10 +1146,27 @@ def newest_within(messages: list[dict], budget: int) -> list[dict]:
 
 
 async def on_message(app, client: Client, frame: dict) -> None:
-    """Store the message; the writer publishes it to the room, the sender included."""
+    """Queue the message and go on reading: the writer stores a connection's messages in the order
+    sent, with whatever else is waiting, and publishes them to the room, the sender included. A
+    sender that waited for each one to be stored would get one message per commit through."""
     check_same_user(client, frame)
     content = check_content(frame.get("content"))
-    await app.state.writer.post(client.room, client.user_id, client.username, content)
+    await client.settle(MESSAGES_IN_FLIGHT - 1)
+    stored = app.state.writer.submit(client.room, client.user_id, client.username, content)
+
+    def unstored(done: asyncio.Future) -> None:  # a stored one reaches the sender as its own copy
+        if not done.cancelled() and done.exception():
+            unavailable(app, client)
+
+    stored.add_done_callback(unstored)
+    client.in_flight.append(stored)
+
+
+def unavailable(app, client: Client) -> None:
+    """Tell a client the database failed its frame (a message: it was not stored)."""
+    app.state.metrics.database_errors.inc()
+    app.state.metrics.refused.labels("unavailable").inc()
+    client.error("unavailable", "the database is unavailable; try again shortly")
 
 
 async def on_leave(app, client: Client, frame: dict) -> None:
@@ -1148,7 +1178,9 @@ async def on_leave(app, client: Client, frame: dict) -> None:
 
 
 async def leave(app, client: Client) -> None:
-    """Unsubscribe a joined client; the user's last connection in the room announces the leave."""
+    """Unsubscribe a joined client; the user's last connection in the room announces the leave.
+    Its messages still being stored go out first, so the room sees them before it goes."""
+    await client.settle()
     room, username = client.room, client.username
     if username is None or not app.state.rooms.subscribed(client):
         return
@@ -1227,9 +1259,7 @@ async def chat_socket(websocket: WebSocket):
                 client.error(exc.code, exc.detail)
             except DATABASE_ERRORS as exc:
                 log.warning("database error on a WebSocket frame: %r", exc)
-                app.state.metrics.database_errors.inc()
-                app.state.metrics.refused.labels("unavailable").inc()
-                client.error("unavailable", "the database is unavailable; try again shortly")
+                unavailable(app, client)
     finally:
         if expiry:
             expiry.cancel()
