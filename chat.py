@@ -926,9 +926,10 @@ class MessageWriter:
         self.behind = False  # others may have stored messages this process has not heard of
         self.last_published: int | None = None  # the highest id published here
         # Heard of: every message up to this id, and in which rooms (other processes' NOTIFYs
-        # come in commit order, which the lock makes id order). `wanted`: one of those not yet
-        # published may be in a room of this process's clients, so they must be read.
-        self.heard, self.wanted = 0, False
+        # come in commit order, which the lock makes id order). `wanted`: the newest id of a
+        # batch heard of that touched a room of this process's clients; up to there, read.
+        self.heard, self.wanted = 0, 0
+        self.backend: int | None = None  # PostgreSQL's pid for the writer's connection
         self.stopping = False
         self.work = asyncio.Event()  # set when any of the above has something to do
 
@@ -948,13 +949,17 @@ class MessageWriter:
         self.leavers.add(username)
         self.work.set()
 
-    def wake(self, newest_id: int | None = None, rooms: list[str] = ()) -> None:
-        """Another process stored messages up to newest_id in these rooms (None: maybe; check)."""
+    def wake(self, newest_id: int | None = None, rooms: list[str] = (), backend: int | None = None) -> None:
+        """Some process stored messages up to newest_id in these rooms (None: maybe; check), from
+        the connection whose pid is `backend`."""
         if newest_id is None:
             self.behind = True
+        elif backend is not None and backend == self.backend:
+            return  # this writer's own batch, which store() publishes (its NOTIFY may come first)
         elif self.last_published is None or newest_id > self.last_published:
             self.heard = max(self.heard, newest_id)
-            self.wanted = self.wanted or any(room in self.rooms.rooms for room in rooms)
+            if any(room in self.rooms.rooms for room in rooms):
+                self.wanted = max(self.wanted, newest_id)
         else:
             return  # published already: this process's own batch
         self.work.set()
@@ -976,7 +981,9 @@ class MessageWriter:
         for every statement."""
         if self.stopping and not self.posts:
             return
-        async with self.database.connection():
+        async with self.database.connection() as connection:
+            if self.database.url.dialect == "postgresql":
+                self.backend = connection.raw_connection.get_server_pid()
             if self.last_published is None:
                 self.last_published = await self.database.fetch_val(LAST_ID)
                 self.heard = max(self.heard, self.last_published)
@@ -1021,7 +1028,6 @@ class MessageWriter:
                 self.rooms.publish(message["room"], {"type": "message", **message})
             self.last_published = ids[-1]
             self.heard = max(self.heard, self.last_published)
-            self.wanted = self.wanted and self.heard > self.last_published
         else:
             self.behind = True
             await self.catch_up()
@@ -1045,14 +1051,15 @@ class MessageWriter:
         nothing is skipped; a client that joins a room meanwhile finds these in its history. When
         all of them were heard of and none is in a room of ours, there is nothing to read.
         """
-        if self.behind:  # heard of nothing: ask the table
-            self.behind, self.wanted = False, True
-            self.heard = max(self.heard, await self.database.fetch_val(LAST_ID))
+        if self.behind:  # heard of nothing: ask the table, and read up to its newest
+            self.behind = False
+            self.heard = self.wanted = max(self.heard, await self.database.fetch_val(LAST_ID))
         upto = self.heard if upto is None else upto
-        if upto <= self.heard and not self.wanted:
+        if upto <= self.heard and self.wanted <= self.last_published:
             self.last_published = max(self.last_published, upto)
             return
         while self.last_published < upto:
+            self.metrics.catch_up_reads.inc()
             rows = await self.database.fetch_all(self.unpublished_sql, {
                 "since": self.last_published, "upto": upto, "limit": 500,
                 "rooms": json.dumps(list(self.rooms.rooms))})
@@ -1061,7 +1068,6 @@ class MessageWriter:
                 self.last_published = row["id"]
             if len(rows) < 500:
                 self.last_published = upto
-        self.wanted = self.wanted and self.heard > self.last_published
 
 
 # --- The chat: join, message, leave, and the WebSocket endpoint ----------------------------------
@@ -1492,6 +1498,8 @@ class Metrics:
                                     "code")
         self.slow_readers_cut = self.counter("chat_slow_readers_cut", "Clients dropped: they stopped reading")
         self.database_errors = self.counter("chat_database_errors", "Database errors seen")
+        self.catch_up_reads = self.counter(
+            "chat_writer_catch_up_reads", "Reads of messages stored by other processes (PostgreSQL)")
         self.batch_size = prometheus_client.Histogram(
             "chat_writer_batch_size", "Messages stored per statement", registry=self.registry,
             buckets=(1, 2, 5, 10, 20, 50, 100))
@@ -1757,7 +1765,7 @@ class PostgresCluster(OneProcess):
         if channel == "chat_messages":
             try:
                 stored = json.loads(payload)
-                self.writer.wake(int(stored["newest"]), list(stored["rooms"]))
+                self.writer.wake(int(stored["newest"]), list(stored["rooms"]), backend=pid)
             except (ValueError, TypeError, KeyError):  # not ours (an older version?): look for ourselves
                 self.writer.wake()
             return

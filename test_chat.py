@@ -2378,6 +2378,39 @@ def test_clients_on_two_processes_see_every_message_once_in_order(shared_url):
     assert seen_a == stored and seen_b == stored
 
 
+def catch_up_reads(base: str) -> float:
+    text = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+    return float(re.search(r"^chat_writer_catch_up_reads_total (\S+)$", text, re.M).group(1))
+
+
+def two_senders(a: str, b: str, room_a: str, room_b: str, count: int) -> tuple[list[int], list[int]]:
+    """A sender on each process, in these rooms, `count` messages each at once; the ids each saw."""
+    with ws_connect(a, f"/ws/{room_a}") as s1, ws_connect(b, f"/ws/{room_b}") as s2:
+        ws_join(s1, "sam")
+        ws_join(s2, "sue")
+        senders = [threading.Thread(target=send_many, args=(ws, tag, count)) for ws, tag in ((s1, "a"), (s2, "b"))]
+        for thread in senders:
+            thread.start()
+        seen = collect(s1, count * (1 + (room_a == room_b))), collect(s2, count * (1 + (room_a == room_b)))
+        for thread in senders:
+            thread.join()
+    return seen
+
+
+def test_processes_whose_clients_share_no_room_never_read_each_others_messages(shared_url):
+    with two_servers(shared_url) as ((a, _), (b, _)):
+        seen_a, seen_b = two_senders(a, b, "left", "right", 300)
+        assert sorted(seen_a + seen_b) == list(range(1, 601))
+        assert (catch_up_reads(a), catch_up_reads(b)) == (0, 0)
+
+
+def test_processes_whose_clients_share_a_room_read_each_others_messages(shared_url):
+    with two_servers(shared_url) as ((a, _), (b, _)):
+        seen_a, seen_b = two_senders(a, b, "general", "general", 300)
+        assert seen_a == seen_b == list(range(1, 601))
+        assert catch_up_reads(a) > 0 and catch_up_reads(b) > 0
+
+
 def test_joining_a_room_no_one_on_this_process_was_in_replays_then_goes_live_without_gap(shared_url):
     with two_servers(shared_url) as ((a, _), (b, _)):
         with ws_connect(a) as sender:
