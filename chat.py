@@ -1210,7 +1210,7 @@ def background(app, coroutine) -> None:
 
 
 async def chat_socket(websocket: WebSocket):
-    """Check the handshake, then handle one frame at a time until the socket goes."""
+    """Check the handshake, then handle its frames in order until the socket goes."""
     app = websocket.app
     # Refused before accept: the client gets HTTP 403 and no socket is ever opened.
     refusal = handshake_refusal(websocket)

@@ -2112,8 +2112,9 @@ def test_the_listener_survives_an_unexpected_error_and_delivers_other_processes_
     monkeypatch.setattr(chat.asyncpg, "connect", fails_once)
     with TestClient(chat.create_app(shared_url)) as client, client.websocket_connect("/ws") as ws:
         join(ws, "alice")
-        wait_until(lambda: query(client, "SELECT COUNT(*) AS n FROM pg_stat_activity "
-                                         "WHERE application_name = 'chat-listener'")[0]["n"] == 1)
+        wait_until(lambda: query(client, "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE "
+                                         "application_name = 'chat-listener' AND datname = current_database()"
+                                         )[0]["n"] == 1)
         # Another process stores a message and wakes the others, as its writer's statement does.
         postgres_execute(shared_url, "INSERT INTO messages (room, user_id, content) "
                                      "SELECT 'general', id, 'from elsewhere' FROM users; "
@@ -2134,8 +2135,9 @@ def test_a_notification_for_rooms_no_client_here_is_in_costs_no_query(shared_url
 
     with TestClient(chat.create_app(shared_url)) as client, client.websocket_connect("/ws") as ws:
         join(ws, "alice")
-        wait_until(lambda: query(client, "SELECT COUNT(*) AS n FROM pg_stat_activity "
-                                         "WHERE application_name = 'chat-listener'")[0]["n"] == 1)
+        wait_until(lambda: query(client, "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE "
+                                         "application_name = 'chat-listener' AND datname = current_database()"
+                                         )[0]["n"] == 1)
         before = catch_ups()
         elsewhere("attic", 1)
         time.sleep(0.5)
@@ -2473,8 +2475,8 @@ def test_cutting_the_listener_connection_loses_nothing(shared_url):
             thread = threading.Thread(target=send_many, args=(sender, "m", 300))
             thread.start()
             first = collect(reader, 50)
-            postgres_execute(shared_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                         "WHERE application_name = 'chat-listener'")
+            postgres_execute(shared_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                                         "application_name = 'chat-listener' AND datname = current_database()")
             rest = collect(reader, 250)
             thread.join()
         assert first + rest == stored_ids(a) == list(range(1, 301))
