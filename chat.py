@@ -700,6 +700,7 @@ class Client:
         self.held: list[tuple[int | None, str]] | None = None  # live frames held while joining
         self.in_flight: deque[asyncio.Future] = deque()  # its messages being stored, oldest first
         self.stopped = False  # nothing more is sent to it: it stalled, or it went
+        self.closing: asyncio.Task | None = None  # its 1013, once it stalled
 
     def send(self, frame: dict) -> None:
         self.send_text(encode(frame))
@@ -720,8 +721,8 @@ class Client:
             # than the transport's buffer, and counts against its address's connection limit.
             self.stop_sending()
             self.on_stall(self)
-            asyncio.create_task(self.close(status.WS_1013_TRY_AGAIN_LATER, "too slow: send queue full",
-                                           timeout=None))
+            self.closing = asyncio.create_task(self.close(status.WS_1013_TRY_AGAIN_LATER,
+                                                          "too slow: send queue full", timeout=None))
             return
         self.outbox.append(text)
         if self.sender is None or self.sender.done():
@@ -1009,6 +1010,7 @@ class MessageWriter:
                 post.done.set_exception(Unavailable())
         self.batch, self.behind = [], True
         self.posts.clear()
+        self.work.set()
 
     async def store(self, batch: list[Post]) -> None:
         """Store a batch in one statement, publish it in id order, then answer its senders."""
@@ -1021,19 +1023,21 @@ class MessageWriter:
         timestamp = iso(now)  # one time for the whole batch, as stored
         messages = [{"id": id, "room": post.room, "username": post.username, "content": post.content,
                      "timestamp": timestamp} for id, post in zip(ids, batch, strict=True)]
-        if ids[-1] - ids[0] == len(ids) - 1:  # always, under the lock: publish from memory
-            if ids[0] > self.last_published + 1:  # another process's messages came first
-                await self.catch_up(upto=ids[0] - 1)
-            for message in messages:
-                self.rooms.publish(message["room"], {"type": "message", **message})
-            self.last_published = ids[-1]
-            self.heard = max(self.heard, self.last_published)
-        else:
-            self.behind = True
-            await self.catch_up()
-        for post, message in zip(batch, messages, strict=True):
-            if not post.done.done():  # the sender may have gone; the message went out all the same
-                post.done.set_result(message)
+        try:
+            if ids[-1] - ids[0] == len(ids) - 1:  # always, under the lock: publish from memory
+                if ids[0] > self.last_published + 1:  # another process's messages came first
+                    await self.catch_up(upto=ids[0] - 1)
+                for message in messages:
+                    self.rooms.publish(message["room"], {"type": "message", **message})
+                self.last_published = ids[-1]
+                self.heard = max(self.heard, self.last_published)
+            else:
+                self.behind = True
+                await self.catch_up()
+        finally:  # stored, so never "unavailable": if publishing failed, the next session publishes them
+            for post, message in zip(batch, messages, strict=True):
+                if not post.done.done():  # the sender may have gone; the message went out all the same
+                    post.done.set_result(message)
 
     async def record_last_seen(self) -> None:
         usernames, self.leavers = self.leavers, set()
@@ -1244,8 +1248,8 @@ async def chat_socket(websocket: WebSocket):
     try:
         while True:
             message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                break
+            if message["type"] == "websocket.disconnect" or client.stopped:
+                break  # gone, or cut for not reading: nothing more of it is read, or stored
             try:
                 if not client.budget.take():
                     raise Invalid("rate_limited", f"over {RATE_PER_SECOND:g} frames a second; this one was dropped")
@@ -1273,6 +1277,8 @@ async def chat_socket(websocket: WebSocket):
         client.stop_sending()
         # Its own task: leaving completes even if this handler is being cancelled.
         background(app, leave(app, client))
+        if client.closing:  # its 1013 waits behind what it has not read; the ping timeout ends that
+            await client.closing
 
 
 async def upgrade_required(request):

@@ -1814,6 +1814,29 @@ def test_a_client_that_stops_reading_does_not_delay_the_others_and_is_dropped(da
         assert received < 2000
 
 
+def test_a_client_cut_for_not_reading_is_read_no_further_and_nothing_more_of_it_is_stored(database_url):
+    env = {**FAST, "SEND_QUEUE_FRAMES": "20", "PING_INTERVAL": "60"}
+    with running_server(database_url, runner=True, env=env) as base:
+        slow = StalledClient(base, "slowpoke")
+        with ws_connect(base) as sender:
+            ws_join(sender, "sender")
+            for n in range(3000):
+                sender.send(json.dumps({"type": "message", "content": f"{n} {'x' * 1900}"}))
+                collect(sender, 1)
+                if active(base) == ["sender"]:
+                    break
+            assert active(base) == ["sender"]  # slowpoke was cut: it left the room
+            for n in range(5):
+                slow.protocol.send_text(json.dumps({"type": "message", "content": f"after {n}"}).encode())
+            slow.flush()
+            time.sleep(0.5)
+            sender.send(json.dumps({"type": "message", "content": "last"}))
+            collect(sender, 1)
+        contents = [m["content"] for m in json.load(urllib.request.urlopen(f"{base}/messages?limit=100"))]
+        assert contents[-1] == "last" and not [c for c in contents if c.startswith("after")]
+        slow.sock.close()
+
+
 def test_a_peer_that_stops_answering_pings_is_dropped_and_leaves_presence(database_url):
     env = {"PING_INTERVAL": "0.5", "PING_TIMEOUT": "0.5"}
     with running_server(database_url, runner=True, env=env) as base:
@@ -2120,6 +2143,27 @@ def test_the_listener_survives_an_unexpected_error_and_delivers_other_processes_
                                      "SELECT 'general', id, 'from elsewhere' FROM users; "
                                      """SELECT pg_notify('chat_messages', '{"newest": 1, "rooms": ["general"]}')""")
         assert untimed(ws.receive_json()) == message(1, "alice", "from elsewhere")
+    assert failed == [1]
+
+
+def test_a_batch_stored_before_the_database_failed_is_acknowledged_never_unavailable(shared_url, monkeypatch):
+    catch_up, failed = chat.MessageWriter.catch_up, []
+
+    async def fails_reading_the_gap(self, upto=None):
+        if upto is not None and not failed:  # reading others' messages under its own batch
+            failed.append(upto)
+            raise OSError("the connection was lost after the commit")
+        await catch_up(self, upto)
+
+    monkeypatch.setattr(chat.MessageWriter, "catch_up", fails_reading_the_gap)
+    with TestClient(chat.create_app(shared_url)) as client, client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        # Another process stores a message, and its NOTIFY has not arrived yet.
+        postgres_execute(shared_url, "INSERT INTO messages (room, user_id, content) "
+                                     "SELECT 'general', id, 'from elsewhere' FROM users")
+        ws.send_json({"type": "message", "content": "mine"})
+        assert [untimed(ws.receive_json()) for _ in range(2)] == [
+            message(1, "alice", "from elsewhere"), message(2, "alice", "mine")]
     assert failed == [1]
 
 
