@@ -28,7 +28,9 @@ measured on connections open but not joined.
 
 --scaling (PostgreSQL) runs the write-heavy scenario (each sender alone in its room, so every stored
 message is delivered once) on 1, 2 and 4 chat.py processes, alternating over --runs rounds; given
-another checkout's chat.py, on both, alternating, with the ratio of their medians.
+another checkout's chat.py, on both, alternating, with the ratio of their medians. It prints where
+the CPU went per stored message (chat's processes, PostgreSQL's if it runs on this machine, the load
+generator) and how busy the whole machine was: when it is near 100%, more processes cannot help.
 
 The load generator is this one Python process on the same machine (uvloop and a minimal WebSocket
 client on asyncio.Protocol); it prints its own CPU use, to show whether it is the limit.
@@ -158,6 +160,23 @@ def cpu_seconds(pids) -> float:
         fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def database_cpu_seconds() -> float | None:
+    """CPU time PostgreSQL's processes on this machine have used so far (None: none here)."""
+    total, found = 0, False
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            name, fields = stat.read_text().rsplit(")", 1)
+            if name.endswith("(postgres"):
+                found, total = True, total + int(fields.split()[11]) + int(fields.split()[12])
+    return total / os.sysconf("SC_CLK_TCK") if found else None
+
+
+def machine_busy() -> tuple[float, float]:
+    """Busy and all CPU time of the whole machine so far (the first line of /proc/stat)."""
+    user, nice, system, idle, iowait, *rest = map(int, pathlib.Path("/proc/stat").read_text().split()[1:9])
+    return user + nice + system + sum(rest), user + nice + system + idle + iowait + sum(rest)
 
 
 def rss_bytes(pids) -> int:
@@ -338,7 +357,7 @@ def load_scenarios(quick: bool) -> list[Scenario]:
 
 def write_heavy(quick: bool) -> Scenario:
     return Scenario("write-heavy", "10 senders alone in their rooms, flat out", 10, 10, None,
-                    100 if quick else 2000)
+                    100 if quick else 5000)
 
 
 class Receiver:
@@ -418,11 +437,15 @@ async def run_load(urls, pids, s: Scenario, room: str) -> dict:
                             % (names[n], n, seq, time.perf_counter()))
 
     cpu, own_cpu, started = cpu_seconds(pids), time.process_time(), time.perf_counter()
+    database_cpu, busy = database_cpu_seconds(), machine_busy()
     await asyncio.gather(*(send(n) for n in range(s.senders)))
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(all_in, DRAIN_SECONDS)
     elapsed = time.perf_counter() - started
     server_cpu, own_cpu = cpu_seconds(pids) - cpu, time.process_time() - own_cpu
+    if database_cpu is not None:
+        database_cpu = database_cpu_seconds() - database_cpu
+    busy = [after - before for after, before in zip(machine_busy(), busy)]
     await leave(sockets, names)
     latencies = sorted(x for r in receivers for x in r.latencies)
     received = sum(r.received for r in receivers)
@@ -432,6 +455,9 @@ async def run_load(urls, pids, s: Scenario, room: str) -> dict:
         "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else float("nan"),
         "cpu_us": 1e6 * server_cpu / max(1, received) if pids else None,
         "generator_pct": 100 * own_cpu / elapsed,
+        "generator_cpu_us": 1e6 * own_cpu / max(1, received),
+        "database_cpu_us": 1e6 * database_cpu / max(1, received) if database_cpu is not None else None,
+        "machine_busy_pct": 100 * busy[0] / max(1, busy[1]),
         "lost": expected * s.clients - sum(sum(seen) for r in receivers for seen in r.seen),
         "duplicated": sum(r.duplicated for r in receivers),
         "out_of_order": sum(r.out_of_order for r in receivers),
@@ -626,12 +652,15 @@ def scaling(args) -> None:
         print(f"  {name}: {script}")
         one = statistics.median(r["per_second"] for r in results[name, 1])
         for count in counts:
-            median, spread = summary([r["per_second"] for r in results[name, count]])
+            runs = results[name, count]
+            median, spread = summary([r["per_second"] for r in runs])
+            cpu = {key: number(summary([r[key] for r in runs])[0])
+                   for key in ("cpu_us", "database_cpu_us", "generator_cpu_us", "machine_busy_pct")}
             print(f"    {count} process(es): {number(median)} messages stored/s median ({spread}), "
-                  f"{median / one if one else float('nan'):.2f}x one process; "
-                  f"{number(statistics.median(r['cpu_us'] for r in results[name, count]))} µs server CPU "
-                  f"per message; lost/duplicated/out of order: "
-                  f"{sum(r['lost'] + r['duplicated'] + r['out_of_order'] for r in results[name, count])}",
+                  f"{median / one if one else float('nan'):.2f}x one process; lost/duplicated/out of order: "
+                  f"{sum(r['lost'] + r['duplicated'] + r['out_of_order'] for r in runs)}\n"
+                  f"      CPU per message: {cpu['cpu_us']} µs chat, {cpu['database_cpu_us']} µs PostgreSQL, "
+                  f"{cpu['generator_cpu_us']} µs load generator; machine busy {cpu['machine_busy_pct']}%",
                   flush=True)
     if len(scripts) > 1:
         median = {key: statistics.median(r["per_second"] for r in runs) for key, runs in results.items()}

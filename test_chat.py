@@ -2607,6 +2607,16 @@ def test_the_benchmark_compares_this_chat_with_a_second_chat_server_run_for_run(
     assert len(counts) == 6 and all(row[-5:] == ["0", "(0-0)", "0", "(0-0)", "n/a"] for row in counts)
 
 
+def test_the_benchmark_scaling_mode_stores_on_one_two_and_four_processes_and_says_where_the_cpu_went(postgres_url):
+    lines = run_benchmark("--scaling", "--database", POSTGRES_URL, "--runs", "1")
+    counts = [line.split(":")[0].strip() for line in lines if "messages stored/s" in line]
+    assert counts == ["1 process(es)", "2 process(es)", "4 process(es)"]
+    assert all(line.endswith("lost/duplicated/out of order: 0") for line in lines if "messages stored/s" in line)
+    cpu = [re.fullmatch(r"      CPU per message: [\d.,]+ µs chat, [\d.,]+ µs PostgreSQL, [\d.,]+ µs load generator; "
+                        r"machine busy [\d.,]+%", line) for line in lines if "CPU per message" in line]
+    assert len(cpu) == 3 and all(cpu)
+
+
 # --- A newcomer's install ------------------------------------------------------------------------
 
 
