@@ -684,8 +684,8 @@ class Client:
     A broadcast that awaited each socket's send in turn (FastAPI's ConnectionManager does) would
     wait for the slowest reader before anyone got the next message. Here publishing only appends
     to each client's outbox, and each client's sender task empties its own outbox into its own
-    socket: a client that stops reading delays only itself. The sender task runs only while
-    there is something to send, so an idle client costs less.
+    socket: a client that stops reading delays only itself. The sender task starts with the
+    first frame and sleeps while the outbox is empty: waking it costs less than a task per frame.
     """
 
     def __init__(self, websocket: WebSocket, ip: str, room: str, identity: str | None, on_stall):
@@ -696,7 +696,8 @@ class Client:
         self.budget = FrameBudget()
         self.refused = 0  # frames refused in a row
         self.outbox: deque[str] = deque()
-        self.sender: asyncio.Task | None = None
+        self.sender: asyncio.Task | None = None  # writes the outbox, from the first frame until the socket goes
+        self.idle: asyncio.Future | None = None  # what the sender waits on while the outbox is empty
         self.held: list[tuple[int | None, str]] | None = None  # live frames held while joining
         self.in_flight: deque[asyncio.Future] = deque()  # its messages being stored, oldest first
         self.stopped = False  # nothing more is sent to it: it stalled, or it went
@@ -727,12 +728,18 @@ class Client:
         self.outbox.append(text)
         if self.sender is None or self.sender.done():
             self.sender = asyncio.create_task(self.send_pending())
+        elif self.idle is not None and not self.idle.done():
+            self.idle.set_result(None)
 
     async def send_pending(self) -> None:
-        """Write the outbox to the socket in order, then end; send_text() starts it again."""
+        """Write the outbox to the socket in order; when it is empty, wait for send_text() to
+        fill it (waking a task costs less than starting one for every frame)."""
         with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected):
-            while self.outbox:
-                await self.websocket.send_text(self.outbox.popleft())
+            while True:
+                while self.outbox:
+                    await self.websocket.send_text(self.outbox.popleft())
+                self.idle = asyncio.get_running_loop().create_future()
+                await self.idle
 
     def stop_sending(self) -> None:
         self.stopped = True

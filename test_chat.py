@@ -224,6 +224,17 @@ def test_one_senders_messages_reach_another_client_in_the_order_sent(client, unl
     assert [frame["id"] for frame in received] == list(range(1, 101))
 
 
+def test_one_task_writes_every_frame_a_client_gets_not_one_task_per_frame(client):
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        (alice,) = client.app.state.rooms.connections
+        sender = alice.sender
+        for n in range(3):
+            ws.send_json({"type": "message", "content": f"m{n}"})
+            assert untimed(ws.receive_json()) == message(n + 1, "alice", f"m{n}")
+        assert alice.sender is sender and not sender.done()
+
+
 def test_messages_are_still_there_after_a_restart(database_url):
     with TestClient(chat.create_app(database_url)) as client:
         post(client, "alice", "before the restart")
