@@ -34,6 +34,7 @@ import pytest
 import schemathesis
 import starlette.status
 import trustme
+import uvicorn
 import websockets.sync.client
 from hypothesis import HealthCheck, given, settings
 from websockets.client import ClientProtocol
@@ -1173,6 +1174,30 @@ def ws_connect(base: str, path: str = "/ws", **options):
 def ws_join(ws, username: str, **extra) -> dict:
     ws.send(json.dumps({"type": "join", "username": username, **extra}))
     return untimed(json.loads(ws.recv(timeout=5)))
+
+
+@contextlib.contextmanager
+def server_in_this_process(database_url: str):
+    """uvicorn serving the app in a thread of the test process, so a test can look at its state."""
+    app, port = chat.create_app(database_url), free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 20)
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(20)
+
+
+def test_a_frame_for_a_client_with_nothing_queued_is_written_at_once_without_a_task(database_url):
+    with server_in_this_process(database_url) as (base, app), ws_connect(base) as ws:
+        assert ws_join(ws, "alice") == welcome("alice")
+        ws.send('{"type":"message","content":"hi"}')
+        assert untimed(json.loads(ws.recv(timeout=5))) == message(1, "alice", "hi")
+        (client,) = app.state.rooms.connections
+        assert (client.sender, list(client.outbox)) == (None, [])
 
 
 def active(base: str) -> list[str]:
