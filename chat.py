@@ -752,8 +752,10 @@ class Client:
             while True:
                 while self.outbox:
                     self.writing = True
-                    await self.websocket.send_text(self.outbox.popleft())
-                    self.writing = False
+                    try:
+                        await self.websocket.send_text(self.outbox.popleft())
+                    finally:
+                        self.writing = False
                 self.idle = asyncio.get_running_loop().create_future()
                 await self.idle
 
