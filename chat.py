@@ -1714,8 +1714,10 @@ def main(argv: list[str]) -> None:
 #   sends pg_notify('chat_messages', {"newest": <id>, "rooms": [<the batch's rooms>]}). Each
 #   process LISTENs on a connection of its own; a notification wakes its writer, which reads the
 #   rows after the last id it published, in its clients' rooms, and publishes them; when none of
-#   the rooms notified is one of its clients', it reads nothing. So every process publishes every
-#   message of its clients' rooms exactly once and in id order, as one process does.
+#   the rooms notified is one of its clients', it reads nothing (unless its own batch is stored
+#   before an earlier batch's NOTIFY has come: not knowing that batch's rooms, it reads). So every
+#   process publishes every message of its clients' rooms exactly once and in id order, as one
+#   process does.
 # - Notices (joined, left) travel as small NOTIFY payloads on 'chat_events'.
 # - Presence is the `presence` table, with a heartbeat per process; the others reap a process that
 #   stops beating (it died) and announce its users as gone.
