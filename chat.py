@@ -710,6 +710,7 @@ class Client:
         self.write_now: Callable[[str], bool] | None = websocket.scope.get("chat.write_now")
         self.idle: asyncio.Future | None = None  # what the sender waits on while the outbox is empty
         self.held: list[tuple[int | None, str]] | None = None  # live frames held while joining
+        self.last_message_id = 0  # the newest message it was sent
         self.in_flight: deque[asyncio.Future] = deque()  # its messages being stored, oldest first
         self.stopped = False  # nothing more is sent to it: it stalled, or it went
         self.closing: asyncio.Task | None = None  # its 1013, once it stalled
@@ -728,6 +729,12 @@ class Client:
         if self.held is not None:
             self.held.append((message_id, text))
             return
+        if message_id is not None:
+            # A room's messages reach a client in id order, so one at or below the last it got is
+            # one it has: from its history, say, while another process's messages were being read.
+            if message_id <= self.last_message_id:
+                return
+            self.last_message_id = message_id
         if not self.outbox and not self.writing and self.write_now and self.write_now(text):
             return
         if len(self.outbox) >= SEND_QUEUE_FRAMES:
@@ -782,13 +789,10 @@ class Client:
         held, self.held = self.held or [], None
         for notice in notices:
             self.send(notice)
-        last_id = 0
         for message in history:
-            self.send({"type": "message", **message})
-            last_id = message["id"]
+            self.send_text(encode({"type": "message", **message}), message["id"])
         for message_id, text in held:
-            if message_id is None or message_id > last_id:
-                self.send_text(text)
+            self.send_text(text, message_id)  # those the history had are dropped there
 
     async def close(self, code: int, reason: str, timeout: float | None = 2) -> None:
         """Send a close frame; it waits behind unread data, so give up after `timeout` seconds."""

@@ -236,6 +236,17 @@ def test_one_task_writes_every_frame_a_client_gets_not_one_task_per_frame(client
         assert alice.sender is sender and not sender.done()
 
 
+def test_a_client_never_gets_a_message_it_already_has_even_if_a_late_read_publishes_it_again(client):
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        ws.send_json({"type": "message", "content": "one"})
+        assert untimed(ws.receive_json()) == message(1, "alice", "one")
+        again = {"type": "message", **client.get("/messages").json()[0]}  # as a late catch-up read would
+        client.portal.call(client.app.state.rooms.publish, "general", again)
+        ws.send_json({"type": "message", "content": "two"})
+        assert untimed(ws.receive_json()) == message(2, "alice", "two")
+
+
 def test_messages_are_still_there_after_a_restart(database_url):
     with TestClient(chat.create_app(database_url)) as client:
         post(client, "alice", "before the restart")
