@@ -74,6 +74,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware, _TrustedHosts
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 # =================================================================================================
@@ -676,6 +677,12 @@ def encode(frame: dict) -> str:
     return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
 
 
+def wire(text: str) -> bytes:
+    """A text frame as it goes on the wire from a server (unmasked; no extension, as chat accepts
+    none): the same bytes for every client, so a broadcast builds them once, not once per client."""
+    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+
+
 def system_frame(room: str, content: str, **extra) -> dict:
     return {"type": "system", "room": room, "content": content, "timestamp": iso(utcnow()), **extra}
 
@@ -705,9 +712,10 @@ class Client:
         self.outbox: deque[str] = deque()
         self.sender: asyncio.Task | None = None  # writes the outbox, from the first frame until the socket goes
         self.writing = False  # the sender has taken a frame from the outbox and is writing it
-        # Writes one frame now and says True, or says False (its buffer is full, or it is closing).
-        # Only BoundedWebSockets provides it; under another server (a test client) all is queued.
-        self.write_now: Callable[[str], bool] | None = websocket.scope.get("chat.write_now")
+        # Writes one frame's wire() bytes now and says True, or says False (its buffer is full, or
+        # it is closing). Only BoundedWebSockets provides it; under another server (a test client)
+        # all is queued.
+        self.write_now: Callable[[bytes], bool] | None = websocket.scope.get("chat.write_now")
         self.idle: asyncio.Future | None = None  # what the sender waits on while the outbox is empty
         self.held: list[tuple[int | None, str]] | None = None  # live frames held while joining
         self.last_message_id = 0  # the newest message it was sent
@@ -721,9 +729,9 @@ class Client:
     def error(self, code: str, content: str) -> None:
         self.send({"type": "error", "code": code, "content": content})
 
-    def send_text(self, text: str, message_id: int | None = None) -> None:
-        """Write an encoded frame at once if nothing is queued ahead of it; else queue it for the
-        sender task."""
+    def send_text(self, text: str, message_id: int | None = None, frame: bytes | None = None) -> None:
+        """Write an encoded frame at once (as `frame`, its wire() bytes, if the caller has them)
+        if nothing is queued ahead of it; else queue it for the sender task."""
         if self.stopped:
             return
         if self.held is not None:
@@ -735,7 +743,7 @@ class Client:
             if message_id <= self.last_message_id:
                 return
             self.last_message_id = message_id
-        if not self.outbox and not self.writing and self.write_now and self.write_now(text):
+        if not self.outbox and not self.writing and self.write_now and self.write_now(frame or wire(text)):
             return
         if len(self.outbox) >= SEND_QUEUE_FRAMES:
             # It stopped reading: nothing more is queued for it, and it is told so with 1013. The
@@ -855,13 +863,14 @@ class Rooms:
     def publish(self, room: str, frame: dict, exclude: Client | None = None) -> None:
         """Encode a frame once and queue it for every client in the room."""
         text = encode(frame)
+        frame_bytes = wire(text)
         message_id = frame["id"] if frame["type"] == "message" else None
         # No copies needed: send_text() never changes the rooms (a stalled client leaves in a task).
         sent = 0
         for connections in self.rooms.get(room, {}).values():
             for client in connections:
                 if client is not exclude:
-                    client.send_text(text, message_id)
+                    client.send_text(text, message_id, frame_bytes)
                     sent += 1
         self.metrics.deliveries.inc(sent)
 
@@ -1992,6 +2001,7 @@ class ClosingTransport:
     def __init__(self, transport, loop):
         self.transport, self.loop = transport, loop
         self.pending: list[bytes] | None = None  # None: nothing written this turn
+        self.is_closing = transport.is_closing  # asked for every frame: not through __getattr__
 
     def __getattr__(self, name):
         return getattr(self.transport, name)
@@ -2032,14 +2042,14 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
         self.scope["chat.write_now"] = self.write_now  # for Client.send_text()
         await super().run_asgi()
 
-    def write_now(self, text: str) -> bool:
-        """Write a text frame now, as uvicorn's send would, unless that send would wait (the
-        transport's buffer is full) or fail (the socket is closing): then say False."""
-        if (self.conn.state is not State.OPEN or self.close_sent or self.disconnected
-                or not self.writable.is_set() or self.transport.is_closing()):
+    def write_now(self, frame: bytes) -> bool:
+        """Write a text frame's wire() bytes now, as uvicorn's send would (websockets keeps no
+        state for a data frame it sends), unless that send would wait (the transport's buffer is
+        full) or fail (the socket is closing), or the connection has an extension: then say False."""
+        if (self.close_sent or self.disconnected or not self.writable.is_set()
+                or self.conn.state is not State.OPEN or self.conn.extensions or self.transport.is_closing()):
             return False
-        self.conn.send_text(text.encode())
-        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.write(frame)
         return True
 
     def connection_lost(self, exc):
