@@ -19,7 +19,7 @@ The tutorial's Elysia names, and ours:
     beforeHandle (check the token)     handshake checks before accept(): token_holder, origin_allowed
     ws.subscribe(room)                 Rooms.subscribe(client)
     ws.unsubscribe(room)               Rooms.unsubscribe(client)
-    ws.publish(room, data)             Rooms.publish(room, frame): into each subscriber's outbox
+    ws.publish(room, data)             Rooms.publish(room, frame), publish_messages(batch): to each subscriber
     ws.send(data)                      Client.send(frame)
     broadcastMessage (a notice)        cluster.announce(frame): this process's rooms, and the others'
     chatService.saveMessage            MessageWriter.post(): stored in batches, then published
@@ -760,6 +760,16 @@ class Client:
         elif self.idle is not None and not self.idle.done():
             self.idle.set_result(None)
 
+    def send_messages(self, texts: list[str], message_ids: list[int], frames: bytes) -> None:
+        """Stored messages of its room, in id order: all in one write (`frames`: their wire() bytes)
+        if nothing is queued ahead of them and it has none of them yet; else one by one."""
+        if (not self.stopped and self.held is None and message_ids[0] > self.last_message_id
+                and not self.outbox and not self.writing and self.write_now and self.write_now(frames)):
+            self.last_message_id = message_ids[-1]
+            return
+        for text, message_id in zip(texts, message_ids, strict=True):
+            self.send_text(text, message_id)
+
     async def send_pending(self) -> None:
         """Write the outbox to the socket in order; when it is empty, wait for send_text() to
         fill it (waking a task costs less than starting one for every frame)."""
@@ -810,7 +820,8 @@ class Client:
 
 class Rooms:
     """Who is connected, and who is subscribed to which room, in this process (ws.subscribe and
-    ws.publish in the tutorial's Elysia). publish() is the one place a broadcast enters."""
+    ws.publish in the tutorial's Elysia). publish() and publish_messages() (stored messages, in
+    batches) are where a broadcast enters."""
 
     def __init__(self, metrics: "Metrics"):
         self.metrics = metrics
@@ -873,6 +884,25 @@ class Rooms:
                     client.send_text(text, message_id, frame_bytes)
                     sent += 1
         self.metrics.deliveries.inc(sent)
+
+    def publish_messages(self, messages: list[dict]) -> None:
+        """Stored messages, in id order: a room's are encoded once and reach each of its clients in
+        one write where they can (Client.send_messages), not a write, a system call, per frame."""
+        by_room: dict[str, list[dict]] = {}
+        for message in messages:
+            by_room.setdefault(message["room"], []).append(message)
+        for room, stored in by_room.items():
+            if len(stored) == 1:
+                self.publish(room, {"type": "message", **stored[0]})
+                continue
+            texts = [encode({"type": "message", **message}) for message in stored]
+            message_ids, frames = [message["id"] for message in stored], b"".join(map(wire, texts))
+            sent = 0
+            for connections in self.rooms.get(room, {}).values():
+                for client in connections:
+                    client.send_messages(texts, message_ids, frames)
+                    sent += 1
+            self.metrics.deliveries.inc(sent * len(texts))
 
     def present(self) -> dict[str, list[str]]:
         """Who is here, room by room."""
@@ -1065,8 +1095,7 @@ class MessageWriter:
             if ids[-1] - ids[0] == len(ids) - 1:  # always, under the lock: publish from memory
                 if ids[0] > self.last_published + 1:  # another process's messages came first
                     await self.catch_up(upto=ids[0] - 1)
-                for message in messages:
-                    self.rooms.publish(message["room"], {"type": "message", **message})
+                self.rooms.publish_messages(messages)
                 self.last_published = ids[-1]
                 self.heard = max(self.heard, self.last_published)
             else:
@@ -1105,9 +1134,9 @@ class MessageWriter:
             rows = await self.database.fetch_all(self.unpublished_sql, {
                 "since": self.last_published, "upto": upto, "limit": 500,
                 "rooms": json.dumps(list(self.rooms.rooms))})
-            for row in rows:
-                self.rooms.publish(row["room"], {"type": "message", **message_out(row)})
-                self.last_published = row["id"]
+            self.rooms.publish_messages([message_out(row) for row in rows])
+            if rows:
+                self.last_published = rows[-1]["id"]
             if len(rows) < 500:
                 self.last_published = upto
 
@@ -1121,9 +1150,10 @@ class MessageWriter:
 #   on_message()       checks the sender has joined, and the content
 #   writer.submit()    queues it; the socket goes on reading (MESSAGES_IN_FLIGHT at a time)
 #   writer.store()     saves every waiting message in one INSERT (in batches: group commit), then
-#   rooms.publish()    encodes the stored message once and hands it to every client in the
-#                      room, in id order (Client.send_text): written to its socket at once, or,
-#                      if the client has frames queued or a full buffer, put in its outbox, which
+#   rooms.publish_messages()  encodes each stored message once and hands a room's to each client
+#                      in it, in id order (Client.send_messages): written to its socket at once,
+#                      all of the batch's in one write, or, if the client has frames queued or a
+#                      full buffer, put in its outbox, which
 #   Client.send_pending()  each client's own task writes to its socket
 #
 # The sender gets its own copy too: that is its acknowledgement. With PostgreSQL and several

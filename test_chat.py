@@ -1211,6 +1211,34 @@ def test_a_frame_for_a_client_with_nothing_queued_is_written_at_once_without_a_t
         assert (client.sender, list(client.outbox)) == (None, [])
 
 
+def stored_messages(*ids: int) -> list[dict]:
+    return [{"id": n, "room": "general", "username": "alice", "content": f"m{n}",
+             "timestamp": "2026-12-02T00:00:00.000Z"} for n in ids]
+
+
+def test_a_batch_of_stored_messages_reaches_a_client_of_their_room_in_one_write(database_url):
+    with server_in_this_process(database_url) as (base, app), ws_connect(base) as ws:
+        assert ws_join(ws, "alice") == welcome("alice")
+        (client,) = app.state.rooms.connections
+        protocol, writes = client.write_now.__self__, []
+        write = protocol.transport.write
+        protocol.transport.write = lambda data: (writes.append(data), write(data))
+        protocol.loop.call_soon_threadsafe(app.state.rooms.publish_messages, stored_messages(7, 8, 9))
+        frames = [json.loads(ws.recv(timeout=5)) for _ in range(3)]
+        assert frames == [{"type": "message", **m} for m in stored_messages(7, 8, 9)]
+        assert len(writes) == 1
+
+
+def test_a_batch_of_stored_messages_leaves_out_those_a_client_already_has(database_url):
+    with server_in_this_process(database_url) as (base, app), ws_connect(base) as ws:
+        assert ws_join(ws, "alice") == welcome("alice")
+        (client,) = app.state.rooms.connections
+        client.write_now.__self__.loop.call_soon_threadsafe(app.state.rooms.publish_messages, stored_messages(7))
+        assert json.loads(ws.recv(timeout=5)) == {"type": "message", **stored_messages(7)[0]}
+        client.write_now.__self__.loop.call_soon_threadsafe(app.state.rooms.publish_messages, stored_messages(7, 8))
+        assert json.loads(ws.recv(timeout=5)) == {"type": "message", **stored_messages(8)[0]}
+
+
 def active(base: str) -> list[str]:
     return json.load(urllib.request.urlopen(base + "/users/active", timeout=5))
 
