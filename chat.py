@@ -73,6 +73,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware, _TrustedHosts
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
@@ -2072,6 +2073,15 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
         self.scope["chat.write_now"] = self.write_now  # for Client.send_text()
         await super().run_asgi()
 
+    async def send(self, message):
+        """uvicorn's send, except that a send after uvicorn closed the connection itself is a
+        disconnect (Starlette's WebSocketDisconnect), not a RuntimeError: a stalled client's 1013
+        waits for room in its buffer, and the ping timeout may close it first with 1011."""
+        await self.writable.wait()
+        if self.close_sent and self.handshake_complete:
+            raise ClientDisconnected()
+        await super().send(message)
+
     def write_now(self, frame: bytes) -> bool:
         """Write a text frame's wire() bytes now, as uvicorn's send would (websockets keeps no
         state for a data frame it sends), unless that send would wait (the transport's buffer is
@@ -2095,7 +2105,7 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
             self.transport.close()
 
     def handle_ping(self):
-        if self.control_frame_allowed():
+        if not self.close_sent and self.control_frame_allowed():  # the close frame is the last one
             super().handle_ping()  # writes the pong
 
     def handle_pong(self, event):

@@ -1239,6 +1239,31 @@ def test_a_batch_of_stored_messages_leaves_out_those_a_client_already_has(databa
         assert json.loads(ws.recv(timeout=5)) == {"type": "message", **stored_messages(8)[0]}
 
 
+def test_a_stalled_clients_late_close_after_the_ping_timeout_is_a_disconnect_not_an_error(database_url):
+    with server_in_this_process(database_url) as (base, app):
+        stalled = StalledClient(base, "sleepy")
+        wait_until(lambda: active(base) == ["sleepy"])
+        (client,) = app.state.rooms.connections
+        protocol = client.write_now.__self__
+
+        async def fill_close_and_time_out() -> asyncio.Task:
+            while protocol.writable.is_set():  # what it does not read fills its buffer
+                protocol.transport.transport.write(chat.wire("x" * 60_000))
+            closing = asyncio.create_task(client.close(1013, "too slow: send queue full"))
+            await asyncio.sleep(0.1)  # the 1013 waits for room in the buffer
+            protocol.keepalive_timeout()  # what uvicorn does when a ping goes unanswered
+            return closing
+
+        async def outcome(task: asyncio.Task) -> str:
+            await task
+            return "closed"
+
+        closing = asyncio.run_coroutine_threadsafe(fill_close_and_time_out(), protocol.loop).result(5)
+        _, code, reason = stalled.read_until_closed()  # it reads again: the buffer drains
+        assert (code, reason) == (1011, "keepalive ping timeout")
+        assert asyncio.run_coroutine_threadsafe(outcome(closing), protocol.loop).result(5) == "closed"
+
+
 def active(base: str) -> list[str]:
     return json.load(urllib.request.urlopen(base + "/users/active", timeout=5))
 
@@ -1827,6 +1852,41 @@ def test_a_token_without_a_secret_says_how_to_set_one():
 
 FAST = {"RATE_PER_SECOND": "1000000", "RATE_BURST": "1000000", "JOINS_PER_MINUTE": "1000000",
         "REST_WRITES_PER_MINUTE": "1000000"}
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """A server's frames (unmasked, none over 64 KiB here) as (opcode, payload)."""
+    frames = []
+    while len(data) >= 2:
+        length, start = data[1] & 0x7F, 2
+        if length == 126:
+            length, start = int.from_bytes(data[2:4], "big"), 4
+        frames.append((data[0] & 0x0F, data[start:start + length]))
+        data = data[start + length:]
+    return frames
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_no_frame_follows_the_servers_close_frame_not_even_a_pong(runner, tmp_path):
+    with bounded_server(runner, tmp_path) as (base, port):
+        peer = StalledClient(base, "flooder")
+        for _ in range(100):  # far over the default rate: closed with 1008
+            peer.protocol.send_text(b'{"type":"message","content":"spam"}')
+        peer.flush()
+        peer.sock.settimeout(10)
+        received = b""
+        while not any(opcode == Opcode.CLOSE for opcode, _ in server_frames(received)):
+            received += peer.sock.recv(65536)
+        for _ in range(3):
+            peer.protocol.send_ping(b"after the close")
+        peer.protocol.send_close()
+        peer.flush()
+        with contextlib.suppress(ConnectionResetError):
+            while data := peer.sock.recv(65536):
+                received += data
+    frames = server_frames(received)
+    assert frames[-1] == (Opcode.CLOSE, (1008).to_bytes(2, "big") + b"flooding: too many frames")
+    assert [opcode for opcode, _ in frames].count(Opcode.CLOSE) == 1
 
 
 class StalledClient:
