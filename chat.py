@@ -730,9 +730,9 @@ class Client:
     def error(self, code: str, content: str) -> None:
         self.send({"type": "error", "code": code, "content": content})
 
-    def send_text(self, text: str, message_id: int | None = None, frame: bytes | None = None) -> None:
-        """Write an encoded frame at once (as `frame`, its wire() bytes, if the caller has them)
-        if nothing is queued ahead of it; else queue it for the sender task."""
+    def send_text(self, text: str, message_id: int | None = None, frame_bytes: bytes | None = None) -> None:
+        """Write an encoded frame at once (as `frame_bytes`, its wire() bytes, if the caller has
+        them) if nothing is queued ahead of it; else queue it for the sender task."""
         if self.stopped:
             return
         if self.held is not None:
@@ -744,7 +744,7 @@ class Client:
             if message_id <= self.last_message_id:
                 return
             self.last_message_id = message_id
-        if not self.outbox and not self.writing and self.write_now and self.write_now(frame or wire(text)):
+        if not self.outbox and not self.writing and self.write_now and self.write_now(frame_bytes or wire(text)):
             return
         if len(self.outbox) >= SEND_QUEUE_FRAMES:
             # It stopped reading: nothing more is queued for it, and it is told so with 1013. The
