@@ -893,9 +893,6 @@ class Rooms:
         for message in messages:
             by_room.setdefault(message["room"], []).append(message)
         for room, stored in by_room.items():
-            if len(stored) == 1:
-                self.publish(room, {"type": "message", **stored[0]})
-                continue
             texts = [encode({"type": "message", **message}) for message in stored]
             message_ids, frames = [message["id"] for message in stored], b"".join(map(wire, texts))
             sent = 0
