@@ -1904,6 +1904,26 @@ class PostgresCluster(OneProcess):
 MAX_HEAD_FIELDS = 100
 CLOSE_GRACE = 5.0  # seconds a closing WebSocket has to flush to a peer that does not read
 PINGS_PER_SECOND, PINGS_BURST = 1.0, 10.0  # pings and pongs a peer may send (browsers send none)
+# A message may come in fragments (browsers send one frame), and websockets counts only their bytes:
+# empty continuation frames cost the server work without growing the message, and the app never
+# sees them. So fragments are budgeted here, per message and per second.
+MAX_FRAGMENTS = 64  # frames one message may come in
+FRAGMENTS_PER_SECOND, FRAGMENTS_BURST = 64.0, 256.0
+
+
+class Bucket:
+    """A token bucket: `burst` at once, `rate` a second on average."""
+
+    def __init__(self, rate: float, burst: float, now: float):
+        self.rate, self.burst, self.tokens, self.refilled = rate, burst, burst, now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.rate)
+        self.refilled = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 def socket_budget() -> int:
@@ -2064,7 +2084,9 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
     def connection_made(self, transport):
         super().connection_made(transport)
         self.transport = ClosingTransport(transport, self.loop)
-        self.tokens, self.refilled = PINGS_BURST, self.loop.time()
+        self.pings = Bucket(PINGS_PER_SECOND, PINGS_BURST, self.loop.time())
+        self.fragments = Bucket(FRAGMENTS_PER_SECOND, FRAGMENTS_BURST, self.loop.time())
+        self.message_fragments = 0  # frames of the message being received
 
     async def run_asgi(self):
         self.scope["chat.write_now"] = self.write_now  # for Client.send_text()
@@ -2110,18 +2132,45 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
             super().handle_pong(event)
 
     def control_frame_allowed(self) -> bool:
-        now = self.loop.time()
-        self.tokens = min(PINGS_BURST, self.tokens + (now - self.refilled) * PINGS_PER_SECOND)
-        self.refilled = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if self.pings.take(self.loop.time()):
             return True
-        if not self.close_sent:  # as uvicorn's keepalive_timeout() closes, with 1008
-            self.conn.fail(status.WS_1008_POLICY_VIOLATION, "too many pings")
+        self.cut("too many pings")
+        return False
+
+    def handle_text(self, event):
+        self.message_fragments = 0
+        if self.fragment_allowed(event):
+            super().handle_text(event)
+
+    def handle_bytes(self, event):
+        self.message_fragments = 0
+        if self.fragment_allowed(event):
+            super().handle_bytes(event)
+
+    def handle_cont(self, event):
+        if self.fragment_allowed(event):
+            super().handle_cont(event)
+
+    def fragment_allowed(self, event) -> bool:
+        """A whole message in one frame is the app's to budget; the frames of a fragmented one are ours."""
+        if self.close_sent:  # cut: the rest of what was read with it is dropped
+            return False
+        if event.fin and event.opcode is not Opcode.CONT:
+            return True
+        self.message_fragments += 1
+        if self.message_fragments > MAX_FRAGMENTS:
+            self.cut(f"a message in more than {MAX_FRAGMENTS} fragments")
+        elif not self.fragments.take(self.loop.time()):
+            self.cut("too many fragments a second")
+        return not self.close_sent
+
+    def cut(self, reason: str) -> None:
+        """Close with 1008 at once, as uvicorn's keepalive_timeout() closes, and read no more."""
+        if not self.close_sent:
+            self.conn.fail(status.WS_1008_POLICY_VIOLATION, reason)
             self.transport.write(b"".join(self.conn.data_to_send()))
             self.close_sent = True
             self.transport.close()
-        return False
 
     def shutdown(self):
         if not self.handshake_complete or self.close_sent:

@@ -1717,6 +1717,72 @@ def test_a_ping_flood_from_a_peer_that_never_reads_does_not_grow_memory(runner, 
         assert rss_kb(running_server.process.pid) - before < 5_000
 
 
+def fragments_until_closed(peer: "StalledClient", fragments: int, seconds: float = 5) -> tuple[int, int | None, str | None]:
+    """Send a text message opened with FIN=0, then up to `fragments` empty continuation frames
+    (6 bytes each, masked), in bursts; (continuation frames sent, close code, reason)."""
+    peer.sock.sendall(b"\x01\x80" + b"\x00" * 4)  # a text frame, FIN=0, empty
+    sent, deadline = 0, time.monotonic() + seconds
+    with contextlib.suppress(OSError):  # the server hangs up on it
+        while sent < fragments and time.monotonic() < deadline:
+            burst = min(1000, fragments - sent)
+            peer.sock.sendall(b"\x00\x80\x00\x00\x00\x00" * burst)
+            sent += burst
+    _, code, reason = peer.read_until_closed()
+    return sent, code, reason
+
+
+def round_trip(ws, content: str) -> float:
+    started = time.monotonic()
+    ws.send(json.dumps({"type": "message", "content": content}))
+    while json.loads(ws.recv(timeout=30)).get("content") != content:
+        pass
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_flood_of_empty_continuation_frames_is_cut_at_once_and_others_chat_on(runner, tmp_path):
+    with bounded_server(runner, tmp_path) as (base, port), ws_connect(base) as victim:
+        ws_join(victim, "victim")
+        attackers = [StalledClient(base, f"attacker{n}") for n in range(4)]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            flooding = [pool.submit(fragments_until_closed, peer, 4_000_000) for peer in attackers]
+            latencies = [round_trip(victim, f"m{n}") for n in range(3)]
+            outcomes = [future.result() for future in flooding]
+    assert [(code, reason) for _, code, reason in outcomes] == [(1008, "a message in more than 64 fragments")] * 4
+    assert max(latencies) < 1, latencies  # 15 s before the fragment budget
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("frames, closed", [(chat.MAX_FRAGMENTS, None),
+                                            (chat.MAX_FRAGMENTS + 1, (1008, "a message in more than 64 fragments"))])
+def test_a_message_may_come_in_at_most_64_fragments(runner, frames, closed, tmp_path):
+    with bounded_server(runner, tmp_path) as (base, port), ws_connect(base) as ws:
+        ws_join(ws, "alice")
+        first, more, last = b"\x01\x81\x00\x00\x00\x00h", b"\x00\x81\x00\x00\x00\x00i", b"\x80\x80\x00\x00\x00\x00"
+        ws.socket.sendall(first + more * (frames - 2) + last)
+        if closed is None:
+            assert json.loads(ws.recv(timeout=5)) == {"type": "error", "code": "invalid_json",
+                                                      "content": "the frame is not valid JSON"}
+        else:
+            with pytest.raises(ConnectionClosed) as cut:
+                ws.recv(timeout=5)
+            assert (cut.value.rcvd.code, cut.value.rcvd.reason) == closed
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_fragments_over_their_rate_are_cut_with_1008(runner, tmp_path):
+    with bounded_server(runner, tmp_path) as (base, port), ws_connect(base) as ws:
+        ws_join(ws, "alice")
+        message = b"\x01\x80\x00\x00\x00\x00" + b"\x00\x80\x00\x00\x00\x00" * 62 + b"\x80\x80\x00\x00\x00\x00"
+        ws.socket.sendall(message * 4)  # 256 fragments: the burst, all at once
+        for _ in range(4):
+            assert json.loads(ws.recv(timeout=5))["code"] == "invalid_json"
+        ws.socket.sendall(message * 2)  # 128 more within two seconds: over 64 a second
+        with pytest.raises(ConnectionClosed) as cut:
+            ws.recv(timeout=5)
+    assert (cut.value.rcvd.code, cut.value.rcvd.reason) == (1008, "too many fragments a second")
+
+
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_compression_is_not_offered_so_no_frame_can_inflate(runner, tmp_path):
     with bounded_server(runner, tmp_path) as (base, port):
