@@ -32,6 +32,7 @@ import datetime
 import importlib.util
 import json
 import logging
+import math
 import os
 import pathlib
 import re
@@ -539,8 +540,8 @@ def parse_frame(message: dict) -> dict:
 
 def make_token(username: str, ttl: int = TOKEN_TTL_SECONDS) -> str:
     """A signed token that lets its holder speak as `username` until it expires."""
-    now = utcnow()
-    claims = {"sub": check_username(username), "iat": now, "exp": now + datetime.timedelta(seconds=ttl)}
+    now = time.time()  # a token's times are whole seconds: round its expiry up, so it lives at least `ttl`
+    claims = {"sub": check_username(username), "iat": int(now), "exp": math.ceil(now + ttl)}
     return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
@@ -1251,7 +1252,7 @@ async def on_leave(app, client: Client, frame: dict) -> None:
     check_same_user(client, frame)
     await leave(app, client)
     client.send(system_frame(client.room, f"Goodbye {client.username}!"))
-    client.username = None
+    client.username, client.last_message_id = None, 0  # a join after this is a join on a fresh socket
 
 
 async def leave(app, client: Client) -> None:
@@ -1877,6 +1878,8 @@ class PostgresCluster(OneProcess):
                     for row in await self.database.fetch_all(self.REAP, {"timeout": PRESENCE_TIMEOUT})}
             await self.database.execute(self.FORGET_DEAD, {"timeout": PRESENCE_TIMEOUT})
             for room, username in sorted(gone):
+                if username in self.rooms.rooms.get(room, ()):  # back already, on this process
+                    continue
                 if not await self.present_elsewhere(room, username):
                     await self.announce(system_frame(room, f"{username} left the chat"))
                 self.writer.record_leaving(username)

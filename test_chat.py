@@ -320,6 +320,21 @@ def test_every_tab_of_a_user_receives_messages(client):
         assert untimed(tab2.receive_json()) == message(1, "alice", "hi")
 
 
+def test_a_join_after_a_leave_on_the_same_socket_sends_the_history_as_a_fresh_socket_would(client, unlimited):
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        ws.send_json({"type": "message", "content": "one"})
+        assert untimed(ws.receive_json()) == message(1, "alice", "one")
+        ws.send_json({"type": "leave"})
+        assert untimed(ws.receive_json())["content"] == "Goodbye alice!"
+        assert join(ws, "alice") == welcome("alice")
+        assert untimed(ws.receive_json()) == message(1, "alice", "one")
+        ws.send_json({"type": "leave"})
+        ws.receive_json()
+        assert join(ws, "alice", since=0) == welcome("alice")
+        assert untimed(ws.receive_json()) == message(1, "alice", "one")
+
+
 def test_leave_before_join_is_refused(client):
     with client.websocket_connect("/ws") as ws:
         ws.send_json({"type": "leave"})
@@ -1395,6 +1410,13 @@ def test_with_a_secret_reading_the_chat_needs_a_token_too(client, secret):
 def test_with_a_secret_and_public_reads_anyone_may_read(client, secret, monkeypatch):
     monkeypatch.setattr(chat, "PUBLIC_READS", True)
     assert [client.get(path).status_code for path in ("/messages", "/rooms", "/users/active")] == [200] * 3
+
+
+def test_a_token_lives_at_least_as_long_as_asked_though_its_times_are_whole_seconds(secret):
+    for _ in range(20):
+        started = time.time()
+        claims = chat.decode_token(chat.make_token("alice", ttl=1))
+        assert started + 1 <= claims["exp"] < started + 2
 
 
 def test_a_socket_is_closed_with_4001_when_its_token_expires(client, secret):
@@ -2712,6 +2734,34 @@ def test_killing_one_process_leaves_the_other_serving_and_its_users_gone(shared_
             assert active(b) == ["bob"]
             bob.send('{"type":"message","content":"still here"}')
             assert json.loads(bob.recv(timeout=5))["content"] == "still here"
+
+
+def test_a_user_who_moved_to_the_surviving_process_is_not_announced_as_gone(shared_url):
+    with two_servers(shared_url, env={"PRESENCE_TIMEOUT": "1.5"}) as ((a, process_a), (b, _)):
+        with ws_connect(b) as bob:
+            ws_join(bob, "bob")
+            with ws_connect(a) as alice:
+                ws_join(alice, "alice")
+                assert json.loads(bob.recv(timeout=5))["content"] == "alice joined the chat"
+                process_a.kill()
+            with ws_connect(b) as alice:  # her page reconnects to the process that is left
+                ws_join(alice, "alice")
+                wait_until(lambda: not query_processes(shared_url, process_a), seconds=10)  # A was reaped
+                alice.send('{"type":"message","content":"still here"}')
+                assert json.loads(bob.recv(timeout=5))["content"] == "still here"  # no "left" came first
+                assert active(b) == ["alice", "bob"]
+
+
+def query_processes(url: str, process: subprocess.Popen) -> int:
+    """How many processes of the chat are registered (the killed one, until it is reaped, and the other)."""
+    async def count():
+        connection = await asyncpg.connect(url)
+        try:
+            return await connection.fetchval("SELECT COUNT(*) FROM processes") - 1
+        finally:
+            await connection.close()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, count()).result()
 
 
 def test_cutting_the_listener_connection_loses_nothing(shared_url):
