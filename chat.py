@@ -127,6 +127,7 @@ HISTORY_ON_JOIN = 10
 REPLAY_LIMIT = 500  # most messages replayed after a reconnect; older ones are left to GET /messages
 REPLAY_BYTES = 256 * 1024  # and at most this much of them
 MAX_USERNAME_LENGTH = 32
+MAX_CLIENT_ID_LENGTH = 64
 DEFAULT_ROOM = "general"
 
 # The close codes this server sends, named as starlette.status names them (the 4000s are the
@@ -178,19 +179,40 @@ def open_database(url: str) -> Database:
     return Database(url, min_size=5, max_size=10, command_timeout=10)
 
 
+# Columns added to a table after it was first created (CREATE TABLE IF NOT EXISTS leaves an
+# existing table as it was): added before schema.sql runs, whose indexes may need them.
+ADDED_COLUMNS = {("messages", "client_id"):
+                 "ALTER TABLE messages ADD COLUMN client_id TEXT CHECK (length(client_id) BETWEEN 1 AND 64)"}
+HAS_COLUMN = {
+    "sqlite": "SELECT COUNT(*) FROM pragma_table_info(:table) WHERE name IN (:column, 'id')",
+    "postgresql": """SELECT COUNT(*) FROM information_schema.columns
+                     WHERE table_schema = current_schema() AND table_name = :table AND column_name IN (:column, 'id')""",
+}
+
+
 async def apply_schema(database: Database) -> None:
-    """Create the tables if they are missing; safe to run at every start."""
+    """Create the tables if they are missing, add the columns older tables lack; safe at every start."""
     schema = (HERE / "schema.sql").read_text()
     async with database.connection() as connection:
         raw = connection.raw_connection
         if database.url.dialect == "sqlite":
+            await add_columns(connection, "sqlite")
             await raw.executescript(schema)
         else:
             # The lock keeps two processes starting at once from racing on CREATE TABLE.
             async with raw.transaction():
                 await raw.execute("SELECT pg_advisory_xact_lock(hashtext('chat.schema'))")
+                await add_columns(connection, "postgresql")
                 await raw.execute('CREATE COLLATION IF NOT EXISTS "binary" FROM "C"')  # SQLite's, by name
                 await raw.execute(schema.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY"))
+
+
+async def add_columns(connection, dialect: str) -> None:
+    for (table, column), statement in ADDED_COLUMNS.items():
+        # 1: the table is there without the column (it has an id); 0: no table yet; 2: up to date
+        if await connection.fetch_val(HAS_COLUMN[dialect], {"table": table, "column": column}) == 1:
+            await connection.execute(statement)
+            log.info("upgraded the database: added %s.%s", table, column)
 
 
 class Refusal(Exception):
@@ -248,8 +270,11 @@ def iso(value) -> str:
 
 
 def message_out(row) -> dict:
-    return {"id": row["id"], "room": row["room"], "username": row["username"],
-            "content": row["content"], "timestamp": iso(row["created_at"])}
+    message = {"id": row["id"], "room": row["room"], "username": row["username"],
+               "content": row["content"], "timestamp": iso(row["created_at"])}
+    if row["client_id"] is not None:
+        message["client_id"] = row["client_id"]
+    return message
 
 
 UPSERT_USER = """
@@ -268,31 +293,41 @@ CLAIM_LOOK = """
 RELEASE_LOOK = "DELETE FROM looks WHERE look = :look AND username = :username"
 UNCLAIMED_USERS = "SELECT username FROM users WHERE username NOT IN (SELECT username FROM looks) ORDER BY id"
 # A whole batch of messages is one statement, its rows one JSON array: one round trip however
-# many messages wait, and nothing left half-done if the connection dies mid-batch. SQLite and
+# many messages wait, and nothing left half-done if the connection dies mid-batch. A message
+# whose sender and client_id are stored already is left out: a resend (NOT EXISTS, since ON
+# CONFLICT alone would use up an id on PostgreSQL for each, and ids are best without gaps). SQLite and
 # PostgreSQL spell JSON differently; on PostgreSQL the same statement also takes the lock that
 # keeps ids committing in order across processes, and wakes those processes (see storey 2).
 # It runs for every batch, so it goes straight to the driver (insert_messages()), and asyncpg
 # numbers its parameters: $1 is the batch, $2 the time.
 INSERT_MESSAGES = {
     "sqlite": """
-        INSERT INTO messages (room, user_id, content, created_at)
+        INSERT INTO messages (room, user_id, content, created_at, client_id)
         SELECT json_extract(value, '$.room'), json_extract(value, '$.user_id'),
-               json_extract(value, '$.content'), :now
-        FROM json_each(:batch) ORDER BY key
-        RETURNING id""",
+               json_extract(value, '$.content'), :now, json_extract(value, '$.client_id')
+        FROM json_each(:batch)
+        WHERE json_extract(value, '$.client_id') IS NULL OR NOT EXISTS (
+            SELECT 1 FROM messages WHERE user_id = json_extract(value, '$.user_id')
+                                     AND client_id = json_extract(value, '$.client_id'))
+        ORDER BY key
+        RETURNING id, user_id, client_id""",
     "postgresql": """
         WITH locked AS (SELECT pg_advisory_xact_lock(hashtext('chat.messages'))),
         stored AS (
-            INSERT INTO messages (room, user_id, content, created_at)
-            SELECT b.room, b.user_id, b.content, $2
+            INSERT INTO messages (room, user_id, content, created_at, client_id)
+            SELECT b.room, b.user_id, b.content, $2, b.client_id
             FROM locked, ROWS FROM (json_to_recordset(CAST($1 AS JSON))
-                                    AS (room TEXT, user_id BIGINT, content TEXT))
-                         WITH ORDINALITY AS b(room, user_id, content, n)
+                                    AS (room TEXT, user_id BIGINT, content TEXT, client_id TEXT))
+                         WITH ORDINALITY AS b(room, user_id, content, client_id, n)
+            WHERE b.client_id IS NULL OR NOT EXISTS (
+                SELECT 1 FROM messages AS m WHERE m.user_id = b.user_id AND m.client_id = b.client_id)
             ORDER BY b.n
-            RETURNING id, room),
+            ON CONFLICT (user_id, client_id) DO NOTHING  -- stored by another process since this statement began
+            RETURNING id, room, user_id, client_id),
         notified AS (SELECT pg_notify('chat_messages', CAST(json_build_object(
-                         'newest', MAX(id), 'rooms', json_agg(DISTINCT room)) AS TEXT)) FROM stored)
-        SELECT id FROM stored, notified""",
+                         'newest', MAX(id), 'rooms', json_agg(DISTINCT room)) AS TEXT))
+                     FROM stored HAVING COUNT(*) > 0)
+        SELECT id, user_id, client_id FROM stored, notified""",
 }
 RECORD_LAST_SEEN = {
     "sqlite": "UPDATE users SET last_seen = :now WHERE username IN (SELECT value FROM json_each(:usernames))",
@@ -300,8 +335,9 @@ RECORD_LAST_SEEN = {
                      WHERE username IN (SELECT json_array_elements_text(CAST(:usernames AS JSON)))""",
 }
 SELECT_MESSAGES = """
-    SELECT m.id, m.room, u.username, m.content, m.created_at
+    SELECT m.id, m.room, u.username, m.content, m.created_at, m.client_id
     FROM messages AS m JOIN users AS u ON u.id = m.user_id"""
+RESENT_MESSAGE = SELECT_MESSAGES + " WHERE m.user_id = :user_id AND m.client_id = :client_id"
 RECENT_MESSAGES = SELECT_MESSAGES + """
     WHERE m.room = :room AND m.id < :before ORDER BY m.id DESC LIMIT :limit"""
 MESSAGES_AFTER = SELECT_MESSAGES + """
@@ -334,8 +370,9 @@ ROOM_STATS = """
 NO_UPPER_BOUND = 2**63 - 1  # larger than any message id
 
 
-async def insert_messages(database: Database, batch: str, now: datetime.datetime) -> list[int]:
-    """Store a batch of messages (a JSON array of room, user_id, content); their new ids, in order.
+async def insert_messages(database: Database, batch: str, now: datetime.datetime) -> list[tuple]:
+    """Store a batch of messages (a JSON array of room, user_id, content, client_id); (id, user_id,
+    client_id) of those stored, in id order: a resend of a stored message is not stored again.
 
     On the driver's own connection (asyncpg, aiosqlite), not through `databases`: it would compile
     the statement through SQLAlchemy for every batch, and on SQLite hand it to the database's
@@ -347,7 +384,7 @@ async def insert_messages(database: Database, batch: str, now: datetime.datetime
     else:  # the text form SQLAlchemy gives a time on SQLite, as everywhere else in the file
         rows = await raw.execute_fetchall(INSERT_MESSAGES["sqlite"], {
             "batch": batch, "now": now.strftime("%Y-%m-%d %H:%M:%S.%f")})
-    return sorted(row[0] for row in rows)
+    return sorted(tuple(row) for row in rows)
 
 
 async def recent_messages(database, room, limit, before=NO_UPPER_BOUND, since=None) -> list[dict]:
@@ -470,6 +507,11 @@ def check_content(value) -> str:
     return check_text(value, "content", MAX_CONTENT_LENGTH)  # the rule CONTENT_PATTERN states
 
 
+def check_client_id(value) -> str | None:
+    """The sender's own id for a message (optional): a resend with the same one is stored once."""
+    return None if value is None else check_text(value, "client_id", MAX_CLIENT_ID_LENGTH)
+
+
 def check_room(value) -> str:
     if not isinstance(value, str) or not ROOM_PATTERN.fullmatch(value):
         raise Invalid("invalid_room", "room must be 1-32 of a-z, 0-9, '-' and '_', "
@@ -486,7 +528,9 @@ def check_id(value, field: str) -> int:
 FRAME_FORMATS = {
     "join": {"type": "join", "username": "string", "room": "string (optional)",
              "since": "integer (optional: last message id seen)"},
-    "message": {"type": "message", "content": "string", "username": "string (optional)"},
+    "message": {"type": "message", "content": "string", "username": "string (optional)",
+                "client_id": f"string of 1-{MAX_CLIENT_ID_LENGTH} characters (optional: a resend with "
+                             "the same one is stored once)"},
     "leave": {"type": "leave"},
 }
 
@@ -503,11 +547,13 @@ ERROR_CODES = {
     "invalid_content": f"content missing, not a string, blank, over {MAX_CONTENT_LENGTH} "
                        "characters, or with a NUL",
     "invalid_room": "room is not 1-32 of a-z, 0-9, '-', '_'",
+    "invalid_client_id": f"client_id is not a string of 1-{MAX_CLIENT_ID_LENGTH} characters",
     "invalid_since": "since is not a message id (an integer >= 0)",
     "not_joined": "message or leave before join",
     "already_joined": "a second join on one connection (leave first)",
     "wrong_user": "username differs from the one this connection joined as",
-    "unavailable": "the database is down; the frame was not stored, send it again later",
+    "unavailable": "the database failed; the frame may not have been stored: send it again later "
+                   "(with the same client_id, it is stored once)",
     "rate_limited": f"over RATE_PER_SECOND ({RATE_PER_SECOND:g}) frames a second (a join counts as {JOIN_COST}), "
                     f"or over JOINS_PER_MINUTE ({JOINS_PER_MINUTE}) joins a minute from your address; "
                     "the frame was dropped",
@@ -728,8 +774,9 @@ class Client:
     def send(self, frame: dict) -> None:
         self.send_text(encode(frame))
 
-    def error(self, code: str, content: str) -> None:
-        self.send({"type": "error", "code": code, "content": content})
+    def error(self, code: str, content: str, client_id: str | None = None) -> None:
+        """An error frame; one about a message that carried a client_id names it."""
+        self.send({"type": "error", "code": code, "content": content, **({"client_id": client_id} if client_id else {})})
 
     def send_text(self, text: str, message_id: int | None = None, frame_bytes: bytes | None = None) -> None:
         """Write an encoded frame at once (as `frame_bytes`, its wire() bytes, if the caller has
@@ -944,13 +991,15 @@ class OneProcess:
 # --- Persistence: the message writer -------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class Post:
-    """A message waiting to be stored, and its sender waiting for the stored version."""
+    """A message waiting to be stored, and its sender waiting for (the stored message, whether it
+    was stored now: False for a resend of one stored before)."""
     room: str
     user_id: int
     username: str
     content: str
+    client_id: str | None = None
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -1001,13 +1050,15 @@ class MessageWriter:
         self.stopping = False
         self.work = asyncio.Event()  # set when any of the above has something to do
 
-    async def post(self, room: str, user_id: int, username: str, content: str) -> dict:
+    async def post(self, room: str, user_id: int, username: str, content: str,
+                   client_id: str | None = None) -> tuple[dict, bool]:
         """Store and publish one message; raises Unavailable if the database fails first."""
-        return await self.submit(room, user_id, username, content)
+        return await self.submit(room, user_id, username, content, client_id)
 
-    def submit(self, room: str, user_id: int, username: str, content: str) -> asyncio.Future:
-        """Queue one message; the future is the stored message, or Unavailable."""
-        post = Post(room, user_id, username, content)
+    def submit(self, room: str, user_id: int, username: str, content: str,
+               client_id: str | None = None) -> asyncio.Future:
+        """Queue one message; the future is (the stored message, stored now?), or Unavailable."""
+        post = Post(room, user_id, username, content, client_id)
         self.posts.append(post)
         self.work.set()
         return post.done
@@ -1080,30 +1131,53 @@ class MessageWriter:
         self.work.set()
 
     async def store(self, batch: list[Post]) -> None:
-        """Store a batch in one statement, publish it in id order, then answer its senders."""
+        """Store a batch in one statement, publish it in id order, then answer its senders. A
+        resend (its sender's client_id is stored already, or earlier in the batch) is answered
+        with the message as first stored, and not published again."""
         now, started = utcnow(), time.perf_counter()
-        rows = json.dumps([{"room": p.room, "user_id": p.user_id, "content": p.content} for p in batch])
-        ids = await insert_messages(self.database, rows, now)
+        firsts: dict[tuple[int, str], Post] = {}
+        for post in batch:
+            if post.client_id is not None:
+                firsts.setdefault((post.user_id, post.client_id), post)
+        unique = [post for post in batch if post.client_id is None or firsts[post.user_id, post.client_id] is post]
+        rows = json.dumps([{"room": p.room, "user_id": p.user_id, "content": p.content, "client_id": p.client_id}
+                           for p in unique])
+        stored = await insert_messages(self.database, rows, now)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(batch))
-        self.metrics.stored.inc(len(batch))
+        self.metrics.batch_size.observe(len(stored))
+        self.metrics.stored.inc(len(stored))
+        unnamed = iter(id for id, _, client_id in stored if client_id is None)  # in batch order, as ids are
+        named = {(user_id, client_id): id for id, user_id, client_id in stored if client_id is not None}
+        fresh = [(post, next(unnamed) if post.client_id is None else named.get((post.user_id, post.client_id)))
+                 for post in unique]
         timestamp = iso(now)  # one time for the whole batch, as stored
         messages = [{"id": id, "room": post.room, "username": post.username, "content": post.content,
-                     "timestamp": timestamp} for id, post in zip(ids, batch, strict=True)]
+                     "timestamp": timestamp, **({"client_id": post.client_id} if post.client_id else {})}
+                    for post, id in fresh if id is not None]
         try:
-            if ids[-1] - ids[0] == len(ids) - 1:  # always, under the lock: publish from memory
+            ids = [message["id"] for message in messages]
+            if ids and ids[-1] - ids[0] == len(ids) - 1:  # always, under the lock: publish from memory
                 if ids[0] > self.last_published + 1:  # another process's messages came first
                     await self.catch_up(upto=ids[0] - 1)
                 self.rooms.publish_messages(messages)
                 self.last_published = ids[-1]
                 self.heard = max(self.heard, self.last_published)
-            else:
+            elif ids:
                 self.behind = True
                 await self.catch_up()
         finally:  # stored, so never "unavailable": if publishing failed, the next session publishes them
-            for post, message in zip(batch, messages, strict=True):
+            for post, message in zip([post for post, id in fresh if id is not None], messages, strict=True):
                 if not post.done.done():  # the sender may have gone; the message went out all the same
-                    post.done.set_result(message)
+                    post.done.set_result((message, True))
+        for post, id in fresh:
+            if id is None and not post.done.done():  # stored before: answer with it as it was stored
+                row = await self.database.fetch_one(RESENT_MESSAGE, {"user_id": post.user_id,
+                                                                     "client_id": post.client_id})
+                post.done.set_result((message_out(row), False))
+        for post in batch:
+            first = post.client_id and firsts[post.user_id, post.client_id]
+            if first and first is not post and not post.done.done():
+                post.done.set_result((first.done.result()[0], False))
 
     async def record_last_seen(self) -> None:
         usernames, self.leavers = self.leavers, set()
@@ -1228,23 +1302,30 @@ async def on_message(app, client: Client, frame: dict) -> None:
     sent, with whatever else is waiting, and publishes them to the room, the sender included. A
     sender that waited for each one to be stored would get one message per commit through."""
     check_same_user(client, frame)
-    content = check_content(frame.get("content"))
+    content, client_id = check_content(frame.get("content")), check_client_id(frame.get("client_id"))
     await client.settle(MESSAGES_IN_FLIGHT - 1)
-    stored = app.state.writer.submit(client.room, client.user_id, client.username, content)
+    stored = app.state.writer.submit(client.room, client.user_id, client.username, content, client_id)
 
-    def unstored(done: asyncio.Future) -> None:  # a stored one reaches the sender as its own copy
-        if not done.cancelled() and done.exception():
-            unavailable(app, client)
+    def answer(done: asyncio.Future) -> None:
+        """A message stored now reaches its sender as its own copy; a resend of one stored before
+        gets that one (unless it has it); a failure gets "unavailable"."""
+        if done.cancelled():
+            return
+        if done.exception():
+            unavailable(app, client, client_id)
+        elif not done.result()[1]:
+            message = done.result()[0]
+            client.send_text(encode({"type": "message", **message}), message["id"])
 
-    stored.add_done_callback(unstored)
+    stored.add_done_callback(answer)
     client.in_flight.append(stored)
 
 
-def unavailable(app, client: Client) -> None:
-    """Tell a client the database failed its frame (a message: it was not stored)."""
+def unavailable(app, client: Client, client_id: str | None = None) -> None:
+    """Tell a client the database failed its frame (a message: perhaps not stored)."""
     app.state.metrics.database_errors.inc()
     app.state.metrics.refused.labels("unavailable").inc()
-    client.error("unavailable", "the database is unavailable; try again shortly")
+    client.error("unavailable", "the database is unavailable; try again shortly", client_id)
 
 
 async def on_leave(app, client: Client, frame: dict) -> None:
@@ -1318,6 +1399,7 @@ async def chat_socket(websocket: WebSocket):
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect" or client.stopped:
                 break  # gone, or cut for not reading: nothing more of it is read, or stored
+            frame = None
             try:
                 if not client.budget.take():
                     raise Invalid("rate_limited", f"over {RATE_PER_SECOND:g} frames a second; this one was dropped")
@@ -1334,7 +1416,9 @@ async def chat_socket(websocket: WebSocket):
                     await client.close(status.WS_1008_POLICY_VIOLATION, "flooding: too many frames")
                     break
                 app.state.metrics.refused.labels(exc.code).inc()
-                client.error(exc.code, exc.detail)
+                client_id = frame and frame.get("client_id")
+                client.error(exc.code, exc.detail, client_id if isinstance(client_id, str)
+                             and len(client_id) <= MAX_CLIENT_ID_LENGTH else None)
             except DATABASE_ERRORS as exc:
                 log.warning("database error on a WebSocket frame: %r", exc)
                 unavailable(app, client)
@@ -1417,15 +1501,15 @@ async def post_message(request):
     body = await json_body(request)
     try:
         username, content = check_username(body.get("username")), check_content(body.get("content"))
-        room = check_room(body.get("room", DEFAULT_ROOM))
+        room, client_id = check_room(body.get("room", DEFAULT_ROOM)), check_client_id(body.get("client_id"))
     except Invalid as exc:
         raise HTTPException(422, exc.detail) from None
     check_writer(holder, username)
     user = await request.app.state.database.fetch_one(FIND_USER, {"username": username})
     if user is None:
         raise HTTPException(404, f"no user named {username!r}; create it with POST /users")
-    message = await request.app.state.writer.post(room, user["id"], username, content)
-    return JSONResponse(message, status_code=201)
+    message, stored_now = await request.app.state.writer.post(room, user["id"], username, content, client_id)
+    return JSONResponse(message, status_code=201 if stored_now else 200)
 
 
 class Messages(HTTPEndpoint):
@@ -2293,8 +2377,11 @@ def _schema(properties: dict, required=()) -> dict:
 
 
 _STR, _INT = {"type": "string"}, {"type": "integer"}
+_CLIENT_ID = {"type": "string", "minLength": 1, "maxLength": MAX_CLIENT_ID_LENGTH,
+              "description": "The sender's own id for the message: a resend with the same one is stored once "
+                             "and answered with the message as first stored (200)"}
 _MESSAGE = _schema({"id": _INT, "room": _STR, "username": _STR, "content": _STR,
-                    "timestamp": {"type": "string", "format": "date-time"}},
+                    "timestamp": {"type": "string", "format": "date-time"}, "client_id": _CLIENT_ID},
                    ["id", "room", "username", "content", "timestamp"])
 _USER = _schema({"id": _INT, "username": _STR, "last_seen": {"type": "string", "format": "date-time"}},
                 ["id", "username", "last_seen"])
@@ -2357,10 +2444,12 @@ OPENAPI = {
                           "content": {"type": "string", "minLength": 1, "maxLength": MAX_CONTENT_LENGTH,
                                       "pattern": CONTENT_PATTERN.pattern},
                           "room": {"type": "string", "pattern": ROOM_PATTERN.pattern,
-                                   "default": DEFAULT_ROOM}},
+                                   "default": DEFAULT_ROOM},
+                          "client_id": _CLIENT_ID},
                          ["username", "content"])}}},
                      "security": _SECURITY,
                      "responses": {"201": _json(_MSG_REF, "The stored message"),
+                                   "200": _json(_MSG_REF, "A resend: the message as first stored"),
                                    **_errors(401, 403, 404, 413, 415, 422, 429, 503)}},
         },
         "/users": {

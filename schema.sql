@@ -20,8 +20,13 @@ CREATE TABLE IF NOT EXISTS messages (
     room       TEXT COLLATE "binary" NOT NULL DEFAULT 'general' CHECK (length(room) BETWEEN 1 AND 32),
     user_id    BIGINT NOT NULL REFERENCES users (id),
     content    TEXT NOT NULL CHECK (length(content) BETWEEN 1 AND 2000),
-    created_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP
+    created_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    -- The sender's own id for the message, if it gave one: a resend (after "unavailable", a 503
+    -- or a reconnect) with the same one is the same message, stored once. Added by chat.py's
+    -- ADDED_COLUMNS to a table created before it.
+    client_id  TEXT CHECK (length(client_id) BETWEEN 1 AND 64)
 );
+CREATE UNIQUE INDEX IF NOT EXISTS messages_client_id ON messages (user_id, client_id);
 
 -- Every message query is "this room, by id": history on join, paging, replay after a reconnect.
 CREATE INDEX IF NOT EXISTS messages_room_id ON messages (room, id);

@@ -262,6 +262,102 @@ def test_timestamps_are_iso_8601_utc_with_milliseconds(client):
     assert TIMESTAMP.fullmatch(client.get("/messages").json()[0]["timestamp"])
 
 
+# --- Resends: a client_id makes a message idempotent ---------------------------------------------
+
+
+def test_a_message_with_a_client_id_comes_back_to_everyone_carrying_it(client):
+    with client.websocket_connect("/ws") as a, client.websocket_connect("/ws") as b:
+        join(a, "alice")
+        join(b, "bob")
+        a.receive_json()
+        a.send_json({"type": "message", "content": "hi", "client_id": "c-1"})
+        assert untimed(a.receive_json()) == {**message(1, "alice", "hi"), "client_id": "c-1"}
+        assert untimed(b.receive_json()) == {**message(1, "alice", "hi"), "client_id": "c-1"}
+    assert [untimed(m) for m in client.get("/messages").json()] == [
+        {"id": 1, "room": "general", "username": "alice", "content": "hi", "client_id": "c-1"}]
+
+
+def test_a_resend_with_the_same_client_id_on_a_new_socket_gets_the_message_as_first_stored(client):
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        ws.send_json({"type": "message", "content": "hi", "client_id": "c-1"})
+        first = ws.receive_json()
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice", room="other")
+        ws.send_json({"type": "message", "content": "hi again", "client_id": "c-1"})
+        assert ws.receive_json() == {"type": "message", **{k: v for k, v in first.items() if k != "type"}}
+        ws.send_json({"type": "message", "content": "next"})
+        assert ws.receive_json()["content"] == "next"  # nothing else came between
+    assert query(client, "SELECT content, client_id FROM messages ORDER BY id") == [
+        {"content": "hi", "client_id": "c-1"}, {"content": "next", "client_id": None}]
+
+
+def test_a_resend_on_the_same_socket_is_stored_once_and_not_delivered_again(client, unlimited):
+    with client.websocket_connect("/ws") as a, client.websocket_connect("/ws") as b:
+        join(a, "alice")
+        join(b, "bob")
+        a.receive_json()
+        for _ in range(3):  # all three may be in one batch, or not
+            a.send_json({"type": "message", "content": "hi", "client_id": "c-1"})
+        a.send_json({"type": "message", "content": "after"})
+        assert [untimed(b.receive_json()) for _ in range(2)] == [
+            {**message(1, "alice", "hi"), "client_id": "c-1"}, message(2, "alice", "after")]
+        assert [untimed(a.receive_json()) for _ in range(2)] == [
+            {**message(1, "alice", "hi"), "client_id": "c-1"}, message(2, "alice", "after")]
+    assert query(client, "SELECT id FROM messages ORDER BY id") == [{"id": 1}, {"id": 2}]
+
+
+def test_two_users_may_use_the_same_client_id(client):
+    post(client, "alice", "from alice", client_id="c-1")
+    post(client, "bob", "from bob", client_id="c-1")
+    assert query(client, "SELECT content FROM messages ORDER BY id") == [
+        {"content": "from alice"}, {"content": "from bob"}]
+
+
+def test_a_rest_resend_with_the_same_client_id_is_200_with_the_message_as_first_stored(client):
+    first = post(client, "alice", "hi", client_id="c-1")
+    again = client.post("/messages", json={"username": "alice", "content": "hi", "client_id": "c-1"})
+    assert (again.status_code, again.json()) == (200, first)
+    assert query(client, "SELECT id FROM messages") == [{"id": 1}]
+
+
+@pytest.mark.parametrize("length, code", [(64, None), (65, "invalid_client_id"), (0, "invalid_client_id")])
+def test_a_client_id_is_1_to_64_characters(client, length, code):
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        ws.send_json({"type": "message", "content": "hi", "client_id": "x" * length})
+        frame = ws.receive_json()
+    assert frame.get("code") == code
+    assert frame.get("client_id") == ("x" * length if length <= 64 and code is None else None)
+
+
+def test_an_error_about_a_message_names_its_client_id(client):
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        ws.send_json({"type": "message", "content": " ", "client_id": "c-9"})
+        assert ws.receive_json() == {"type": "error", "code": "invalid_content", "client_id": "c-9",
+                                     "content": "content must be a non-empty string"}
+
+
+def test_a_database_from_before_client_ids_gains_the_column_and_keeps_its_messages(database_url):
+    old = """CREATE TABLE users (id INTEGER PRIMARY KEY, username TEXT NOT NULL UNIQUE,
+                                 last_seen TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP);
+             CREATE TABLE messages (id INTEGER PRIMARY KEY, room TEXT NOT NULL DEFAULT 'general',
+                                    user_id BIGINT NOT NULL REFERENCES users (id), content TEXT NOT NULL,
+                                    created_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP);
+             INSERT INTO users (username) VALUES ('alice');
+             INSERT INTO messages (room, user_id, content) VALUES ('general', 1, 'old');"""
+    if database_url.startswith("sqlite"):
+        sqlite3.connect(database_url.removeprefix("sqlite:///")).executescript(old)
+    else:
+        postgres_execute(database_url, old.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY"))
+    with TestClient(chat.create_app(database_url)) as client:
+        assert [m["content"] for m in client.get("/messages").json()] == ["old"]
+        assert post(client, "alice", "new", client_id="c-1")["client_id"] == "c-1"
+    with TestClient(chat.create_app(database_url)) as client:  # and a second start changes nothing
+        assert [m["content"] for m in client.get("/messages").json()] == ["old", "new"]
+
+
 # --- Leaving and presence ------------------------------------------------------------------------
 
 
@@ -1381,7 +1477,7 @@ def test_python_chat_py_token_prints_a_token_for_that_user():
                             capture_output=True, text=True, env={**os.environ, "CHAT_SECRET": SECRET32}).stdout
     claims = jwt.decode(output.strip(), SECRET32, algorithms=["HS256"])
     assert claims["sub"] == "alice"
-    assert 86000 < claims["exp"] - time.time() <= 86400
+    assert 86000 < claims["exp"] - time.time() <= 86401  # rounded up to a whole second
 
 
 def test_a_real_server_with_a_secret_answers_a_tokenless_handshake_with_403(database_url):
@@ -2156,6 +2252,92 @@ class CuttableProxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
         self.pairs = []
+
+
+class ReplyDroppingProxy(CuttableProxy):
+    """Cuts the connection that sends `doomed` bytes to PostgreSQL before PostgreSQL's answer comes
+    back: the statement runs and commits, and the app hears only that the connection died. With
+    `before`, the statement is cut before it reaches PostgreSQL instead: nothing is stored."""
+
+    doomed, before, dropped = None, False, set()  # the bytes that doom a connection; the sockets doomed
+
+    def pipe(self, source, sink):
+        to_server = sink.getpeername()[1] == self.target[1]
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if to_server and self.doomed and self.doomed in data:
+                    self.doomed = None
+                    if self.before:
+                        for sock in (source, sink):
+                            sock.shutdown(socket.SHUT_RDWR)
+                        return
+                    self.dropped.add(source)
+                elif not to_server and sink in self.dropped:
+                    for sock in (source, sink):
+                        sock.shutdown(socket.SHUT_RDWR)
+                    return
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+def test_a_message_whose_commit_answer_was_lost_and_is_resent_with_its_client_id_is_stored_once(postgres_url):
+    postgres_execute(postgres_url, "DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    parts = urlsplit(postgres_url)
+    proxy = ReplyDroppingProxy((parts.hostname, parts.port or 5432))
+    url = postgres_url.replace(parts.netloc, f"{parts.username}@127.0.0.1:{proxy.port}")
+    with TestClient(chat.create_app(url)) as client, client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        proxy.doomed = b"lost answer"
+        ws.send_json({"type": "message", "content": "lost answer", "client_id": "c-1"})
+        assert ws.receive_json() == {"type": "error", "code": "unavailable", "client_id": "c-1",
+                                     "content": "the database is unavailable; try again shortly"}
+        stored = untimed(ws.receive_json())  # it was stored: the writer's next session publishes it
+        assert stored == {**message(1, "alice", "lost answer"), "client_id": "c-1"}
+        ws.send_json({"type": "message", "content": "lost answer", "client_id": "c-1"})  # as /test resends
+        proxy.doomed = b"lost again"
+        response = client.post("/messages", json={"username": "alice", "content": "lost again", "client_id": "c-2"})
+        assert response.status_code == 503
+        again = client.post("/messages", json={"username": "alice", "content": "lost again", "client_id": "c-2"})
+        assert again.status_code == 200 and again.json()["content"] == "lost again"
+        assert untimed(ws.receive_json()) == untimed({"type": "message", **again.json()})  # the resend brought nothing
+    rows = query_url(postgres_url, "SELECT content, client_id FROM messages ORDER BY id")
+    assert rows == [("lost answer", "c-1"), ("lost again", "c-2")]
+    proxy.cut()
+
+
+@pytest.mark.parametrize("lost, sends", [("the statement", 2), ("the answer", 1)])
+def test_the_tester_page_resends_a_message_answered_unavailable_until_it_is_stored_once(
+        browser, postgres_url, lost, sends):
+    postgres_execute(postgres_url, "DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    parts = urlsplit(postgres_url)
+    proxy = ReplyDroppingProxy((parts.hostname, parts.port or 5432))
+    proxy.before = lost == "the statement"
+    with running_server(postgres_url.replace(parts.netloc, f"{parts.username}@127.0.0.1:{proxy.port}")) as base:
+        page = open_tester(browser, base, "alice")
+        proxy.doomed = b"typed once"
+        say_in(page, "typed once")
+        page.wait_for_selector(".error:text('unavailable')")
+        page.wait_for_selector(".msg .text:text('typed once')")  # resent (the statement was lost), or published
+        time.sleep(1.5)  # past the page's resend: it sends nothing more once the message came back
+        assert page.locator("#log .out:text('typed once')").count() == sends
+        say_in(page, "then this")
+        page.wait_for_selector(".msg .text:text('then this')")
+        assert page.locator(".msg .text").all_text_contents() == ["typed once", "then this"]
+    assert [row[0] for row in query_url(postgres_url, "SELECT content FROM messages ORDER BY id")] == [
+        "typed once", "then this"]
+    proxy.cut()
+
+
+def query_url(url: str, sql: str) -> list[tuple]:
+    async def fetch():
+        connection = await asyncpg.connect(url)
+        try:
+            return [tuple(row) for row in await connection.fetch(sql)]
+        finally:
+            await connection.close()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, fetch()).result()
 
 
 @pytest.fixture
