@@ -29,6 +29,7 @@ The tutorial's Elysia names, and ours:
 import asyncio
 import contextlib
 import datetime
+import errno
 import importlib.util
 import json
 import logging
@@ -48,9 +49,10 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote_plus
 
 try:
+    import fcntl  # the SQLite file's lock, on Linux
     import resource  # file-descriptor limits; Unix only
 except ImportError:  # Windows
-    resource = None
+    fcntl = resource = None
 
 import asyncpg
 import jwt
@@ -238,21 +240,40 @@ def check_content_limit() -> None:
                       "2000 characters: use 2000 or less")
 
 
-def lock_sqlite_file(database: Database) -> sqlite3.Connection:
-    """SQLite serves one process: a second one on the same file would split the chat, so it refuses.
-
-    The lock is SQLite's own (an exclusive transaction held open on a small side file), so it
-    works wherever SQLite does, Windows included, and ends with the process, however it ends.
-    """
-    path = database.url.database
-    lock = sqlite3.connect(f"{path}.lock", timeout=0, isolation_level=None)
+def lock_sqlite_file(path: str):
+    """SQLite serves one process: a second one on the same database would split the chat, and one
+    that reached it by another path (a hard link) would keep a WAL of its own and lose messages.
+    So it refuses. On Linux the lock is the database file's own (flock, which never meets SQLite's
+    fcntl locks): it holds whatever path reaches the file, and ends with the process. Elsewhere
+    (macOS, Windows) it is SQLite's own lock on a side file beside the file's real path."""
+    path = os.path.realpath(path)
+    second = SecondProcess(f"another chat process is serving {path}; SQLite serves one process. "
+                           "To run several, use PostgreSQL: DATABASE_URL=postgresql://...")
     try:
-        lock.execute("BEGIN EXCLUSIVE")
-    except sqlite3.OperationalError:
-        lock.close()
-        raise SecondProcess(f"another chat process is serving {path}; SQLite serves one process. "
-                            "To run several, use PostgreSQL: DATABASE_URL=postgresql://...") from None
-    return lock
+        if fcntl is not None and sys.platform == "linux":
+            handle = open(path, "ab")  # SQLite opens nothing in this process before it is locked
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                raise second from None
+            return handle
+        lock = sqlite3.connect(f"{path}.lock", timeout=0, isolation_level=None)
+        try:
+            lock.execute("BEGIN EXCLUSIVE")
+        except sqlite3.OperationalError:
+            lock.close()
+            raise second from None
+        return lock
+    except OSError as exc:
+        raise Refusal(disk_refusal(path, exc)) from None
+
+
+def disk_refusal(path: str, exc: Exception) -> str:
+    """What to do when the database's file cannot be opened or written, in one line."""
+    if getattr(exc, "errno", None) == errno.ENOSPC or "full" in str(exc):
+        return f"the disk holding {path} is full: free some space, then start again"
+    return f"cannot use {path} ({exc}): check that the folder exists and may be written"
 
 
 def utcnow() -> datetime.datetime:
@@ -1704,9 +1725,14 @@ async def lifespan(app):
     check_secret()
     check_content_limit()
     database = app.state.database
-    await database.connect()
-    lock = lock_sqlite_file(database) if database.url.dialect == "sqlite" else None
-    await apply_schema(database)
+    lock = lock_sqlite_file(database.url.database) if database.url.dialect == "sqlite" else None
+    try:
+        await database.connect()
+        await apply_schema(database)
+    except sqlite3.OperationalError as exc:  # a full disk, a read-only folder: say so in one line
+        if lock:
+            lock.close()
+        raise Refusal(disk_refusal(database.url.database, exc)) from None
     for row in await database.fetch_all(UNCLAIMED_USERS):  # users stored before their looks were
         with contextlib.suppress(Invalid):
             await check_lookalike(database, row["username"])

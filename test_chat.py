@@ -2973,6 +2973,53 @@ def test_a_second_process_on_the_same_sqlite_file_refuses_to_start(tmp_path):
     assert "Traceback" not in second.stderr
 
 
+@pytest.mark.parametrize("way", ["a hard link", "a symlink", "a deleted lock file"])
+def test_a_second_process_reaching_the_sqlite_file_another_way_refuses_to_start(tmp_path, way):
+    (tmp_path / "other").mkdir()
+    first, second = tmp_path / "chat.db", tmp_path / "other" / "chat.db"
+    with running_server(f"sqlite:///{first}"):
+        if way == "a hard link":
+            os.link(first, second)
+        elif way == "a symlink":
+            second.symlink_to(first)
+        else:
+            second = first
+            for lock in tmp_path.glob("chat.db.lock"):
+                lock.unlink()
+        refused = subprocess.run([sys.executable, "-m", "uvicorn", "chat:app", "--port", str(free_port())],
+                                 cwd=HERE, env={**os.environ, "DATABASE_URL": f"sqlite:///{second}"},
+                                 capture_output=True, text=True, timeout=30)
+    assert refused.returncode != 0
+    assert "another chat process is serving" in refused.stderr and "Traceback" not in refused.stderr
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A folder on a small file system that is full."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                      capture_output=True).returncode:
+        missing("mount -t tmpfs is not permitted here (it needs root)")
+    try:
+        with contextlib.suppress(OSError), open(folder / "filler", "wb") as filler:
+            while True:
+                filler.write(b"x" * 4096)
+                filler.flush()
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_at_start_is_reported_as_a_full_disk_in_one_line(full_disk):
+    started = subprocess.run([sys.executable, "-m", "uvicorn", "chat:app", "--port", str(free_port())],
+                             cwd=HERE, env={**os.environ, "DATABASE_URL": f"sqlite:///{full_disk}/chat.db"},
+                             capture_output=True, text=True, timeout=30)
+    assert started.returncode != 0
+    assert f"the disk holding {full_disk}/chat.db is full: free some space, then start again" in started.stderr
+    assert "another chat process" not in started.stderr and "Traceback" not in started.stderr
+
+
 def test_without_fcntl_as_on_windows_chat_starts_and_still_refuses_a_second_process(tmp_path):
     script = """
 import sys
