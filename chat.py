@@ -31,6 +31,7 @@ import contextlib
 import datetime
 import errno
 import importlib.util
+import ipaddress
 import json
 import logging
 import math
@@ -694,9 +695,19 @@ def handshake_refusal(connection: HTTPConnection) -> tuple[int, str] | None:
     return None
 
 
+def address_key(ip: str) -> str:
+    """What a per-address limit counts: an IPv4 address, or an IPv6 /64 (a host may take any
+    address of its /64 at will, so counting addresses would bound nothing)."""
+    return str(ipaddress.IPv6Network(f"{ip}/64", strict=False)) if ":" in ip else ip
+
+
+def client_address(connection: HTTPConnection) -> str:
+    return address_key(connection.client.host if connection.client else "unknown")
+
+
 async def rest_write_allowed(request) -> None:
     """REST writes from one address are limited too: each may create a user or a room."""
-    if not await request.app.state.limits.rest_write(request.client.host if request.client else "unknown"):
+    if not await request.app.state.limits.rest_write(client_address(request)):
         raise HTTPException(429, f"over {REST_WRITES_PER_MINUTE} writes a minute from your address; "
                             "try again shortly", headers={"Retry-After": "60"})
 
@@ -1400,7 +1411,7 @@ async def chat_socket(websocket: WebSocket):
     except Invalid as exc:
         await websocket.close(status.WS_1008_POLICY_VIOLATION, exc.detail[:120])
         return
-    ip = websocket.client.host if websocket.client else "unknown"
+    ip = client_address(websocket)
     refusal = app.state.rooms.refusal(ip)
     if refusal:
         await websocket.close(*refusal)
@@ -1614,12 +1625,15 @@ SWAGGER_PAGE = """<!doctype html>
 </body></html>"""
 
 
-NOT_IN_A_FRAME = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY"}  # clickjacking
+# Not in another site's frame (clickjacking); and a page's URL, which may carry a ?token=, is
+# never sent on as a Referer.
+PAGE_HEADERS = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY",
+                "Referrer-Policy": "no-referrer"}
 SWAGGER_ASSETS = {"swagger-ui.css", "swagger-ui-bundle.js"}
 
 
 async def swagger(request):
-    return HTMLResponse(SWAGGER_PAGE, headers=NOT_IN_A_FRAME)
+    return HTMLResponse(SWAGGER_PAGE, headers=PAGE_HEADERS)
 
 
 async def swagger_asset(request):
@@ -1631,7 +1645,7 @@ async def swagger_asset(request):
 
 
 async def tester(request):
-    return FileResponse(HERE / "static" / "test.html", headers=NOT_IN_A_FRAME)
+    return FileResponse(HERE / "static" / "test.html", headers=PAGE_HEADERS)
 
 
 async def home(request):
@@ -1752,13 +1766,14 @@ async def lifespan(app):
 
 
 def local_hosts() -> list[str]:
-    """The names this machine is reached by: loopback, HOST, and for HOST=0.0.0.0 its own name and addresses."""
+    """The names this machine is reached by: loopback, HOST, and for HOST=0.0.0.0 its own name and
+    addresses. An IPv6 address is a Host header's way: in brackets, [::1]."""
     hosts = {"127.0.0.1", "localhost", "::1", HOST}
     if HOST in ("0.0.0.0", "::", ""):
         name = socket.gethostname()
         with contextlib.suppress(OSError):
             hosts |= {name, socket.getfqdn(), *(info[4][0] for info in socket.getaddrinfo(name, None))}
-    return sorted(hosts - {"", "0.0.0.0", "::"})
+    return sorted({f"[{host}]" if ":" in host else host for host in hosts - {"", "0.0.0.0", "::"}})
 
 
 def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = ALLOWED_ORIGINS) -> Starlette:
@@ -2061,10 +2076,11 @@ class BoundedHttpTools(HttpToolsProtocol):
     def connection_made(self, transport):
         super().connection_made(transport)
         self.refused, self.deadline, self.head_bytes, self.head_size, self.fields = False, None, 0, 0, 0
-        self.ip = self.client[0] if self.client else ""
+        address = self.client[0] if self.client else ""
+        self.ip = address_key(address)
         self.per_ip[self.ip] += 1
         if len(self.connections) > self.max_sockets or (
-                self.per_ip[self.ip] > MAX_SOCKETS_PER_IP and self.ip not in TRUSTED):
+                self.per_ip[self.ip] > MAX_SOCKETS_PER_IP and address not in TRUSTED):
             self.refuse(503, b"Service Unavailable")  # not 429: that invites a retry from the same address
         else:
             self.deadline = self.loop.call_later(REQUEST_TIMEOUT, self.expired)
@@ -2225,7 +2241,7 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
         return True
 
     def connection_lost(self, exc):
-        forget(self.client[0] if self.client else "")
+        forget(address_key(self.client[0]) if self.client else "")
         super().connection_lost(exc)
 
     def data_received(self, data):
@@ -2312,12 +2328,40 @@ class RedactTokens(logging.Filter):
         return True
 
 
+class QuietPeers(logging.Filter):
+    """A peer's bad frame is the peer's fault, not the server's: uvicorn logs each with a traceback,
+    at the peer's pace. One line per kind a minute instead, saying how many more came."""
+
+    KINDS = {"Invalid UTF-8 sequence received from client.": "a peer sent a text frame that is not "
+                                                             "UTF-8 (closed with 1007)"}
+
+    def __init__(self):
+        super().__init__()
+        self.said: dict[str, float] = {}
+        self.unsaid: Counter[str] = Counter()
+
+    def filter(self, record):
+        if record.msg not in self.KINDS:
+            return True
+        kind, now = record.msg, time.monotonic()
+        if now - self.said.get(kind, -60.0) < 60:
+            self.unsaid[kind] += 1
+            return False
+        self.said[kind], more = now, self.unsaid.pop(kind, 0)
+        record.msg = self.KINDS[kind] + (f"; {more} more in the last minute" if more else "")
+        record.levelno, record.levelname, record.exc_info, record.exc_text = logging.WARNING, "WARNING", None, None
+        return True
+
+
 def bound_server(config) -> str | None:
     """Apply the bounds to a live uvicorn.Config before it listens; say why if it cannot be done."""
     for name in ("uvicorn.access", "uvicorn.error"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactTokens) for f in logger.filters):
             logger.addFilter(RedactTokens())
+    errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, QuietPeers) for f in errors.filters):
+        errors.addFilter(QuietPeers())
     if config is None:
         return None  # not uvicorn (Starlette's TestClient, another server): nothing to adjust
     if not uvicorn.__version__.startswith("0.54."):

@@ -855,6 +855,29 @@ def test_the_tester_and_swagger_pages_may_not_be_framed_by_other_sites(client):
         assert (headers["content-security-policy"], headers["x-frame-options"]) == ("frame-ancestors 'none'", "DENY")
 
 
+def test_pages_that_may_carry_a_token_in_their_url_send_no_referrer(client):
+    for path in ("/test", "/swagger"):
+        assert client.get(path + "?token=secret").headers["referrer-policy"] == "no-referrer"
+
+
+def test_an_ipv6_loopback_host_with_its_port_is_one_of_the_servers_own_names(client):
+    assert client.get("/ws-info", headers={"host": "[::1]:8000"}).status_code == 200
+    assert client.get("/ws-info", headers={"host": "[::2]:8000"}).status_code == 400
+
+
+def test_an_ipv6_client_is_counted_by_its_64_as_one_address():
+    assert [chat.address_key(ip) for ip in ("2001:db8:1:2::1", "2001:db8:1:2:ffff::9", "2001:db8:1:3::1",
+                                            "203.0.113.7")] == [
+        "2001:db8:1:2::/64", "2001:db8:1:2::/64", "2001:db8:1:3::/64", "203.0.113.7"]
+
+
+def test_an_ipv6_clients_sockets_count_against_its_64(database_url):
+    with TestClient(chat.create_app(database_url), client=("2001:db8:1:2::1", 50000)) as client, \
+            client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        assert client.app.state.rooms.per_ip == {"2001:db8:1:2::/64": 1}
+
+
 def test_cors_allows_only_the_configured_origins(database_url):
     app = chat.create_app(database_url, allowed_origins=["http://good.example"])
     with TestClient(app) as client:
@@ -1899,6 +1922,20 @@ def test_fragments_over_their_rate_are_cut_with_1008(runner, tmp_path):
         with pytest.raises(ConnectionClosed) as cut:
             ws.recv(timeout=5)
     assert (cut.value.rcvd.code, cut.value.rcvd.reason) == (1008, "too many fragments a second")
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_frames_that_are_not_utf_8_are_logged_once_a_minute_without_a_traceback(runner, tmp_path):
+    with bounded_server(runner, tmp_path) as (base, port):
+        for _ in range(5):
+            with ws_connect(base) as ws:
+                ws.socket.sendall(b"\x81\x82\x00\x00\x00\x00\xff\xfe")
+                with pytest.raises(ConnectionClosed) as closed:
+                    ws.recv(timeout=5)
+                assert closed.value.rcvd.code == 1007
+        log = server_log().decode()
+    assert log.count("WARNING:  a peer sent a text frame that is not UTF-8 (closed with 1007)\n") == 1
+    assert "UTF-8" not in log.replace("a peer sent a text frame that is not UTF-8", "") and "Traceback" not in log
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
