@@ -726,6 +726,25 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(client):
     assert query(client, "SELECT id FROM messages") == []
 
 
+def body_of(size: int) -> bytes:
+    """A valid message body of exactly `size` bytes (JSON allows the spaces that pad it)."""
+    body = b'{"username": "alice", "content": "hi"}'
+    return body + b" " * (size - len(body))
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["with Content-Length", "chunked"])
+def test_a_body_of_exactly_the_limit_is_read_and_one_byte_more_is_413(client, chunked):
+    client.post("/users", json={"username": "alice"})
+    statuses = []
+    for size in (chat.MAX_BODY_BYTES, chat.MAX_BODY_BYTES + 1):
+        body = body_of(size)
+        content = iter([body[:1000], body[1000:]]) if chunked else body
+        statuses.append(client.post("/messages", content=content,
+                                    headers={"content-type": "application/json"}).status_code)
+    assert statuses == [201, 413]
+    assert query(client, "SELECT content FROM messages") == [{"content": "hi"}]
+
+
 def test_a_chunked_body_over_the_limit_is_413_too(client):
     def chunks():
         yield b'{"username": "alice", "content": "'
@@ -1674,16 +1693,16 @@ def test_connections_over_the_total_limit_are_closed_with_1013(client, monkeypat
 
 def test_frames_over_the_rate_limit_get_rate_limited_and_are_not_stored(client, monkeypatch):
     monkeypatch.setattr(chat, "RATE_BURST", chat.JOIN_COST + 2)
-    monkeypatch.setattr(chat, "RATE_PER_SECOND", 0.001)
+    monkeypatch.setattr(chat, "RATE_PER_SECOND", 0)  # no refill: the budget is exactly the burst
     with client.websocket_connect("/ws") as ws:
         join(ws, "alice")  # JOIN_COST of them
         ws.send_json({"type": "message", "content": "one"})
-        ws.send_json({"type": "message", "content": "two"})
-        ws.send_json({"type": "message", "content": "three"})
+        ws.send_json({"type": "message", "content": "two"})  # the last of the burst
+        ws.send_json({"type": "message", "content": "three"})  # one past it
         frames = [ws.receive_json() for _ in range(3)]  # the refusal may come before the copies
         assert [frame["content"] for frame in frames if frame["type"] == "message"] == ["one", "two"]
         assert [frame for frame in frames if frame["type"] == "error"] == [{
-            "type": "error", "code": "rate_limited", "content": "over 0.001 frames a second; this one was dropped"}]
+            "type": "error", "code": "rate_limited", "content": "over 0 frames a second; this one was dropped"}]
     assert query(client, "SELECT content FROM messages ORDER BY id") == [{"content": "one"}, {"content": "two"}]
 
 
@@ -2168,6 +2187,31 @@ def test_a_client_that_stops_reading_does_not_delay_the_others_and_is_dropped(da
         received, code, reason = slow.read_until_closed()
         assert (code, reason) == (1013, "too slow: send queue full")
         assert received < 2000
+
+
+def test_a_client_may_have_exactly_send_queue_frames_queued_and_one_more_cuts_it(monkeypatch):
+    monkeypatch.setattr(chat, "SEND_QUEUE_FRAMES", 5)
+
+    class Unread:  # a socket whose writes never complete
+        scope = {}
+
+        async def send_text(self, text):
+            await asyncio.Event().wait()
+
+        async def close(self, code, reason):
+            pass
+
+    async def fill():
+        stalled = []
+        client = chat.Client(Unread(), "203.0.113.7", "general", None, on_stall=stalled.append)
+        for n in range(5):
+            client.send_text(f"m{n}")
+        at_the_limit = (len(client.outbox), client.stopped, len(stalled))
+        client.send_text("one too many")
+        await client.closing
+        return at_the_limit, (client.stopped, stalled == [client])
+
+    assert asyncio.run(fill()) == ((5, False, 0), (True, True))
 
 
 def test_a_client_cut_for_not_reading_is_read_no_further_and_nothing_more_of_it_is_stored(database_url):
