@@ -1,15 +1,16 @@
 """chat: a real-time chat server in one module (Starlette, WebSockets, raw SQL on SQLite or PostgreSQL).
 
-Run it:   pip install -r requirements.txt && python chat.py     (or: uvicorn chat:app)
+Run it:   pip install -r requirements.txt && python chat.py
 Then open http://127.0.0.1:8000/test, or: websocat ws://127.0.0.1:8000/ws
 
-It is the chat app of the Bun + Elysia + Drizzle tutorial, done right, and it reads as a house with
-two storeys:
+It is the chat app of the Bun + Elysia + Drizzle tutorial, done right. It speaks only ASGI, so
+plain `uvicorn chat:app` serves it too; `python chat.py` serves it through runner.py, which bounds
+what a client may take of the server itself (see there). It reads as a house with two storeys:
 
 1. The chat, as the tutorial teaches it: configuration; database and SQL; validation; the
    handshake's security checks; rooms and fan-out; the join / message / leave handlers and the
    WebSocket endpoint (with the path of one message traced at its top); REST; lifespan, routes,
-   app; the runner. On its own, this storey is the whole chat for one process (SQLite).
+   app. On its own, this storey is the whole chat for one process (SQLite).
 2. Several processes (PostgreSQL): LISTEN/NOTIFY, catch-up and shared presence, behind the same
    four methods that the first storey calls on `OneProcess` (arrive, depart, announce, present).
 Appendix: the OpenAPI document.
@@ -51,9 +52,8 @@ from urllib.parse import unquote_plus
 
 try:
     import fcntl  # the SQLite file's lock, on Linux
-    import resource  # file-descriptor limits; Unix only
 except ImportError:  # Windows
-    fcntl = resource = None
+    fcntl = None
 
 import asyncpg
 import jwt
@@ -62,7 +62,6 @@ import limits.aio
 import precis_i18n
 import prometheus_client
 import swagger_ui_bundle
-import uvicorn
 from databases import Database
 from starlette import status
 from starlette.applications import Starlette
@@ -75,12 +74,6 @@ from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
-from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware, _TrustedHosts
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.protocols.utils import ClientDisconnected
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.frames import Frame, Opcode
-from websockets.protocol import State
 
 # =================================================================================================
 # Storey 1: the chat, as the tutorial teaches it, done right
@@ -89,13 +82,9 @@ from websockets.protocol import State
 # --- Configuration: environment variables, each with a default that works offline -------------
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///chat.db")
-HOST = os.environ.get("HOST", "127.0.0.1")
-PORT = int(os.environ.get("PORT", "8000"))
 # Host names this server answers to, against DNS rebinding; "*" = any. The default: loopback
-# names and HOST, and, when HOST is every address (0.0.0.0), this machine's name and addresses.
+# names, and this machine's own name and addresses.
 ALLOWED_HOSTS = [h for h in os.environ.get("ALLOWED_HOSTS", "").split(",") if h]
-SSL_KEYFILE = os.environ.get("SSL_KEYFILE")  # both set: python chat.py serves wss:// and https://
-SSL_CERTFILE = os.environ.get("SSL_CERTFILE")
 # Browser origins allowed besides the server's own, for REST (CORS) and WebSocket handshakes; "*" = any.
 ALLOWED_ORIGINS = [o for o in os.environ.get("ALLOWED_ORIGINS", "").split(",") if o]
 SECRET = os.environ.get("CHAT_SECRET", "")  # set it to require signed tokens (python chat.py token NAME)
@@ -114,18 +103,10 @@ MAX_CONTENT_LENGTH = int(os.environ.get("MAX_CONTENT_LENGTH", "2000"))  # schema
 MAX_FRAME_BYTES = int(os.environ.get("MAX_FRAME_BYTES", "16384"))
 MAX_BODY_BYTES = int(os.environ.get("MAX_BODY_BYTES", "16384"))  # REST request bodies
 SEND_QUEUE_FRAMES = int(os.environ.get("SEND_QUEUE_FRAMES", "1000"))
-PING_INTERVAL = float(os.environ.get("PING_INTERVAL", "20"))  # a dead peer is dropped within
-PING_TIMEOUT = float(os.environ.get("PING_TIMEOUT", "20"))  # PING_INTERVAL + PING_TIMEOUT seconds
 PRESENCE_TIMEOUT = float(os.environ.get("PRESENCE_TIMEOUT", "15"))  # PostgreSQL: a silent process's
                                                                      # users count as gone after this
-SHUTDOWN_SECONDS = float(os.environ.get("SHUTDOWN_SECONDS", "10"))  # then stuck connections are cut
-# Addresses (or networks) of your proxies: only their X-Forwarded-For is believed.
-TRUSTED_PROXIES = [p.strip() for p in os.environ.get("TRUSTED_PROXIES", "").split(",") if p.strip()]
-# What a client may take of the server itself (Appendix A): time to send a request, its size,
-# TCP connections per address (WebSockets and a few browsers' HTTP connections).
-REQUEST_TIMEOUT = float(os.environ.get("REQUEST_TIMEOUT", "10"))
-MAX_HEAD_BYTES = int(os.environ.get("MAX_HEAD_BYTES", "16384"))  # request line and headers
-MAX_SOCKETS_PER_IP = int(os.environ.get("MAX_SOCKETS_PER_IP") or MAX_CONNECTIONS_PER_IP + 40)
+# The server's own settings (HOST, PORT, REQUEST_TIMEOUT, PING_INTERVAL, TRUSTED_PROXIES, ...)
+# are runner.py's: they hold under python chat.py.
 HISTORY_ON_JOIN = 10
 REPLAY_LIMIT = 500  # most messages replayed after a reconnect; older ones are left to GET /messages
 REPLAY_BYTES = 256 * 1024  # and at most this much of them
@@ -138,10 +119,10 @@ DEFAULT_ROOM = "general"
 # token) gets HTTP 403 instead: no socket is ever opened.
 WS_4001_TOKEN_EXPIRED = 4001
 CLOSE_CODES = {
-    status.WS_1001_GOING_AWAY: "the server is shutting down (uvicorn's own 1012 is replaced, Appendix A)",
+    status.WS_1001_GOING_AWAY: "the server is shutting down (under python chat.py; plain uvicorn sends 1012)",
     status.WS_1008_POLICY_VIOLATION: "a bad room in the URL, too many connections from your address, "
-                                     "a flood of refused frames, or too many pings",
-    status.WS_1009_MESSAGE_TOO_BIG: "a frame over the runner's limit (4 x MAX_FRAME_BYTES)",
+                                     "a flood of refused frames, or (python chat.py) too many pings or fragments",
+    status.WS_1009_MESSAGE_TOO_BIG: "a frame over the server's limit (python chat.py: 4 x MAX_FRAME_BYTES)",
     status.WS_1011_INTERNAL_ERROR: "no answer to the server's pings (sent by uvicorn: "
                                    "\"keepalive ping timeout\")",
     status.WS_1013_TRY_AGAIN_LATER: "the server is full, or you stopped reading (send queue full)",
@@ -757,12 +738,6 @@ def encode(frame: dict) -> str:
     return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
 
 
-def wire(text: str) -> bytes:
-    """A text frame as it goes on the wire from a server (unmasked; no extension, as chat accepts
-    none): the same bytes for every client, so a broadcast builds them once, not once per client."""
-    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
-
-
 def system_frame(room: str, content: str, **extra) -> dict:
     return {"type": "system", "room": room, "content": content, "timestamp": iso(utcnow()), **extra}
 
@@ -776,10 +751,10 @@ class Client:
     socket: a client that stops reading delays only itself. The sender task starts with the
     first frame and sleeps while the outbox is empty: waking it costs less than a task per frame.
 
-    Cheaper still, and the usual case: a frame for a client with nothing queued is written to its
-    socket at once, if the socket's buffer has room (write_now, from Appendix A's server). That
-    skips the task, Starlette and uvicorn's send for most frames (measured: 0.82-0.91x the CPU
-    per delivery at moderate load); the outbox and its task take over when the client falls behind.
+    Cheaper still, and the usual case under python chat.py: a frame for a client with nothing
+    queued is written to its socket at once, if the socket's buffer has room, through the runner's
+    "chat.write_now" ASGI extension. That skips the task, Starlette and the server's send for most
+    frames; the outbox and its task take over when the client falls behind.
     """
 
     def __init__(self, websocket: WebSocket, ip: str, room: str, identity: str | None, on_stall):
@@ -792,10 +767,12 @@ class Client:
         self.outbox: deque[str] = deque()
         self.sender: asyncio.Task | None = None  # writes the outbox, from the first frame until the socket goes
         self.writing = False  # the sender has taken a frame from the outbox and is writing it
-        # Writes one frame's wire() bytes now and says True, or says False (its buffer is full, or
-        # it is closing). Only BoundedWebSockets provides it; under another server (a test client)
-        # all is queued.
-        self.write_now: Callable[[bytes], bool] | None = websocket.scope.get("chat.write_now")
+        # The runner's extension: write(frame bytes) writes them now and says True, or says False
+        # (its buffer is full, or it is closing); frame(text) makes those bytes. Under another
+        # server, all is queued.
+        extension = websocket.scope.get("extensions", {}).get("chat.write_now")
+        self.write_now: Callable[[bytes], bool] | None = extension and extension["write"]
+        self.frame: Callable[[str], bytes] | None = extension and extension["frame"]
         self.idle: asyncio.Future | None = None  # what the sender waits on while the outbox is empty
         self.held: list[tuple[int | None, str]] | None = None  # live frames held while joining
         self.last_message_id = 0  # the newest message it was sent
@@ -811,7 +788,7 @@ class Client:
         self.send({"type": "error", "code": code, "content": content, **({"client_id": client_id} if client_id else {})})
 
     def send_text(self, text: str, message_id: int | None = None, frame_bytes: bytes | None = None) -> None:
-        """Write an encoded frame at once (as `frame_bytes`, its wire() bytes, if the caller has
+        """Write an encoded frame at once (as `frame_bytes`, its frame() bytes, if the caller has
         them) if nothing is queued ahead of it; else queue it for the sender task."""
         if self.stopped:
             return
@@ -824,7 +801,7 @@ class Client:
             if message_id <= self.last_message_id:
                 return
             self.last_message_id = message_id
-        if not self.outbox and not self.writing and self.write_now and self.write_now(frame_bytes or wire(text)):
+        if not self.outbox and not self.writing and self.write_now and self.write_now(frame_bytes or self.frame(text)):
             return
         if len(self.outbox) >= SEND_QUEUE_FRAMES:
             # It stopped reading: nothing more is queued for it, and it is told so with 1013. The
@@ -841,8 +818,8 @@ class Client:
         elif self.idle is not None and not self.idle.done():
             self.idle.set_result(None)
 
-    def send_messages(self, texts: list[str], message_ids: list[int], frames: bytes) -> None:
-        """Stored messages of its room, in id order: all in one write (`frames`: their wire() bytes)
+    def send_messages(self, texts: list[str], message_ids: list[int], frames: bytes | None) -> None:
+        """Stored messages of its room, in id order: all in one write (`frames`: their frame() bytes)
         if nothing is queued ahead of them and it has none of them yet; else one by one."""
         if (not self.stopped and self.held is None and message_ids[0] > self.last_message_id
                 and not self.outbox and not self.writing and self.write_now and self.write_now(frames)):
@@ -909,6 +886,7 @@ class Rooms:
         self.rooms: dict[str, dict[str, set[Client]]] = {}  # room -> username -> that user's sockets
         self.connections: set[Client] = set()  # every open socket, joined or not
         self.per_ip: Counter[str] = Counter()
+        self.frame: Callable[[str], bytes] | None = None  # the runner's, once a client has brought it
 
     def refusal(self, ip: str) -> tuple[int, str] | None:
         """Why a new connection from this address may not stay, as (close code, reason); None if it may."""
@@ -921,6 +899,7 @@ class Rooms:
     def connect(self, client: Client) -> None:
         self.connections.add(client)
         self.per_ip[client.ip] += 1
+        self.frame = self.frame or client.frame
 
     def disconnect(self, client: Client) -> None:
         self.connections.discard(client)
@@ -955,7 +934,7 @@ class Rooms:
     def publish(self, room: str, frame: dict, exclude: Client | None = None) -> None:
         """Encode a frame once and queue it for every client in the room."""
         text = encode(frame)
-        frame_bytes = wire(text)
+        frame_bytes = self.frame and self.frame(text)
         message_id = frame["id"] if frame["type"] == "message" else None
         # No copies needed: send_text() never changes the rooms (a stalled client leaves in a task).
         sent = 0
@@ -974,7 +953,8 @@ class Rooms:
             by_room.setdefault(message["room"], []).append(message)
         for room, stored in by_room.items():
             texts = [encode({"type": "message", **message}) for message in stored]
-            message_ids, frames = [message["id"] for message in stored], b"".join(map(wire, texts))
+            message_ids = [message["id"] for message in stored]
+            frames = self.frame and b"".join(map(self.frame, texts))
             sent = 0
             for connections in self.rooms.get(room, {}).values():
                 for client in connections:
@@ -1766,14 +1746,62 @@ async def lifespan(app):
 
 
 def local_hosts() -> list[str]:
-    """The names this machine is reached by: loopback, HOST, and for HOST=0.0.0.0 its own name and
-    addresses. An IPv6 address is a Host header's way: in brackets, [::1]."""
-    hosts = {"127.0.0.1", "localhost", "::1", HOST}
-    if HOST in ("0.0.0.0", "::", ""):
-        name = socket.gethostname()
-        with contextlib.suppress(OSError):
-            hosts |= {name, socket.getfqdn(), *(info[4][0] for info in socket.getaddrinfo(name, None))}
-    return sorted({f"[{host}]" if ":" in host else host for host in hosts - {"", "0.0.0.0", "::"}})
+    """The names this machine is reached by: loopback, and its own name and addresses (a DNS
+    rebinding attack needs a name of the attacker's). An IPv6 address in a Host header is in brackets."""
+    hosts, name = {"127.0.0.1", "localhost", "::1"}, socket.gethostname()
+    with contextlib.suppress(OSError):
+        hosts |= {name, socket.getfqdn(), *(info[4][0] for info in socket.getaddrinfo(name, None))}
+    return sorted({f"[{host}]" if ":" in host else host for host in hosts - {""}})
+
+
+UNBOUNDED = ("served without chat's runner, so the server's own bounds are off (request deadlines and "
+             "sizes, sockets per address, ping and fragment budgets, frame size, no compression): "
+             "to let others in, serve it with python chat.py")
+
+
+class StartUp:
+    """The outermost middleware. At start: a Refusal (a setting or a state the app cannot start
+    with) is said in one line, not a traceback, and without the runner one warning says that the
+    server's own bounds are off. Served without its lifespan, every request is refused, saying why."""
+
+    def __init__(self, app):
+        self.app, self.started, self.said = app, False, False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "lifespan":
+            if not self.started:
+                return await self.refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        if "chat.bounded" not in (scope.get("extensions") or {}):
+            log.warning(UNBOUNDED)
+        failures = []
+
+        async def hold_failures(message):  # a Refusal's failure is said below, in one line
+            if message["type"] == "lifespan.startup.failed":
+                return failures.append(message)
+            self.started = self.started or message["type"] == "lifespan.startup.complete"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, hold_failures)
+        except Refusal as exc:
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            raise  # the server has said it already; a test client raises it
+        except BaseException:
+            for message in failures:
+                await send(message)
+            raise
+
+    async def refuse(self, scope, receive, send):
+        """Served without its lifespan (uvicorn --lifespan off): no database, no writer. Every
+        request is refused, saying why, rather than half served."""
+        why = "chat was started without its lifespan (uvicorn --lifespan off): start it without that flag"
+        if not self.said:
+            log.error("%s; every request is refused", why)
+            self.said = True
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close"})
+        await JSONResponse({"detail": why}, status_code=503)(scope, receive, send)
 
 
 def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = ALLOWED_ORIGINS) -> Starlette:
@@ -1796,7 +1824,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
         Route("/ws", upgrade_required),
         Route("/ws/{room}", upgrade_required),
     ]
-    middleware = [Middleware(ServerBounds),  # Appendix A: what a client may take of the server itself
+    middleware = [Middleware(StartUp),
                   Middleware(TrustedHostMiddleware, allowed_hosts=ALLOWED_HOSTS or local_hosts()),
                   Middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
                              allow_headers=["Content-Type", "Authorization"])]
@@ -1813,28 +1841,28 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
 
 
 
-# `app = create_app()` is the module's last line but two: it needs Appendix A, defined below.
+app = create_app()
 
 
-# --- The runner: python chat.py, python chat.py token NAME ---------------------------------------
+# --- python chat.py: serve through runner.py; python chat.py token NAME --------------------------
 
-SETTINGS = ["DATABASE_URL", "HOST", "PORT", "ALLOWED_HOSTS", "ALLOWED_ORIGINS", "CHAT_SECRET",
-            "TOKEN_TTL_SECONDS", "PUBLIC_READS", "MAX_CONNECTIONS", "MAX_CONNECTIONS_PER_IP",
-            "RATE_PER_SECOND", "RATE_BURST", "FLOOD_LIMIT", "JOINS_PER_MINUTE", "REST_WRITES_PER_MINUTE",
-            "MAX_CONTENT_LENGTH", "MAX_FRAME_BYTES", "MAX_BODY_BYTES", "SEND_QUEUE_FRAMES", "PING_INTERVAL",
-            "PING_TIMEOUT", "PRESENCE_TIMEOUT", "SHUTDOWN_SECONDS", "TRUSTED_PROXIES", "REQUEST_TIMEOUT",
-            "MAX_HEAD_BYTES", "MAX_SOCKETS_PER_IP", "SSL_KEYFILE", "SSL_CERTFILE"]
+SETTINGS = ["DATABASE_URL", "ALLOWED_HOSTS", "ALLOWED_ORIGINS", "CHAT_SECRET", "TOKEN_TTL_SECONDS",
+            "PUBLIC_READS", "MAX_CONNECTIONS", "MAX_CONNECTIONS_PER_IP", "RATE_PER_SECOND", "RATE_BURST",
+            "FLOOD_LIMIT", "JOINS_PER_MINUTE", "REST_WRITES_PER_MINUTE", "MAX_CONTENT_LENGTH", "MAX_FRAME_BYTES",
+            "MAX_BODY_BYTES", "SEND_QUEUE_FRAMES", "PRESENCE_TIMEOUT"]
 
 
 def usage() -> str:
     """What --help prints: the commands, and every setting with the value it has now."""
-    values = {name: globals()[name] for name in SETTINGS if name != "CHAT_SECRET"}
+    import runner  # the server's own settings
+
+    values = {**{name: globals().get(name) for name in SETTINGS}, **{name: getattr(runner, name) for name in runner.SETTINGS}}
     values["CHAT_SECRET"] = "(set)" if SECRET else "(not set: no tokens needed)"
     values["ALLOWED_HOSTS"] = ALLOWED_HOSTS or local_hosts()
     values["PUBLIC_READS"] = "1" if PUBLIC_READS else "0"
     shown = {name: ",".join(v) if isinstance(v, list) else v for name, v in values.items()}
     lines = [f"  {name:24} {shown[name] if shown[name] not in ('', None) else '(empty)'}"
-             f"{'' if name in os.environ else '  (default)'}" for name in SETTINGS]
+             f"{'' if name in os.environ else '  (default)'}" for name in [*SETTINGS, *runner.SETTINGS]]
     return "\n".join([
         "usage: python chat.py              serve the chat (Ctrl+C stops it)",
         "       python chat.py token NAME   print a token for NAME (needs CHAT_SECRET)",
@@ -1864,8 +1892,9 @@ def main(argv: list[str]) -> None:
         return
     if argv:
         sys.exit(f"unknown arguments: {' '.join(argv)}\n\n{usage()}")
-    # The server's bounds are applied to this config at startup (Appendix A), as under plain uvicorn.
-    uvicorn.run(app, host=HOST, port=PORT, ssl_keyfile=SSL_KEYFILE, ssl_certfile=SSL_CERTFILE)
+    import runner  # uvicorn, bounded: only python chat.py needs it
+
+    runner.serve(app, MAX_FRAME_BYTES)
 
 
 # =================================================================================================
@@ -2011,435 +2040,7 @@ class PostgresCluster(OneProcess):
 
 
 # =================================================================================================
-# Appendix A: what a client may take of the server itself (uvicorn 0.54)
-# =================================================================================================
-#
-# uvicorn's defaults suit a trusted network. Seen under attack with them: idle and half-sent
-# requests held for ever (21,000 of them used up every file descriptor), a 64 MB header answered,
-# a peer that pings and never reads growing memory by 16 MB/s, compressed frames inflating to
-# 16 MiB each, tokens in the access log, and X-Forwarded-For believed from any local process.
-# So at startup, before uvicorn listens, ServerBounds tightens the server that runs this app,
-# under `python chat.py` and plain `uvicorn chat:app` alike: uvicorn's lifespan `receive` belongs
-# to an object whose `.config` is the live uvicorn.Config, and uvicorn reads the settings and
-# protocol classes below for each new connection. It refuses to start on a server it cannot
-# bound (another uvicorn version, or --http/--ws implementations it has no subclass for).
-#
-# The uvicorn internals relied on (checked on 0.54.0, which requirements.txt pins): Server.startup()
-# runs the lifespan before create_server(); create_protocol() reads config.http_protocol_class, and
-# each protocol's __init__ config.loaded_app, ws_protocol_class, ws_max_size, ws_per_message_deflate
-# and the ping settings; the protocol methods and attributes the two subclasses use.
-
-MAX_HEAD_FIELDS = 100
-CLOSE_GRACE = 5.0  # seconds a closing WebSocket has to flush to a peer that does not read
-PINGS_PER_SECOND, PINGS_BURST = 1.0, 10.0  # pings and pongs a peer may send (browsers send none)
-# A message may come in fragments (browsers send one frame), and websockets counts only their bytes:
-# empty continuation frames cost the server work without growing the message, and the app never
-# sees them. So fragments are budgeted here, per message and per second.
-MAX_FRAGMENTS = 64  # frames one message may come in
-FRAGMENTS_PER_SECOND, FRAGMENTS_BURST = 64.0, 256.0
-
-
-class Bucket:
-    """A token bucket: `burst` at once, `rate` a second on average."""
-
-    def __init__(self, rate: float, burst: float, now: float):
-        self.rate, self.burst, self.tokens, self.refilled = rate, burst, burst, now
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.rate)
-        self.refilled = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
-def socket_budget() -> int:
-    """Sockets this process may hold: its file-descriptor limit (raised to the hard limit, which
-    needs no privilege) less a tenth, at least 64, for the database, logs and files."""
-    if resource is None:  # Windows has no such limit to run into
-        return 2 * MAX_CONNECTIONS
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    limit = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    return limit - max(64, limit // 10)
-
-
-class BoundedHttpTools(HttpToolsProtocol):
-    """uvicorn's httptools protocol with: a cap on connections (in all, and per address), a deadline
-    to send each request (head and body), and a cap on the request head (bytes and fields)."""
-
-    max_sockets = 0  # set by bound_server()
-    per_ip: Counter[str] = Counter()  # open TCP connections per address, HTTP and WebSocket
-
-    def connection_made(self, transport):
-        super().connection_made(transport)
-        self.refused, self.deadline, self.head_bytes, self.head_size, self.fields = False, None, 0, 0, 0
-        address = self.client[0] if self.client else ""
-        self.ip = address_key(address)
-        self.per_ip[self.ip] += 1
-        if len(self.connections) > self.max_sockets or (
-                self.per_ip[self.ip] > MAX_SOCKETS_PER_IP and address not in TRUSTED):
-            self.refuse(503, b"Service Unavailable")  # not 429: that invites a retry from the same address
-        else:
-            self.deadline = self.loop.call_later(REQUEST_TIMEOUT, self.expired)
-
-    def connection_lost(self, exc):
-        self.cancel_deadline()
-        forget(self.ip)
-        super().connection_lost(exc)
-
-    def cancel_deadline(self):
-        if self.deadline is not None:
-            self.deadline.cancel()
-            self.deadline = None
-
-    def expired(self):
-        self.deadline = None
-        if self.flow.read_paused:  # our own back-pressure (pipelining, an unread body): not the client's
-            self.deadline = self.loop.call_later(REQUEST_TIMEOUT, self.expired)
-        elif self.cycle is None or self.cycle.response_complete:
-            self.refuse(408, b"Request Timeout")
-        else:
-            self.transport.close()  # the app waits for a body that does not come: it gets a disconnect
-
-    def refuse(self, status_code: int, phrase: bytes):
-        self.refused = True
-        self.cancel_deadline()
-        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                             % (status_code, phrase))
-        self.transport.close()
-
-    def data_received(self, data):
-        if self.refused:
-            return
-        super().data_received(data)
-        # httptools gathers a long header line before it calls on_header: count the raw bytes too.
-        if self.head_bytes is not None and not self.refused:
-            self.head_bytes += len(data)
-            if self.head_bytes > MAX_HEAD_BYTES:
-                self.refuse(431, b"Request Header Fields Too Large")
-
-    def send_400_response(self, msg):
-        if not self.refused:  # count() stops the parser by raising, which lands here
-            super().send_400_response(msg)
-
-    def on_message_begin(self):
-        super().on_message_begin()
-        self.head_bytes, self.head_size, self.fields = 0, 0, 0
-        if self.deadline is None:
-            self.deadline = self.loop.call_later(REQUEST_TIMEOUT, self.expired)
-
-    def on_url(self, url):
-        self.count(len(url), 0)
-        super().on_url(url)
-
-    def on_header(self, name, value):
-        self.count(len(name) + len(value) + 4, 1)
-        super().on_header(name, value)
-
-    def count(self, size: int, fields: int):
-        self.head_size += size
-        self.fields += fields
-        if self.head_size > MAX_HEAD_BYTES or self.fields > MAX_HEAD_FIELDS:
-            self.refuse(431, b"Request Header Fields Too Large")
-            raise HeadTooLarge
-
-    def on_headers_complete(self):
-        self.head_bytes = None
-        super().on_headers_complete()
-
-    def on_message_complete(self):
-        self.cancel_deadline()
-        super().on_message_complete()
-
-    def handle_websocket_upgrade(self):
-        self.cancel_deadline()
-        super().handle_websocket_upgrade()
-
-
-class HeadTooLarge(Exception):
-    """Raised from a parser callback to stop httptools once the 431 is sent."""
-
-
-def forget(ip: str) -> None:
-    BoundedHttpTools.per_ip[ip] -= 1
-    if BoundedHttpTools.per_ip[ip] <= 0:
-        del BoundedHttpTools.per_ip[ip]
-
-
-class ClosingTransport:
-    """The transport, except that a peer that stops reading cannot hold a close open for ever
-    (uvloop's close() waits, without a timeout, for the write buffer to drain): abort after a grace.
-    And each write costs a system call, so when a broadcast puts many frames in a client's outbox,
-    the first goes at once and the others of that turn of the event loop follow in one write."""
-
-    def __init__(self, transport, loop):
-        self.transport, self.loop = transport, loop
-        self.pending: list[bytes] | None = None  # None: nothing written this turn
-        self.is_closing = transport.is_closing  # asked for every frame: not through __getattr__
-
-    def __getattr__(self, name):
-        return getattr(self.transport, name)
-
-    def write(self, data: bytes) -> None:
-        if self.pending is None:
-            self.transport.write(data)
-            self.pending = []
-            self.loop.call_soon(self.flush)
-        else:
-            self.pending.append(data)
-
-    def flush(self) -> None:
-        if self.pending and not self.transport.is_closing():
-            self.transport.write(b"".join(self.pending))
-        self.pending = None
-
-    def close(self):
-        self.flush()
-        if not self.transport.is_closing():
-            self.loop.call_later(CLOSE_GRACE, self.transport.abort)  # nothing, if it is gone by then
-        self.transport.close()
-
-
-class BoundedWebSockets(WebSocketsSansIOProtocol):
-    """uvicorn's websockets-sansio protocol with: a budget for pings and pongs (uvicorn answers
-    every ping at once and reads on, so a peer that pings and never reads grows the buffer without
-    bound), closes that complete even if the peer never reads, a refused handshake answered, 1001
-    (going away) on shutdown instead of 1012, the per-address count, and write_now() for the
-    chat's frames (Client.send_text)."""
-
-    def connection_made(self, transport):
-        super().connection_made(transport)
-        self.transport = ClosingTransport(transport, self.loop)
-        self.pings = Bucket(PINGS_PER_SECOND, PINGS_BURST, self.loop.time())
-        self.fragments = Bucket(FRAGMENTS_PER_SECOND, FRAGMENTS_BURST, self.loop.time())
-        self.message_fragments = 0  # frames of the message being received
-
-    async def run_asgi(self):
-        self.scope["chat.write_now"] = self.write_now  # for Client.send_text()
-        await super().run_asgi()
-
-    async def send(self, message):
-        """uvicorn's send, except that a send after uvicorn closed the connection itself is a
-        disconnect (Starlette's WebSocketDisconnect), not a RuntimeError: a stalled client's 1013
-        waits for room in its buffer, and the ping timeout may close it first with 1011."""
-        await self.writable.wait()
-        if self.close_sent and self.handshake_complete:
-            raise ClientDisconnected()
-        await super().send(message)
-
-    def write_now(self, frame: bytes) -> bool:
-        """Write a text frame's wire() bytes now, as uvicorn's send would (websockets keeps no
-        state for a data frame it sends), unless that send would wait (the transport's buffer is
-        full) or fail (the socket is closing), or the connection has an extension: then say False."""
-        if (self.close_sent or self.disconnected or not self.writable.is_set()
-                or self.conn.state is not State.OPEN or self.conn.extensions or self.transport.is_closing()):
-            return False
-        self.transport.write(frame)
-        return True
-
-    def connection_lost(self, exc):
-        forget(address_key(self.client[0]) if self.client else "")
-        super().connection_lost(exc)
-
-    def data_received(self, data):
-        super().data_received(data)
-        # websockets queues its 4xx for a bad handshake (a header line over 8 KiB, say) but raises
-        # no event, so uvicorn would hold the connection without answering: answer, and close.
-        if not self.handshake_initiated and self.conn.handshake_exc is not None:
-            self.transport.write(b"".join(self.conn.data_to_send()))
-            self.transport.close()
-
-    def handle_ping(self):
-        if not self.close_sent and self.control_frame_allowed():  # the close frame is the last one
-            super().handle_ping()  # writes the pong
-
-    def handle_pong(self, event):
-        if self.control_frame_allowed():
-            super().handle_pong(event)
-
-    def control_frame_allowed(self) -> bool:
-        if self.pings.take(self.loop.time()):
-            return True
-        self.cut("too many pings")
-        return False
-
-    def handle_text(self, event):
-        self.message_fragments = 0
-        if self.fragment_allowed(event):
-            super().handle_text(event)
-
-    def handle_bytes(self, event):
-        self.message_fragments = 0
-        if self.fragment_allowed(event):
-            super().handle_bytes(event)
-
-    def handle_cont(self, event):
-        if self.fragment_allowed(event):
-            super().handle_cont(event)
-
-    def fragment_allowed(self, event) -> bool:
-        """A whole message in one frame is the app's to budget; the frames of a fragmented one are ours."""
-        if self.close_sent:  # cut: the rest of what was read with it is dropped
-            return False
-        if event.fin and event.opcode is not Opcode.CONT:
-            return True
-        self.message_fragments += 1
-        if self.message_fragments > MAX_FRAGMENTS:
-            self.cut(f"a message in more than {MAX_FRAGMENTS} fragments")
-        elif not self.fragments.take(self.loop.time()):
-            self.cut("too many fragments a second")
-        return not self.close_sent
-
-    def cut(self, reason: str) -> None:
-        """Close with 1008 at once, as uvicorn's keepalive_timeout() closes, and read no more."""
-        if not self.close_sent:
-            self.conn.fail(status.WS_1008_POLICY_VIOLATION, reason)
-            self.transport.write(b"".join(self.conn.data_to_send()))
-            self.close_sent = True
-            self.transport.close()
-
-    def shutdown(self):
-        if not self.handshake_complete or self.close_sent:
-            return super().shutdown()
-        self.stop_keepalive()
-        self.queue.put_nowait({"type": "websocket.disconnect", "code": status.WS_1001_GOING_AWAY})
-        self.conn.send_close(status.WS_1001_GOING_AWAY, "server shutting down")
-        self.transport.write(b"".join(self.conn.data_to_send()))
-        self.transport.close()
-
-
-class RedactTokens(logging.Filter):
-    """A `token` in a logged query string (uvicorn's access log, its WebSocket lines) becomes [redacted]."""
-
-    PARAMETER = re.compile(r"([?&])([^=&#\s\"]*)=([^&#\s\"]*)")
-
-    def redact(self, match):
-        if unquote_plus(match.group(2)).lower() == "token":
-            return f"{match.group(1)}{match.group(2)}=[redacted]"
-        return match.group(0)
-
-    def filter(self, record):
-        if isinstance(record.args, tuple) and any(isinstance(a, str) and "=" in a for a in record.args):
-            record.args = tuple(self.PARAMETER.sub(self.redact, a) if isinstance(a, str) else a
-                                for a in record.args)
-        return True
-
-
-class QuietPeers(logging.Filter):
-    """A peer's bad frame is the peer's fault, not the server's: uvicorn logs each with a traceback,
-    at the peer's pace. One line per kind a minute instead, saying how many more came."""
-
-    KINDS = {"Invalid UTF-8 sequence received from client.": "a peer sent a text frame that is not "
-                                                             "UTF-8 (closed with 1007)"}
-
-    def __init__(self):
-        super().__init__()
-        self.said: dict[str, float] = {}
-        self.unsaid: Counter[str] = Counter()
-
-    def filter(self, record):
-        if record.msg not in self.KINDS:
-            return True
-        kind, now = record.msg, time.monotonic()
-        if now - self.said.get(kind, -60.0) < 60:
-            self.unsaid[kind] += 1
-            return False
-        self.said[kind], more = now, self.unsaid.pop(kind, 0)
-        record.msg = self.KINDS[kind] + (f"; {more} more in the last minute" if more else "")
-        record.levelno, record.levelname, record.exc_info, record.exc_text = logging.WARNING, "WARNING", None, None
-        return True
-
-
-def bound_server(config) -> str | None:
-    """Apply the bounds to a live uvicorn.Config before it listens; say why if it cannot be done."""
-    for name in ("uvicorn.access", "uvicorn.error"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactTokens) for f in logger.filters):
-            logger.addFilter(RedactTokens())
-    errors = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, QuietPeers) for f in errors.filters):
-        errors.addFilter(QuietPeers())
-    if config is None:
-        return None  # not uvicorn (Starlette's TestClient, another server): nothing to adjust
-    if not uvicorn.__version__.startswith("0.54."):
-        return (f"uvicorn {uvicorn.__version__} is not the version this app can bound: "
-                "pip install -r requirements.txt")
-    if config.http_protocol_class not in (HttpToolsProtocol, BoundedHttpTools):
-        return "this app bounds uvicorn's default HTTP implementation only: leave out --http"
-    if config.ws_protocol_class not in (WebSocketsSansIOProtocol, BoundedWebSockets):
-        return "this app bounds uvicorn's default WebSocket implementation only: leave out --ws"
-    BoundedHttpTools.max_sockets = socket_budget()
-    config.http_protocol_class, config.ws_protocol_class = BoundedHttpTools, BoundedWebSockets
-    config.ws_max_size = 4 * MAX_FRAME_BYTES  # the app answers frame_too_large below that
-    config.ws_per_message_deflate = False  # no inflating bombs; a chat line needs no compression
-    config.ws_ping_interval, config.ws_ping_timeout = PING_INTERVAL, PING_TIMEOUT
-    config.timeout_graceful_shutdown = SHUTDOWN_SECONDS
-    # uvicorn wrapped the app in ProxyHeadersMiddleware (believing 127.0.0.1) before the lifespan;
-    # the protocols read config.loaded_app for each connection, so this takes effect everywhere.
-    inner = config.loaded_app.app if isinstance(config.loaded_app, ProxyHeadersMiddleware) else config.loaded_app
-    config.loaded_app = ProxyHeadersMiddleware(inner, trusted_hosts=TRUSTED_PROXIES) if TRUSTED_PROXIES else inner
-    log.info("bounds: %d sockets (%d per address), %g s to send a request, heads of %d bytes, frames of "
-             "%d bytes, no deflate; X-Forwarded-For believed from: %s", BoundedHttpTools.max_sockets,
-             MAX_SOCKETS_PER_IP, REQUEST_TIMEOUT, MAX_HEAD_BYTES, config.ws_max_size,
-             ", ".join(TRUSTED_PROXIES) or "nobody")
-    return None
-
-
-class ServerBounds:
-    """The outermost middleware: at lifespan startup, bound the server that runs the app, and turn
-    a Refusal (a setting the app cannot start with) into one line instead of a traceback."""
-
-    def __init__(self, app):
-        self.app, self.started, self.said = app, False, False
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "lifespan":
-            if not self.started:
-                return await self.refuse(scope, receive, send)
-            return await self.app(scope, receive, send)
-        refusal = bound_server(getattr(getattr(receive, "__self__", None), "config", None))
-        if refusal:
-            await receive()  # lifespan.startup
-            return await send({"type": "lifespan.startup.failed", "message": refusal})
-        failures = []
-
-        async def hold_failures(message):  # a Refusal's failure is said below, in one line
-            if message["type"] == "lifespan.startup.failed":
-                return failures.append(message)
-            self.started = self.started or message["type"] == "lifespan.startup.complete"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, hold_failures)
-        except Refusal as exc:
-            await send({"type": "lifespan.startup.failed", "message": str(exc)})
-            raise  # uvicorn has said it already; a test client raises it
-        except BaseException:
-            for message in failures:
-                await send(message)
-            raise
-
-
-    async def refuse(self, scope, receive, send):
-        """Served without its lifespan (uvicorn --lifespan off): no database, no writer, no bounds.
-        Every request is refused, saying why, rather than half served."""
-        why = "chat was started without its lifespan (uvicorn --lifespan off): start it without that flag"
-        if not self.said:
-            log.error("%s; every request is refused", why)
-            self.said = True
-        if scope["type"] == "websocket":
-            return await send({"type": "websocket.close"})
-        await JSONResponse({"detail": why}, status_code=503)(scope, receive, send)
-
-
-TRUSTED = _TrustedHosts(TRUSTED_PROXIES)  # addresses and networks, as uvicorn's --forwarded-allow-ips
-
-
-# =================================================================================================
-# Appendix B: the OpenAPI document (GET /openapi.json, shown by Swagger UI at /swagger)
+# Appendix: the OpenAPI document (GET /openapi.json, shown by Swagger UI at /swagger)
 # =================================================================================================
 
 def _schema(properties: dict, required=()) -> dict:
@@ -2593,8 +2194,6 @@ OPENAPI = {
                    "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
 }
 
-
-app = create_app()
 
 if __name__ == "__main__":
     main(sys.argv[1:])

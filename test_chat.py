@@ -47,6 +47,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 import chat
+import runner
 
 chat.ALLOWED_HOSTS[:] = [*chat.local_hosts(), "testserver"]  # Starlette's TestClient is "testserver"
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -1342,9 +1343,9 @@ def ws_join(ws, username: str, **extra) -> dict:
 
 @contextlib.contextmanager
 def server_in_this_process(database_url: str):
-    """uvicorn serving the app in a thread of the test process, so a test can look at its state."""
+    """The runner serving the app in a thread of the test process, so a test can look at its state."""
     app, port = chat.create_app(database_url), free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(runner.config(app, chat.MAX_FRAME_BYTES, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run)
     thread.start()
     try:
@@ -1401,7 +1402,7 @@ def test_a_stalled_clients_late_close_after_the_ping_timeout_is_a_disconnect_not
 
         async def fill_close_and_time_out() -> asyncio.Task:
             while protocol.writable.is_set():  # what it does not read fills its buffer
-                protocol.transport.transport.write(chat.wire("x" * 60_000))
+                protocol.transport.transport.write(runner.text_frame("x" * 60_000))
             closing = asyncio.create_task(client.close(1013, "too slow: send queue full"))
             await asyncio.sleep(0.1)  # the 1013 waits for room in the buffer
             protocol.keepalive_timeout()  # what uvicorn does when a ping goes unanswered
@@ -1775,9 +1776,13 @@ def test_the_runner_closes_a_frame_over_four_times_the_frame_limit_with_1009(dat
         assert closed.value.rcvd.code == 1009
 
 
-# --- What a client may take of the server itself (Appendix A), under both runners ---------------
+# --- What a client may take of the server itself (runner.py) --------------------------------------
+#
+# The runner's bounds hold under python chat.py; the app's own (frames, origins, hosts, start-up
+# refusals) hold under plain uvicorn too.
 
-RUNNERS = ["uvicorn chat:app", "python chat.py"]
+RUNNERS = ["python chat.py"]
+BOTH = ["uvicorn chat:app", "python chat.py"]
 
 
 @contextlib.contextmanager
@@ -1913,8 +1918,8 @@ def test_a_flood_of_empty_continuation_frames_is_cut_at_once_and_others_chat_on(
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
-@pytest.mark.parametrize("frames, closed", [(chat.MAX_FRAGMENTS, None),
-                                            (chat.MAX_FRAGMENTS + 1, (1008, "a message in more than 64 fragments"))])
+@pytest.mark.parametrize("frames, closed", [(runner.MAX_FRAGMENTS, None),
+                                            (runner.MAX_FRAGMENTS + 1, (1008, "a message in more than 64 fragments"))])
 def test_a_message_may_come_in_at_most_64_fragments(runner, frames, closed, tmp_path):
     with bounded_server(runner, tmp_path) as (base, port), ws_connect(base) as ws:
         ws_join(ws, "alice")
@@ -2009,7 +2014,7 @@ def test_a_token_in_the_url_is_never_written_to_the_log(runner, tmp_path):
         assert token.encode() not in server_log()
 
 
-@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("runner", BOTH)
 def test_a_page_from_a_rebound_dns_name_is_refused(runner, tmp_path):
     with bounded_server(runner, tmp_path) as (base, port):
         answer, _ = raw_answer(port, f"GET /messages HTTP/1.1\r\nHost: evil.example:{port}\r\n"
@@ -2021,15 +2026,45 @@ def test_a_page_from_a_rebound_dns_name_is_refused(runner, tmp_path):
     assert upgrade.startswith(b"HTTP/1.1 400 ") and upgrade.endswith(b"Invalid host header")
 
 
-def test_served_with_an_http_implementation_it_cannot_bound_it_refuses_to_start(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "uvicorn", "chat:app", "--http", "h11", "--port", str(free_port())],
-                            cwd=HERE, env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"},
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 3
-    assert "ERROR:    this app bounds uvicorn's default HTTP implementation only: leave out --http\n" in result.stderr
+@pytest.mark.parametrize("args", [(), ("--http", "h11", "--ws", "websockets")], ids=["defaults", "h11 and websockets"])
+def test_plain_uvicorn_serves_the_chat_and_says_once_that_the_servers_bounds_are_off(tmp_path, args):
+    with running_server(f"sqlite:///{tmp_path}/chat.db", args=args) as base, ws_connect(base) as ws:
+        ws_join(ws, "alice")
+        ws.send('{"type":"message","content":"hi"}')
+        assert untimed(json.loads(ws.recv(timeout=5))) == message(1, "alice", "hi")
+        log = server_log().decode()
+    assert log.count(f"WARNING:  {chat.UNBOUNDED}\n") == 1
 
 
-@pytest.mark.parametrize("runner", RUNNERS)
+def test_python_chat_py_serves_with_the_bounds_on_and_no_warning(tmp_path):
+    with running_server(f"sqlite:///{tmp_path}/chat.db", runner=True) as base, ws_connect(base) as ws:
+        assert ws_join(ws, "alice") == welcome("alice")
+        assert "bounds are off" not in server_log().decode()
+
+
+@pytest.mark.parametrize("version", ["0.30.6", "0.38.0"])
+def test_plain_uvicorn_of_an_older_version_serves_the_chat(tmp_path, version):
+    """Only the runner pins uvicorn; the app runs under any recent one."""
+    target = tmp_path / "uvicorn"
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                                f"uvicorn=={version}", "wsproto==1.2.0"], capture_output=True, text=True)
+    if installed.returncode:
+        missing(f"pip could not install uvicorn {version}: {installed.stderr[-300:]}")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(target), "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"}
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "chat:app", "--port", str(port), "--ws", "wsproto"],
+                              cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: port_open(port), seconds=20)
+        with ws_connect(f"http://127.0.0.1:{port}") as ws:
+            assert ws_join(ws, "alice") == welcome("alice")
+    finally:
+        server.terminate()
+        log = server.communicate(timeout=20)[1]
+    assert "Uvicorn running on" in log and chat.UNBOUNDED in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize("runner", BOTH)
 def test_a_short_secret_is_refused_at_start_in_one_line(runner, tmp_path):
     command = [sys.executable, "chat.py"] if runner == "python chat.py" else [
         sys.executable, "-m", "uvicorn", "chat:app", "--port", str(free_port())]
@@ -2211,7 +2246,8 @@ def test_a_client_may_have_exactly_send_queue_frames_queued_and_one_more_cuts_it
         await client.closing
         return at_the_limit, (client.stopped, stalled == [client])
 
-    assert asyncio.run(fill()) == ((5, False, 0), (True, True))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a loop of its own (Playwright may run one here)
+        assert pool.submit(asyncio.run, fill()).result() == ((5, False, 0), (True, True))
 
 
 def test_a_client_cut_for_not_reading_is_read_no_further_and_nothing_more_of_it_is_stored(database_url):
@@ -2253,7 +2289,7 @@ def test_a_peer_that_stops_answering_pings_is_dropped_and_leaves_presence(databa
 # --- Shutdown ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("runner", ["python chat.py", "uvicorn chat:app"])
+@pytest.mark.parametrize("runner", BOTH)
 def test_sigterm_closes_every_client_with_1001_and_loses_no_accepted_message(database_url, runner):
     port = free_port()
     with running_server(database_url, port, runner=runner == "python chat.py", env=FAST) as base:
@@ -2268,7 +2304,7 @@ def test_sigterm_closes_every_client_with_1001_and_loses_no_accepted_message(dat
                     frame = json.loads(ws.recv(timeout=10))
                     if frame["type"] == "message":
                         acked.append(frame["id"])
-        assert closed.value.rcvd.code == 1001
+        assert closed.value.rcvd.code == (1001 if runner == "python chat.py" else 1012)  # uvicorn's own
         # uvicorn re-raises SIGTERM once its graceful shutdown (our lifespan included) is over.
         assert running_server.process.wait(timeout=15) == -signal.SIGTERM
         running_server.log.seek(0)
@@ -3184,7 +3220,7 @@ def test_the_benchmark_scaling_mode_stores_on_one_two_and_four_processes_and_say
 
 
 def test_a_fresh_virtual_environment_with_the_runtime_requirements_alone_runs_the_chat(tmp_path):
-    for name in ("chat.py", "schema.sql", "requirements.txt", "static"):
+    for name in ("chat.py", "runner.py", "schema.sql", "requirements.txt", "static"):
         (shutil.copytree if (HERE / name).is_dir() else shutil.copy)(HERE / name, tmp_path / name)
     subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True, timeout=120)
     python = str(tmp_path / "venv" / "bin" / "python")

@@ -1,0 +1,454 @@
+"""runner: serve chat's app with uvicorn, bounded in what a client may take of the server itself.
+
+`python chat.py` serves through this module: the documented way to let others in. Plain
+`uvicorn chat:app` serves the same app with uvicorn's defaults, which suit a trusted network.
+Seen under attack with those defaults: idle and half-sent requests held for ever (21,000 of them
+used up every file descriptor), a 64 MB header answered, a peer that pings and never reads growing
+memory by 16 MB/s, a message sent as millions of empty fragments freezing every other client,
+compressed frames inflating to 16 MiB each, tokens in the access log, and X-Forwarded-For believed
+from any local process.
+
+So this module builds uvicorn's Config itself and installs its bounds through uvicorn's supported
+hooks: `Config(http=..., ws=...)` takes the protocol subclasses below, and the other bounds are
+Config's own settings. The subclasses use uvicorn's protocol internals, so requirements.txt pins
+uvicorn, httptools and websockets, and serve() refuses another uvicorn. The app learns of the
+runner the way ASGI means it: two keys in scope["extensions"], "chat.bounded" (lifespan: the
+bounds are on) and "chat.write_now" (WebSocket: write a frame's bytes now, for broadcasts).
+"""
+
+import ipaddress
+import logging
+import os
+import re
+import time
+from collections import Counter
+from urllib.parse import unquote_plus
+
+try:
+    import resource  # file-descriptor limits; Unix only
+except ImportError:  # Windows
+    resource = None
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+
+UVICORN = "0.54."  # the version whose protocol internals the subclasses below are written against
+
+# --- The server's own settings: environment variables (or flags), used under python chat.py only ---
+
+HOST = os.environ.get("HOST", "127.0.0.1")
+PORT = int(os.environ.get("PORT", "8000"))
+SSL_KEYFILE = os.environ.get("SSL_KEYFILE")  # both set: serve wss:// and https://
+SSL_CERTFILE = os.environ.get("SSL_CERTFILE")
+REQUEST_TIMEOUT = float(os.environ.get("REQUEST_TIMEOUT", "10"))  # to send a request, head and body
+MAX_HEAD_BYTES = int(os.environ.get("MAX_HEAD_BYTES", "16384"))  # request line and headers
+MAX_SOCKETS_PER_IP = int(os.environ.get("MAX_SOCKETS_PER_IP") or
+                         int(os.environ.get("MAX_CONNECTIONS_PER_IP", "20")) + 40)  # and a browser's HTTP
+PING_INTERVAL = float(os.environ.get("PING_INTERVAL", "20"))  # a dead peer is dropped within
+PING_TIMEOUT = float(os.environ.get("PING_TIMEOUT", "20"))  # PING_INTERVAL + PING_TIMEOUT seconds
+SHUTDOWN_SECONDS = float(os.environ.get("SHUTDOWN_SECONDS", "10"))  # then stuck connections are cut
+# Addresses (or networks) of your proxies: only their X-Forwarded-For is believed.
+TRUSTED_PROXIES = [p.strip() for p in os.environ.get("TRUSTED_PROXIES", "").split(",") if p.strip()]
+SETTINGS = ["HOST", "PORT", "SSL_KEYFILE", "SSL_CERTFILE", "REQUEST_TIMEOUT", "MAX_HEAD_BYTES",
+            "MAX_SOCKETS_PER_IP", "PING_INTERVAL", "PING_TIMEOUT", "SHUTDOWN_SECONDS", "TRUSTED_PROXIES"]
+
+MAX_HEAD_FIELDS = 100
+CLOSE_GRACE = 5.0  # seconds a closing WebSocket has to flush to a peer that does not read
+PINGS_PER_SECOND, PINGS_BURST = 1.0, 10.0  # pings and pongs a peer may send (browsers send none)
+# A message may come in fragments (browsers send one frame), and websockets counts only their bytes:
+# empty continuation frames cost the server work without growing the message, and the app never
+# sees them. So fragments are budgeted here, per message and per second.
+MAX_FRAGMENTS = 64  # frames one message may come in
+FRAGMENTS_PER_SECOND, FRAGMENTS_BURST = 64.0, 256.0
+TRUSTED = [ipaddress.ip_network(proxy, strict=False) for proxy in TRUSTED_PROXIES]
+log = logging.getLogger("uvicorn.error")
+
+
+def address_key(ip: str) -> str:
+    """What a per-address limit counts: an IPv4 address, or an IPv6 /64 (as chat.address_key)."""
+    return str(ipaddress.IPv6Network(f"{ip}/64", strict=False)) if ":" in ip else ip
+
+
+def trusted(ip: str) -> bool:
+    try:
+        return any(ipaddress.ip_address(ip) in network for network in TRUSTED)
+    except ValueError:
+        return False
+
+
+def socket_budget() -> int:
+    """Sockets this process may hold: its file-descriptor limit (raised to the hard limit, which
+    needs no privilege) less a tenth, at least 64, for the database, logs and files."""
+    if resource is None:  # Windows has no such limit to run into
+        return 20_000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    limit = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    return limit - max(64, limit // 10)
+
+
+class Bucket:
+    """A token bucket: `burst` at once, `rate` a second on average."""
+
+    def __init__(self, rate: float, burst: float, now: float):
+        self.rate, self.burst, self.tokens, self.refilled = rate, burst, burst, now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.rate)
+        self.refilled = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+# --- HTTP: a deadline for each request, a cap on its head, and on sockets ------------------------
+
+
+class BoundedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with: a cap on connections (in all, and per address), a deadline
+    to send each request (head and body), and a cap on the request head (bytes and fields)."""
+
+    max_sockets = 0  # set by config()
+    per_ip: Counter[str] = Counter()  # open TCP connections per address, HTTP and WebSocket
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.refused, self.deadline, self.head_bytes, self.head_size, self.fields = False, None, 0, 0, 0
+        address = self.client[0] if self.client else ""
+        self.ip = address_key(address)
+        self.per_ip[self.ip] += 1
+        if len(self.connections) > self.max_sockets or (
+                self.per_ip[self.ip] > MAX_SOCKETS_PER_IP and not trusted(address)):
+            self.refuse(503, b"Service Unavailable")  # not 429: that invites a retry from the same address
+        else:
+            self.deadline = self.loop.call_later(REQUEST_TIMEOUT, self.expired)
+
+    def connection_lost(self, exc):
+        self.cancel_deadline()
+        forget(self.ip)
+        super().connection_lost(exc)
+
+    def cancel_deadline(self):
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def expired(self):
+        self.deadline = None
+        if self.flow.read_paused:  # our own back-pressure (pipelining, an unread body): not the client's
+            self.deadline = self.loop.call_later(REQUEST_TIMEOUT, self.expired)
+        elif self.cycle is None or self.cycle.response_complete:
+            self.refuse(408, b"Request Timeout")
+        else:
+            self.transport.close()  # the app waits for a body that does not come: it gets a disconnect
+
+    def refuse(self, status_code: int, phrase: bytes):
+        self.refused = True
+        self.cancel_deadline()
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                             % (status_code, phrase))
+        self.transport.close()
+
+    def data_received(self, data):
+        if self.refused:
+            return
+        super().data_received(data)
+        # httptools gathers a long header line before it calls on_header: count the raw bytes too.
+        if self.head_bytes is not None and not self.refused:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self.refuse(431, b"Request Header Fields Too Large")
+
+    def send_400_response(self, msg):
+        if not self.refused:  # count() stops the parser by raising, which lands here
+            super().send_400_response(msg)
+
+    def on_message_begin(self):
+        super().on_message_begin()
+        self.head_bytes, self.head_size, self.fields = 0, 0, 0
+        if self.deadline is None:
+            self.deadline = self.loop.call_later(REQUEST_TIMEOUT, self.expired)
+
+    def on_url(self, url):
+        self.count(len(url), 0)
+        super().on_url(url)
+
+    def on_header(self, name, value):
+        self.count(len(name) + len(value) + 4, 1)
+        super().on_header(name, value)
+
+    def count(self, size: int, fields: int):
+        self.head_size += size
+        self.fields += fields
+        if self.head_size > MAX_HEAD_BYTES or self.fields > MAX_HEAD_FIELDS:
+            self.refuse(431, b"Request Header Fields Too Large")
+            raise HeadTooLarge
+
+    def on_headers_complete(self):
+        self.head_bytes = None
+        super().on_headers_complete()
+
+    def on_message_complete(self):
+        self.cancel_deadline()
+        super().on_message_complete()
+
+    def handle_websocket_upgrade(self):
+        self.cancel_deadline()
+        super().handle_websocket_upgrade()
+
+
+class HeadTooLarge(Exception):
+    """Raised from a parser callback to stop httptools once the 431 is sent."""
+
+
+def forget(ip: str) -> None:
+    BoundedHttpTools.per_ip[ip] -= 1
+    if BoundedHttpTools.per_ip[ip] <= 0:
+        del BoundedHttpTools.per_ip[ip]
+
+
+# --- WebSockets: budgets for pings and fragments, closes that complete, fast broadcast writes ---
+
+
+class ClosingTransport:
+    """The transport, except that a peer that stops reading cannot hold a close open for ever
+    (uvloop's close() waits, without a timeout, for the write buffer to drain): abort after a grace.
+    And each write costs a system call, so when a broadcast puts many frames in a client's outbox,
+    the first goes at once and the others of that turn of the event loop follow in one write."""
+
+    def __init__(self, transport, loop):
+        self.transport, self.loop = transport, loop
+        self.pending: list[bytes] | None = None  # None: nothing written this turn
+        self.is_closing = transport.is_closing  # asked for every frame: not through __getattr__
+
+    def __getattr__(self, name):
+        return getattr(self.transport, name)
+
+    def write(self, data: bytes) -> None:
+        if self.pending is None:
+            self.transport.write(data)
+            self.pending = []
+            self.loop.call_soon(self.flush)
+        else:
+            self.pending.append(data)
+
+    def flush(self) -> None:
+        if self.pending and not self.transport.is_closing():
+            self.transport.write(b"".join(self.pending))
+        self.pending = None
+
+    def close(self):
+        self.flush()
+        if not self.transport.is_closing():
+            self.loop.call_later(CLOSE_GRACE, self.transport.abort)  # nothing, if it is gone by then
+        self.transport.close()
+
+
+def text_frame(text: str) -> bytes:
+    """A text frame as it goes on the wire from a server (unmasked; no extension, as none is
+    negotiated): the same bytes for every client, so a broadcast builds them once."""
+    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+
+
+class BoundedWebSockets(WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio protocol with: budgets for pings and pongs (uvicorn answers every
+    ping at once and reads on, so a peer that pings and never reads grows the buffer without bound)
+    and for fragments, closes that complete even if the peer never reads, a refused handshake
+    answered, 1001 (going away) on shutdown instead of 1012, the per-address count, and the
+    "chat.write_now" extension for the app's broadcasts."""
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.transport = ClosingTransport(transport, self.loop)
+        self.pings = Bucket(PINGS_PER_SECOND, PINGS_BURST, self.loop.time())
+        self.fragments = Bucket(FRAGMENTS_PER_SECOND, FRAGMENTS_BURST, self.loop.time())
+        self.message_fragments = 0  # frames of the message being received
+
+    async def run_asgi(self):
+        self.scope["extensions"]["chat.write_now"] = {"write": self.write_now, "frame": text_frame}
+        await super().run_asgi()
+
+    async def send(self, message):
+        """uvicorn's send, except that a send after uvicorn closed the connection itself is a
+        disconnect (Starlette's WebSocketDisconnect), not a RuntimeError: a stalled client's 1013
+        waits for room in its buffer, and the ping timeout may close it first with 1011."""
+        await self.writable.wait()
+        if self.close_sent and self.handshake_complete:
+            raise ClientDisconnected()
+        await super().send(message)
+
+    def write_now(self, frame: bytes) -> bool:
+        """Write whole text frames' bytes (text_frame()) now, as uvicorn's send would (websockets
+        keeps no state for a data frame it sends), unless that send would wait (the transport's
+        buffer is full) or fail (the socket is closing), or the connection has an extension: then
+        say False, and the app sends through websocket.send as usual."""
+        if (self.close_sent or self.disconnected or not self.writable.is_set()
+                or self.conn.state is not State.OPEN or self.conn.extensions or self.transport.is_closing()):
+            return False
+        self.transport.write(frame)
+        return True
+
+    def connection_lost(self, exc):
+        forget(address_key(self.client[0]) if self.client else "")
+        super().connection_lost(exc)
+
+    def data_received(self, data):
+        super().data_received(data)
+        # websockets queues its 4xx for a bad handshake (a header line over 8 KiB, say) but raises
+        # no event, so uvicorn would hold the connection without answering: answer, and close.
+        if not self.handshake_initiated and self.conn.handshake_exc is not None:
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()
+
+    def handle_ping(self):
+        if not self.close_sent and self.pings.take(self.loop.time()):  # the close frame is the last one
+            super().handle_ping()  # writes the pong
+        elif not self.close_sent:
+            self.cut("too many pings")
+
+    def handle_pong(self, event):
+        if self.pings.take(self.loop.time()):
+            super().handle_pong(event)
+        else:
+            self.cut("too many pings")
+
+    def handle_text(self, event):
+        self.message_fragments = 0
+        if self.fragment_allowed(event):
+            super().handle_text(event)
+
+    def handle_bytes(self, event):
+        self.message_fragments = 0
+        if self.fragment_allowed(event):
+            super().handle_bytes(event)
+
+    def handle_cont(self, event):
+        if self.fragment_allowed(event):
+            super().handle_cont(event)
+
+    def fragment_allowed(self, event) -> bool:
+        """A whole message in one frame is the app's to budget; the frames of a fragmented one are ours."""
+        if self.close_sent:  # cut: the rest of what was read with it is dropped
+            return False
+        if event.fin and event.opcode is not Opcode.CONT:
+            return True
+        self.message_fragments += 1
+        if self.message_fragments > MAX_FRAGMENTS:
+            self.cut(f"a message in more than {MAX_FRAGMENTS} fragments")
+        elif not self.fragments.take(self.loop.time()):
+            self.cut("too many fragments a second")
+        return not self.close_sent
+
+    def cut(self, reason: str) -> None:
+        """Close with 1008 at once, as uvicorn's keepalive_timeout() closes, and read no more."""
+        if not self.close_sent:
+            self.conn.fail(1008, reason)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.transport.close()
+
+    def shutdown(self):
+        if not self.handshake_complete or self.close_sent:
+            return super().shutdown()
+        self.stop_keepalive()
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": 1001})
+        self.conn.send_close(1001, "server shutting down")
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
+
+
+# --- Logs: no tokens, and a peer's faults said once a minute -------------------------------------
+
+
+class RedactTokens(logging.Filter):
+    """A `token` in a logged query string (uvicorn's access log, its WebSocket lines) becomes [redacted]."""
+
+    PARAMETER = re.compile(r"([?&])([^=&#\s\"]*)=([^&#\s\"]*)")
+
+    def redact(self, match):
+        if unquote_plus(match.group(2)).lower() == "token":
+            return f"{match.group(1)}{match.group(2)}=[redacted]"
+        return match.group(0)
+
+    def filter(self, record):
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and "=" in a for a in record.args):
+            record.args = tuple(self.PARAMETER.sub(self.redact, a) if isinstance(a, str) else a
+                                for a in record.args)
+        return True
+
+
+class QuietPeers(logging.Filter):
+    """A peer's bad frame is the peer's fault, not the server's: uvicorn logs each with a traceback,
+    at the peer's pace. One line per kind a minute instead, saying how many more came."""
+
+    KINDS = {"Invalid UTF-8 sequence received from client.": "a peer sent a text frame that is not "
+                                                             "UTF-8 (closed with 1007)"}
+
+    def __init__(self):
+        super().__init__()
+        self.said: dict[str, float] = {}
+        self.unsaid: Counter[str] = Counter()
+
+    def filter(self, record):
+        if record.msg not in self.KINDS:
+            return True
+        kind, now = record.msg, time.monotonic()
+        if now - self.said.get(kind, -60.0) < 60:
+            self.unsaid[kind] += 1
+            return False
+        self.said[kind], more = now, self.unsaid.pop(kind, 0)
+        record.msg = self.KINDS[kind] + (f"; {more} more in the last minute" if more else "")
+        record.levelno, record.levelname, record.exc_info, record.exc_text = logging.WARNING, "WARNING", None, None
+        return True
+
+
+# --- The server ------------------------------------------------------------------------------------
+
+
+class Bounded:
+    """The app, told through its lifespan scope that the server's bounds are on."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            scope = {**scope, "extensions": {**(scope.get("extensions") or {}), "chat.bounded": {}}}
+        await self.app(scope, receive, send)
+
+
+def config(app, max_frame_bytes: int, **settings) -> uvicorn.Config:
+    """uvicorn's Config for the app with every bound on (settings: host, port, log_level, ...)."""
+    BoundedHttpTools.max_sockets = socket_budget()
+    settings = {"host": HOST, "port": PORT, "ssl_keyfile": SSL_KEYFILE, "ssl_certfile": SSL_CERTFILE, **settings}
+    built = uvicorn.Config(
+        Bounded(app), http=BoundedHttpTools, ws=BoundedWebSockets, lifespan="on",
+        ws_max_size=4 * max_frame_bytes,  # the app answers frame_too_large below that
+        ws_per_message_deflate=False,  # no inflating bombs; a chat line needs no compression
+        ws_ping_interval=PING_INTERVAL, ws_ping_timeout=PING_TIMEOUT,
+        timeout_graceful_shutdown=SHUTDOWN_SECONDS,
+        proxy_headers=bool(TRUSTED_PROXIES), forwarded_allow_ips=TRUSTED_PROXIES or None, **settings)
+    for name in ("uvicorn.access", "uvicorn.error"):  # after Config, which sets up uvicorn's logging
+        logger = logging.getLogger(name)
+        logger.filters = [f for f in logger.filters if not isinstance(f, (RedactTokens, QuietPeers))]
+        logger.addFilter(RedactTokens())
+    logging.getLogger("uvicorn.error").addFilter(QuietPeers())
+    return built
+
+
+def serve(app, max_frame_bytes: int) -> None:
+    """Serve the app until Ctrl+C or SIGTERM, or say in one line why it cannot be served."""
+    if not uvicorn.__version__.startswith(UVICORN):
+        raise SystemExit(f"uvicorn {uvicorn.__version__} is installed, but python chat.py's bounds are written "
+                         f"for {UVICORN}x: pip install -r requirements.txt (or serve with plain uvicorn chat:app, "
+                         "without those bounds)")
+    server = uvicorn.Server(config(app, max_frame_bytes))
+    server.run()
+    if not server.started:  # the app refused to start: it has said why
+        raise SystemExit(3)
