@@ -27,6 +27,8 @@ The tutorial's Elysia names, and ours:
     message(ws, message) + switch      HANDLERS: on_join, on_message, on_leave
 """
 
+from __future__ import annotations
+
 import asyncio
 import contextlib
 import datetime
@@ -297,41 +299,19 @@ RELEASE_LOOK = "DELETE FROM looks WHERE look = :look AND username = :username"
 UNCLAIMED_USERS = "SELECT username FROM users WHERE username NOT IN (SELECT username FROM looks) ORDER BY id"
 # A whole batch of messages is one statement, its rows one JSON array: one round trip however
 # many messages wait, and nothing left half-done if the connection dies mid-batch. A message
-# whose sender and client_id are stored already is left out: a resend (NOT EXISTS, since ON
-# CONFLICT alone would use up an id on PostgreSQL for each, and ids are best without gaps). SQLite and
-# PostgreSQL spell JSON differently; on PostgreSQL the same statement also takes the lock that
-# keeps ids committing in order across processes, and wakes those processes (see storey 2).
-# It runs for every batch, so it goes straight to the driver (insert_messages()), and asyncpg
-# numbers its parameters: $1 is the batch, $2 the time.
-INSERT_MESSAGES = {
-    "sqlite": """
-        INSERT INTO messages (room, user_id, content, created_at, client_id)
-        SELECT json_extract(value, '$.room'), json_extract(value, '$.user_id'),
-               json_extract(value, '$.content'), :now, json_extract(value, '$.client_id')
-        FROM json_each(:batch)
-        WHERE json_extract(value, '$.client_id') IS NULL OR NOT EXISTS (
-            SELECT 1 FROM messages WHERE user_id = json_extract(value, '$.user_id')
-                                     AND client_id = json_extract(value, '$.client_id'))
-        ORDER BY key
-        RETURNING id, user_id, client_id""",
-    "postgresql": """
-        WITH locked AS (SELECT pg_advisory_xact_lock(hashtext('chat.messages'))),
-        stored AS (
-            INSERT INTO messages (room, user_id, content, created_at, client_id)
-            SELECT b.room, b.user_id, b.content, $2, b.client_id
-            FROM locked, ROWS FROM (json_to_recordset(CAST($1 AS JSON))
-                                    AS (room TEXT, user_id BIGINT, content TEXT, client_id TEXT))
-                         WITH ORDINALITY AS b(room, user_id, content, client_id, n)
-            WHERE b.client_id IS NULL OR NOT EXISTS (
-                SELECT 1 FROM messages AS m WHERE m.user_id = b.user_id AND m.client_id = b.client_id)
-            ORDER BY b.n
-            ON CONFLICT (user_id, client_id) DO NOTHING  -- stored by another process since this statement began
-            RETURNING id, room, user_id, client_id),
-        notified AS (SELECT pg_notify('chat_messages', CAST(json_build_object(
-                         'newest', MAX(id), 'rooms', json_agg(DISTINCT room)) AS TEXT))
-                     FROM stored HAVING COUNT(*) > 0)
-        SELECT id, user_id, client_id FROM stored, notified""",
-}
+# whose sender and client_id are stored already is left out: a resend (NOT EXISTS; ids are best
+# without gaps). It runs for every batch, so it goes straight to the driver (MessageWriter.insert).
+# Storey 2 has PostgreSQL's, which also keeps ids in order across processes and wakes them.
+INSERT_MESSAGES = """
+    INSERT INTO messages (room, user_id, content, created_at, client_id)
+    SELECT json_extract(value, '$.room'), json_extract(value, '$.user_id'),
+           json_extract(value, '$.content'), :now, json_extract(value, '$.client_id')
+    FROM json_each(:batch)
+    WHERE json_extract(value, '$.client_id') IS NULL OR NOT EXISTS (
+        SELECT 1 FROM messages WHERE user_id = json_extract(value, '$.user_id')
+                                 AND client_id = json_extract(value, '$.client_id'))
+    ORDER BY key
+    RETURNING id, user_id, client_id"""
 RECORD_LAST_SEEN = {
     "sqlite": "UPDATE users SET last_seen = :now WHERE username IN (SELECT value FROM json_each(:usernames))",
     "postgresql": """UPDATE users SET last_seen = :now
@@ -371,23 +351,6 @@ ROOM_STATS = """
     FROM names JOIN messages AS m ON m.id = (SELECT MAX(id) FROM messages WHERE room = names.room)
     ORDER BY names.room"""
 NO_UPPER_BOUND = 2**63 - 1  # larger than any message id
-
-
-async def insert_messages(database: Database, batch: str, now: datetime.datetime) -> list[tuple]:
-    """Store a batch of messages (a JSON array of room, user_id, content, client_id); (id, user_id,
-    client_id) of those stored, in id order: a resend of a stored message is not stored again.
-
-    On the driver's own connection (asyncpg, aiosqlite), not through `databases`: it would compile
-    the statement through SQLAlchemy for every batch, and on SQLite hand it to the database's
-    thread three times instead of once. Measured: p99 at 500 msg/s to 50 clients 0.7-0.77x.
-    """
-    raw = database.connection().raw_connection  # the writer's, which it holds for its session
-    if database.url.dialect == "postgresql":
-        rows = await raw.fetch(INSERT_MESSAGES["postgresql"], batch, now)
-    else:  # the text form SQLAlchemy gives a time on SQLite, as everywhere else in the file
-        rows = await raw.execute_fetchall(INSERT_MESSAGES["sqlite"], {
-            "batch": batch, "now": now.strftime("%Y-%m-%d %H:%M:%S.%f")})
-    return sorted(tuple(row) for row in rows)
 
 
 async def recent_messages(database, room, limit, before=NO_UPPER_BOUND, since=None) -> list[dict]:
@@ -731,7 +694,24 @@ class AddressLimits:
         return await self.limiter.hit(limits.RateLimitItemPerMinute(REST_WRITES_PER_MINUTE), "writes", ip)
 
 
-# --- Rooms and fan-out: subscribe, publish, one outbox per client --------------------------------
+# --- One message's path: the WebSocket endpoint, the handlers, the writer, the rooms, each client --
+#
+# One message's path, from a client's frame to every client in the room, top to bottom:
+#
+#   chat_socket()      receives the frame, checks the sender's rate, hands it to parse_frame()
+#                      (validation, above): a JSON object with a known type
+#   on_message()       checks the sender has joined, and the content
+#   writer.submit()    queues it; the socket goes on reading (MESSAGES_IN_FLIGHT at a time)
+#   writer.store()     saves every waiting message in one INSERT (in batches: group commit), then
+#   rooms.publish_messages()  encodes each stored message once and hands a room's to each client
+#                      in it, in id order (Client.send_messages): written to its socket at once,
+#                      all of the batch's in one write, or, if the client has frames queued or a
+#                      full buffer, put in its outbox, which
+#   Client.send_pending()  each client's own task writes to its socket
+#
+# The sender gets its own copy too: that is its acknowledgement. With PostgreSQL and several
+# processes, the other processes' writers read the new rows and publish them to their own
+# clients (storey 2).
 
 
 def encode(frame: dict) -> str:
@@ -741,6 +721,555 @@ def encode(frame: dict) -> str:
 def system_frame(room: str, content: str, **extra) -> dict:
     return {"type": "system", "room": room, "content": content, "timestamp": iso(utcnow()), **extra}
 
+
+def background(app, coroutine) -> None:
+    """Run a coroutine in its own task, which shutdown waits for."""
+    task = asyncio.create_task(coroutine)
+    app.state.tasks.add(task)
+    task.add_done_callback(app.state.tasks.discard)
+
+
+async def chat_socket(websocket: WebSocket):
+    """Check the handshake, then handle its frames in order until the socket goes."""
+    app = websocket.app
+    # Refused before accept: the client gets HTTP 403 and no socket is ever opened.
+    refusal = handshake_refusal(websocket)
+    if refusal:
+        log.warning("refused a WebSocket: %s", refusal[1])
+        await websocket.close(status.WS_1008_POLICY_VIOLATION)
+        return
+    identity, expires = token_holder(presented_token(websocket)) if SECRET else (None, None)
+    await websocket.accept()
+    # Refused after accept, so that the client can read the close code and the reason.
+    try:
+        room = check_room(websocket.path_params.get("room", DEFAULT_ROOM))
+    except Invalid as exc:
+        await websocket.close(status.WS_1008_POLICY_VIOLATION, exc.detail[:120])
+        return
+    ip = client_address(websocket)
+    refusal = app.state.rooms.refusal(ip)
+    if refusal:
+        await websocket.close(*refusal)
+        return
+    def stalled(client):  # it stopped reading: it leaves its room at once, so the others see it go
+        app.state.metrics.slow_readers_cut.inc()
+        background(app, leave(app, client))
+
+    client = Client(websocket, ip, room, identity, on_stall=stalled)
+    app.state.rooms.connect(client)
+    # A socket lives no longer than its token.
+    expiry = expires and asyncio.get_running_loop().call_later(
+        max(0.0, expires - time.time()),
+        lambda: background(app, client.close(WS_4001_TOKEN_EXPIRED, "token expired")))
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect" or client.stopped:
+                break  # gone, or cut for not reading: nothing more of it is read, or stored
+            frame = None
+            try:
+                if not client.budget.take():
+                    raise Invalid("rate_limited", f"over {RATE_PER_SECOND:g} frames a second; this one was dropped")
+                frame = parse_frame(message)
+                if frame["type"] == "join" and not (client.budget.take(JOIN_COST - 1)
+                                                    and await app.state.limits.join(ip)):
+                    raise Invalid("rate_limited", f"too many joins: a join counts as {JOIN_COST} frames, and an "
+                                  f"address may join {JOINS_PER_MINUTE} times a minute; try again shortly")
+                client.refused = 0
+                await HANDLERS[frame["type"]](app, client, frame)
+            except Invalid as exc:
+                client.refused += exc.code == "rate_limited"
+                if client.refused > FLOOD_LIMIT:
+                    await client.close(status.WS_1008_POLICY_VIOLATION, "flooding: too many frames")
+                    break
+                app.state.metrics.refused.labels(exc.code).inc()
+                client_id = frame and frame.get("client_id")
+                client.error(exc.code, exc.detail, client_id if isinstance(client_id, str)
+                             and len(client_id) <= MAX_CLIENT_ID_LENGTH else None)
+            except DATABASE_ERRORS as exc:
+                log.warning("database error on a WebSocket frame: %r", exc)
+                unavailable(app, client)
+    finally:
+        if expiry:
+            expiry.cancel()
+        app.state.rooms.disconnect(client)
+        client.stop_sending()
+        # Its own task: leaving completes even if this handler is being cancelled.
+        background(app, leave(app, client))
+        if client.closing:  # its 1013 waits behind what it has not read; the ping timeout ends that
+            await client.closing
+
+
+async def upgrade_required(request):
+    """Plain HTTP to the WebSocket path: why a handshake like it would be refused, or how to connect."""
+    refusal = handshake_refusal(request)
+    if refusal:
+        return JSONResponse({"detail": refusal[1]}, status_code=refusal[0])
+    return JSONResponse({"detail": "this is a WebSocket endpoint: connect with ws:// (see /ws-info)"},
+                        status_code=426, headers={"Upgrade": "websocket"})
+
+
+def check_same_user(client: Client, frame: dict) -> None:
+    """Tutorial clients repeat the username on every frame; it must be the joined one."""
+    if client.username is None:
+        raise Invalid("not_joined", "join first: {\"type\":\"join\",\"username\":\"...\"}")
+    if "username" in frame and frame["username"] != client.username:
+        with contextlib.suppress(Invalid):
+            if check_username(frame["username"]) == client.username:  # another form of the same name
+                return
+        raise Invalid("wrong_user", f"this connection is {client.username!r}")
+
+
+async def on_join(app, client: Client, frame: dict) -> None:
+    """Store the user, subscribe them to the room, then send the welcome and the history.
+
+    Subscribed before the history is read, so that nothing stored meanwhile is missed: live
+    frames are held until the history is sent, and those the history already had are dropped.
+    With `since`, the history is everything after that id (at most REPLAY_LIMIT, then a notice
+    says where to page back from), so a client that reconnects misses nothing and sees nothing
+    twice.
+    """
+    if client.username is not None:
+        raise Invalid("already_joined", f"already joined as {client.username!r}; leave first")
+    username = check_username(frame.get("username", client.identity))
+    if client.identity and username != client.identity:
+        raise Invalid("wrong_user", f"your token is for {client.identity!r}")
+    room = check_room(frame.get("room", client.room))
+    since = check_id(frame["since"], "since") if frame.get("since") is not None else None
+    await check_lookalike(app.state.database, username)
+    client.user_id = await app.state.database.fetch_val(UPSERT_USER, {"username": username, "now": utcnow()})
+    client.username, client.room = username, room
+    client.hold()
+    first_here = app.state.rooms.subscribe(client)
+    notices = [system_frame(room, f"Welcome {username}!")]
+    try:
+        if since is None:
+            history = await recent_messages(app.state.database, room, HISTORY_ON_JOIN)
+        else:  # one more than the limit: if it comes back, some were left out
+            missed = await recent_messages(app.state.database, room, REPLAY_LIMIT + 1, since=since)
+            history = newest_within(missed[-REPLAY_LIMIT:], REPLAY_BYTES)
+            if len(history) < len(missed):
+                notices.append(system_frame(
+                    room, "More messages were missed than are replayed; load older ones with "
+                    "GET /messages?before=<id>", code="history_truncated", before=history[0]["id"]))
+        if first_here and await app.state.cluster.arrive(room, username):
+            await app.state.cluster.announce(system_frame(room, f"{username} joined the chat"), exclude=client)
+    except DATABASE_ERRORS:
+        app.state.rooms.unsubscribe(client)  # not joined after all: the client may try again
+        client.username, client.held = None, None
+        raise
+    client.release(notices, history)
+
+
+def newest_within(messages: list[dict], budget: int) -> list[dict]:
+    """The newest messages whose frames fit in `budget` bytes (at least one), oldest first."""
+    kept = []
+    for message in reversed(messages):
+        budget -= len(encode({"type": "message", **message}).encode())
+        if budget < 0 and kept:
+            break
+        kept.append(message)
+    return kept[::-1]
+
+
+async def on_message(app, client: Client, frame: dict) -> None:
+    """Queue the message and go on reading: the writer stores a connection's messages in the order
+    sent, with whatever else is waiting, and publishes them to the room, the sender included. A
+    sender that waited for each one to be stored would get one message per commit through."""
+    check_same_user(client, frame)
+    content, client_id = check_content(frame.get("content")), check_client_id(frame.get("client_id"))
+    await client.settle(MESSAGES_IN_FLIGHT - 1)
+    stored = app.state.writer.submit(client.room, client.user_id, client.username, content, client_id)
+
+    def answer(done: asyncio.Future) -> None:
+        """A message stored now reaches its sender as its own copy; a resend of one stored before
+        gets that one (unless it has it); a failure gets "unavailable"."""
+        if done.cancelled():
+            return
+        if done.exception():
+            unavailable(app, client, client_id)
+        elif not done.result()[1]:
+            message = done.result()[0]
+            client.send_text(encode({"type": "message", **message}), message["id"])
+
+    stored.add_done_callback(answer)
+    client.in_flight.append(stored)
+
+
+def unavailable(app, client: Client, client_id: str | None = None) -> None:
+    """Tell a client the database failed its frame (a message: perhaps not stored)."""
+    app.state.metrics.database_errors.inc()
+    app.state.metrics.refused.labels("unavailable").inc()
+    client.error("unavailable", "the database is unavailable; try again shortly", client_id)
+
+
+async def on_leave(app, client: Client, frame: dict) -> None:
+    """Leave the room; the connection stays open and may join again."""
+    check_same_user(client, frame)
+    await leave(app, client)
+    client.send(system_frame(client.room, f"Goodbye {client.username}!"))
+    client.username, client.last_message_id = None, 0  # a join after this is a join on a fresh socket
+
+
+async def leave(app, client: Client) -> None:
+    """Unsubscribe a joined client; the user's last connection in the room announces the leave.
+    Its messages still being stored go out first, so the room sees them before it goes."""
+    await client.settle()
+    room, username = client.room, client.username
+    if username is None or not app.state.rooms.subscribed(client):
+        return
+    last_here = app.state.rooms.unsubscribe(client)
+    app.state.writer.record_leaving(username)
+    try:
+        if last_here and await app.state.cluster.depart(room, username):
+            await app.state.cluster.announce(system_frame(room, f"{username} left the chat"))
+    except DATABASE_ERRORS as exc:  # gone from this process already; the rest is best effort
+        log.warning("could not record that %r left: %r", username, exc)
+
+
+HANDLERS = {"join": on_join, "message": on_message, "leave": on_leave}
+
+
+
+# The writer: the tutorial's "save, then broadcast", in batches
+
+@dataclass(eq=False)
+class Post:
+    """A message waiting to be stored, and its sender waiting for (the stored message, whether it
+    was stored now: False for a resend of one stored before)."""
+    room: str
+    user_id: int
+    username: str
+    content: str
+    client_id: str | None = None
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+async def supervise(name: str, work, on_failure=lambda: None, delay: float = 0.5, metrics=None) -> None:
+    """Run work() until it returns, starting it again after any error whatever: a long-lived task
+    that died would quietly stop the chat (no message stored, no sender ever answered)."""
+    while True:
+        try:
+            return await work()
+        except DATABASE_ERRORS as exc:
+            log.warning("%s lost the database (%r); again in %g s", name, exc, delay)
+            if metrics:
+                metrics.database_errors.inc()
+        except Exception:  # the supervisor: the one place for a broad except
+            log.exception("%s failed; again in %g s", name, delay)
+        on_failure()
+        await asyncio.sleep(delay)
+
+
+class MessageWriter:
+    """The tutorial's "save, then broadcast", done in batches and in id order.
+
+    Senders submit() a message (a socket goes on reading, REST waits for it). The writer stores
+    whatever is waiting in one statement (group commit), publishes it in id order, then answers
+    the senders. It is the only thing that publishes messages, so every client sees a room's ids
+    in increasing order: a client that replays "everything after id N" and then goes live sees no
+    gap and no duplicate. (Storey 2's PostgresWriter also publishes what other processes store.)
+    """
+
+    BATCH = 100
+
+    def __init__(self, database: Database, rooms: Rooms, metrics: Metrics):
+        self.database, self.rooms, self.metrics = database, rooms, metrics
+        self.last_seen_sql = RECORD_LAST_SEEN[database.url.dialect]
+        self.unpublished_sql = UNPUBLISHED[database.url.dialect]
+        self.posts: deque[Post] = deque()  # waiting to be stored
+        self.batch: list[Post] = []  # being stored now
+        self.leavers: set[str] = set()  # users whose last_seen to record
+        self.behind = False  # after a failure: messages may be stored that were never published
+        self.last_published: int | None = None  # the highest id published here
+        self.stopping = False
+        self.work = asyncio.Event()  # set when any of the above has something to do
+
+    async def post(self, room: str, user_id: int, username: str, content: str,
+                   client_id: str | None = None) -> tuple[dict, bool]:
+        """Store and publish one message; raises Unavailable if the database fails first."""
+        return await self.submit(room, user_id, username, content, client_id)
+
+    def submit(self, room: str, user_id: int, username: str, content: str,
+               client_id: str | None = None) -> asyncio.Future:
+        """Queue one message; the future is (the stored message, stored now?), or Unavailable."""
+        post = Post(room, user_id, username, content, client_id)
+        self.posts.append(post)
+        self.work.set()
+        return post.done
+
+    def record_leaving(self, username: str) -> None:
+        """Record last_seen with the next batch: a thousand clients leaving at once cost one write."""
+        self.leavers.add(username)
+        self.work.set()
+
+    async def run(self) -> None:
+        """Work until stop(). Each session runs in a new task, on a new connection: `databases`
+        ties a connection to the task that opened it, and a failed one must not be reused."""
+        await supervise("the message writer", lambda: asyncio.create_task(self.session()),
+                        on_failure=self.fail_waiting, metrics=self.metrics)
+
+    async def stop(self, task: asyncio.Task) -> None:
+        """Store everything accepted so far, then end the run() task."""
+        self.stopping = True
+        self.work.set()
+        await task
+
+    async def session(self) -> None:
+        """Hold one connection and work until stop(); `databases` would otherwise check one out
+        for every statement."""
+        if self.stopping and not self.posts:
+            return
+        async with self.database.connection() as connection:
+            if self.last_published is None:
+                self.last_published = await self.database.fetch_val(LAST_ID)
+            self.connected(connection)
+            while True:
+                await self.work.wait()
+                self.work.clear()
+                if self.unpublished():
+                    await self.catch_up()
+                while self.posts:
+                    self.batch = [self.posts.popleft() for _ in range(min(self.BATCH, len(self.posts)))]
+                    await self.store(self.batch)
+                    self.batch = []
+                if self.leavers:
+                    await self.record_last_seen()
+                if self.stopping:
+                    return
+
+    def fail_waiting(self) -> None:
+        """After a failure: every sender still waiting hears "unavailable" at once, and the next
+        session first publishes whatever was stored meanwhile (the failed batch may have been)."""
+        for post in [*self.batch, *self.posts]:
+            if not post.done.done():
+                post.done.set_exception(Unavailable())
+        self.batch, self.behind = [], True
+        self.posts.clear()
+        self.work.set()
+
+    async def store(self, batch: list[Post]) -> None:
+        """Store a batch in one statement, publish it in id order, then answer its senders. A
+        resend (its sender's client_id is stored already, or earlier in the batch) is answered
+        with the message as first stored, and not published again."""
+        now, started = utcnow(), time.perf_counter()
+        firsts: dict[tuple[int, str], Post] = {}
+        for post in batch:
+            if post.client_id is not None:
+                firsts.setdefault((post.user_id, post.client_id), post)
+        unique = [post for post in batch if post.client_id is None or firsts[post.user_id, post.client_id] is post]
+        rows = json.dumps([{"room": p.room, "user_id": p.user_id, "content": p.content, "client_id": p.client_id}
+                           for p in unique])
+        stored = await self.insert(rows, now)
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(stored))
+        self.metrics.stored.inc(len(stored))
+        unnamed = iter(id for id, _, client_id in stored if client_id is None)  # in batch order, as ids are
+        named = {(user_id, client_id): id for id, user_id, client_id in stored if client_id is not None}
+        fresh = [(post, next(unnamed) if post.client_id is None else named.get((post.user_id, post.client_id)))
+                 for post in unique]
+        timestamp = iso(now)  # one time for the whole batch, as stored
+        messages = [{"id": id, "room": post.room, "username": post.username, "content": post.content,
+                     "timestamp": timestamp, **({"client_id": post.client_id} if post.client_id else {})}
+                    for post, id in fresh if id is not None]
+        try:
+            ids = [message["id"] for message in messages]
+            if ids and ids[-1] - ids[0] == len(ids) - 1:  # always, in one process: publish from memory
+                if ids[0] > self.last_published + 1:  # others' messages came first (storey 2)
+                    await self.catch_up(upto=ids[0] - 1)
+                self.rooms.publish_messages(messages)
+                self.last_published = ids[-1]
+            elif ids:
+                self.behind = True
+                await self.catch_up()
+        finally:  # stored, so never "unavailable": if publishing failed, the next session publishes them
+            for post, message in zip([post for post, id in fresh if id is not None], messages, strict=True):
+                if not post.done.done():  # the sender may have gone; the message went out all the same
+                    post.done.set_result((message, True))
+        for post, id in fresh:
+            if id is None and not post.done.done():  # stored before: answer with it as it was stored
+                row = await self.database.fetch_one(RESENT_MESSAGE, {"user_id": post.user_id,
+                                                                     "client_id": post.client_id})
+                post.done.set_result((message_out(row), False))
+        for post in batch:
+            first = post.client_id and firsts[post.user_id, post.client_id]
+            if first and first is not post and not post.done.done():
+                post.done.set_result((first.done.result()[0], False))
+
+    async def record_last_seen(self) -> None:
+        usernames, self.leavers = self.leavers, set()
+        try:
+            await self.database.execute(self.last_seen_sql,
+                                        {"usernames": json.dumps(sorted(usernames)), "now": utcnow()})
+        except DATABASE_ERRORS as exc:  # best effort: the users have left either way
+            log.warning("could not record last_seen of %d user(s): %r", len(usernames), exc)
+
+    async def insert(self, batch: str, now: datetime.datetime) -> list[tuple]:
+        """Store a batch of messages (a JSON array of room, user_id, content, client_id); (id,
+        user_id, client_id) of those stored, in id order (a resend of a stored one is left out).
+
+        On the driver's own connection (aiosqlite), not through `databases`: it would compile the
+        statement through SQLAlchemy for every batch, and hand it to SQLite's thread three times.
+        """
+        raw = self.database.connection().raw_connection  # the writer's, which it holds for its session
+        rows = await raw.execute_fetchall(INSERT_MESSAGES, {  # SQLAlchemy's text form of a time, as elsewhere
+            "batch": batch, "now": now.strftime("%Y-%m-%d %H:%M:%S.%f")})
+        return sorted(tuple(row) for row in rows)
+
+    def connected(self, connection) -> None:
+        """A session's connection is open (storey 2 notes which backend it is)."""
+
+    def unpublished(self) -> bool:
+        """Whether messages may be stored that this process has not published."""
+        return self.behind
+
+    async def catch_up(self, upto: int | None = None) -> None:
+        """Publish, in id order, every message stored after the last one published here and up to
+        `upto` (default: the newest stored), in the rooms of this process's clients: after a
+        failure, a batch may have been stored and never published."""
+        self.behind = False
+        await self.publish_stored(await self.database.fetch_val(LAST_ID) if upto is None else upto)
+
+    async def publish_stored(self, upto: int) -> None:
+        while self.last_published < upto:
+            self.metrics.catch_up_reads.inc()
+            rows = await self.database.fetch_all(self.unpublished_sql, {
+                "since": self.last_published, "upto": upto, "limit": 500,
+                "rooms": json.dumps(list(self.rooms.rooms))})
+            self.rooms.publish_messages([message_out(row) for row in rows])
+            if rows:
+                self.last_published = rows[-1]["id"]
+            if len(rows) < 500:
+                self.last_published = upto
+
+
+# The rooms: who is subscribed where, and publish()
+
+class Rooms:
+    """Who is connected, and who is subscribed to which room, in this process (ws.subscribe and
+    ws.publish in the tutorial's Elysia). publish() and publish_messages() (stored messages, in
+    batches) are where a broadcast enters."""
+
+    def __init__(self, metrics: "Metrics"):
+        self.metrics = metrics
+        self.rooms: dict[str, dict[str, set[Client]]] = {}  # room -> username -> that user's sockets
+        self.connections: set[Client] = set()  # every open socket, joined or not
+        self.per_ip: Counter[str] = Counter()
+        self.frame: Callable[[str], bytes] | None = None  # the runner's, once a client has brought it
+
+    def refusal(self, ip: str) -> tuple[int, str] | None:
+        """Why a new connection from this address may not stay, as (close code, reason); None if it may."""
+        if len(self.connections) >= MAX_CONNECTIONS:
+            return status.WS_1013_TRY_AGAIN_LATER, "the server is full; try again later"
+        if self.per_ip[ip] >= MAX_CONNECTIONS_PER_IP:
+            return status.WS_1008_POLICY_VIOLATION, "too many connections from your address"
+        return None
+
+    def connect(self, client: Client) -> None:
+        self.connections.add(client)
+        self.per_ip[client.ip] += 1
+        self.frame = self.frame or client.frame
+
+    def disconnect(self, client: Client) -> None:
+        self.connections.discard(client)
+        self.per_ip[client.ip] -= 1
+        if not self.per_ip[client.ip]:
+            del self.per_ip[client.ip]
+
+    def subscribe(self, client: Client) -> bool:
+        """Add a joined client to its room; True if it is the user's first connection there."""
+        users = self.rooms.setdefault(client.room, {})
+        first = client.username not in users
+        users.setdefault(client.username, set()).add(client)
+        return first
+
+    def unsubscribe(self, client: Client) -> bool:
+        """Take a client out of its room; True if it was the user's last connection there."""
+        users = self.rooms.get(client.room, {})
+        connections = users.get(client.username, set())
+        if client not in connections:
+            return False
+        connections.discard(client)
+        if connections:
+            return False
+        users.pop(client.username, None)
+        if not users:
+            self.rooms.pop(client.room, None)
+        return True
+
+    def subscribed(self, client: Client) -> bool:
+        return client in self.rooms.get(client.room, {}).get(client.username, ())
+
+    def publish(self, room: str, frame: dict, exclude: Client | None = None) -> None:
+        """Encode a frame once and queue it for every client in the room."""
+        text = encode(frame)
+        frame_bytes = self.frame and self.frame(text)
+        message_id = frame["id"] if frame["type"] == "message" else None
+        # No copies needed: send_text() never changes the rooms (a stalled client leaves in a task).
+        sent = 0
+        for connections in self.rooms.get(room, {}).values():
+            for client in connections:
+                if client is not exclude:
+                    client.send_text(text, message_id, frame_bytes)
+                    sent += 1
+        self.metrics.deliveries.inc(sent)
+
+    def publish_messages(self, messages: list[dict]) -> None:
+        """Stored messages, in id order: a room's are encoded once and reach each of its clients in
+        one write where they can (Client.send_messages), not a write, a system call, per frame."""
+        by_room: dict[str, list[dict]] = {}
+        for message in messages:
+            by_room.setdefault(message["room"], []).append(message)
+        for room, stored in by_room.items():
+            texts = [encode({"type": "message", **message}) for message in stored]
+            message_ids = [message["id"] for message in stored]
+            frames = self.frame and b"".join(map(self.frame, texts))
+            sent = 0
+            for connections in self.rooms.get(room, {}).values():
+                for client in connections:
+                    client.send_messages(texts, message_ids, frames)
+                    sent += 1
+            self.metrics.deliveries.inc(sent * len(texts))
+
+    def present(self) -> dict[str, list[str]]:
+        """Who is here, room by room."""
+        return {room: sorted(users) for room, users in self.rooms.items()}
+
+
+class OneProcess:
+    """What the processes of one chat share, when the chat is this one process (SQLite): nothing.
+
+    Storey 2's PostgresCluster has the same methods and also tells the other processes; the
+    handlers below call them the same way and never ask which one they have.
+    """
+
+    def __init__(self, app):
+        self.rooms = app.state.rooms
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def arrive(self, room: str, username: str) -> bool:
+        """Called on a user's first connection in a room here; True: announce them."""
+        return True
+
+    async def depart(self, room: str, username: str) -> bool:
+        """Called when a user's last connection in a room here goes; True: announce it."""
+        return True
+
+    async def announce(self, frame: dict, exclude: Client | None = None) -> None:
+        """A notice (joined, left) for everyone in its room."""
+        self.rooms.publish(frame["room"], frame, exclude=exclude)
+
+    async def present(self) -> dict[str, list[str]]:
+        """Who is connected, room by room."""
+        return self.rooms.present()
+
+
+# Each client: its socket and its outbox
 
 class Client:
     """One WebSocket connection and its own outbox.
@@ -874,584 +1403,6 @@ class Client:
         """Send a close frame; it waits behind unread data, so give up after `timeout` seconds."""
         with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected, asyncio.TimeoutError):
             await asyncio.wait_for(self.websocket.close(code, reason), timeout)
-
-
-class Rooms:
-    """Who is connected, and who is subscribed to which room, in this process (ws.subscribe and
-    ws.publish in the tutorial's Elysia). publish() and publish_messages() (stored messages, in
-    batches) are where a broadcast enters."""
-
-    def __init__(self, metrics: "Metrics"):
-        self.metrics = metrics
-        self.rooms: dict[str, dict[str, set[Client]]] = {}  # room -> username -> that user's sockets
-        self.connections: set[Client] = set()  # every open socket, joined or not
-        self.per_ip: Counter[str] = Counter()
-        self.frame: Callable[[str], bytes] | None = None  # the runner's, once a client has brought it
-
-    def refusal(self, ip: str) -> tuple[int, str] | None:
-        """Why a new connection from this address may not stay, as (close code, reason); None if it may."""
-        if len(self.connections) >= MAX_CONNECTIONS:
-            return status.WS_1013_TRY_AGAIN_LATER, "the server is full; try again later"
-        if self.per_ip[ip] >= MAX_CONNECTIONS_PER_IP:
-            return status.WS_1008_POLICY_VIOLATION, "too many connections from your address"
-        return None
-
-    def connect(self, client: Client) -> None:
-        self.connections.add(client)
-        self.per_ip[client.ip] += 1
-        self.frame = self.frame or client.frame
-
-    def disconnect(self, client: Client) -> None:
-        self.connections.discard(client)
-        self.per_ip[client.ip] -= 1
-        if not self.per_ip[client.ip]:
-            del self.per_ip[client.ip]
-
-    def subscribe(self, client: Client) -> bool:
-        """Add a joined client to its room; True if it is the user's first connection there."""
-        users = self.rooms.setdefault(client.room, {})
-        first = client.username not in users
-        users.setdefault(client.username, set()).add(client)
-        return first
-
-    def unsubscribe(self, client: Client) -> bool:
-        """Take a client out of its room; True if it was the user's last connection there."""
-        users = self.rooms.get(client.room, {})
-        connections = users.get(client.username, set())
-        if client not in connections:
-            return False
-        connections.discard(client)
-        if connections:
-            return False
-        users.pop(client.username, None)
-        if not users:
-            self.rooms.pop(client.room, None)
-        return True
-
-    def subscribed(self, client: Client) -> bool:
-        return client in self.rooms.get(client.room, {}).get(client.username, ())
-
-    def publish(self, room: str, frame: dict, exclude: Client | None = None) -> None:
-        """Encode a frame once and queue it for every client in the room."""
-        text = encode(frame)
-        frame_bytes = self.frame and self.frame(text)
-        message_id = frame["id"] if frame["type"] == "message" else None
-        # No copies needed: send_text() never changes the rooms (a stalled client leaves in a task).
-        sent = 0
-        for connections in self.rooms.get(room, {}).values():
-            for client in connections:
-                if client is not exclude:
-                    client.send_text(text, message_id, frame_bytes)
-                    sent += 1
-        self.metrics.deliveries.inc(sent)
-
-    def publish_messages(self, messages: list[dict]) -> None:
-        """Stored messages, in id order: a room's are encoded once and reach each of its clients in
-        one write where they can (Client.send_messages), not a write, a system call, per frame."""
-        by_room: dict[str, list[dict]] = {}
-        for message in messages:
-            by_room.setdefault(message["room"], []).append(message)
-        for room, stored in by_room.items():
-            texts = [encode({"type": "message", **message}) for message in stored]
-            message_ids = [message["id"] for message in stored]
-            frames = self.frame and b"".join(map(self.frame, texts))
-            sent = 0
-            for connections in self.rooms.get(room, {}).values():
-                for client in connections:
-                    client.send_messages(texts, message_ids, frames)
-                    sent += 1
-            self.metrics.deliveries.inc(sent * len(texts))
-
-    def present(self) -> dict[str, list[str]]:
-        """Who is here, room by room."""
-        return {room: sorted(users) for room, users in self.rooms.items()}
-
-
-class OneProcess:
-    """What the processes of one chat share, when the chat is this one process (SQLite): nothing.
-
-    Storey 2's PostgresCluster has the same methods and also tells the other processes; the
-    handlers below call them the same way and never ask which one they have.
-    """
-
-    def __init__(self, app):
-        self.rooms = app.state.rooms
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    async def arrive(self, room: str, username: str) -> bool:
-        """Called on a user's first connection in a room here; True: announce them."""
-        return True
-
-    async def depart(self, room: str, username: str) -> bool:
-        """Called when a user's last connection in a room here goes; True: announce it."""
-        return True
-
-    async def announce(self, frame: dict, exclude: Client | None = None) -> None:
-        """A notice (joined, left) for everyone in its room."""
-        self.rooms.publish(frame["room"], frame, exclude=exclude)
-
-    async def present(self) -> dict[str, list[str]]:
-        """Who is connected, room by room."""
-        return self.rooms.present()
-
-
-# --- Persistence: the message writer -------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Post:
-    """A message waiting to be stored, and its sender waiting for (the stored message, whether it
-    was stored now: False for a resend of one stored before)."""
-    room: str
-    user_id: int
-    username: str
-    content: str
-    client_id: str | None = None
-    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-
-async def supervise(name: str, work, on_failure=lambda: None, delay: float = 0.5, metrics=None) -> None:
-    """Run work() until it returns, starting it again after any error whatever: a long-lived task
-    that died would quietly stop the chat (no message stored, no sender ever answered)."""
-    while True:
-        try:
-            return await work()
-        except DATABASE_ERRORS as exc:
-            log.warning("%s lost the database (%r); again in %g s", name, exc, delay)
-            if metrics:
-                metrics.database_errors.inc()
-        except Exception:  # the supervisor: the one place for a broad except
-            log.exception("%s failed; again in %g s", name, delay)
-        on_failure()
-        await asyncio.sleep(delay)
-
-
-class MessageWriter:
-    """The tutorial's "save, then broadcast", done in batches and in id order.
-
-    Senders submit() a message (a socket goes on reading, REST waits for it). The writer stores
-    whatever is waiting in one statement (group commit), publishes it in id order, then answers
-    the senders. It is the only thing that publishes messages, so every client sees a room's ids
-    in increasing order: a client that replays "everything after id N" and then goes live sees no
-    gap and no duplicate. On PostgreSQL other processes store messages too; their NOTIFY wakes
-    this writer (wake()), and it publishes whatever was stored after the last id it published
-    (catch_up()), in the rooms of its own clients.
-    """
-
-    BATCH = 100
-
-    def __init__(self, database: Database, rooms: Rooms, metrics: "Metrics"):
-        self.database, self.rooms, self.metrics = database, rooms, metrics
-        self.last_seen_sql = RECORD_LAST_SEEN[database.url.dialect]
-        self.unpublished_sql = UNPUBLISHED[database.url.dialect]
-        self.posts: deque[Post] = deque()  # waiting to be stored
-        self.batch: list[Post] = []  # being stored now
-        self.leavers: set[str] = set()  # users whose last_seen to record
-        self.behind = False  # others may have stored messages this process has not heard of
-        self.last_published: int | None = None  # the highest id published here
-        # Heard of: every message up to this id, and in which rooms (other processes' NOTIFYs
-        # come in commit order, which the lock makes id order). `wanted`: the newest id of a
-        # batch heard of that touched a room of this process's clients; up to there, read.
-        self.heard, self.wanted = 0, 0
-        self.backend: int | None = None  # PostgreSQL's pid for the writer's connection
-        self.stopping = False
-        self.work = asyncio.Event()  # set when any of the above has something to do
-
-    async def post(self, room: str, user_id: int, username: str, content: str,
-                   client_id: str | None = None) -> tuple[dict, bool]:
-        """Store and publish one message; raises Unavailable if the database fails first."""
-        return await self.submit(room, user_id, username, content, client_id)
-
-    def submit(self, room: str, user_id: int, username: str, content: str,
-               client_id: str | None = None) -> asyncio.Future:
-        """Queue one message; the future is (the stored message, stored now?), or Unavailable."""
-        post = Post(room, user_id, username, content, client_id)
-        self.posts.append(post)
-        self.work.set()
-        return post.done
-
-    def record_leaving(self, username: str) -> None:
-        """Record last_seen with the next batch: a thousand clients leaving at once cost one write."""
-        self.leavers.add(username)
-        self.work.set()
-
-    def wake(self, newest_id: int | None = None, rooms: list[str] = (), backend: int | None = None) -> None:
-        """Some process stored messages up to newest_id in these rooms (None: maybe; check), from
-        the connection whose pid is `backend`."""
-        if newest_id is None:
-            self.behind = True
-        elif backend is not None and backend == self.backend:
-            return  # this writer's own batch, which store() publishes (its NOTIFY may come first)
-        elif self.last_published is None or newest_id > self.last_published:
-            self.heard = max(self.heard, newest_id)
-            if any(room in self.rooms.rooms for room in rooms):
-                self.wanted = max(self.wanted, newest_id)
-        else:
-            return  # published already: this process's own batch
-        self.work.set()
-
-    async def run(self) -> None:
-        """Work until stop(). Each session runs in a new task, on a new connection: `databases`
-        ties a connection to the task that opened it, and a failed one must not be reused."""
-        await supervise("the message writer", lambda: asyncio.create_task(self.session()),
-                        on_failure=self.fail_waiting, metrics=self.metrics)
-
-    async def stop(self, task: asyncio.Task) -> None:
-        """Store everything accepted so far, then end the run() task."""
-        self.stopping = True
-        self.work.set()
-        await task
-
-    async def session(self) -> None:
-        """Hold one connection and work until stop(); `databases` would otherwise check one out
-        for every statement."""
-        if self.stopping and not self.posts:
-            return
-        async with self.database.connection() as connection:
-            if self.database.url.dialect == "postgresql":
-                self.backend = connection.raw_connection.get_server_pid()
-            if self.last_published is None:
-                self.last_published = await self.database.fetch_val(LAST_ID)
-                self.heard = max(self.heard, self.last_published)
-            while True:
-                await self.work.wait()
-                self.work.clear()
-                if self.behind or self.heard > self.last_published:
-                    await self.catch_up()
-                while self.posts:
-                    self.batch = [self.posts.popleft() for _ in range(min(self.BATCH, len(self.posts)))]
-                    await self.store(self.batch)
-                    self.batch = []
-                if self.leavers:
-                    await self.record_last_seen()
-                if self.stopping:
-                    return
-
-    def fail_waiting(self) -> None:
-        """After a failure: every sender still waiting hears "unavailable" at once, and the next
-        session first publishes whatever was stored meanwhile (the failed batch may have been)."""
-        for post in [*self.batch, *self.posts]:
-            if not post.done.done():
-                post.done.set_exception(Unavailable())
-        self.batch, self.behind = [], True
-        self.posts.clear()
-        self.work.set()
-
-    async def store(self, batch: list[Post]) -> None:
-        """Store a batch in one statement, publish it in id order, then answer its senders. A
-        resend (its sender's client_id is stored already, or earlier in the batch) is answered
-        with the message as first stored, and not published again."""
-        now, started = utcnow(), time.perf_counter()
-        firsts: dict[tuple[int, str], Post] = {}
-        for post in batch:
-            if post.client_id is not None:
-                firsts.setdefault((post.user_id, post.client_id), post)
-        unique = [post for post in batch if post.client_id is None or firsts[post.user_id, post.client_id] is post]
-        rows = json.dumps([{"room": p.room, "user_id": p.user_id, "content": p.content, "client_id": p.client_id}
-                           for p in unique])
-        stored = await insert_messages(self.database, rows, now)
-        self.metrics.batch_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(stored))
-        self.metrics.stored.inc(len(stored))
-        unnamed = iter(id for id, _, client_id in stored if client_id is None)  # in batch order, as ids are
-        named = {(user_id, client_id): id for id, user_id, client_id in stored if client_id is not None}
-        fresh = [(post, next(unnamed) if post.client_id is None else named.get((post.user_id, post.client_id)))
-                 for post in unique]
-        timestamp = iso(now)  # one time for the whole batch, as stored
-        messages = [{"id": id, "room": post.room, "username": post.username, "content": post.content,
-                     "timestamp": timestamp, **({"client_id": post.client_id} if post.client_id else {})}
-                    for post, id in fresh if id is not None]
-        try:
-            ids = [message["id"] for message in messages]
-            if ids and ids[-1] - ids[0] == len(ids) - 1:  # always, under the lock: publish from memory
-                if ids[0] > self.last_published + 1:  # another process's messages came first
-                    await self.catch_up(upto=ids[0] - 1)
-                self.rooms.publish_messages(messages)
-                self.last_published = ids[-1]
-                self.heard = max(self.heard, self.last_published)
-            elif ids:
-                self.behind = True
-                await self.catch_up()
-        finally:  # stored, so never "unavailable": if publishing failed, the next session publishes them
-            for post, message in zip([post for post, id in fresh if id is not None], messages, strict=True):
-                if not post.done.done():  # the sender may have gone; the message went out all the same
-                    post.done.set_result((message, True))
-        for post, id in fresh:
-            if id is None and not post.done.done():  # stored before: answer with it as it was stored
-                row = await self.database.fetch_one(RESENT_MESSAGE, {"user_id": post.user_id,
-                                                                     "client_id": post.client_id})
-                post.done.set_result((message_out(row), False))
-        for post in batch:
-            first = post.client_id and firsts[post.user_id, post.client_id]
-            if first and first is not post and not post.done.done():
-                post.done.set_result((first.done.result()[0], False))
-
-    async def record_last_seen(self) -> None:
-        usernames, self.leavers = self.leavers, set()
-        try:
-            await self.database.execute(self.last_seen_sql,
-                                        {"usernames": json.dumps(sorted(usernames)), "now": utcnow()})
-        except DATABASE_ERRORS as exc:  # best effort: the users have left either way
-            log.warning("could not record last_seen of %d user(s): %r", len(usernames), exc)
-
-    async def catch_up(self, upto: int | None = None) -> None:
-        """Publish, in id order, every message stored after the last one published here and up to
-        `upto` (default: the newest heard of) in the rooms of this process's clients.
-
-        Every id up to one heard of is stored or never will be (the lock in INSERT_MESSAGES), so
-        nothing is skipped; a client that joins a room meanwhile finds these in its history. When
-        all of them were heard of and none is in a room of ours, there is nothing to read.
-        """
-        if self.behind:  # heard of nothing: ask the table, and read up to its newest
-            self.behind = False
-            self.heard = self.wanted = max(self.heard, await self.database.fetch_val(LAST_ID))
-        upto = self.heard if upto is None else upto
-        if upto <= self.heard and self.wanted <= self.last_published:
-            self.last_published = max(self.last_published, upto)
-            return
-        while self.last_published < upto:
-            self.metrics.catch_up_reads.inc()
-            rows = await self.database.fetch_all(self.unpublished_sql, {
-                "since": self.last_published, "upto": upto, "limit": 500,
-                "rooms": json.dumps(list(self.rooms.rooms))})
-            self.rooms.publish_messages([message_out(row) for row in rows])
-            if rows:
-                self.last_published = rows[-1]["id"]
-            if len(rows) < 500:
-                self.last_published = upto
-
-
-# --- The chat: join, message, leave, and the WebSocket endpoint ----------------------------------
-#
-# One message's path, from a client's frame to every client in the room:
-#
-#   chat_socket()      receives the frame, checks the sender's rate, hands it to parse_frame()
-#   parse_frame()      checks it is a JSON object with a known type
-#   on_message()       checks the sender has joined, and the content
-#   writer.submit()    queues it; the socket goes on reading (MESSAGES_IN_FLIGHT at a time)
-#   writer.store()     saves every waiting message in one INSERT (in batches: group commit), then
-#   rooms.publish_messages()  encodes each stored message once and hands a room's to each client
-#                      in it, in id order (Client.send_messages): written to its socket at once,
-#                      all of the batch's in one write, or, if the client has frames queued or a
-#                      full buffer, put in its outbox, which
-#   Client.send_pending()  each client's own task writes to its socket
-#
-# The sender gets its own copy too: that is its acknowledgement. With PostgreSQL and several
-# processes, the other processes' writers read the new rows and publish them to their own
-# clients (storey 2).
-
-
-def check_same_user(client: Client, frame: dict) -> None:
-    """Tutorial clients repeat the username on every frame; it must be the joined one."""
-    if client.username is None:
-        raise Invalid("not_joined", "join first: {\"type\":\"join\",\"username\":\"...\"}")
-    if "username" in frame and frame["username"] != client.username:
-        with contextlib.suppress(Invalid):
-            if check_username(frame["username"]) == client.username:  # another form of the same name
-                return
-        raise Invalid("wrong_user", f"this connection is {client.username!r}")
-
-
-async def on_join(app, client: Client, frame: dict) -> None:
-    """Store the user, subscribe them to the room, then send the welcome and the history.
-
-    Subscribed before the history is read, so that nothing stored meanwhile is missed: live
-    frames are held until the history is sent, and those the history already had are dropped.
-    With `since`, the history is everything after that id (at most REPLAY_LIMIT, then a notice
-    says where to page back from), so a client that reconnects misses nothing and sees nothing
-    twice.
-    """
-    if client.username is not None:
-        raise Invalid("already_joined", f"already joined as {client.username!r}; leave first")
-    username = check_username(frame.get("username", client.identity))
-    if client.identity and username != client.identity:
-        raise Invalid("wrong_user", f"your token is for {client.identity!r}")
-    room = check_room(frame.get("room", client.room))
-    since = check_id(frame["since"], "since") if frame.get("since") is not None else None
-    await check_lookalike(app.state.database, username)
-    client.user_id = await app.state.database.fetch_val(UPSERT_USER, {"username": username, "now": utcnow()})
-    client.username, client.room = username, room
-    client.hold()
-    first_here = app.state.rooms.subscribe(client)
-    notices = [system_frame(room, f"Welcome {username}!")]
-    try:
-        if since is None:
-            history = await recent_messages(app.state.database, room, HISTORY_ON_JOIN)
-        else:  # one more than the limit: if it comes back, some were left out
-            missed = await recent_messages(app.state.database, room, REPLAY_LIMIT + 1, since=since)
-            history = newest_within(missed[-REPLAY_LIMIT:], REPLAY_BYTES)
-            if len(history) < len(missed):
-                notices.append(system_frame(
-                    room, "More messages were missed than are replayed; load older ones with "
-                    "GET /messages?before=<id>", code="history_truncated", before=history[0]["id"]))
-        if first_here and await app.state.cluster.arrive(room, username):
-            await app.state.cluster.announce(system_frame(room, f"{username} joined the chat"), exclude=client)
-    except DATABASE_ERRORS:
-        app.state.rooms.unsubscribe(client)  # not joined after all: the client may try again
-        client.username, client.held = None, None
-        raise
-    client.release(notices, history)
-
-
-def newest_within(messages: list[dict], budget: int) -> list[dict]:
-    """The newest messages whose frames fit in `budget` bytes (at least one), oldest first."""
-    kept = []
-    for message in reversed(messages):
-        budget -= len(encode({"type": "message", **message}).encode())
-        if budget < 0 and kept:
-            break
-        kept.append(message)
-    return kept[::-1]
-
-
-async def on_message(app, client: Client, frame: dict) -> None:
-    """Queue the message and go on reading: the writer stores a connection's messages in the order
-    sent, with whatever else is waiting, and publishes them to the room, the sender included. A
-    sender that waited for each one to be stored would get one message per commit through."""
-    check_same_user(client, frame)
-    content, client_id = check_content(frame.get("content")), check_client_id(frame.get("client_id"))
-    await client.settle(MESSAGES_IN_FLIGHT - 1)
-    stored = app.state.writer.submit(client.room, client.user_id, client.username, content, client_id)
-
-    def answer(done: asyncio.Future) -> None:
-        """A message stored now reaches its sender as its own copy; a resend of one stored before
-        gets that one (unless it has it); a failure gets "unavailable"."""
-        if done.cancelled():
-            return
-        if done.exception():
-            unavailable(app, client, client_id)
-        elif not done.result()[1]:
-            message = done.result()[0]
-            client.send_text(encode({"type": "message", **message}), message["id"])
-
-    stored.add_done_callback(answer)
-    client.in_flight.append(stored)
-
-
-def unavailable(app, client: Client, client_id: str | None = None) -> None:
-    """Tell a client the database failed its frame (a message: perhaps not stored)."""
-    app.state.metrics.database_errors.inc()
-    app.state.metrics.refused.labels("unavailable").inc()
-    client.error("unavailable", "the database is unavailable; try again shortly", client_id)
-
-
-async def on_leave(app, client: Client, frame: dict) -> None:
-    """Leave the room; the connection stays open and may join again."""
-    check_same_user(client, frame)
-    await leave(app, client)
-    client.send(system_frame(client.room, f"Goodbye {client.username}!"))
-    client.username, client.last_message_id = None, 0  # a join after this is a join on a fresh socket
-
-
-async def leave(app, client: Client) -> None:
-    """Unsubscribe a joined client; the user's last connection in the room announces the leave.
-    Its messages still being stored go out first, so the room sees them before it goes."""
-    await client.settle()
-    room, username = client.room, client.username
-    if username is None or not app.state.rooms.subscribed(client):
-        return
-    last_here = app.state.rooms.unsubscribe(client)
-    app.state.writer.record_leaving(username)
-    try:
-        if last_here and await app.state.cluster.depart(room, username):
-            await app.state.cluster.announce(system_frame(room, f"{username} left the chat"))
-    except DATABASE_ERRORS as exc:  # gone from this process already; the rest is best effort
-        log.warning("could not record that %r left: %r", username, exc)
-
-
-HANDLERS = {"join": on_join, "message": on_message, "leave": on_leave}
-
-
-def background(app, coroutine) -> None:
-    """Run a coroutine in its own task, which shutdown waits for."""
-    task = asyncio.create_task(coroutine)
-    app.state.tasks.add(task)
-    task.add_done_callback(app.state.tasks.discard)
-
-
-async def chat_socket(websocket: WebSocket):
-    """Check the handshake, then handle its frames in order until the socket goes."""
-    app = websocket.app
-    # Refused before accept: the client gets HTTP 403 and no socket is ever opened.
-    refusal = handshake_refusal(websocket)
-    if refusal:
-        log.warning("refused a WebSocket: %s", refusal[1])
-        await websocket.close(status.WS_1008_POLICY_VIOLATION)
-        return
-    identity, expires = token_holder(presented_token(websocket)) if SECRET else (None, None)
-    await websocket.accept()
-    # Refused after accept, so that the client can read the close code and the reason.
-    try:
-        room = check_room(websocket.path_params.get("room", DEFAULT_ROOM))
-    except Invalid as exc:
-        await websocket.close(status.WS_1008_POLICY_VIOLATION, exc.detail[:120])
-        return
-    ip = client_address(websocket)
-    refusal = app.state.rooms.refusal(ip)
-    if refusal:
-        await websocket.close(*refusal)
-        return
-    def stalled(client):  # it stopped reading: it leaves its room at once, so the others see it go
-        app.state.metrics.slow_readers_cut.inc()
-        background(app, leave(app, client))
-
-    client = Client(websocket, ip, room, identity, on_stall=stalled)
-    app.state.rooms.connect(client)
-    # A socket lives no longer than its token.
-    expiry = expires and asyncio.get_running_loop().call_later(
-        max(0.0, expires - time.time()),
-        lambda: background(app, client.close(WS_4001_TOKEN_EXPIRED, "token expired")))
-    try:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect" or client.stopped:
-                break  # gone, or cut for not reading: nothing more of it is read, or stored
-            frame = None
-            try:
-                if not client.budget.take():
-                    raise Invalid("rate_limited", f"over {RATE_PER_SECOND:g} frames a second; this one was dropped")
-                frame = parse_frame(message)
-                if frame["type"] == "join" and not (client.budget.take(JOIN_COST - 1)
-                                                    and await app.state.limits.join(ip)):
-                    raise Invalid("rate_limited", f"too many joins: a join counts as {JOIN_COST} frames, and an "
-                                  f"address may join {JOINS_PER_MINUTE} times a minute; try again shortly")
-                client.refused = 0
-                await HANDLERS[frame["type"]](app, client, frame)
-            except Invalid as exc:
-                client.refused += exc.code == "rate_limited"
-                if client.refused > FLOOD_LIMIT:
-                    await client.close(status.WS_1008_POLICY_VIOLATION, "flooding: too many frames")
-                    break
-                app.state.metrics.refused.labels(exc.code).inc()
-                client_id = frame and frame.get("client_id")
-                client.error(exc.code, exc.detail, client_id if isinstance(client_id, str)
-                             and len(client_id) <= MAX_CLIENT_ID_LENGTH else None)
-            except DATABASE_ERRORS as exc:
-                log.warning("database error on a WebSocket frame: %r", exc)
-                unavailable(app, client)
-    finally:
-        if expiry:
-            expiry.cancel()
-        app.state.rooms.disconnect(client)
-        client.stop_sending()
-        # Its own task: leaving completes even if this handler is being cancelled.
-        background(app, leave(app, client))
-        if client.closing:  # its 1013 waits behind what it has not read; the ping timeout ends that
-            await client.closing
-
-
-async def upgrade_required(request):
-    """Plain HTTP to the WebSocket path: why a handshake like it would be refused, or how to connect."""
-    refusal = handshake_refusal(request)
-    if refusal:
-        return JSONResponse({"detail": refusal[1]}, status_code=refusal[0])
-    return JSONResponse({"detail": "this is a WebSocket endpoint: connect with ws:// (see /ws-info)"},
-                        status_code=426, headers={"Upgrade": "websocket"})
 
 
 # --- REST ----------------------------------------------------------------------------------------
@@ -1731,8 +1682,7 @@ async def lifespan(app):
         with contextlib.suppress(Invalid):
             await check_lookalike(database, row["username"])
     writer = asyncio.create_task(app.state.writer.run())
-    # The one place that asks which database this is: PostgreSQL may have other processes.
-    app.state.cluster = PostgresCluster(app) if database.url.dialect == "postgresql" else OneProcess(app)
+    app.state.cluster = app.state.cluster_class(app)
     await app.state.cluster.start()
     try:
         yield
@@ -1836,12 +1786,14 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
     app.state.rooms = Rooms(app.state.metrics)
     app.state.limits = AddressLimits()
     app.state.tasks = set()
-    app.state.writer = MessageWriter(app.state.database, app.state.rooms, app.state.metrics)
+    # The one place that asks which database this is: on PostgreSQL, other processes may store and
+    # serve (storey 2); the handlers call the writer and the cluster the same way either way.
+    several = app.state.database.url.dialect == "postgresql"
+    app.state.writer = (PostgresWriter if several else MessageWriter)(app.state.database, app.state.rooms,
+                                                                       app.state.metrics)
+    app.state.cluster_class = PostgresCluster if several else OneProcess
     return app
 
-
-
-app = create_app()
 
 
 # --- python chat.py: serve through runner.py; python chat.py token NAME --------------------------
@@ -1906,7 +1858,7 @@ def main(argv: list[str]) -> None:
 #
 # - Messages: the `messages` table is the record and NOTIFY only the wake-up. Every process
 #   stores its batches under one advisory lock held until commit ('chat.messages' in
-#   INSERT_MESSAGES), so ids become visible in id order across processes, and the same statement
+#   PostgresWriter.INSERT), so ids become visible in id order across processes, and the same statement
 #   sends pg_notify('chat_messages', {"newest": <id>, "rooms": [<the batch's rooms>]}). Each
 #   process LISTENs on a connection of its own; a notification wakes its writer, which reads the
 #   rows after the last id it published, in its clients' rooms, and publishes them; when none of
@@ -1917,6 +1869,84 @@ def main(argv: list[str]) -> None:
 # - Notices (joined, left) travel as small NOTIFY payloads on 'chat_events'.
 # - Presence is the `presence` table, with a heartbeat per process; the others reap a process that
 #   stops beating (it died) and announce its users as gone.
+
+
+class PostgresWriter(MessageWriter):
+    """The writer, when other processes store messages too. Every process stores its batches under
+    one lock held until commit, so ids become visible in id order, and the same statement NOTIFYs
+    the batch's newest id and rooms. Those NOTIFYs (wake()) say what to read: the rows after the
+    last id published here, in the rooms of this process's clients, read in id order with its own."""
+
+    INSERT = """
+        WITH locked AS (SELECT pg_advisory_xact_lock(hashtext('chat.messages'))),
+        stored AS (
+            INSERT INTO messages (room, user_id, content, created_at, client_id)
+            SELECT b.room, b.user_id, b.content, $2, b.client_id
+            FROM locked, ROWS FROM (json_to_recordset(CAST($1 AS JSON))
+                                    AS (room TEXT, user_id BIGINT, content TEXT, client_id TEXT))
+                         WITH ORDINALITY AS b(room, user_id, content, client_id, n)
+            WHERE b.client_id IS NULL OR NOT EXISTS (
+                SELECT 1 FROM messages AS m WHERE m.user_id = b.user_id AND m.client_id = b.client_id)
+            ORDER BY b.n
+            ON CONFLICT (user_id, client_id) WHERE client_id IS NOT NULL  -- stored by another process
+            DO NOTHING                                                     -- since this statement began
+            RETURNING id, room, user_id, client_id),
+        notified AS (SELECT pg_notify('chat_messages', CAST(json_build_object(
+                         'newest', MAX(id), 'rooms', json_agg(DISTINCT room)) AS TEXT))
+                     FROM stored HAVING COUNT(*) > 0)
+        SELECT id, user_id, client_id FROM stored, notified"""
+
+    def __init__(self, database: Database, rooms: Rooms, metrics: Metrics):
+        super().__init__(database, rooms, metrics)
+        # Heard of: every message up to this id, and in which rooms (other processes' NOTIFYs
+        # come in commit order, which the lock makes id order). `wanted`: the newest id of a
+        # batch heard of that touched a room of this process's clients; up to there, read.
+        self.heard, self.wanted = 0, 0
+        self.backend: int | None = None  # PostgreSQL's pid for the writer's connection
+
+    async def insert(self, batch: str, now: datetime.datetime) -> list[tuple]:
+        """As in one process; asyncpg numbers its parameters: $1 is the batch, $2 the time."""
+        rows = await self.database.connection().raw_connection.fetch(self.INSERT, batch, now)
+        return sorted(tuple(row) for row in rows)
+
+    def connected(self, connection) -> None:
+        self.backend = connection.raw_connection.get_server_pid()
+
+    def wake(self, newest_id: int | None = None, rooms: list[str] = (), backend: int | None = None) -> None:
+        """Some process stored messages up to newest_id in these rooms (None: maybe; check), from
+        the connection whose pid is `backend`."""
+        if newest_id is None:
+            self.behind = True
+        elif backend is not None and backend == self.backend:
+            return  # this writer's own batch, which store() publishes (its NOTIFY may come first)
+        elif self.last_published is None or newest_id > self.last_published:
+            self.heard = max(self.heard, newest_id)
+            if any(room in self.rooms.rooms for room in rooms):
+                self.wanted = max(self.wanted, newest_id)
+        else:
+            return  # published already: this process's own batch
+        self.work.set()
+
+    def unpublished(self) -> bool:
+        return self.behind or self.heard > self.last_published
+
+    async def catch_up(self, upto: int | None = None) -> None:
+        """Publish, in id order, every message stored after the last one published here and up to
+        `upto` (default: the newest heard of) in the rooms of this process's clients.
+
+        Every id up to one heard of is stored or never will be (the lock in INSERT), so nothing
+        is skipped; a client that joins a room meanwhile finds these in its history. When all of
+        them were heard of and none is in a room of ours, there is nothing to read.
+        """
+        self.heard = max(self.heard, self.last_published)
+        if self.behind:  # heard of nothing: ask the table, and read up to its newest
+            self.behind = False
+            self.heard = self.wanted = max(self.heard, await self.database.fetch_val(LAST_ID))
+        upto = self.heard if upto is None else upto
+        if upto <= self.heard and self.wanted <= self.last_published:
+            self.last_published = max(self.last_published, upto)
+            return
+        await self.publish_stored(upto)
 
 
 class PostgresCluster(OneProcess):
@@ -2194,6 +2224,8 @@ OPENAPI = {
                    "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
 }
 
+
+app = create_app()  # last: it needs storey 2
 
 if __name__ == "__main__":
     main(sys.argv[1:])

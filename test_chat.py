@@ -2669,7 +2669,7 @@ def test_the_listener_survives_an_unexpected_error_and_delivers_other_processes_
 
 
 def test_a_batch_stored_before_the_database_failed_is_acknowledged_never_unavailable(shared_url, monkeypatch):
-    catch_up, failed = chat.MessageWriter.catch_up, []
+    catch_up, failed = chat.PostgresWriter.catch_up, []
 
     async def fails_reading_the_gap(self, upto=None):
         if upto is not None and not failed:  # reading others' messages under its own batch
@@ -2677,7 +2677,7 @@ def test_a_batch_stored_before_the_database_failed_is_acknowledged_never_unavail
             raise OSError("the connection was lost after the commit")
         await catch_up(self, upto)
 
-    monkeypatch.setattr(chat.MessageWriter, "catch_up", fails_reading_the_gap)
+    monkeypatch.setattr(chat.PostgresWriter, "catch_up", fails_reading_the_gap)
     with TestClient(chat.create_app(shared_url)) as client, client.websocket_connect("/ws") as ws:
         join(ws, "alice")
         # Another process stores a message, and its NOTIFY has not arrived yet.
