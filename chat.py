@@ -83,6 +83,17 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 
 # --- Configuration: environment variables, each with a default that works offline -------------
 
+
+def setting(name: str, default: str, kind=int):
+    """An environment variable as a number; a bad value stops the start in one line that names it."""
+    value = os.environ.get(name) or default
+    try:
+        return kind(value)
+    except ValueError:
+        raise SystemExit(f"{name}={value!r}: use {'a whole number' if kind is int else 'a number'}, "
+                         f"e.g. {name}={default}") from None
+
+
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///chat.db")
 # Host names this server answers to, against DNS rebinding; "*" = any. The default: loopback
 # names, and this machine's own name and addresses.
@@ -90,22 +101,22 @@ ALLOWED_HOSTS = [h for h in os.environ.get("ALLOWED_HOSTS", "").split(",") if h]
 # Browser origins allowed besides the server's own, for REST (CORS) and WebSocket handshakes; "*" = any.
 ALLOWED_ORIGINS = [o for o in os.environ.get("ALLOWED_ORIGINS", "").split(",") if o]
 SECRET = os.environ.get("CHAT_SECRET", "")  # set it to require signed tokens (python chat.py token NAME)
-TOKEN_TTL_SECONDS = int(os.environ.get("TOKEN_TTL_SECONDS", "86400"))
+TOKEN_TTL_SECONDS = setting("TOKEN_TTL_SECONDS", "86400", int)
 PUBLIC_READS = os.environ.get("PUBLIC_READS", "") == "1"  # with a secret: 1 lets anyone read history
-MAX_CONNECTIONS = int(os.environ.get("MAX_CONNECTIONS", "10000"))
-MAX_CONNECTIONS_PER_IP = int(os.environ.get("MAX_CONNECTIONS_PER_IP", "20"))
-RATE_PER_SECOND = float(os.environ.get("RATE_PER_SECOND", "5"))  # frames per connection, on average
-RATE_BURST = float(os.environ.get("RATE_BURST", "10"))  # frames a connection may send at once
-FLOOD_LIMIT = int(os.environ.get("FLOOD_LIMIT", "50"))  # refused frames in a row before we hang up
+MAX_CONNECTIONS = setting("MAX_CONNECTIONS", "10000", int)
+MAX_CONNECTIONS_PER_IP = setting("MAX_CONNECTIONS_PER_IP", "20", int)
+RATE_PER_SECOND = setting("RATE_PER_SECOND", "5", float)  # frames per connection, on average
+RATE_BURST = setting("RATE_BURST", "10", float)  # frames a connection may send at once
+FLOOD_LIMIT = setting("FLOOD_LIMIT", "50", int)  # refused frames in a row before we hang up
 JOIN_COST = 5  # a join counts as five frames: it writes to the database and tells the room
 MESSAGES_IN_FLIGHT = 64  # a connection's messages being stored at once; past this it reads no more
-JOINS_PER_MINUTE = int(os.environ.get("JOINS_PER_MINUTE", "60"))  # per address, all its sockets together
-REST_WRITES_PER_MINUTE = int(os.environ.get("REST_WRITES_PER_MINUTE", "120"))  # per address
-MAX_CONTENT_LENGTH = int(os.environ.get("MAX_CONTENT_LENGTH", "2000"))  # schema.sql CHECKs 2000 too
-MAX_FRAME_BYTES = int(os.environ.get("MAX_FRAME_BYTES", "16384"))
-MAX_BODY_BYTES = int(os.environ.get("MAX_BODY_BYTES", "16384"))  # REST request bodies
-SEND_QUEUE_FRAMES = int(os.environ.get("SEND_QUEUE_FRAMES", "1000"))
-PRESENCE_TIMEOUT = float(os.environ.get("PRESENCE_TIMEOUT", "15"))  # PostgreSQL: a silent process's
+JOINS_PER_MINUTE = setting("JOINS_PER_MINUTE", "60", int)  # per address, all its sockets together
+REST_WRITES_PER_MINUTE = setting("REST_WRITES_PER_MINUTE", "120", int)  # per address
+MAX_CONTENT_LENGTH = setting("MAX_CONTENT_LENGTH", "2000", int)  # schema.sql CHECKs 2000 too
+MAX_FRAME_BYTES = setting("MAX_FRAME_BYTES", "16384", int)
+MAX_BODY_BYTES = setting("MAX_BODY_BYTES", "16384", int)  # REST request bodies
+SEND_QUEUE_FRAMES = setting("SEND_QUEUE_FRAMES", "1000", int)
+PRESENCE_TIMEOUT = setting("PRESENCE_TIMEOUT", "15", float)  # PostgreSQL: a silent process's
                                                                      # users count as gone after this
 # The server's own settings (HOST, PORT, REQUEST_TIMEOUT, PING_INTERVAL, TRUSTED_PROXIES, ...)
 # are runner.py's: they hold under python chat.py.
@@ -159,7 +170,9 @@ class SQLiteConnection(sqlite3.Connection):
 
 
 def open_database(url: str) -> Database:
-    """SQLite needs the connection class above; PostgreSQL a fixed-size pool."""
+    """SQLite needs the connection class above; PostgreSQL a fixed-size pool. postgres:// (the
+    tutorial's and many hosts' spelling) is postgresql:// to the drivers."""
+    url = re.sub(r"^postgres://", "postgresql://", url)
     if url.startswith("sqlite"):
         return Database(url, factory=SQLiteConnection, timeout=30)
     return Database(url, min_size=5, max_size=10, command_timeout=10)

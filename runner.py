@@ -40,17 +40,28 @@ UVICORN = "0.54."  # the version whose protocol internals the subclasses below a
 
 # --- The server's own settings: environment variables (or flags), used under python chat.py only ---
 
+
+def setting(name: str, default: str, kind=int):
+    """An environment variable as a number; a bad value stops the start in one line that names it."""
+    value = os.environ.get(name) or default
+    try:
+        return kind(value)
+    except ValueError:
+        raise SystemExit(f"{name}={value!r}: use {'a whole number' if kind is int else 'a number'}, "
+                         f"e.g. {name}={default}") from None
+
+
 HOST = os.environ.get("HOST", "127.0.0.1")
-PORT = int(os.environ.get("PORT", "8000"))
+PORT = setting("PORT", "8000", int)
 SSL_KEYFILE = os.environ.get("SSL_KEYFILE")  # both set: serve wss:// and https://
 SSL_CERTFILE = os.environ.get("SSL_CERTFILE")
-REQUEST_TIMEOUT = float(os.environ.get("REQUEST_TIMEOUT", "10"))  # to send a request, head and body
-MAX_HEAD_BYTES = int(os.environ.get("MAX_HEAD_BYTES", "16384"))  # request line and headers
-MAX_SOCKETS_PER_IP = int(os.environ.get("MAX_SOCKETS_PER_IP") or
-                         int(os.environ.get("MAX_CONNECTIONS_PER_IP", "20")) + 40)  # and a browser's HTTP
-PING_INTERVAL = float(os.environ.get("PING_INTERVAL", "20"))  # a dead peer is dropped within
-PING_TIMEOUT = float(os.environ.get("PING_TIMEOUT", "20"))  # PING_INTERVAL + PING_TIMEOUT seconds
-SHUTDOWN_SECONDS = float(os.environ.get("SHUTDOWN_SECONDS", "10"))  # then stuck connections are cut
+REQUEST_TIMEOUT = setting("REQUEST_TIMEOUT", "10", float)  # to send a request, head and body
+MAX_HEAD_BYTES = setting("MAX_HEAD_BYTES", "16384", int)  # request line and headers
+MAX_SOCKETS_PER_IP = setting("MAX_SOCKETS_PER_IP", str(setting("MAX_CONNECTIONS_PER_IP", "20", int) + 40),
+                             int)  # WebSockets, and a browser's HTTP connections
+PING_INTERVAL = setting("PING_INTERVAL", "20", float)  # a dead peer is dropped within
+PING_TIMEOUT = setting("PING_TIMEOUT", "20", float)  # PING_INTERVAL + PING_TIMEOUT seconds
+SHUTDOWN_SECONDS = setting("SHUTDOWN_SECONDS", "10", float)  # then stuck connections are cut
 # Addresses (or networks) of your proxies: only their X-Forwarded-For is believed.
 TRUSTED_PROXIES = [p.strip() for p in os.environ.get("TRUSTED_PROXIES", "").split(",") if p.strip()]
 SETTINGS = ["HOST", "PORT", "SSL_KEYFILE", "SSL_CERTFILE", "REQUEST_TIMEOUT", "MAX_HEAD_BYTES",
@@ -64,7 +75,10 @@ PINGS_PER_SECOND, PINGS_BURST = 1.0, 10.0  # pings and pongs a peer may send (br
 # sees them. So fragments are budgeted here, per message and per second.
 MAX_FRAGMENTS = 64  # frames one message may come in
 FRAGMENTS_PER_SECOND, FRAGMENTS_BURST = 64.0, 256.0
-TRUSTED = [ipaddress.ip_network(proxy, strict=False) for proxy in TRUSTED_PROXIES]
+try:
+    TRUSTED = [ipaddress.ip_network(proxy, strict=False) for proxy in TRUSTED_PROXIES]
+except ValueError as exc:
+    raise SystemExit(f"TRUSTED_PROXIES: {exc}; give addresses or networks, e.g. TRUSTED_PROXIES=127.0.0.1,10.0.0.0/8") from None
 log = logging.getLogger("uvicorn.error")
 
 

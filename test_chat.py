@@ -248,6 +248,23 @@ def test_a_client_never_gets_a_message_it_already_has_even_if_a_late_read_publis
         assert untimed(ws.receive_json()) == message(2, "alice", "two")
 
 
+def test_a_postgres_url_in_the_tutorials_spelling_works(postgres_url):
+    postgres_execute(postgres_url, "DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    with TestClient(chat.create_app(postgres_url.replace("postgresql://", "postgres://"))) as client:
+        assert post(client, "alice", "hi")["id"] == 1
+
+
+@pytest.mark.parametrize("setting, value, says", [
+    ("PORT", "abc", "PORT='abc': use a whole number, e.g. PORT=8000"),
+    ("RATE_PER_SECOND", "fast", "RATE_PER_SECOND='fast': use a number, e.g. RATE_PER_SECOND=5"),
+    ("TRUSTED_PROXIES", "my-proxy", "TRUSTED_PROXIES: 'my-proxy' does not appear to be an IPv4 or IPv6 network; "
+                                    "give addresses or networks, e.g. TRUSTED_PROXIES=127.0.0.1,10.0.0.0/8")])
+def test_a_bad_setting_stops_the_start_in_one_line_that_names_it(tmp_path, setting, value, says):
+    result = subprocess.run([sys.executable, "chat.py"], cwd=HERE, capture_output=True, text=True, timeout=30,
+                            env={**os.environ, setting: value, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"})
+    assert (result.returncode, result.stderr) == (1, says + "\n")
+
+
 def test_messages_are_still_there_after_a_restart(database_url):
     with TestClient(chat.create_app(database_url)) as client:
         post(client, "alice", "before the restart")
