@@ -1825,11 +1825,12 @@ def usage() -> str:
     values["CHAT_SECRET"] = "(set)" if SECRET else "(not set: no tokens needed)"
     values["ALLOWED_HOSTS"] = ALLOWED_HOSTS or local_hosts()
     values["PUBLIC_READS"] = "1" if PUBLIC_READS else "0"
+    values["DATABASE_URL"] = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", DATABASE_URL)  # never a password
     shown = {name: ",".join(v) if isinstance(v, list) else v for name, v in values.items()}
     lines = [f"  {name:24} {shown[name] if shown[name] not in ('', None) else '(empty)'}"
              f"{'' if name in os.environ else '  (default)'}" for name in [*SETTINGS, *runner.SETTINGS]]
     return "\n".join([
-        "usage: python chat.py              serve the chat (Ctrl+C stops it)",
+        "usage: python chat.py [--host HOST] [--port PORT]   serve the chat (Ctrl+C stops it)",
         "       python chat.py token NAME   print a token for NAME (needs CHAT_SECRET)",
         "       python chat.py --help       this text",
         "",
@@ -1855,9 +1856,11 @@ def main(argv: list[str]) -> None:
         except (Refusal, Invalid) as exc:
             sys.exit(str(exc))
         return
-    if argv:
+    flags = dict(zip(argv[::2], argv[1::2]))  # --host 0.0.0.0 --port 3000: as HOST and PORT
+    if len(argv) % 2 or not set(flags) <= {"--host", "--port"}:
         sys.exit(f"unknown arguments: {' '.join(argv)}\n\n{usage()}")
-    import runner  # uvicorn, bounded: only python chat.py needs it
+    os.environ.update({flag[2:].upper(): value for flag, value in flags.items()})
+    import runner  # uvicorn, bounded: only python chat.py needs it; it reads HOST and PORT
 
     runner.serve(app, MAX_FRAME_BYTES)
 

@@ -2127,9 +2127,27 @@ def test_help_prints_the_usage_and_every_setting_and_exits_0():
     result = subprocess.run([sys.executable, "chat.py", "--help"], cwd=HERE, capture_output=True, text=True,
                             timeout=30, env={**os.environ, "PORT": "8123"})
     assert result.returncode == 0
-    assert result.stdout.startswith("usage: python chat.py              serve the chat (Ctrl+C stops it)\n")
+    assert result.stdout.startswith("usage: python chat.py [--host HOST] [--port PORT]   serve the chat (Ctrl+C stops it)\n")
     assert "  PORT                     8123\n" in result.stdout
-    assert all(f"  {name} " in result.stdout for name in chat.SETTINGS)
+    assert all(f"  {name} " in result.stdout for name in [*chat.SETTINGS, *runner.SETTINGS])
+
+
+def test_help_never_shows_the_database_password():
+    output = subprocess.run([sys.executable, "chat.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True,
+                            env={**os.environ, "DATABASE_URL": "postgresql://chat:s3cret@db.example:5432/chat"}).stdout
+    assert "s3cret" not in output and "postgresql://chat:***@db.example:5432/chat" in output
+
+
+def test_python_chat_py_takes_the_host_and_port_as_flags(tmp_path):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "chat.py", "--host", "127.0.0.1", "--port", str(port)], cwd=HERE,
+                              env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db", "PORT": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/healthz"), 20)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
 
 
 def test_a_token_without_a_secret_says_how_to_set_one():
