@@ -133,6 +133,7 @@ DEFAULT_ROOM = "general"
 WS_4001_TOKEN_EXPIRED = 4001
 CLOSE_CODES = {
     status.WS_1001_GOING_AWAY: "the server is shutting down (under python chat.py; plain uvicorn sends 1012)",
+    status.WS_1007_INVALID_FRAME_PAYLOAD_DATA: "a text frame that is not UTF-8 (sent by the server itself)",
     status.WS_1008_POLICY_VIOLATION: "a bad room in the URL, too many connections from your address, "
                                      "a flood of refused frames, or (python chat.py) too many pings or fragments",
     status.WS_1009_MESSAGE_TOO_BIG: "a frame over the server's limit (python chat.py: 4 x MAX_FRAME_BYTES)",
