@@ -244,6 +244,9 @@ def lock_sqlite_file(path: str):
     So it refuses. On Linux the lock is the database file's own (flock, which never meets SQLite's
     fcntl locks): it holds whatever path reaches the file, and ends with the process. Elsewhere
     (macOS, Windows) it is SQLite's own lock on a side file beside the file's real path."""
+    if path.startswith("file:"):  # SQLite would open the file the URI names, not this path
+        raise Refusal(f"DATABASE_URL names an SQLite URI ({path}); give the database's path instead, "
+                      "e.g. sqlite:///chat.db")
     path = os.path.realpath(path)
     second = SecondProcess(f"another chat process is serving {path}; SQLite serves one process. "
                            "To run several, use PostgreSQL: DATABASE_URL=postgresql://...")
@@ -797,9 +800,7 @@ async def chat_socket(websocket: WebSocket):
                     await client.close(status.WS_1008_POLICY_VIOLATION, "flooding: too many frames")
                     break
                 app.state.metrics.refused.labels(exc.code).inc()
-                client_id = frame and frame.get("client_id")
-                client.error(exc.code, exc.detail, client_id if isinstance(client_id, str)
-                             and len(client_id) <= MAX_CLIENT_ID_LENGTH else None)
+                client.error(exc.code, exc.detail, echoed_client_id(frame))
             except DATABASE_ERRORS as exc:
                 log.warning("database error on a WebSocket frame: %r", exc)
                 unavailable(app, client)
@@ -896,18 +897,27 @@ async def on_message(app, client: Client, frame: dict) -> None:
     stored = app.state.writer.submit(client.room, client.user_id, client.username, content, client_id)
 
     def answer(done: asyncio.Future) -> None:
-        """A message stored now reaches its sender as its own copy; a resend of one stored before
-        gets that one (unless it has it); a failure gets "unavailable"."""
+        """A message stored now reaches its sender as its own copy, published; a resend of one
+        stored before gets that one, always, outside the room's id order (it may be older than
+        what the socket has, or newer than what this process has published yet); a failure gets
+        "unavailable"."""
         if done.cancelled():
             return
         if done.exception():
             unavailable(app, client, client_id)
         elif not done.result()[1]:
-            message = done.result()[0]
-            client.send_text(encode({"type": "message", **message}), message["id"])
+            client.send({"type": "message", **done.result()[0]})
 
     stored.add_done_callback(answer)
     client.in_flight.append(stored)
+
+
+def echoed_client_id(frame: dict | None) -> str | None:
+    """The client_id of the frame an error is about, if it is a valid one (never echo what was refused)."""
+    try:
+        return check_client_id(frame.get("client_id")) if frame else None
+    except Invalid:
+        return None
 
 
 def unavailable(app, client: Client, client_id: str | None = None) -> None:

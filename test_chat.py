@@ -310,7 +310,7 @@ def test_a_resend_with_the_same_client_id_on_a_new_socket_gets_the_message_as_fi
         {"content": "hi", "client_id": "c-1"}, {"content": "next", "client_id": None}]
 
 
-def test_a_resend_on_the_same_socket_is_stored_once_and_not_delivered_again(client, unlimited):
+def test_a_resend_on_the_same_socket_is_stored_once_and_each_send_is_answered(client, unlimited):
     with client.websocket_connect("/ws") as a, client.websocket_connect("/ws") as b:
         join(a, "alice")
         join(b, "bob")
@@ -320,9 +320,53 @@ def test_a_resend_on_the_same_socket_is_stored_once_and_not_delivered_again(clie
         a.send_json({"type": "message", "content": "after"})
         assert [untimed(b.receive_json()) for _ in range(2)] == [
             {**message(1, "alice", "hi"), "client_id": "c-1"}, message(2, "alice", "after")]
-        assert [untimed(a.receive_json()) for _ in range(2)] == [
-            {**message(1, "alice", "hi"), "client_id": "c-1"}, message(2, "alice", "after")]
+        # The room's copies, and an answer to each resend: the message as first stored.
+        assert Counter(json.dumps(untimed(a.receive_json()), sort_keys=True) for _ in range(4)) == Counter({
+            json.dumps({**message(1, "alice", "hi"), "client_id": "c-1"}, sort_keys=True): 3,
+            json.dumps(message(2, "alice", "after"), sort_keys=True): 1})
     assert query(client, "SELECT id FROM messages ORDER BY id") == [{"id": 1}, {"id": 2}]
+
+
+def test_a_resend_of_a_message_older_than_the_sockets_history_still_gets_its_copy(client, unlimited):
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        ws.send_json({"type": "message", "content": "first", "client_id": "c-1"})
+        first = ws.receive_json()
+    for n in range(12):
+        post(client, "bob", f"m{n}")
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        assert [ws.receive_json()["id"] for _ in range(10)] == list(range(4, 14))
+        ws.send_json({"type": "message", "content": "first", "client_id": "c-1"})
+        assert ws.receive_json() == first
+
+
+def test_a_resends_copy_does_not_hide_earlier_messages_published_after_it(client):
+    """On PostgreSQL another process may store a resent message and others before this process has
+    published them: the resend's copy must not count as the newest the socket has."""
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        ws.send_json({"type": "message", "content": "mine", "client_id": "c-1"})
+        mine = untimed(ws.receive_json())
+        later = {"type": "message", "id": mine["id"] + 1, "room": "general", "username": "bob",
+                 "content": "stored before the resend's answer, published after it", "timestamp": "2026-12-04T00:00:00.000Z"}
+        ws.send_json({"type": "message", "content": "mine", "client_id": "c-1"})
+        assert untimed(ws.receive_json()) == mine
+        client.portal.call(client.app.state.rooms.publish, "general", later)  # as a late catch-up would
+        assert ws.receive_json() == later
+
+
+def test_an_invalid_client_id_is_refused_and_never_echoed(client):
+    with client.websocket_connect("/ws") as ws:
+        ws.send_text('{"type":"message","content":"x","client_id":"\\ud800"}')
+        assert ws.receive_json() == {"type": "error", "code": "not_joined",
+                                     "content": 'join first: {"type":"join","username":"..."}'}
+        join(ws, "alice")
+        ws.send_text('{"type":"message","content":"x","client_id":"\\ud800"}')
+        assert ws.receive_json() == {"type": "error", "code": "invalid_client_id",
+                                     "content": "client_id contains an unpaired surrogate"}
+        ws.send_json({"type": "message", "content": "still here"})
+        assert ws.receive_json()["content"] == "still here"
 
 
 def test_two_users_may_use_the_same_client_id(client):
@@ -2447,12 +2491,13 @@ def test_a_message_whose_commit_answer_was_lost_and_is_resent_with_its_client_id
         stored = untimed(ws.receive_json())  # it was stored: the writer's next session publishes it
         assert stored == {**message(1, "alice", "lost answer"), "client_id": "c-1"}
         ws.send_json({"type": "message", "content": "lost answer", "client_id": "c-1"})  # as /test resends
+        assert untimed(ws.receive_json()) == stored  # answered with the message as stored: not stored again
         proxy.doomed = b"lost again"
         response = client.post("/messages", json={"username": "alice", "content": "lost again", "client_id": "c-2"})
         assert response.status_code == 503
         again = client.post("/messages", json={"username": "alice", "content": "lost again", "client_id": "c-2"})
         assert again.status_code == 200 and again.json()["content"] == "lost again"
-        assert untimed(ws.receive_json()) == untimed({"type": "message", **again.json()})  # the resend brought nothing
+        assert untimed(ws.receive_json()) == untimed({"type": "message", **again.json()})  # published once
     rows = query_url(postgres_url, "SELECT content, client_id FROM messages ORDER BY id")
     assert rows == [("lost answer", "c-1"), ("lost again", "c-2")]
     proxy.cut()
@@ -3143,6 +3188,16 @@ def test_a_second_process_reaching_the_sqlite_file_another_way_refuses_to_start(
                                  capture_output=True, text=True, timeout=30)
     assert refused.returncode != 0
     assert "another chat process is serving" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_an_sqlite_uri_filename_is_refused_in_one_line(tmp_path):
+    """SQLite would open the file the URI names, past the one-process guard."""
+    started = subprocess.run([sys.executable, "-m", "uvicorn", "chat:app", "--port", str(free_port())],
+                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(HERE), "DATABASE_URL": "sqlite:///file:chat.db"},
+                             capture_output=True, text=True, timeout=30)
+    assert started.returncode != 0
+    assert ("DATABASE_URL names an SQLite URI (file:chat.db); give the database's path instead, "
+            "e.g. sqlite:///chat.db") in started.stderr and "Traceback" not in started.stderr
 
 
 @pytest.fixture
