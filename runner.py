@@ -128,7 +128,7 @@ class BoundedHttpTools(HttpToolsProtocol):
     """uvicorn's httptools protocol with: a cap on connections (in all, and per address), a deadline
     to send each request (head and body), and a cap on the request head (bytes and fields)."""
 
-    max_sockets = 0  # set by config()
+    max_sockets = 1 << 20  # config() sets it from the file-descriptor limit
     per_ip: Counter[str] = Counter()  # open TCP connections per address, HTTP and WebSocket
 
     def connection_made(self, transport):
