@@ -1,4 +1,4 @@
-"""pytest -m quick: the chat's own behaviour in about a minute (the app on SQLite, in-process)."""
+"""pytest -m quick: the chat's own behaviour in about 20 seconds (the app on SQLite, in-process)."""
 
 import pytest
 
