@@ -396,11 +396,12 @@ class Invalid(Exception):
 # follow a rule no regular expression states, so /openapi.json names it as a format instead.
 ROOM_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 CONTENT_PATTERN = re.compile(r"^[^\x00]*[^\x00\s][^\x00]*$")
-# Usernames are identities, and are checked as identity systems check them: RFC 8265's PRECIS
-# profile UsernameCasePreserved refuses spaces, control, invisible, bidi-control and format
-# characters ("alice\u200b", "\u202eecila") and gives each name one canonical form (NFC, full-width
-# letters made narrow), which is what is stored and compared.
-USERNAMES = precis_i18n.get_profile("UsernameCasePreserved")
+# Usernames are what people call themselves in a chat, nicknames, and are checked as RFC 8266's
+# PRECIS profile NicknameCasePreserved says: spaces inside a name ("Budi Santoso"), emoji and
+# every script are fine; control, invisible, bidi-control and format characters ("alice\u200b",
+# "\u202eecila") are not; each name has one canonical form (NFKC, spaces trimmed and single),
+# which is what is stored and compared. Look-alikes are refused by check_lookalike, below.
+USERNAMES = precis_i18n.get_profile("NicknameCasePreserved")
 
 
 def check_text(value, field: str, max_length: int) -> str:
@@ -428,6 +429,8 @@ def check_username(value) -> str:
     try:
         name = USERNAMES.enforce(value)
     except UnicodeError as exc:  # precis_i18n names the character and the rule it breaks
+        if "empty" in str(getattr(exc, "reason", "")):
+            raise Invalid("invalid_username", "username must not be blank") from None
         char = exc.object[exc.start] if isinstance(exc, UnicodeEncodeError) else "?"
         raise Invalid("invalid_username", f"username may not contain U+{ord(char):04X} "
                       f"{unicodedata.name(char, '(unnamed)')} ({exc.reason})") from None
@@ -524,7 +527,7 @@ ERROR_CODES = {
     "not_object": "the frame is JSON but not an object",
     "unknown_type": "type is missing or not join, message or leave",
     "invalid_username": f"username missing, not a string, over {MAX_USERNAME_LENGTH} characters, or "
-                        "with a space, control, invisible or format character (RFC 8265)",
+                        "blank, or with a control, invisible or format character (RFC 8266)",
     "confusable_username": "username looks like an existing user's (\"аlice\" with a Cyrillic а, "
                            "\"ALICE\" for \"alice\"); choose another",
     "invalid_content": f"content missing, not a string, blank, over {MAX_CONTENT_LENGTH} "
@@ -2135,9 +2138,9 @@ def _query(name: str, schema: dict, description: str) -> dict:
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
-_USERNAME = {"type": "string", "minLength": 1, "maxLength": MAX_USERNAME_LENGTH, "format": "rfc8265-username",
-             "description": "A username as RFC 8265's PRECIS profile UsernameCasePreserved allows it "
-                            "(letters, digits, printable ASCII; no spaces, no invisible or format "
+_USERNAME = {"type": "string", "minLength": 1, "maxLength": MAX_USERNAME_LENGTH, "format": "rfc8266-nickname",
+             "description": "A nickname as RFC 8266's PRECIS profile NicknameCasePreserved allows it "
+                            "(any script, emoji, spaces inside; no control, invisible or format "
                             "characters), stored in its canonical form. A name that looks like an "
                             "existing user's is refused.",
              "example": "alice"}

@@ -543,7 +543,7 @@ BAD_JOINS = {
     "a 33-character username": ({"type": "join", "username": "a" * 33}, "invalid_username"),
     "a username with a newline": ({"type": "join", "username": "al\nice"}, "invalid_username"),
     "a username with a NUL": ({"type": "join", "username": "al\x00ice"}, "invalid_username"),
-    "a username with a leading space": ({"type": "join", "username": " alice"}, "invalid_username"),
+    "a username of spaces only": ({"type": "join", "username": "   "}, "invalid_username"),
     "a bad room": ({"type": "join", "username": "alice", "room": "No Spaces"}, "invalid_room"),
     "a negative since": ({"type": "join", "username": "alice", "since": -1}, "invalid_since"),
     "a text since": ({"type": "join", "username": "alice", "since": "5"}, "invalid_since"),
@@ -597,11 +597,12 @@ def test_the_published_content_pattern_states_the_content_check_exactly(text):
     assert accepted(chat.check_content, text) == published
 
 
-# Usernames as /openapi.json's format "rfc8265-username" describes them: printable ASCII without
-# spaces, or names in other scripts. schemathesis generates them from this too.
-USERNAMES = (st.from_regex(r"^[!-~]{1,32}$", fullmatch=True)
-             | st.sampled_from(["café", "Émile", "Ωmega", "名前", "Данила", "محمد", "ß_1", "ｂｏｂ"]))
-schemathesis.openapi.format("rfc8265-username", USERNAMES)
+# Usernames as /openapi.json's format "rfc8266-nickname" describes them: printable ASCII, spaces
+# inside, names in other scripts, emoji. schemathesis generates them from this too.
+USERNAMES = (st.from_regex(r"^[!-~]([!-~]| (?! )){0,30}[!-~]$", fullmatch=True)
+             | st.sampled_from(["café", "Émile", "Ωmega", "名前", "Данила", "محمد", "ß_1", "ｂｏｂ",
+                                "Budi Santoso", "siti🌸", "Nguyễn Văn An"]))
+schemathesis.openapi.format("rfc8266-nickname", USERNAMES)
 
 
 @settings(max_examples=500, deadline=None)
@@ -627,6 +628,21 @@ LOOKALIKES = {
     "a soft hyphen": ("ali\u00adce", "invalid_username"),
     "bidi overrides": ("\u202eecila :olleh\u202c", "invalid_username"),
 }
+
+
+@pytest.mark.parametrize("name", ["Budi Santoso", "siti🌸", "Nguyễn Văn An"])
+def test_a_students_name_with_spaces_emoji_or_accents_joins_and_posts(client, name):
+    with client.websocket_connect("/ws") as ws:
+        assert join(ws, name) == welcome(name)
+        ws.send_json({"type": "message", "username": name, "content": "halo"})
+        assert untimed(ws.receive_json()) == message(1, name, "halo")
+    assert post(client, name, "lewat REST")["username"] == name
+
+
+def test_spaces_around_and_between_the_words_of_a_name_count_once(client):
+    with client.websocket_connect("/ws") as ws:
+        assert join(ws, "  Budi   Santoso ") == welcome("Budi Santoso")
+    assert client.post("/users", json={"username": "Budi Santoso"}).status_code == 200
 
 
 @pytest.mark.parametrize("case", LOOKALIKES)
@@ -2936,7 +2952,7 @@ schema = schemathesis.pytest.from_fixture("api_schema").exclude(path="/ws")
 @schema.parametrize()
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 def test_the_rest_api_gives_no_5xx_and_keeps_to_its_schema(case):
-    # Not negative_data_rejection: for a custom format (rfc8265-username) schemathesis cannot make
+    # Not negative_data_rejection: for a custom format (rfc8266-nickname) schemathesis cannot make
     # a value that breaks it, and calls any string it makes one (such as "!", which is a fine name).
     # The refusals are tested one by one above.
     case.call_and_validate(excluded_checks=[schemathesis.checks.negative_data_rejection])
