@@ -46,6 +46,7 @@ import sqlite3
 import sys
 import time
 import unicodedata
+import urllib.parse
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable
@@ -75,6 +76,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.datastructures import Headers
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 # =================================================================================================
@@ -1731,6 +1733,44 @@ def local_hosts() -> list[str]:
     return sorted({f"[{host}]" if ":" in host else host for host in hosts - {""}})
 
 
+def own_address(host: str) -> bool:
+    """Whether a Host header's host is an IP address of this machine (a classroom opens
+    http://192.168.1.5:8000/test): one that a socket can be bound to. An address cannot be
+    rebound to another machine, as a DNS name can, and a laptop's Wi-Fi address may change."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    if address.is_unspecified or address.is_multicast:
+        return False
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET,
+                                                     socket.SOCK_DGRAM) as probe:
+        probe.bind((str(address), 0))  # binds only to an address this machine has; sends nothing
+        return True
+    return False
+
+
+class HostCheck(TrustedHostMiddleware):
+    """Starlette's Host check (against DNS rebinding), which also lets in this machine's own IP
+    addresses, whichever it has now, unless ALLOWED_HOSTS names the hosts itself. A refused host
+    is logged once, with the setting that would let it in."""
+
+    refused: set[str] = set()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket") and not self.allow_any:
+            host = urllib.parse.urlsplit("//" + Headers(scope=scope).get("host", "")).hostname or ""
+            bracketed = f"[{host}]" if ":" in host else host
+            if bracketed not in self.allowed_hosts:
+                if not ALLOWED_HOSTS and own_address(host):
+                    self.allowed_hosts.append(bracketed)
+                elif len(self.refused) < 100 and host not in self.refused:
+                    self.refused.add(host)
+                    log.warning("refused a request for the host %r: not one of this server's names; if it is, start "
+                                "the server with ALLOWED_HOSTS=%s", host[:100], ",".join([*ALLOWED_HOSTS, bracketed][:10])[:300])
+        await super().__call__(scope, receive, send)
+
+
 UNBOUNDED = ("served without chat's runner, so the server's own bounds are off (request deadlines and "
              "sizes, sockets per address, ping and fragment budgets, frame size, no compression): "
              "to let others in, serve it with python chat.py")
@@ -1802,7 +1842,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
         Route("/ws/{room}", upgrade_required),
     ]
     middleware = [Middleware(StartUp),
-                  Middleware(TrustedHostMiddleware, allowed_hosts=ALLOWED_HOSTS or local_hosts()),
+                  Middleware(HostCheck, allowed_hosts=ALLOWED_HOSTS or local_hosts()),
                   Middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
                              allow_headers=["Content-Type", "Authorization"])]
     handlers = {HTTPException: http_error, ClientDisconnect: client_gone,

@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import os
 import re
+import socket
 import time
 from collections import Counter
 from urllib.parse import unquote_plus
@@ -29,6 +30,7 @@ try:
 except ImportError:  # Windows
     resource = None
 
+import psutil
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import ClientDisconnected
@@ -463,6 +465,12 @@ def serve(app, max_frame_bytes: int) -> None:
                          f"for {UVICORN}x: pip install -r requirements.txt (or serve with plain uvicorn chat:app, "
                          "without those bounds)")
     server = uvicorn.Server(config(app, max_frame_bytes))
+    scheme = "https" if SSL_CERTFILE else "http"
+    hosts = [HOST] if HOST not in ("0.0.0.0", "::", "") else sorted(
+        {address.address for addresses in psutil.net_if_addrs().values() for address in addresses
+         if address.family == socket.AF_INET})  # every interface: say each address to open
+    for host in hosts:
+        log.info("open %s://%s:%d/test", scheme, f"[{host}]" if ":" in host else host, PORT)
     server.run()
     if not server.started:  # the app refused to start: it has said why
         raise SystemExit(3)

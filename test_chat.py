@@ -962,6 +962,25 @@ def test_an_ipv6_loopback_host_with_its_port_is_one_of_the_servers_own_names(cli
     assert client.get("/ws-info", headers={"host": "[::2]:8000"}).status_code == 400
 
 
+def test_an_ip_address_of_this_machine_is_one_of_its_names_and_another_is_refused(client):
+    assert client.get("/ws-info", headers={"host": "127.0.0.2:8000"}).status_code == 200  # not listed, but its own
+    refused = client.get("/ws-info", headers={"host": "203.0.113.9:8000"})
+    assert (refused.status_code, refused.text) == (400, "Invalid host header")
+
+
+def test_served_on_every_interface_it_says_the_address_to_open(tmp_path):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "chat.py", "--host", "0.0.0.0", "--port", str(port)], cwd=HERE,
+                              env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/healthz"), 20)
+    finally:
+        server.terminate()
+        log = server.communicate(timeout=20)[1]
+    assert f"INFO:     open http://127.0.0.1:{port}/test\n" in log
+
+
 def test_an_ipv6_client_is_counted_by_its_64_as_one_address():
     assert [chat.address_key(ip) for ip in ("2001:db8:1:2::1", "2001:db8:1:2:ffff::9", "2001:db8:1:3::1",
                                             "203.0.113.7")] == [
