@@ -112,7 +112,9 @@ RATE_BURST = setting("RATE_BURST", "10", float)  # frames a connection may send 
 FLOOD_LIMIT = setting("FLOOD_LIMIT", "50", int)  # refused frames in a row before we hang up
 JOIN_COST = 5  # a join counts as five frames: it writes to the database and tells the room
 MESSAGES_IN_FLIGHT = 64  # a connection's messages being stored at once; past this it reads no more
-JOINS_PER_MINUTE = setting("JOINS_PER_MINUTE", "60", int)  # per address, all its sockets together
+# Per address, all its sockets together: each may rejoin three times a minute. One setting,
+# MAX_CONNECTIONS_PER_IP, sizes what a class behind one NAT address needs (README, Classroom).
+JOINS_PER_MINUTE = setting("JOINS_PER_MINUTE", str(3 * MAX_CONNECTIONS_PER_IP), int)
 REST_WRITES_PER_MINUTE = setting("REST_WRITES_PER_MINUTE", "120", int)  # per address
 MAX_CONTENT_LENGTH = setting("MAX_CONTENT_LENGTH", "2000", int)  # schema.sql CHECKs 2000 too
 MAX_FRAME_BYTES = setting("MAX_FRAME_BYTES", "16384", int)
@@ -1191,7 +1193,8 @@ class Rooms:
         if len(self.connections) >= MAX_CONNECTIONS:
             return status.WS_1013_TRY_AGAIN_LATER, "the server is full; try again later"
         if self.per_ip[ip] >= MAX_CONNECTIONS_PER_IP:
-            return status.WS_1008_POLICY_VIOLATION, "too many connections from your address"
+            return status.WS_1008_POLICY_VIOLATION, (f"too many connections from your address: the server's "
+                                                     f"MAX_CONNECTIONS_PER_IP is {MAX_CONNECTIONS_PER_IP}")
         return None
 
     def connect(self, client: Client) -> None:

@@ -1769,7 +1769,35 @@ def test_connections_over_the_per_address_limit_are_closed_with_1008(client, mon
     monkeypatch.setattr(chat, "MAX_CONNECTIONS_PER_IP", 2)
     with client.websocket_connect("/ws"), client.websocket_connect("/ws"):
         with client.websocket_connect("/ws") as third:
-            assert closed_with(third) == (1008, "too many connections from your address")
+            assert closed_with(third) == (1008, "too many connections from your address: the server's "
+                                                "MAX_CONNECTIONS_PER_IP is 2")
+
+
+def test_a_class_of_sixty_tabs_behind_one_address_chats_and_reconnects_with_one_setting(database_url):
+    """30 students with 2 tabs each behind one NAT address, each tab reconnecting twice: with
+    MAX_CONNECTIONS_PER_IP=100, which the refusal names, and everything else at its default."""
+    env = {"MAX_CONNECTIONS_PER_IP": "100"}
+    with running_server(database_url, runner=True, env=env) as base, contextlib.ExitStack() as tabs:
+        tab = lambda: tabs.enter_context(ws_connect(base, max_queue=None))  # noqa: E731 (it reads later)
+        sockets = [tab() for _ in range(60)]
+        for n, ws in enumerate(sockets):
+            assert ws_join(ws, f"student {n // 2}") == welcome(f"student {n // 2}")
+        for reconnect in range(2):
+            for n in range(60):
+                sockets[n].close()
+                sockets[n] = tab()
+                assert ws_join(sockets[n], f"student {n // 2}", since=0)["content"] == f"Welcome student {n // 2}!"
+        sockets[0].send('{"type":"message","content":"hi class"}')
+        for ws in sockets:
+            while (frame := json.loads(ws.recv(timeout=10)))["type"] != "message":
+                pass
+            assert frame["content"] == "hi class"
+        for n in range(40):  # 40 more may open and join: 100 in all
+            assert ws_join(tab(), f"guest {n}")["content"] == f"Welcome guest {n}!"
+        with ws_connect(base) as one_too_many, pytest.raises(ConnectionClosed) as refused:  # the 101st
+            ws_join(one_too_many, "late")
+    assert (refused.value.rcvd.code, refused.value.rcvd.reason) == (
+        1008, "too many connections from your address: the server's MAX_CONNECTIONS_PER_IP is 100")
 
 
 def test_a_closed_connection_frees_its_place_under_the_per_address_limit(client, monkeypatch):
