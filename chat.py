@@ -498,7 +498,8 @@ def check_content(value) -> str:
 
 
 def check_client_id(value) -> str | None:
-    """The sender's own id for a message (optional): a resend with the same one is stored once."""
+    """The sender's own id for a message (optional): a resend with the same one is stored once.
+    Its rule is content's (CONTENT_PATTERN), up to MAX_CLIENT_ID_LENGTH characters."""
     return None if value is None else check_text(value, "client_id", MAX_CLIENT_ID_LENGTH)
 
 
@@ -2151,7 +2152,7 @@ def _schema(properties: dict, required=()) -> dict:
 
 
 _STR, _INT = {"type": "string"}, {"type": "integer"}
-_CLIENT_ID = {"type": "string", "minLength": 1, "maxLength": MAX_CLIENT_ID_LENGTH,
+_CLIENT_ID = {"type": "string", "minLength": 1, "maxLength": MAX_CLIENT_ID_LENGTH, "pattern": CONTENT_PATTERN.pattern,
               "description": "The sender's own id for the message: a resend with the same one is stored once "
                              "and answered with the message as first stored (200)"}
 _MESSAGE = _schema({"id": _INT, "room": _STR, "username": _STR, "content": _STR,
