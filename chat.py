@@ -1759,7 +1759,9 @@ class HostCheck(TrustedHostMiddleware):
     addresses, whichever it has now, unless ALLOWED_HOSTS names the hosts itself. A refused host
     is logged once, with the setting that would let it in."""
 
-    refused: set[str] = set()
+    def __init__(self, app, allowed_hosts):
+        super().__init__(app, allowed_hosts)
+        self.refused: set[str] = set()  # hosts logged already
 
     async def __call__(self, scope, receive, send):
         if scope["type"] in ("http", "websocket") and not self.allow_any:
