@@ -174,12 +174,34 @@ class SQLiteConnection(sqlite3.Connection):
         self.execute("PRAGMA synchronous = NORMAL")
 
 
+class SQLiteDatabase(Database):
+    """`databases` opens a new SQLite connection, with a thread of its own, for each query outside
+    a held connection: a storm of joins paid for thousands. Here one, held from connect() to
+    disconnect(), serves every query (SQLite writes one at a time anyway)."""
+
+    shared = None
+
+    async def connect(self) -> None:
+        await super().connect()
+        self.shared = super().connection()
+        await self.shared.__aenter__()
+
+    async def disconnect(self) -> None:
+        if self.shared is not None:
+            shared, self.shared = self.shared, None
+            await shared.__aexit__(None, None, None)
+        await super().disconnect()
+
+    def connection(self):
+        return super().connection() if self.shared is None else self.shared
+
+
 def open_database(url: str) -> Database:
-    """SQLite needs the connection class above; PostgreSQL a fixed-size pool. postgres:// (the
-    tutorial's and many hosts' spelling) is postgresql:// to the drivers."""
+    """SQLite needs the connection class above, and one connection; PostgreSQL a fixed-size pool.
+    postgres:// (the tutorial's and many hosts' spelling) is postgresql:// to the drivers."""
     url = re.sub(r"^postgres://", "postgresql://", url)
     if url.startswith("sqlite"):
-        return Database(url, factory=SQLiteConnection, timeout=30)
+        return SQLiteDatabase(url, factory=SQLiteConnection, timeout=30)
     return Database(url, min_size=5, max_size=10, command_timeout=10)
 
 

@@ -265,6 +265,19 @@ def test_a_bad_setting_stops_the_start_in_one_line_that_names_it(tmp_path, setti
     assert (result.returncode, result.stderr) == (1, says + "\n")
 
 
+def test_every_query_on_sqlite_shares_one_connection_not_one_each(tmp_path, monkeypatch, unlimited):
+    opened, init = [], chat.SQLiteConnection.__init__
+    monkeypatch.setattr(chat.SQLiteConnection, "__init__", lambda self, *a, **k: opened.append(init(self, *a, **k)))
+    with TestClient(chat.create_app(f"sqlite:///{tmp_path}/chat.db")) as client:
+        with client.websocket_connect("/ws") as ws:
+            join(ws, "alice")
+            ws.send_json({"type": "message", "content": "hi"})
+            ws.receive_json()
+        post(client, "alice", "again")
+        assert [m["content"] for m in client.get("/messages").json()] == ["hi", "again"]
+    assert len(opened) == 1
+
+
 def test_messages_are_still_there_after_a_restart(database_url):
     with TestClient(chat.create_app(database_url)) as client:
         post(client, "alice", "before the restart")
