@@ -125,6 +125,7 @@ PRESENCE_TIMEOUT = setting("PRESENCE_TIMEOUT", "15", float)  # PostgreSQL: a sil
 # The server's own settings (HOST, PORT, REQUEST_TIMEOUT, PING_INTERVAL, TRUSTED_PROXIES, ...)
 # are runner.py's: they hold under python chat.py.
 HISTORY_ON_JOIN = 10
+NOTICE_SECONDS = 0.05  # joins and leaves within this go out together: in a storm, one write a client
 REPLAY_LIMIT = 500  # most messages replayed after a reconnect; older ones are left to GET /messages
 REPLAY_BYTES = 256 * 1024  # and at most this much of them
 MAX_USERNAME_LENGTH = 32
@@ -1210,6 +1211,8 @@ class Rooms:
         self.connections: set[Client] = set()  # every open socket, joined or not
         self.per_ip: Counter[str] = Counter()
         self.frame: Callable[[str], bytes] | None = None  # the runner's, once a client has brought it
+        self.notices: dict[str, list[tuple[int, str, Client | None]]] = {}  # room -> queued (number, text, exclude)
+        self.numbered = 0  # notices queued so far: a client hears those queued after it subscribed
 
     def refusal(self, ip: str) -> tuple[int, str] | None:
         """Why a new connection from this address may not stay, as (close code, reason); None if it may."""
@@ -1236,6 +1239,7 @@ class Rooms:
         users = self.rooms.setdefault(client.room, {})
         first = client.username not in users
         users.setdefault(client.username, set()).add(client)
+        client.hears_after = self.numbered
         return first
 
     def unsubscribe(self, client: Client) -> bool:
@@ -1256,22 +1260,42 @@ class Rooms:
         return client in self.rooms.get(client.room, {}).get(client.username, ())
 
     def publish(self, room: str, frame: dict, exclude: Client | None = None) -> None:
-        """Encode a frame once and queue it for every client in the room."""
-        text = encode(frame)
-        frame_bytes = self.frame and self.frame(text)
-        message_id = frame["id"] if frame["type"] == "message" else None
-        # No copies needed: send_text() never changes the rooms (a stalled client leaves in a task).
-        sent = 0
-        for connections in self.rooms.get(room, {}).values():
-            for client in connections:
-                if client is not exclude:
-                    client.send_text(text, message_id, frame_bytes)
-                    sent += 1
-        self.metrics.deliveries.inc(sent)
+        """A notice (joined, left) for every client in the room but `exclude`. Those of the next
+        NOTICE_SECONDS go out together (flush_notices): in a storm of joins, each client gets one
+        write each time, not one for each of thousands of notices."""
+        if not self.notices:
+            asyncio.get_running_loop().call_later(NOTICE_SECONDS, self.flush_notices)
+        self.numbered += 1
+        self.notices.setdefault(room, []).append((self.numbered, encode(frame), exclude))
+
+    def flush_notices(self) -> None:
+        """Each client in a room gets the notices queued since it subscribed, but its own, in one write."""
+        notices, self.notices = self.notices, {}
+        for room, queued in notices.items():
+            frames = [self.frame(text) for _, text, _ in queued] if self.frame else None
+            every, first, excluded = frames and b"".join(frames), queued[0][0], {exclude for *_, exclude in queued}
+            sent = 0
+            # No copies needed: sending never changes the rooms (a stalled client leaves in a task).
+            for connections in self.rooms.get(room, {}).values():
+                for client in connections:
+                    if client.hears_after < first and client not in excluded:  # the usual case: all of them
+                        client.send_messages([text for _, text, _ in queued], None, every)
+                        sent += len(queued)
+                        continue
+                    mine = [n for n, (number, _, exclude) in enumerate(queued)
+                            if number > client.hears_after and exclude is not client]
+                    if mine:
+                        client.send_messages([queued[n][1] for n in mine], None,
+                                             frames and b"".join(frames[n] for n in mine))
+                        sent += len(mine)
+            self.metrics.deliveries.inc(sent)
 
     def publish_messages(self, messages: list[dict]) -> None:
         """Stored messages, in id order: a room's are encoded once and reach each of its clients in
-        one write where they can (Client.send_messages), not a write, a system call, per frame."""
+        one write where they can (Client.send_messages), not a write, a system call, per frame.
+        Notices queued before them go first."""
+        if self.notices:
+            self.flush_notices()
         by_room: dict[str, list[dict]] = {}
         for message in messages:
             by_room.setdefault(message["room"], []).append(message)
@@ -1363,6 +1387,7 @@ class Client:
         self.in_flight: deque[asyncio.Future] = deque()  # its messages being stored, oldest first
         self.stopped = False  # nothing more is sent to it: it stalled, or it went
         self.closing: asyncio.Task | None = None  # its 1013, once it stalled
+        self.hears_after = 0  # Rooms.subscribe numbers it: the notices it hears come after
 
     def send(self, frame: dict) -> None:
         self.send_text(encode(frame))
@@ -1402,14 +1427,15 @@ class Client:
         elif self.idle is not None and not self.idle.done():
             self.idle.set_result(None)
 
-    def send_messages(self, texts: list[str], message_ids: list[int], frames: bytes | None) -> None:
-        """Stored messages of its room, in id order: all in one write (`frames`: their frame() bytes)
-        if nothing is queued ahead of them and it has none of them yet; else one by one."""
-        if (not self.stopped and self.held is None and message_ids[0] > self.last_message_id
+    def send_messages(self, texts: list[str], message_ids: list[int] | None, frames: bytes | None) -> None:
+        """Stored messages of its room, in id order (or notices: no ids): all in one write (`frames`:
+        their frame() bytes) if nothing is queued ahead of them and it has none of them yet; else
+        one by one."""
+        if (not self.stopped and self.held is None and (message_ids is None or message_ids[0] > self.last_message_id)
                 and not self.outbox and not self.writing and self.write_now and self.write_now(frames)):
-            self.last_message_id = message_ids[-1]
+            self.last_message_id = message_ids[-1] if message_ids else self.last_message_id
             return
-        for text, message_id in zip(texts, message_ids, strict=True):
+        for text, message_id in zip(texts, message_ids or [None] * len(texts), strict=True):
             self.send_text(text, message_id)
 
     async def send_pending(self) -> None:

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unicodedata
 import urllib.error
 import urllib.request
@@ -174,6 +175,41 @@ def test_others_are_told_when_someone_joins(client):
                                              "content": "bob joined the chat"}
 
 
+def test_a_joiners_notice_reaches_the_others_before_its_first_message(client):
+    with client.websocket_connect("/ws") as a, client.websocket_connect("/ws") as b:
+        join(a, "alice")
+        join(b, "bob")
+        b.send_json({"type": "message", "content": "hi"})
+        assert [untimed(a.receive_json()) for _ in range(2)] == [
+            {"type": "system", "room": "general", "content": "bob joined the chat"}, message(1, "bob", "hi")]
+
+
+def test_the_notices_of_many_joins_reach_each_client_in_one_write_from_its_own_join_on(tmp_path):
+    rooms, writes = chat.create_app(f"sqlite:///{tmp_path}/chat.db").state.rooms, {}
+    notices = [chat.system_frame("general", f"u{n} joined the chat") for n in range(3)]
+
+    def subscribed(name: str) -> chat.Client:
+        write = {"write": lambda data: writes.setdefault(name, []).append(data) or True, "frame": runner.text_frame}
+        client = chat.Client(types.SimpleNamespace(scope={"extensions": {"chat.write_now": write}}), "127.0.0.1",
+                             "general", None, on_stall=None)
+        client.username = name
+        rooms.connect(client)
+        rooms.subscribe(client)
+        return client
+
+    async def storm():
+        subscribed("early")
+        rooms.publish("general", notices[0])
+        late = subscribed("late")
+        rooms.publish("general", notices[1], exclude=late)  # its own
+        rooms.publish("general", notices[2])
+        await asyncio.sleep(chat.NOTICE_SECONDS * 4)
+
+    asyncio.run(storm())
+    frames = [runner.text_frame(chat.encode(notice)) for notice in notices]
+    assert writes == {"early": [b"".join(frames)], "late": [frames[2]]}
+
+
 def test_a_second_join_on_one_connection_is_refused(client):
     with client.websocket_connect("/ws") as ws:
         join(ws, "alice")
@@ -242,8 +278,8 @@ def test_a_client_never_gets_a_message_it_already_has_even_if_a_late_read_publis
         join(ws, "alice")
         ws.send_json({"type": "message", "content": "one"})
         assert untimed(ws.receive_json()) == message(1, "alice", "one")
-        again = {"type": "message", **client.get("/messages").json()[0]}  # as a late catch-up read would
-        client.portal.call(client.app.state.rooms.publish, "general", again)
+        again = client.get("/messages").json()  # as a late catch-up read would
+        client.portal.call(client.app.state.rooms.publish_messages, again)
         ws.send_json({"type": "message", "content": "two"})
         assert untimed(ws.receive_json()) == message(2, "alice", "two")
 
