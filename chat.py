@@ -715,6 +715,8 @@ class FrameBudget:
     join taking JOIN_COST. (Checked on every frame, so it is eight lines here rather than the
     `limits` library, whose in-memory storage hops to a thread to expire each key.)"""
 
+    __slots__ = ("tokens", "refilled")
+
     def __init__(self):
         self.tokens, self.refilled = RATE_BURST, time.monotonic()
 
@@ -1365,6 +1367,10 @@ class Client:
     frames; the outbox and its task take over when the client falls behind.
     """
 
+    __slots__ = ("websocket", "ip", "room", "identity", "on_stall", "username", "user_id", "budget", "refused",
+                 "outbox", "sender", "writing", "write_now", "frame", "idle", "held", "last_message_id",
+                 "in_flight", "stopped", "closing", "hears_after")  # thousands wait at once: no dict each
+
     def __init__(self, websocket: WebSocket, ip: str, room: str, identity: str | None, on_stall):
         self.websocket, self.ip, self.room, self.identity = websocket, ip, room, identity
         self.on_stall = on_stall  # called once if the outbox overflows: the client stopped reading
@@ -1372,7 +1378,7 @@ class Client:
         self.user_id: int | None = None
         self.budget = FrameBudget()
         self.refused = 0  # frames refused in a row
-        self.outbox: deque[str] = deque()
+        self.outbox: list[str] = []  # not a deque: an empty one costs 600 bytes; this holds few
         self.sender: asyncio.Task | None = None  # writes the outbox, from the first frame until the socket goes
         self.writing = False  # the sender has taken a frame from the outbox and is writing it
         # The runner's extension: write(frame bytes) writes them now and says True, or says False
@@ -1384,7 +1390,7 @@ class Client:
         self.idle: asyncio.Future | None = None  # what the sender waits on while the outbox is empty
         self.held: list[tuple[int | None, str]] | None = None  # live frames held while joining
         self.last_message_id = 0  # the newest message it was sent
-        self.in_flight: deque[asyncio.Future] = deque()  # its messages being stored, oldest first
+        self.in_flight: list[asyncio.Future] = []  # its messages being stored, oldest first
         self.stopped = False  # nothing more is sent to it: it stalled, or it went
         self.closing: asyncio.Task | None = None  # its 1013, once it stalled
         self.hears_after = 0  # Rooms.subscribe numbers it: the notices it hears come after
@@ -1446,7 +1452,7 @@ class Client:
                 while self.outbox:
                     self.writing = True
                     try:
-                        await self.websocket.send_text(self.outbox.popleft())
+                        await self.websocket.send_text(self.outbox.pop(0))
                     finally:
                         self.writing = False
                 self.idle = asyncio.get_running_loop().create_future()
@@ -1461,9 +1467,9 @@ class Client:
     async def settle(self, most: int = 0) -> None:
         """Wait until no more than `most` of its messages are still being stored."""
         while self.in_flight and self.in_flight[0].done():
-            self.in_flight.popleft()
+            self.in_flight.pop(0)
         while len(self.in_flight) > most:
-            await asyncio.wait([self.in_flight.popleft()])
+            await asyncio.wait([self.in_flight.pop(0)])
 
     def hold(self) -> None:
         """From now until release(), live frames wait: the client is reading its history."""
@@ -1838,11 +1844,13 @@ class StartUp:
     def __init__(self, app):
         self.app, self.started, self.said = app, False, False
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "lifespan":
-            if not self.started:
-                return await self.refuse(scope, receive, send)
-            return await self.app(scope, receive, send)
+    def __call__(self, scope, receive, send):
+        """Not a coroutine itself: each waiting connection keeps no frame of this middleware's."""
+        if scope["type"] == "lifespan":
+            return self.start(scope, receive, send)
+        return (self.app if self.started else self.refuse)(scope, receive, send)
+
+    async def start(self, scope, receive, send):
         if "chat.bounded" not in (scope.get("extensions") or {}):
             log.warning(UNBOUNDED)
         failures = []
