@@ -7,6 +7,7 @@
     python bench_chat.py --url ws://127.0.0.1:8000/ws --pid 1234       # a server already running
     python bench_chat.py --compare /work/shared/tutorial-app --runs 3  # chat.py vs the tutorial app
     python bench_chat.py --compare /tmp/before/chat.py --runs 3        # vs another checkout's chat.py
+    python bench_chat.py --compare ../shared/starlette-floor --only idle,storm   # vs the stack's floor
     python bench_chat.py --scaling --database postgresql://postgres@127.0.0.1/postgres --runs 3
     python bench_chat.py --scaling /tmp/before/chat.py --database postgresql://...   # vs another chat.py
 
@@ -22,9 +23,15 @@ lift its limits yourself, and give --pid for its CPU and memory figures.
 --runs times each, each run on a freshly started server and fresh database, and prints medians,
 ranges and the ratio of the medians (only same-run ratios mean anything on a noisy machine).
 TARGET is a folder with setup.sh and run.sh (the tutorial app, on its own database, emptied by
-`setup.sh --reset` before each run) or a chat.py file (e.g. from `git worktree add /tmp/before
-HEAD~1`). All load goes to the plain /ws path (the tutorial app has no rooms), and idle memory is
-measured on connections open but not joined.
+`setup.sh --reset` before each run), a folder with app.py (the stack's floor, a bare Starlette
+endpoint under stock uvicorn, ../shared/starlette-floor: give it `--only idle,storm`, as it stores
+and numbers nothing), or a chat.py file (e.g. from `git worktree add /tmp/before HEAD~1`). All load
+goes to the plain /ws path (the tutorial app has no rooms), and idle connections are open but not
+joined.
+
+Besides the message loads: `idle` opens 10,000 connections and holds them (time, server CPU per
+connection, memory per connection), `storm` has 2,000 connected clients join one room at once
+(time until all are in, join latency, joins not welcomed within 60 s, CPU per join).
 
 --scaling (PostgreSQL) runs the write-heavy scenario (each sender alone in its room, so every stored
 message is delivered once) on 1, 2 and 4 chat.py processes, alternating over --runs rounds; given
@@ -51,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from typing import NamedTuple
@@ -112,6 +120,8 @@ def launched(commands: list[tuple[list[str], pathlib.Path, dict, int]]):
                 try:
                     urllib.request.urlopen(f"http://127.0.0.1:{port}/ws-info", timeout=1)
                     break
+                except urllib.error.HTTPError:  # it answers (the floor has no /ws-info)
+                    break
                 except OSError:
                     if time.monotonic() > deadline or processes[-1].poll() is not None:
                         raise SystemExit(f"the server did not start: {shlex.join(argv)}") from None
@@ -150,6 +160,16 @@ def tutorial_server(folder: pathlib.Path):
         raise SystemExit(f"{folder}/setup.sh --reset failed:\n{setup.stdout}{setup.stderr}")
     port = free_port()
     with launched([(["./run.sh", str(port)], folder, env, port)]) as pids:  # run.sh execs bun
+        yield [f"ws://127.0.0.1:{port}/ws"], pids
+
+
+@contextlib.contextmanager
+def floor_server(folder: pathlib.Path):
+    """The stack's floor: a bare Starlette WebSocket endpoint (app.py) under stock uvicorn."""
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port), "--ws-per-message-deflate", "false",
+            "--log-level", "warning"]
+    with launched([(argv, folder, dict(os.environ), port)]) as pids:
         yield [f"ws://127.0.0.1:{port}/ws"], pids
 
 
@@ -293,7 +313,7 @@ async def dial(url: str) -> Socket:
 async def join(url: str, name: str) -> Socket:
     """A client joined as `name`: both servers say `Welcome name!` when it is in."""
     sock = await dial(url)
-    welcome, marker = asyncio.get_running_loop().create_future(), f'"content":"Welcome {name}!"'.encode()
+    welcome, marker = asyncio.get_running_loop().create_future(), f"Welcome {name}!".encode()
 
     def wait_for_welcome(payload: bytes):
         if marker in payload and not welcome.done():
@@ -339,7 +359,7 @@ async def leave(sockets: list[Socket], names: list[str]):
 
 
 class Scenario(NamedTuple):
-    kind: str  # latency, flat out, write-heavy, idle
+    kind: str  # latency, flat out, write-heavy, idle, storm
     label: str
     clients: int
     senders: int = 0
@@ -465,21 +485,58 @@ async def run_load(urls, pids, s: Scenario, room: str) -> dict:
 
 
 async def idle_memory(urls, pids, s: Scenario, joined: bool) -> dict:
-    """Server memory per idle connection: joined in rooms of ten (in one room of thousands, each
-    join would notify everyone before it), or open but not joined."""
+    """What arriving and waiting cost: connections opened (200 at a time), and joined in rooms of
+    ten (in one room of thousands, each join would notify everyone before it) or not joined; the
+    time to open them all, the server's CPU per connection, and its memory per idle connection."""
     if not pids:
-        return {"kb_each": None}
-    before = rss_bytes(pids)
+        return {"kb_each": None, "seconds": None, "cpu_us": None}
+    before, cpu, started = rss_bytes(pids), cpu_seconds(pids), time.perf_counter()
     paths = [f"/idle{n // 10}" for n in range(s.clients)] if joined else [""] * s.clients
     sockets = await open_clients(urls, paths, [f"i{n}" for n in range(s.clients)] if joined else None)
+    seconds, cpu = time.perf_counter() - started, cpu_seconds(pids) - cpu
     await asyncio.sleep(2)
     after, dropped = rss_bytes(pids), sum(sock.lost.done() for sock in sockets)
     await asyncio.gather(*(sock.close() for sock in sockets))
     if dropped:
         print(f"the server closed {dropped} of the {s.clients} idle connections: lift its limits",
               file=sys.stderr)
-        return {"kb_each": None}
-    return {"kb_each": (after - before) / s.clients / 1024}
+        return {"kb_each": None, "seconds": None, "cpu_us": None}
+    return {"kb_each": (after - before) / s.clients / 1024, "seconds": seconds, "cpu_us": cpu / s.clients * 1e6}
+
+
+async def join_storm(urls, pids, s: Scenario) -> dict:
+    """Clients that are connected all join one room at once (a restart, the start of a class):
+    every join tells everyone in before it. The time until the last is welcomed, each join's
+    latency (its frame sent to its welcome), joins not welcomed within 60 s, and the server's
+    CPU per join and memory per joined connection."""
+    before = rss_bytes(pids) if pids else 0
+    sockets = await open_clients(urls, [""] * s.clients, None)
+    loop, cpu = asyncio.get_running_loop(), cpu_seconds(pids)
+    waits = []
+    for n, sock in enumerate(sockets):
+        welcomed, marker = loop.create_future(), f"Welcome s{n}!".encode()
+
+        def wait_for_welcome(payload: bytes, welcomed=welcomed, marker=marker):
+            if marker in payload and not welcomed.done():
+                welcomed.set_result(time.perf_counter())
+
+        sock.on_text = wait_for_welcome
+        waits.append(welcomed)
+    started, sent = time.perf_counter(), []
+    for n, sock in enumerate(sockets):
+        sent.append(time.perf_counter())
+        sock.send('{"type":"join","username":"s%d"}' % n)
+    await asyncio.wait(waits, timeout=60)
+    seconds, cpu = time.perf_counter() - started, cpu_seconds(pids) - cpu
+    latencies = sorted(welcomed.result() - at for welcomed, at in zip(waits, sent) if welcomed.done())
+    await asyncio.sleep(2)
+    after = rss_bytes(pids) if pids else 0
+    await asyncio.gather(*(sock.close() for sock in sockets))
+    return {"seconds": seconds, "timed_out": s.clients - len(latencies),
+            "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
+            "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else None,
+            "cpu_us": cpu / s.clients * 1e6 if pids else None,
+            "kb_each": (after - before) / s.clients / 1024 if pids else None}
 
 
 ONLY: set[str] = set()  # --only: the kinds of scenario to run (all if empty)
@@ -499,6 +556,9 @@ async def measure(urls, pids, quick: bool, rooms: bool, writes: bool) -> list[tu
     idle = Scenario("idle", label, count)
     if wanted("idle"):
         rows.append((idle, await idle_memory(urls, pids, idle, joined=rooms)))
+    storm = Scenario("storm", f"{100 if quick else 2000} clients join one room at once", 100 if quick else 2000)
+    if wanted("storm"):
+        rows.append((storm, await join_storm(urls, pids, storm)))
     if writes and wanted("write-heavy"):
         s = write_heavy(quick)
         rows.append((s, await run_load(urls, pids, s, "")))
@@ -515,9 +575,8 @@ def number(value: float | None) -> str:
 
 
 def result_line(s: Scenario, r: dict) -> str:
-    if s.kind == "idle":
-        kb = r["kb_each"]
-        return "server memory n/a" if kb is None else f"{kb:.1f} kB server memory each"
+    if s.kind in ARRIVAL_FIGURES:
+        return ", ".join(f"{label} {number(r[key])}" for key, label in ARRIVAL_FIGURES[s.kind])
     unit = "message" if s.kind == "write-heavy" else "delivery"
     cpu = "server CPU n/a (no --pid)" if r["cpu_us"] is None else f"{r['cpu_us']:.1f} µs server CPU per {unit}"
     rate = (f"{r['per_second']:,.0f} messages stored/s, {cpu}" if s.kind == "write-heavy" else
@@ -526,13 +585,21 @@ def result_line(s: Scenario, r: dict) -> str:
             f"duplicated {r['duplicated']}, out of order {r['out_of_order']}")
 
 
+ARRIVAL_FIGURES = {  # (result key, label) of the scenarios that measure arriving and waiting
+    "idle": [("seconds", "s to open all"), ("cpu_us", "server CPU µs per connection"),
+             ("kb_each", "kB server memory each")],
+    "storm": [("seconds", "s until all joined"), ("p50_ms", "join p50 ms"), ("p99_ms", "join p99 ms"),
+              ("timed_out", "joins timed out"), ("cpu_us", "server CPU µs per join"),
+              ("kb_each", "kB server memory each")]}
+
+
 def figures(rows: list[tuple[Scenario, dict]]) -> dict[tuple[str, str], float | None]:
     """One run's figures by (scenario, figure), for the comparison table."""
     out = {}
     for s, r in rows:
         scenario = f"{s.kind}: {s.label}"
-        if s.kind == "idle":
-            out[scenario, "kB server memory each"] = r["kb_each"]
+        if s.kind in ARRIVAL_FIGURES:
+            out.update({(scenario, label): r[key] for key, label in ARRIVAL_FIGURES[s.kind]})
             continue
         if s.kind == "latency":
             out[scenario, "p50 ms"], out[scenario, "p99 ms"] = r["p50_ms"], r["p99_ms"]
@@ -594,12 +661,16 @@ def compare(args) -> None:
     if (peer_path / "run.sh").exists() and (peer_path / "setup.sh").exists():
         peer, peer_label = (lambda: tutorial_server(peer_path)), f"tutorial app {peer_path}"
         peer_database, peer_rooms = "PostgreSQL database 'tutorial' (its own; emptied before each run)", False
+    elif (peer_path / "app.py").exists():
+        peer, peer_label = (lambda: floor_server(peer_path)), f"the stack's floor, {peer_path}/app.py"
+        peer_database, peer_rooms = "no database (in memory), stock uvicorn", False
     elif peer_path.is_file() and peer_path.suffix == ".py":
         peer, peer_label = (lambda: chat_servers(peer_path, args.database, args.workers)), str(peer_path)
         peer_database = f"{args.workers} process(es), {database_label(args.database)}, the same limits lifted"
         peer_rooms = True
     else:
-        raise SystemExit(f"--compare: {peer_path} is neither a folder with setup.sh and run.sh nor a .py file")
+        raise SystemExit(f"--compare: {peer_path} is not a folder with setup.sh and run.sh, nor one with app.py, "
+                         "nor a .py file")
     targets = {"chat": (lambda: chat_servers(HERE / "chat.py", args.database, args.workers), True),
                "peer": (peer, peer_rooms)}
     runs = {"chat": [], "peer": []}
@@ -686,7 +757,7 @@ def main() -> None:
     parser.add_argument("--pid", type=int, help="with --url: its process, for CPU and memory figures")
     parser.add_argument("--runs", type=int, default=3, help="--compare, --scaling: runs each (default 3)")
     parser.add_argument("--only", default="", help="only these kinds of scenario, comma-separated: "
-                                                   "latency, flat, idle, write-heavy (default: all)")
+                                                   "latency, flat, idle, storm, write-heavy (default: all)")
     args = parser.parse_args()
     ONLY.update(kind for kind in args.only.split(",") if kind)
     for wrong, message in ((args.workers > 1 and not args.database, "several workers need PostgreSQL"),

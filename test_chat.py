@@ -3393,7 +3393,11 @@ def test_the_benchmark_runs_on_sqlite_and_loses_nothing():
     assert lines[0].startswith("chat.py, SQLite, 1 process(es); ")
     assert lines[1].startswith("  limits lifted for the load test: RATE_PER_SECOND=1e9, RATE_BURST=1e9")
     assert [line.split("; ")[-1] for line in lines[2:4]] == ["lost 0, duplicated 0, out of order 0"] * 2
-    assert lines[4].endswith("kB server memory each")
+    assert re.fullmatch(r"  idle: 200 joined connections +s to open all [\d.]+, server CPU µs per connection "
+                        r"[\d,.]+, kB server memory each [\d,.]+", lines[4]), lines[4]
+    assert re.fullmatch(r"  storm: 100 clients join one room at once +s until all joined [\d.]+, join p50 ms "
+                        r"[\d,.]+, join p99 ms [\d,.]+, joins timed out 0, server CPU µs per join [\d,.]+, "
+                        r"kB server memory each [\d,.]+", lines[5]), lines[5]
 
 
 def test_the_benchmark_runs_on_two_postgresql_processes_and_loses_nothing(postgres_url):
