@@ -120,6 +120,7 @@ MAX_CONTENT_LENGTH = setting("MAX_CONTENT_LENGTH", "2000", int)  # schema.sql CH
 MAX_FRAME_BYTES = setting("MAX_FRAME_BYTES", "16384", int)
 MAX_BODY_BYTES = setting("MAX_BODY_BYTES", "16384", int)  # REST request bodies
 SEND_QUEUE_FRAMES = setting("SEND_QUEUE_FRAMES", "1000", int)
+DATABASE_WAIT = setting("DATABASE_WAIT", "30", float)  # seconds to wait for a database that does not answer at start
 PRESENCE_TIMEOUT = setting("PRESENCE_TIMEOUT", "15", float)  # PostgreSQL: a silent process's
                                                                      # users count as gone after this
 # The server's own settings (HOST, PORT, REQUEST_TIMEOUT, PING_INTERVAL, TRUSTED_PROXIES, ...)
@@ -1759,7 +1760,7 @@ async def lifespan(app):
     database = app.state.database
     lock = lock_sqlite_file(database.url.database) if database.url.dialect == "sqlite" else None
     try:
-        await database.connect()
+        await connect(database)
         await apply_schema(database)
     except sqlite3.OperationalError as exc:  # a full disk, a read-only folder: say so in one line
         if lock:
@@ -1780,6 +1781,29 @@ async def lifespan(app):
         await database.disconnect()
         if lock:
             lock.close()
+
+
+async def connect(database: Database) -> None:
+    """A database server still starting (or a network not yet up) is waited for, DATABASE_WAIT
+    seconds, a line each try; then, or if it refuses us, one line says what to check."""
+    where, tries, deadline = shown_url(str(database.url)), 0, time.monotonic() + DATABASE_WAIT
+    while True:
+        try:
+            return await database.connect()
+        except OSError as exc:  # refused, no such host, timed out: it may come
+            tries += 1
+            if database.url.dialect == "sqlite" or time.monotonic() + 2 > deadline:
+                raise Refusal(f"the database at {where} does not answer ({exc}) after {tries} tries: check that it "
+                              "runs and that DATABASE_URL names it") from None
+            log.warning("the database at %s does not answer (%s); trying again in 2 s", where, exc)
+            await asyncio.sleep(2)
+        except asyncpg.PostgresError as exc:  # it answers, and refuses: waiting will not help
+            raise Refusal(f"the database at {where} refuses the connection: {exc}; check DATABASE_URL") from None
+
+
+def shown_url(url: str) -> str:
+    """A database URL without its password, for logs and --help."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def local_hosts() -> list[str]:
@@ -1930,7 +1954,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
 SETTINGS = ["DATABASE_URL", "ALLOWED_HOSTS", "ALLOWED_ORIGINS", "CHAT_SECRET", "TOKEN_TTL_SECONDS",
             "PUBLIC_READS", "MAX_CONNECTIONS", "MAX_CONNECTIONS_PER_IP", "RATE_PER_SECOND", "RATE_BURST",
             "FLOOD_LIMIT", "JOINS_PER_MINUTE", "REST_WRITES_PER_MINUTE", "MAX_CONTENT_LENGTH", "MAX_FRAME_BYTES",
-            "MAX_BODY_BYTES", "SEND_QUEUE_FRAMES", "PRESENCE_TIMEOUT"]
+            "MAX_BODY_BYTES", "SEND_QUEUE_FRAMES", "DATABASE_WAIT", "PRESENCE_TIMEOUT"]
 
 
 def usage() -> str:
@@ -1941,7 +1965,7 @@ def usage() -> str:
     values["CHAT_SECRET"] = "(set)" if SECRET else "(not set: no tokens needed)"
     values["ALLOWED_HOSTS"] = ALLOWED_HOSTS or local_hosts()
     values["PUBLIC_READS"] = "1" if PUBLIC_READS else "0"
-    values["DATABASE_URL"] = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", DATABASE_URL)  # never a password
+    values["DATABASE_URL"] = shown_url(DATABASE_URL)
     shown = {name: ",".join(v) if isinstance(v, list) else v for name, v in values.items()}
     lines = [f"  {name:24} {shown[name] if shown[name] not in ('', None) else '(empty)'}"
              f"{'' if name in os.environ else '  (default)'}" for name in [*SETTINGS, *runner.SETTINGS]]

@@ -17,6 +17,7 @@ bounds are on) and "chat.write_now" (WebSocket: write a frame's bytes now, for b
 """
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import os
@@ -57,6 +58,8 @@ def setting(name: str, default: str, kind=int):
 
 HOST = os.environ.get("HOST", "127.0.0.1")
 PORT = setting("PORT", "8000", int)
+if not 0 < PORT < 65536:
+    raise SystemExit(f"PORT={PORT}: use a port from 1 to 65535, e.g. PORT=8000")
 SSL_KEYFILE = os.environ.get("SSL_KEYFILE")  # both set: serve wss:// and https://
 SSL_CERTFILE = os.environ.get("SSL_CERTFILE")
 REQUEST_TIMEOUT = setting("REQUEST_TIMEOUT", "10", float)  # to send a request, head and body
@@ -534,6 +537,7 @@ def serve(app, max_frame_bytes: int) -> None:
                          f"for {UVICORN}x: pip install -r requirements.txt (or serve with plain uvicorn chat:app, "
                          "without those bounds)")
     server = uvicorn.Server(config(app, max_frame_bytes))
+    in_use(HOST, PORT)
     scheme = "https" if SSL_CERTFILE else "http"
     hosts = [HOST] if HOST not in ("0.0.0.0", "::", "") else sorted(
         {address.address for addresses in psutil.net_if_addrs().values() for address in addresses
@@ -543,3 +547,19 @@ def serve(app, max_frame_bytes: int) -> None:
     server.run()
     if not server.started:  # the app refused to start: it has said why
         raise SystemExit(3)
+
+
+def in_use(host: str, port: int) -> None:
+    """Say in one line, before anything else, that another program holds the port (uvicorn would
+    say it only after the app had started, with no way out)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise SystemExit(f"HOST={host}: cannot serve on it ({exc.strerror}); use one of this machine's "
+                                 "addresses, or 0.0.0.0 for all of them") from None
+            raise SystemExit(f"port {port} is in use on {host} (another chat, or another program): stop it, "
+                             f"or choose another port, e.g. python chat.py --port {port + 1}") from None

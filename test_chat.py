@@ -292,6 +292,10 @@ def test_a_postgres_url_in_the_tutorials_spelling_works(postgres_url):
 
 @pytest.mark.parametrize("setting, value, says", [
     ("PORT", "abc", "PORT='abc': use a whole number, e.g. PORT=8000"),
+    ("PORT", "65536", "PORT=65536: use a port from 1 to 65535, e.g. PORT=8000"),
+    ("PORT", "0", "PORT=0: use a port from 1 to 65535, e.g. PORT=8000"),
+    ("HOST", "192.0.2.1", "HOST=192.0.2.1: cannot serve on it (Cannot assign requested address); use one of this "
+                          "machine's addresses, or 0.0.0.0 for all of them"),
     ("RATE_PER_SECOND", "fast", "RATE_PER_SECOND='fast': use a number, e.g. RATE_PER_SECOND=5"),
     ("TRUSTED_PROXIES", "my-proxy", "TRUSTED_PROXIES: 'my-proxy' does not appear to be an IPv4 or IPv6 network; "
                                     "give addresses or networks, e.g. TRUSTED_PROXIES=127.0.0.1,10.0.0.0/8")])
@@ -299,6 +303,51 @@ def test_a_bad_setting_stops_the_start_in_one_line_that_names_it(tmp_path, setti
     result = subprocess.run([sys.executable, "chat.py"], cwd=HERE, capture_output=True, text=True, timeout=30,
                             env={**os.environ, setting: value, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"})
     assert (result.returncode, result.stderr) == (1, says + "\n")
+
+
+def test_a_port_another_program_holds_stops_the_start_in_one_line_that_says_how_to_choose_another(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run([sys.executable, "chat.py", "--port", str(port)], cwd=HERE, capture_output=True,
+                                text=True, timeout=30, env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"})
+    assert (result.returncode, result.stderr) == (1, f"port {port} is in use on 127.0.0.1 (another chat, or another "
+                                                     f"program): stop it, or choose another port, e.g. python chat.py "
+                                                     f"--port {port + 1}\n")
+
+
+def test_the_port_65535_is_accepted(tmp_path):
+    result = subprocess.run([sys.executable, "-c", "import runner; print(runner.PORT)"], cwd=HERE, capture_output=True,
+                            text=True, timeout=30, env={**os.environ, "PORT": "65535"})
+    assert (result.returncode, result.stdout) == (0, "65535\n")
+
+
+def chat_log_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """What python chat.py said, without uvicorn's own start-up lines."""
+    return [line for line in result.stderr.splitlines() if "database at" in line or "Traceback" in line]
+
+
+def test_a_database_that_does_not_answer_at_start_is_tried_every_2_s_then_refused_in_one_line():
+    port = free_port()  # nothing listens on it
+    result = subprocess.run([sys.executable, "chat.py", "--port", str(free_port())], cwd=HERE, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "DATABASE_WAIT": "5",
+                                                        "DATABASE_URL": f"postgresql://chat:pw@127.0.0.1:{port}/chat"})
+    where, why = f"postgresql://chat:***@127.0.0.1:{port}/chat", "([Errno 111] Connection refused)"
+    assert result.returncode == 3
+    assert chat_log_lines(result) == [
+        f"WARNING:  the database at {where} does not answer {why}; trying again in 2 s"] * 2 + [
+        f"ERROR:    the database at {where} does not answer {why} after 3 tries: check that it runs and that "
+        "DATABASE_URL names it"]
+
+
+def test_a_database_that_refuses_the_connection_at_start_is_refused_at_once_in_one_line(postgres_url):
+    url = postgres_url.replace("postgres@", "nobody@")
+    result = subprocess.run([sys.executable, "chat.py", "--port", str(free_port())], cwd=HERE, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "DATABASE_URL": url})
+    assert result.returncode == 3
+    assert chat_log_lines(result) == [f"ERROR:    the database at {url} refuses the connection: role \"nobody\" does "
+                                      "not exist; check DATABASE_URL"]
 
 
 def test_every_query_on_sqlite_shares_one_connection_not_one_each(tmp_path, monkeypatch, unlimited):
