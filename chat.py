@@ -41,6 +41,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import socket
 import sqlite3
 import sys
@@ -1039,6 +1040,7 @@ class MessageWriter:
         self.batch: list[Post] = []  # being stored now
         self.leavers: set[str] = set()  # users whose last_seen to record
         self.behind = False  # after a failure: messages may be stored that were never published
+        self.failed_at = -math.inf  # when a batch last failed, if none has been stored since (readiness)
         self.last_published: int | None = None  # the highest id published here
         self.stopping = False
         self.work = asyncio.Event()  # set when any of the above has something to do
@@ -1102,7 +1104,7 @@ class MessageWriter:
         for post in [*self.batch, *self.posts]:
             if not post.done.done():
                 post.done.set_exception(Unavailable())
-        self.batch, self.behind = [], True
+        self.batch, self.behind, self.failed_at = [], True, time.monotonic()
         self.posts.clear()
         self.work.set()
 
@@ -1119,6 +1121,7 @@ class MessageWriter:
         rows = json.dumps([{"room": p.room, "user_id": p.user_id, "content": p.content, "client_id": p.client_id}
                            for p in unique])
         stored = await self.insert(rows, now)
+        self.failed_at = -math.inf
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(stored))
         self.metrics.stored.inc(len(stored))
@@ -1726,14 +1729,32 @@ class Metrics:
         return prometheus_client.Counter(name, text, labels, registry=self.registry)
 
 
-async def healthz(request):
-    """For a load balancer: 200 while the database answers, 503 when it does not."""
+# The messages table as schema.sql makes it, asked for no row: a renamed table or a dropped column fails.
+MESSAGES_AS_EXPECTED = "SELECT id, room, user_id, content, created_at, client_id FROM messages WHERE id = 0"
+FULL_BELOW_BYTES = 1 << 20  # SQLite: a disk with less free is full, for readiness
+
+
+async def livez(request):
+    """For a supervisor: 200 while this process answers at all (restart it when it does not)."""
+    return JSONResponse({"status": "alive"})
+
+
+async def readyz(request):
+    """For a load balancer: 200 while messages can be stored, 503 saying why not; each change logged once."""
+    state, why = request.app.state, None
     try:
-        await asyncio.wait_for(request.app.state.database.fetch_val("SELECT 1"), 2)
-    except (*DATABASE_ERRORS, asyncio.TimeoutError) as exc:
-        log.warning("health check: the database does not answer (%r)", exc)
-        return JSONResponse({"detail": "the database is unavailable"}, status_code=503)
-    return JSONResponse({"status": "ok"})
+        await asyncio.wait_for(state.database.fetch_all(MESSAGES_AS_EXPECTED), 2)
+    except (*DATABASE_ERRORS, asyncio.TimeoutError):
+        why = "the database is unavailable"
+    if why is None and state.database.url.dialect == "sqlite" and shutil.disk_usage(
+            os.path.dirname(os.path.abspath(state.database.url.database))).free < FULL_BELOW_BYTES:
+        why = "the disk holding the database is full"
+    if why is None and time.monotonic() - state.writer.failed_at < 10:
+        why = "storing messages failed in the last 10 s"
+    if why != state.unready:
+        log.warning("not ready: %s", why) if why else log.info("ready again")
+        state.unready = why
+    return JSONResponse({"detail": why}, status_code=503) if why else JSONResponse({"status": "ok"})
 
 
 async def metrics(request):
@@ -1919,7 +1940,9 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
         Route("/swagger", swagger),
         Route("/swagger/assets/{name}", swagger_asset),
         Route("/test", tester),
-        Route("/healthz", healthz),
+        Route("/livez", livez),
+        Route("/readyz", readyz),
+        Route("/healthz", readyz),  # its first name
         Route("/metrics", metrics),
         Route("/favicon.ico", favicon),
         WebSocketRoute("/ws", chat_socket),
@@ -1939,6 +1962,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
     app.state.rooms = Rooms(app.state.metrics)
     app.state.limits = AddressLimits()
     app.state.tasks = set()
+    app.state.unready = None  # why /readyz said 503 last, to log each change once
     # The one place that asks which database this is: on PostgreSQL, other processes may store and
     # serve (storey 2); the handlers call the writer and the cluster the same way either way.
     several = app.state.database.url.dialect == "postgresql"
@@ -2361,12 +2385,20 @@ OPENAPI = {
                     "responses": {"101": {"description": "Switching Protocols"},
                                   **_errors(401, 403, 426)}},
         },
-        "/healthz": {
-            "get": {"tags": ["Operations"], "operationId": "healthz",
-                    "summary": "For a load balancer: 200 while the database answers",
-                    "responses": {"200": _json(_schema({"status": _STR}, ["status"]), "Healthy"),
-                                  **_errors(503)}},
+        "/livez": {
+            "get": {"tags": ["Operations"], "operationId": "livez",
+                    "summary": "For a supervisor: 200 while the process answers (it needs no database)",
+                    "responses": {"200": _json(_schema({"status": _STR}, ["status"]), "Alive")}},
         },
+        **{path: {
+            "get": {"tags": ["Operations"], "operationId": path[1:],
+                    "summary": "For a load balancer: 200 while messages can be stored; 503 says why not (the "
+                               "database does not answer, or not with the messages table schema.sql makes; "
+                               "SQLite's disk is full; a batch failed in the last 10 s)" + (
+                                   " (/healthz is its first name)" if path == "/healthz" else ""),
+                    "responses": {"200": _json(_schema({"status": _STR}, ["status"]), "Ready"),
+                                  **_errors(503)}},
+        } for path in ("/readyz", "/healthz")},
         "/metrics": {
             "get": {"tags": ["Operations"], "operationId": "metrics",
                     "summary": "Prometheus metrics of this process: connections, users, messages stored and "

@@ -1028,7 +1028,7 @@ def test_openapi_is_a_valid_openapi_3_document_covering_every_endpoint(client):
     spec = client.get("/openapi.json").json()
     validate(spec)
     assert set(spec["paths"]) == {"/messages", "/users", "/users/active", "/rooms", "/ws-info", "/ws",
-                                  "/healthz", "/metrics"}
+                                  "/livez", "/readyz", "/healthz", "/metrics"}
     assert "invalid_content" in spec["paths"]["/ws"]["get"]["description"]
 
 
@@ -1112,6 +1112,58 @@ def test_the_tester_page_is_served_at_test(client):
 def test_healthz_answers_200_while_the_database_answers(client):
     response = client.get("/healthz")
     assert (response.status_code, response.json()) == (200, {"status": "ok"})
+
+
+def test_livez_answers_200_while_the_database_does_not(tmp_path):
+    with TestClient(chat.create_app(f"sqlite:///{tmp_path}/chat.db")) as client:
+        client.portal.call(client.app.state.database.execute, "ALTER TABLE messages RENAME TO old_messages")
+        assert [(r.status_code, r.json()) for r in (client.get("/livez"), client.get("/readyz"))] == [
+            (200, {"status": "alive"}), (503, {"detail": "the database is unavailable"})]
+
+
+def test_readiness_fails_while_a_messages_column_is_missing_and_recovers_when_it_is_back(client):
+    client.portal.call(client.app.state.database.execute, "ALTER TABLE messages RENAME COLUMN client_id TO lost")
+    assert (client.get("/readyz").status_code, client.get("/readyz").json()) == (
+        503, {"detail": "the database is unavailable"})
+    client.portal.call(client.app.state.database.execute, "ALTER TABLE messages RENAME COLUMN lost TO client_id")
+    assert (client.get("/readyz").status_code, client.get("/readyz").json()) == (200, {"status": "ok"})
+
+
+def test_readiness_fails_while_a_batch_of_messages_failed_in_the_last_10_s(client, monkeypatch):
+    client.app.state.writer.failed_at = time.monotonic() - 9
+    assert client.get("/readyz").json() == {"detail": "storing messages failed in the last 10 s"}
+    client.app.state.writer.failed_at = time.monotonic() - 10
+    assert client.get("/readyz").json() == {"status": "ok"}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs (the tests run as root in CI), unmounted after."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)]).returncode:
+        missing("root, to mount a small tmpfs")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_readiness_fails_on_a_full_disk_and_recovers_by_itself_when_there_is_room(small_disk):
+    with TestClient(chat.create_app(f"sqlite:///{small_disk}/chat.db")) as client, \
+            client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        with open(small_disk / "ballast", "wb") as ballast:
+            with contextlib.suppress(OSError):  # until the disk is full
+                while True:
+                    ballast.write(b"x" * 65536)
+                    ballast.flush()
+        assert (client.get("/readyz").status_code, client.get("/readyz").json()) == (
+            503, {"detail": "the disk holding the database is full"})
+        (small_disk / "ballast").unlink()
+        assert client.get("/readyz").json() == {"status": "ok"}
+        ws.send_json({"type": "message", "content": "room again"})
+        assert untimed(ws.receive_json())["content"] == "room again"
 
 
 def metric(client, line_start: str) -> float:
