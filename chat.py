@@ -183,40 +183,78 @@ def open_database(url: str) -> Database:
     return Database(url, min_size=5, max_size=10, command_timeout=10)
 
 
-# Columns added to a table after it was first created (CREATE TABLE IF NOT EXISTS leaves an
-# existing table as it was): added before schema.sql runs, whose indexes may need them.
-ADDED_COLUMNS = {("messages", "client_id"):
-                 "ALTER TABLE messages ADD COLUMN client_id TEXT CHECK (length(client_id) BETWEEN 1 AND 64)"}
-HAS_COLUMN = {
-    "sqlite": "SELECT COUNT(*) FROM pragma_table_info(:table) WHERE name IN (:column, 'id')",
-    "postgresql": """SELECT COUNT(*) FROM information_schema.columns
-                     WHERE table_schema = current_schema() AND table_name = :table AND column_name IN (:column, 'id')""",
+SCHEMA = (HERE / "schema.sql").read_text()
+# upgrades.sql's steps: (number, what it did, its statements on each database).
+STEPS = {dialect: [(int(number), name, [sql for sql, only in re.findall(r"^([^-\s][^;]*);[ \t]*(?:-- (\w+) only)?", body, re.M)
+                                        if only in ("", dialect)])
+                   for number, name, body in re.findall(r"^-- step (\d+): (.*)\n((?:.*\n?)*?)(?=^-- step |\Z)",
+                                                        (HERE / "upgrades.sql").read_text(), re.M)]
+         for dialect in ("sqlite", "postgresql")}
+LATEST = STEPS["sqlite"][-1][0]
+ADDS_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
+with contextlib.closing(sqlite3.connect(":memory:")) as _schema:  # the tables and columns schema.sql makes
+    DECLARED = {table: {column for (column,) in _schema.execute("SELECT name FROM pragma_table_info(?)", (table,))}
+                for (table,) in _schema.executescript(SCHEMA).execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+COLUMNS = {
+    "sqlite": """SELECT m.name AS "table", p.name AS "column" FROM sqlite_master AS m, pragma_table_info(m.name) AS p
+                 WHERE m.type = 'table' AND substr(m.name, 1, 7) != 'sqlite_'""",
+    "postgresql": """SELECT table_name AS "table", column_name AS "column" FROM information_schema.columns
+                     WHERE table_schema = current_schema()""",
 }
+SCHEMA_VERSION = "SELECT value FROM meta WHERE key = 'schema_version'"
+RECORD_VERSION = """INSERT INTO meta (key, value) VALUES ('schema_version', :version)
+                    ON CONFLICT (key) DO UPDATE SET value = excluded.value"""
+NEW_IDENTITY = "INSERT INTO meta (key, value) VALUES ('database_id', :identity) ON CONFLICT (key) DO NOTHING"
+IDENTITY = "SELECT value FROM meta WHERE key = 'database_id'"
 
 
-async def apply_schema(database: Database) -> None:
-    """Create the tables if they are missing, add the columns older tables lack; safe at every start."""
-    schema = (HERE / "schema.sql").read_text()
+async def apply_schema(database: Database) -> str:
+    """Bring the database to schema.sql in one transaction, or refuse one no version of chat made; its identity."""
     async with database.connection() as connection:
         raw = connection.raw_connection
-        if database.url.dialect == "sqlite":
-            await add_columns(connection, "sqlite")
-            await raw.executescript(schema)
-        else:
-            # The lock keeps two processes starting at once from racing on CREATE TABLE.
-            async with raw.transaction():
-                await raw.execute("SELECT pg_advisory_xact_lock(hashtext('chat.schema'))")
-                await add_columns(connection, "postgresql")
-                await raw.execute('CREATE COLLATION IF NOT EXISTS "binary" FROM "C"')  # SQLite's, by name
-                await raw.execute(schema.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY"))
+        if database.url.dialect == "sqlite":  # executescript commits first: the script begins the transaction
+            try:
+                identity = await upgrade(connection, "sqlite", lambda script: raw.executescript("BEGIN IMMEDIATE;\n" + script))
+                await raw.commit()
+                return identity
+            finally:
+                if raw.in_transaction:
+                    await raw.rollback()
+        # The lock keeps two processes starting at once from racing on CREATE TABLE.
+        async with raw.transaction():
+            await raw.execute("SELECT pg_advisory_xact_lock(hashtext('chat.schema'))")
+            await raw.execute('CREATE COLLATION IF NOT EXISTS "binary" FROM "C"')  # SQLite's, by name
+            return await upgrade(connection, "postgresql", raw.execute)
 
 
-async def add_columns(connection, dialect: str) -> None:
-    for (table, column), statement in ADDED_COLUMNS.items():
-        # 1: the table is there without the column (it has an id); 0: no table yet; 2: up to date
-        if await connection.fetch_val(HAS_COLUMN[dialect], {"table": table, "column": column}) == 1:
-            await connection.execute(statement)
-            log.info("upgraded the database: added %s.%s", table, column)
+async def upgrade(connection, dialect: str, run) -> str:
+    """upgrades.sql's steps past the database's version, then schema.sql; one log line a step."""
+    found: dict[str, set[str]] = {}
+    for row in await connection.fetch_all(COLUMNS[dialect]):
+        found.setdefault(row["table"], set()).add(row["column"])
+    version = await connection.fetch_val(SCHEMA_VERSION) if "meta" in found else "0" if found else str(LATEST)
+    if not str(version).isdigit() or int(version) > LATEST:
+        raise Refusal(f"the database is at schema version {version}, which this chat (version {LATEST}) does not know: "
+                      "serve it with the version of chat that last served it, or a newer one")
+    steps = [step for step in STEPS[dialect] if step[0] > int(version)]
+    statements = [sql for _, _, step in steps for sql in step]
+    adds = {pair for sql in statements for pair in ADDS_COLUMN.findall(sql)}
+    drops = {table for sql in statements for table in re.findall(r"DROP TABLE IF EXISTS (\w+)", sql)}
+    odd = [*(f"the table {table}" for table in sorted(found.keys() - DECLARED.keys() - drops)),
+           *(f"{table}.{column} ({'not in schema.sql' if column in found[table] else 'missing'})"
+             for table in sorted(found.keys() & DECLARED.keys())
+             for column in sorted(found[table] ^ DECLARED[table]) if (table, column) not in adds)]
+    if odd:
+        raise Refusal(f"the database has what no version of chat made: {', '.join(odd[:5])}; point DATABASE_URL "
+                      "at chat's own database (an empty one is made ready), or restore one from a backup")
+    await run("".join(f"{sql};\n" for sql in statements if not any(
+        column in found.get(table, ()) for table, column in ADDS_COLUMN.findall(sql)))
+        + (SCHEMA if dialect == "sqlite" else SCHEMA.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY")))
+    for number, name, _ in steps:
+        log.info("upgraded the database, step %d of %d: %s", number, LATEST, name)
+    await connection.execute(RECORD_VERSION, {"version": str(LATEST)})
+    await connection.execute(NEW_IDENTITY, {"identity": uuid.uuid4().hex})
+    return await connection.fetch_val(IDENTITY)
 
 
 class Refusal(Exception):
@@ -1706,11 +1744,11 @@ async def lifespan(app):
     lock = lock_sqlite_file(database.url.database) if database.url.dialect == "sqlite" else None
     try:
         await database.connect()
-        await apply_schema(database)
-    except sqlite3.OperationalError as exc:  # a full disk, a read-only folder: say so in one line
+        app.state.identity = await apply_schema(database)
+    except (sqlite3.OperationalError, Refusal) as exc:  # a full disk, a read-only folder: say so in one line
         if lock:
             lock.close()
-        raise Refusal(disk_refusal(database.url.database, exc)) from None
+        raise exc if isinstance(exc, Refusal) else Refusal(disk_refusal(database.url.database, exc)) from None
     for row in await database.fetch_all(UNCLAIMED_USERS):  # users stored before their looks were
         with contextlib.suppress(Invalid):
             await check_lookalike(database, row["username"])

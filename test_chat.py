@@ -8,6 +8,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import logging
+import math
 import os
 import pathlib
 import re
@@ -418,6 +420,105 @@ def test_a_database_from_before_client_ids_gains_the_column_and_keeps_its_messag
         assert post(client, "alice", "new", client_id="c-1")["client_id"] == "c-1"
     with TestClient(chat.create_app(database_url)) as client:  # and a second start changes nothing
         assert [m["content"] for m in client.get("/messages").json()] == ["old", "new"]
+
+
+
+EARLIER_SCHEMAS = sorted(path.stem for path in (HERE / "fixtures" / "schema").glob("*.sql"))
+UPGRADE_LINES = [
+    "upgraded the database, step 1 of 4: dropped the table skeletons, if any (look-alike records of a9fad39; "
+    "its users' looks are claimed again at start)",
+    "upgraded the database, step 2 of 4: messages.room compares byte by byte, as schema.sql declares (a table "
+    "from before 7605b59 kept the database's locale)",
+    "upgraded the database, step 3 of 4: added the column messages.client_id (62eee87)",
+    "upgraded the database, step 4 of 4: the index messages_client_id leaves out messages without one (dbc93da); "
+    "schema.sql makes it again"]
+
+
+def old_database(database_url: str, commit: str, rows: str = "") -> None:
+    """A database as that commit's chat left it: its schema.sql (kept in fixtures/schema/), then rows."""
+    sql = (HERE / "fixtures" / "schema" / f"{commit}.sql").read_text() + rows
+    if database_url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db:
+            db.executescript(sql)
+    else:
+        postgres_execute(database_url, 'CREATE COLLATION IF NOT EXISTS "binary" FROM "C";'
+                         + sql.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY"))
+
+
+def upgrade_lines(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.getMessage().startswith("upgraded")]
+
+
+@pytest.mark.parametrize("commit", EARLIER_SCHEMAS)
+def test_a_database_of_each_earlier_schema_is_upgraded_in_place_saying_each_step(database_url, commit, caplog):
+    caplog.set_level(logging.INFO, chat.log.name)
+    old_database(database_url, commit, "INSERT INTO users (username) VALUES ('alice');"
+                 "INSERT INTO messages (room, user_id, content) VALUES ('general', 1, 'old');")
+    with TestClient(chat.create_app(database_url)) as client:
+        assert [m["content"] for m in client.get("/messages").json()] == ["old"]
+        assert post(client, "alice", "new", client_id="c-1")["client_id"] == "c-1"
+        columns = query(client, chat.COLUMNS[client.app.state.database.url.dialect])
+        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "4"}]
+    assert upgrade_lines(caplog) == UPGRADE_LINES
+    assert {(row["table"], row["column"]) for row in columns} == {
+        (table, column) for table, names in chat.DECLARED.items() for column in names}
+
+
+def test_a_database_at_the_current_version_starts_without_a_step(database_url, caplog):
+    old_database(database_url, "62eee87")
+    with TestClient(chat.create_app(database_url)):
+        pass
+    caplog.set_level(logging.INFO, chat.log.name)
+    with TestClient(chat.create_app(database_url)) as client:
+        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "4"}]
+    assert upgrade_lines(caplog) == []
+
+
+@pytest.mark.parametrize("version, refused", [("4", False), ("5", True), ("x", True)])
+def test_a_database_newer_than_the_code_is_refused_in_one_line(database_url, version, refused):
+    with TestClient(chat.create_app(database_url)) as client:
+        client.portal.call(client.app.state.database.execute,
+                           "UPDATE meta SET value = :version WHERE key = 'schema_version'", {"version": version})
+    if not refused:
+        with TestClient(chat.create_app(database_url)) as client:
+            assert client.get("/healthz").status_code == 200
+        return
+    with pytest.raises(chat.Refusal) as refusal:
+        with TestClient(chat.create_app(database_url)):
+            pass
+    assert str(refusal.value) == (f"the database is at schema version {version}, which this chat (version 4) does "
+                                  "not know: serve it with the version of chat that last served it, or a newer one")
+
+
+DRIFTS = {
+    "an unknown table": ("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);", "the table notes"),
+    "an unknown column": ("ALTER TABLE users ADD COLUMN nickname TEXT NOT NULL DEFAULT 'x';",
+                          "users.nickname (not in schema.sql)"),
+    "a missing column": ("ALTER TABLE users DROP COLUMN last_seen;", "users.last_seen (missing)"),
+}
+
+
+@pytest.mark.parametrize("drift", DRIFTS)
+def test_a_database_with_tables_or_columns_no_step_explains_is_refused_in_one_line(database_url, drift):
+    sql, what = DRIFTS[drift]
+    old_database(database_url, "642d679", sql)
+    with pytest.raises(chat.Refusal) as refusal:
+        with TestClient(chat.create_app(database_url)):
+            pass
+    assert str(refusal.value) == (f"the database has what no version of chat made: {what}; point DATABASE_URL at "
+                                  "chat's own database (an empty one is made ready), or restore one from a backup")
+
+
+def test_a_database_missing_a_column_stops_the_server_in_one_line_without_a_traceback(tmp_path):
+    url = f"sqlite:///{tmp_path}/chat.db"
+    old_database(url, "1045d46", "ALTER TABLE messages DROP COLUMN created_at;")
+    result = subprocess.run([sys.executable, "-m", "uvicorn", "chat:app", "--port", str(free_port())],
+                            cwd=HERE, capture_output=True, text=True, timeout=30, env={**os.environ, "DATABASE_URL": url})
+    assert result.returncode == 3
+    assert ("ERROR:    the database has what no version of chat made: messages.created_at (missing); point "
+            "DATABASE_URL at chat's own database (an empty one is made ready), or restore one from a backup\n"
+            ) in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # --- Leaving and presence ------------------------------------------------------------------------
@@ -1111,22 +1212,40 @@ def test_rooms_come_a_page_at_a_time_by_name(client, unlimited):
     assert first[2]["active_users"] == ["bob"]
 
 
-def test_rooms_page_in_one_order_on_a_postgresql_database_with_a_language_locale(postgres_url, unlimited):
-    url = postgres_url.rsplit("/", 1)[0] + f"/chat_icu_{os.getpid()}"
-    postgres_execute(postgres_url, f"CREATE DATABASE {url.rsplit('/', 1)[1]} TEMPLATE template0 "
+@pytest.fixture
+def language_locale_url(postgres_url):
+    """A PostgreSQL database whose text sorts as en-US does: past '-' and '_' (ab, a-b, a_b...)."""
+    name = f"chat_icu_{os.getpid()}"
+    postgres_execute(postgres_url, f"CREATE DATABASE {name} TEMPLATE template0 "
                                    "LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'")
-    rooms = ["a-c", "a_b", "ab", "a-b", "a0", "b"]  # en-US sorts past '-' and '_': ab, a-b, a_b...
-    try:
-        with TestClient(chat.create_app(url)) as client:
-            for room in rooms:
-                post(client, "alice", "hi", room=room)
-            seen, after = [], ""
-            while page := client.get(f"/rooms?limit=2&after={after}").json():
-                seen += [r["room"] for r in page]
-                after = page[-1]["room"]
-    finally:
-        postgres_execute(postgres_url, f"DROP DATABASE {url.rsplit('/', 1)[1]} WITH (FORCE)")
-    assert seen == sorted(rooms)
+    yield postgres_url.rsplit("/", 1)[0] + "/" + name
+    postgres_execute(postgres_url, f"DROP DATABASE {name} WITH (FORCE)")
+
+
+LOCALE_ROOMS = ["a-c", "a_b", "ab", "a-b", "a0", "b"]
+
+
+def rooms_page_by_page(client) -> list[str]:
+    seen, after = [], ""
+    while page := client.get(f"/rooms?limit=2&after={after}").json():
+        seen += [r["room"] for r in page]
+        after = page[-1]["room"]
+    return seen
+
+
+def test_rooms_page_in_one_order_on_a_postgresql_database_with_a_language_locale(language_locale_url, unlimited):
+    with TestClient(chat.create_app(language_locale_url)) as client:
+        for room in LOCALE_ROOMS:
+            post(client, "alice", "hi", room=room)
+        assert rooms_page_by_page(client) == sorted(LOCALE_ROOMS)
+
+
+def test_an_upgraded_room_column_on_a_postgresql_database_with_a_language_locale_pages_in_one_order(
+        language_locale_url):
+    old_database(language_locale_url, "1045d46", "INSERT INTO users (username) VALUES ('alice');" + "".join(
+        f"INSERT INTO messages (room, user_id, content) VALUES ('{room}', 1, 'hi');" for room in LOCALE_ROOMS))
+    with TestClient(chat.create_app(language_locale_url)) as client:
+        assert rooms_page_by_page(client) == sorted(LOCALE_ROOMS)
 
 
 def test_paging_back_with_before_returns_every_message_exactly_once(client):
