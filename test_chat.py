@@ -829,6 +829,27 @@ def test_users_stored_before_names_were_claimed_keep_their_look(database_url):
         assert client.post("/users", json={"username": "ALICE"}).status_code == 409
 
 
+def test_the_looks_of_a_thousand_users_stored_before_are_claimed_in_a_statement_per_batch(client, monkeypatch, caplog):
+    """The cost per user is bounded without timing: two reads, then one INSERT per 300 looks."""
+    database = client.app.state.database
+    client.portal.call(database.execute, """WITH RECURSIVE n (i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000)
+                                           INSERT INTO users (username) SELECT 'user' || CAST(i AS TEXT) FROM n""")
+    statements = Counter()
+    for method in ("fetch_all", "execute"):
+        monkeypatch.setattr(database, method, lambda *args, run=getattr(database, method), method=method: (
+            statements.update([method]), run(*args))[1])
+    monkeypatch.setattr(chat, "CLAIMS_PER_STATEMENT", 300)
+    caplog.set_level(logging.INFO, chat.log.name)
+    client.portal.call(chat.claim_looks, database)
+    counted = dict(statements)
+    claimed = query(client, "SELECT COUNT(*) AS n FROM looks")[0]["n"]
+    assert claimed == len({look for n in range(1, 1001) for look in chat.looks(f"user{n}").values()})
+    assert counted == {"fetch_all": 2, "execute": math.ceil(claimed / 300)}
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("claimed")] == [
+        f"claimed the looks of users stored before them: {min(done, claimed)} of {claimed} looks"
+        for done in range(300, claimed + 300, 300)]
+
+
 # --- REST ----------------------------------------------------------------------------------------
 
 
