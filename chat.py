@@ -557,6 +557,13 @@ async def claim_looks(database) -> None:
         log.info("claimed the looks of users stored before them: %d of %d looks", start + len(batch), len(claims))
 
 
+async def grandfathered(database, value):
+    """The user stored under exactly this name by an earlier version, whose rules were looser
+    ("ALICE" beside "alice", "a\tb"): its owner keeps it on the socket and on REST alike."""
+    with contextlib.suppress(Invalid):
+        return await database.fetch_one(FIND_USER, {"username": check_text(value, "username", MAX_USERNAME_LENGTH)})
+
+
 def check_content(value) -> str:
     return check_text(value, "content", MAX_CONTENT_LENGTH)  # the rule CONTENT_PATTERN states
 
@@ -918,12 +925,14 @@ async def on_join(app, client: Client, frame: dict) -> None:
     """
     if client.username is not None:
         raise Invalid("already_joined", f"already joined as {client.username!r}; leave first")
-    username = check_username(frame.get("username", client.identity))
+    stored = await grandfathered(app.state.database, frame.get("username", client.identity))
+    username = stored["username"] if stored else check_username(frame.get("username", client.identity))
     if client.identity and username != client.identity:
         raise Invalid("wrong_user", f"your token is for {client.identity!r}")
     room = check_room(frame.get("room", client.room))
     since = check_id(frame["since"], "since") if frame.get("since") is not None else None
-    await check_lookalike(app.state.database, username)
+    if not stored:
+        await check_lookalike(app.state.database, username)
     client.user_id = await app.state.database.fetch_val(UPSERT_USER, {"username": username, "now": utcnow()})
     client.username, client.room = username, room
     client.hold()
@@ -1559,13 +1568,15 @@ async def post_message(request):
     await rest_write_allowed(request)
     holder = writer_token(request)
     body = await json_body(request)
+    user = await grandfathered(request.app.state.database, body.get("username"))
     try:
-        username, content = check_username(body.get("username")), check_content(body.get("content"))
+        username = user["username"] if user else check_username(body.get("username"))
+        content = check_content(body.get("content"))
         room, client_id = check_room(body.get("room", DEFAULT_ROOM)), check_client_id(body.get("client_id"))
     except Invalid as exc:
         raise HTTPException(422, exc.detail) from None
     check_writer(holder, username)
-    user = await request.app.state.database.fetch_one(FIND_USER, {"username": username})
+    user = user or await request.app.state.database.fetch_one(FIND_USER, {"username": username})
     if user is None:
         raise HTTPException(404, f"no user named {username!r}; create it with POST /users")
     message, stored_now = await request.app.state.writer.post(room, user["id"], username, content, client_id)
@@ -1587,14 +1598,16 @@ async def create_user(request):
     await rest_write_allowed(request)
     holder = writer_token(request)
     body = await json_body(request)
+    database = request.app.state.database
+    stored = await grandfathered(database, body.get("username"))
     try:
-        username = check_username(body.get("username"))
+        username = stored["username"] if stored else check_username(body.get("username"))
     except Invalid as exc:
         raise HTTPException(422, exc.detail) from None
     check_writer(holder, username)
-    database = request.app.state.database
     try:
-        await check_lookalike(database, username)
+        if not stored:
+            await check_lookalike(database, username)
     except Invalid as exc:
         raise HTTPException(409, exc.detail) from None
     values = {"username": username}

@@ -829,6 +829,48 @@ def test_users_stored_before_names_were_claimed_keep_their_look(database_url):
         assert client.post("/users", json={"username": "ALICE"}).status_code == 409
 
 
+GRANDFATHERED = {"upper case": "ALICE", "cyrillic": "\u0430lice", "capital i": "aIice", "a tab": "a\tb",
+                 "two spaces": "a  b"}
+
+
+def stored_before(client, name: str) -> None:
+    """alice, then the name, stored as an earlier version stored them; a restart claims their looks."""
+    for username in ("alice", name):
+        client.portal.call(client.app.state.database.execute,
+                           "INSERT INTO users (username) VALUES (:username)", {"username": username})
+
+
+@pytest.mark.parametrize("case", GRANDFATHERED)
+def test_a_name_an_earlier_version_stored_still_joins_exactly_as_stored(database_url, case):
+    name = GRANDFATHERED[case]
+    with TestClient(chat.create_app(database_url)) as client:
+        stored_before(client, name)
+    with TestClient(chat.create_app(database_url)) as client, client.websocket_connect("/ws") as ws:
+        assert join(ws, name) == welcome(name)
+        ws.send_json({"type": "message", "username": name, "content": "still me"})
+        assert untimed(ws.receive_json()) == message(1, name, "still me")
+
+
+@pytest.mark.parametrize("case", GRANDFATHERED)
+def test_a_name_an_earlier_version_stored_still_posts_and_is_found_on_rest(database_url, case):
+    name = GRANDFATHERED[case]
+    with TestClient(chat.create_app(database_url)) as client:
+        stored_before(client, name)
+    with TestClient(chat.create_app(database_url)) as client:
+        assert client.post("/users", json={"username": name}).status_code == 200
+        response = client.post("/messages", json={"username": name, "content": "still me"})
+        assert (response.status_code, response.json()["username"]) == (201, name)
+
+
+def test_a_new_lookalike_of_a_name_stored_before_is_still_refused(database_url):
+    with TestClient(chat.create_app(database_url)) as client:
+        stored_before(client, "ALICE")
+    with TestClient(chat.create_app(database_url)) as client:
+        response = client.post("/users", json={"username": "Alice"})
+    assert (response.status_code, response.json()) == (
+        409, {"detail": "'Alice' looks like the existing user 'alice'; choose another name"})
+
+
 def test_the_looks_of_a_thousand_users_stored_before_are_claimed_in_a_statement_per_batch(client, monkeypatch, caplog):
     """The cost per user is bounded without timing: two reads, then one INSERT per 300 looks."""
     database = client.app.state.database
