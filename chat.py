@@ -205,6 +205,7 @@ SCHEMA_VERSION = "SELECT value FROM meta WHERE key = 'schema_version'"
 RECORD_VERSION = """INSERT INTO meta (key, value) VALUES ('schema_version', :version)
                     ON CONFLICT (key) DO UPDATE SET value = excluded.value"""
 NEW_IDENTITY = "INSERT INTO meta (key, value) VALUES ('database_id', :identity) ON CONFLICT (key) DO NOTHING"
+RENEW_IDENTITY = "UPDATE meta SET value = :identity WHERE key = 'database_id'"
 IDENTITY = "SELECT value FROM meta WHERE key = 'database_id'"
 
 
@@ -937,7 +938,7 @@ async def on_join(app, client: Client, frame: dict) -> None:
     client.username, client.room = username, room
     client.hold()
     first_here = app.state.rooms.subscribe(client)
-    notices = [system_frame(room, f"Welcome {username}!")]
+    notices = [system_frame(room, f"Welcome {username}!", database=app.state.identity)]
     try:
         if since is None:
             history = await recent_messages(app.state.database, room, HISTORY_ON_JOIN)
@@ -1648,7 +1649,7 @@ async def ws_info(request):
     """The WebSocket URL as this client reached us (host, port, ws or wss) and the frame formats."""
     scheme = "wss" if request.url.scheme == "https" else "ws"
     url = request.url.replace(scheme=scheme, path="/ws", query="", fragment="")
-    return JSONResponse({"websocketUrl": str(url), "roomUrl": str(url) + "/{room}",
+    return JSONResponse({"websocketUrl": str(url), "roomUrl": str(url) + "/{room}", "database": request.app.state.identity,
                          "tokenRequired": bool(SECRET), "messageFormats": FRAME_FORMATS, "errorCodes": ERROR_CODES,
                          "closeCodes": {str(code): meaning for code, meaning in CLOSE_CODES.items()}})
 
@@ -1967,10 +1968,34 @@ def usage() -> str:
     return "\n".join([
         "usage: python chat.py [--host HOST] [--port PORT]   serve the chat (Ctrl+C stops it)",
         "       python chat.py token NAME   print a token for NAME (needs CHAT_SECRET)",
+        "       python chat.py backup FILE  copy the SQLite database to FILE, while it serves",
         "       python chat.py --help       this text",
         "",
         "Settings are environment variables (README.md, Configuration, says what each does):",
         *lines])
+
+
+def backup(target: str) -> str | None:
+    """SQLite's online backup: a consistent copy while the server writes (its lock is flock, which
+    SQLite's own locks never meet). The copy gets an identity of its own, so that clients of a server
+    restored from it start over: ids after the backup's last one will be given again."""
+    url = open_database(DATABASE_URL).url
+    if url.dialect != "sqlite":
+        return "PostgreSQL is backed up with pg_dump and pg_restore: see README.md, Running it for others"
+    if not os.path.isfile(url.database):
+        return f"there is no database at {url.database}: check DATABASE_URL"
+    if os.path.exists(target):
+        return f"{target} exists: name a new file (a backup never overwrites one)"
+    try:
+        with contextlib.closing(sqlite3.connect(url.database, timeout=30)) as source, \
+             contextlib.closing(sqlite3.connect(target)) as copy:
+            source.backup(copy)
+            if copy.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():  # else made at start
+                copy.execute(RENEW_IDENTITY, {"identity": uuid.uuid4().hex})
+            copy.commit()
+    except sqlite3.Error as exc:
+        return f"the backup failed ({exc}): check the file and the disk, then try again"
+    print(f"copied {url.database} to {target}; to restore, stop the server and put it in the database's place")
 
 
 def main(argv: list[str]) -> None:
@@ -1991,6 +2016,8 @@ def main(argv: list[str]) -> None:
         except (Refusal, Invalid) as exc:
             sys.exit(str(exc))
         return
+    if argv[:1] == ["backup"]:
+        return sys.exit(backup(*argv[1:]) if len(argv) == 2 else "usage: python chat.py backup FILE")
     flags = dict(zip(argv[::2], argv[1::2]))  # --host 0.0.0.0 --port 3000: as HOST and PORT
     if len(argv) % 2 or not set(flags) <= {"--host", "--port"}:
         sys.exit(f"unknown arguments: {' '.join(argv)}\n\n{usage()}")
@@ -2347,7 +2374,8 @@ OPENAPI = {
                     "description": (
                         "Upgrade to a WebSocket; every frame is a JSON text frame with a `type`.\n\n"
                         "Client → server: `join` {username, room?, since?}, `message` {content}, `leave`.\n\n"
-                        "Server → client: `system` {room, content, timestamp, code?}, "
+                        "Server → client: `system` {room, content, timestamp, code?; the welcome: database, "
+                        "the database's identity: when it changes, forget the last id and start over}, "
                         "`message` {id, room, username, content, timestamp}, `error` {code, content}.\n\n"
                         "Error codes: " + "; ".join(f"`{k}`: {v}" for k, v in ERROR_CODES.items())),
                     "x-websocket-frames": FRAME_FORMATS,

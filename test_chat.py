@@ -125,9 +125,11 @@ def query(client, sql: str, values: dict | None = None) -> list[dict]:
 
 
 def untimed(frame: dict) -> dict:
-    """The frame without its timestamp, after checking the timestamp's shape."""
+    """The frame without its timestamp, after checking the timestamp's shape, nor the welcome's
+    database identity (a random id of 32 hex digits, checked by its own tests)."""
     assert TIMESTAMP.fullmatch(frame["timestamp"]), frame
-    return {key: value for key, value in frame.items() if key != "timestamp"}
+    assert re.fullmatch(r"[0-9a-f]{32}", frame.get("database", "0" * 32)), frame
+    return {key: value for key, value in frame.items() if key not in ("timestamp", "database")}
 
 
 def welcome(name: str, room: str = "general") -> dict:
@@ -1076,6 +1078,73 @@ def test_ws_info_builds_the_url_from_the_request(database_url, monkeypatch):
     assert set(info["errorCodes"]) == set(chat.ERROR_CODES)
 
 
+def identity(client) -> str:
+    return query(client, "SELECT value FROM meta WHERE key = 'database_id'")[0]["value"]
+
+
+def test_the_welcome_and_ws_info_carry_the_databases_identity(client):
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "join", "username": "alice"})
+        assert ws.receive_json()["database"] == identity(client)
+    assert client.get("/ws-info").json()["database"] == identity(client)
+    assert re.fullmatch(r"[0-9a-f]{32}", identity(client))
+
+
+def test_a_backup_taken_while_messages_are_written_has_every_acknowledged_one_and_an_identity_of_its_own(
+        tmp_path, unlimited):
+    url, copy = f"sqlite:///{tmp_path}/chat.db", tmp_path / "copy.db"
+    with TestClient(chat.create_app(url)) as client:
+        acknowledged = [post(client, "alice", f"before {n}")["id"] for n in range(50)]
+        backup = subprocess.Popen([sys.executable, "chat.py", "backup", str(copy)], cwd=HERE, text=True,
+                                  env={**os.environ, "DATABASE_URL": url}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        written = 0
+        while backup.poll() is None:  # the server goes on storing while the copy is taken
+            post(client, "alice", f"during {written}")
+            written += 1
+        original = identity(client)
+    out, err = backup.communicate()
+    assert (backup.returncode, err, written > 0) == (0, "", True)
+    assert out == (f"copied {tmp_path}/chat.db to {copy}; to restore, stop the server and put it in "
+                             "the database's place\n")
+    with TestClient(chat.create_app(f"sqlite:///{copy}")) as client, client.websocket_connect("/ws") as ws:
+        restored = [row["id"] for row in query(client, "SELECT id FROM messages ORDER BY id")]
+        ws.send_json({"type": "join", "username": "bob"})
+        assert ws.receive_json()["database"] == client.get("/ws-info").json()["database"] == identity(client)
+        assert identity(client) != original
+    assert restored[:50] == acknowledged and restored == list(range(1, len(restored) + 1))
+
+
+@pytest.mark.parametrize("target_exists", [False, True])
+def test_a_backup_onto_a_file_that_exists_is_refused_saying_what_to_do(tmp_path, target_exists):
+    sqlite3.connect(tmp_path / "chat.db").close()
+    if target_exists:
+        (tmp_path / "copy.db").write_text("an earlier backup")
+    result = subprocess.run([sys.executable, "chat.py", "backup", str(tmp_path / "copy.db")], cwd=HERE, text=True,
+                            env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"}, capture_output=True)
+    assert (result.returncode, result.stderr) == (
+        (1, f"{tmp_path}/copy.db exists: name a new file (a backup never overwrites one)\n") if target_exists else (0, ""))
+
+
+def test_a_postgresql_database_restored_with_pg_restore_and_its_identity_deleted_gets_a_new_one(postgres_url, tmp_path):
+    if not shutil.which("pg_dump"):
+        missing("pg_dump is not installed")
+    with TestClient(chat.create_app(postgres_url)) as client:
+        post(client, "alice", "kept")
+        original = identity(client)
+    name = f"chat_restored_{os.getpid()}"
+    postgres_execute(postgres_url, f"CREATE DATABASE {name}")
+    restored_url = postgres_url.rsplit("/", 1)[0] + "/" + name
+    try:  # the commands README.md gives an operator (Running it for others, Storage)
+        subprocess.run(["pg_dump", "-Fc", "-f", str(tmp_path / "chat.dump"), postgres_url], check=True)
+        subprocess.run(["pg_restore", "--no-owner", "-d", restored_url, str(tmp_path / "chat.dump")], check=True)
+        postgres_execute(restored_url, "DELETE FROM meta WHERE key = 'database_id'")
+        with TestClient(chat.create_app(restored_url)) as client:
+            assert [m["content"] for m in client.get("/messages").json()] == ["kept"]
+            assert client.get("/ws-info").json()["database"] == identity(client) != original
+    finally:
+        postgres_execute(postgres_url, f"DROP DATABASE {name} WITH (FORCE)")
+
+
 def test_ws_info_says_ws_for_plain_http(client):
     assert client.get("/ws-info").json()["websocketUrl"] == "ws://testserver/ws"
 
@@ -1608,6 +1677,24 @@ def test_the_tester_page_reconnects_after_a_restart_and_misses_nothing(browser, 
         say_in(page, "after")
         page.wait_for_selector(".msg .text:text('after')")
         assert page.locator(".msg .text").all_text_contents() == ["before", "while you were away", "after"]
+
+
+def test_the_tester_page_starts_over_on_a_server_restored_from_a_backup(browser, tmp_path):
+    url, port = f"sqlite:///{tmp_path}/chat.db", free_port()
+    with running_server(url, port) as base:
+        page = open_tester(browser, base, "alice")
+        say_in(page, "kept")
+        page.wait_for_selector(".msg .text:text('kept')")
+        subprocess.run([sys.executable, "chat.py", "backup", f"{tmp_path}/copy.db"], cwd=HERE, check=True,
+                       env={**os.environ, "DATABASE_URL": url}, capture_output=True)
+        for text in ("lost 2", "lost 3"):  # ids 2 and 3, which the restored database will give again
+            say_in(page, text)
+            page.wait_for_selector(f".msg .text:text('{text}')")
+    with TestClient(chat.create_app(f"sqlite:///{tmp_path}/copy.db")) as client:  # restored; the server is down
+        assert post(client, "bob", "after the restore")["id"] == 2
+    with running_server(f"sqlite:///{tmp_path}/copy.db", port):
+        page.wait_for_selector(".msg .text:text('after the restore')", timeout=15000)
+        assert page.locator(".msg .text").all_text_contents() == ["kept", "after the restore"]
 
 
 def ws_connect(base: str, path: str = "/ws", **options):
