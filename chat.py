@@ -184,12 +184,16 @@ def open_database(url: str) -> Database:
 
 
 SCHEMA = (HERE / "schema.sql").read_text()
-# upgrades.sql's steps: (number, what it did, its statements on each database).
-STEPS = {dialect: [(int(number), name, [sql for sql, only in re.findall(r"^([^-\s][^;]*);[ \t]*(?:-- (\w+) only)?", body, re.M)
-                                        if only in ("", dialect)])
-                   for number, name, body in re.findall(r"^-- step (\d+): (.*)\n((?:.*\n?)*?)(?=^-- step |\Z)",
-                                                        (HERE / "upgrades.sql").read_text(), re.M)]
-         for dialect in ("sqlite", "postgresql")}
+
+
+def read_steps(dialect: str) -> list[tuple[int, str, list[str]]]:
+    """upgrades.sql's steps: each one's number, what it did, and its statements on this database."""
+    steps = re.findall(r"^-- step (\d+): (.*)\n((?:.*\n?)*?)(?=^-- step |\Z)", (HERE / "upgrades.sql").read_text(), re.M)
+    return [(int(number), name, [sql for sql, only in re.findall(r"^([^-\s][^;]*);[ \t]*(?:-- (\w+) only)?", body, re.M)
+                                 if only in ("", dialect)]) for number, name, body in steps]
+
+
+STEPS = {dialect: read_steps(dialect) for dialect in ("sqlite", "postgresql")}
 LATEST = STEPS["sqlite"][-1][0]
 ADDS_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
 with contextlib.closing(sqlite3.connect(":memory:")) as _schema:  # the tables and columns schema.sql makes

@@ -2,10 +2,11 @@
 -- each idempotent. At start, chat.py's apply_schema() runs, in one transaction, the steps past
 -- the version the database records (meta's schema_version; a database from before has none,
 -- so all of them), then schema.sql, then records the newest step's number; one log line a step.
--- A statement marked "-- postgresql only" is PostgreSQL's alone. An ADD COLUMN of a column the
--- table has is skipped (SQLite has no ADD COLUMN IF NOT EXISTS). A step that adds a column or
--- drops a table is also what lets a database have it missing or extra: anything else that
--- differs from schema.sql is refused. Earlier commits' schemas: fixtures/schema/<commit>.sql.
+-- Each statement ends with ";" (and holds no other); one marked "-- postgresql only" is
+-- PostgreSQL's alone. An ADD COLUMN of a column the table has is skipped (SQLite has no ADD
+-- COLUMN IF NOT EXISTS). A step that adds a column or drops a table is also what lets a database
+-- have it missing or extra: anything else that differs from schema.sql is refused. Earlier
+-- commits' schemas: fixtures/schema/<commit>.sql.
 
 -- step 1: dropped the table skeletons, if any (look-alike records of a9fad39; its users' looks are claimed again at start)
 DROP TABLE IF EXISTS skeletons;
