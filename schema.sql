@@ -1,4 +1,5 @@
--- The one schema for SQLite and PostgreSQL, applied at every start (so every statement is idempotent).
+-- The one schema for SQLite and PostgreSQL, applied at every start (so every statement is idempotent),
+-- after the steps of upgrades.sql that bring an earlier version's database to it.
 --
 -- One divergence, made visible: SQLite numbers rows itself only for a column declared exactly
 -- "INTEGER PRIMARY KEY", which PostgreSQL does not number at all. chat.py's apply_schema() rewrites
@@ -22,8 +23,7 @@ CREATE TABLE IF NOT EXISTS messages (
     content    TEXT NOT NULL CHECK (length(content) BETWEEN 1 AND 2000),
     created_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
     -- The sender's own id for the message, if it gave one: a resend (after "unavailable", a 503
-    -- or a reconnect) with the same one is the same message, stored once. Added by chat.py's
-    -- ADDED_COLUMNS to a table created before it.
+    -- or a reconnect) with the same one is the same message, stored once (upgrades.sql, step 3).
     client_id  TEXT CHECK (length(client_id) BETWEEN 1 AND 64)
 );
 -- Partial: messages without one (the tutorial's clients send none) cost the index nothing.
@@ -40,7 +40,6 @@ CREATE TABLE IF NOT EXISTS looks (
     username TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS looks_username ON looks (username);
-DROP TABLE IF EXISTS skeletons;  -- the earlier form: one look per name, case folded first
 
 -- Several processes on one PostgreSQL (see Cluster in chat.py): who is connected where. A process
 -- renews its heartbeat every few seconds; one that stops is reaped by the others, with its users.
@@ -55,4 +54,12 @@ CREATE TABLE IF NOT EXISTS presence (
     room     TEXT NOT NULL,
     username TEXT NOT NULL,
     PRIMARY KEY (process, room, username)
+);
+
+-- The schema's version (the last step of upgrades.sql it has) and the database's identity, a
+-- random id made with it: a restored copy gets a new one (python chat.py backup), and a client
+-- that sees it change starts over, since message ids may have gone back.
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );

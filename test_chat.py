@@ -8,6 +8,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import logging
+import math
 import os
 import pathlib
 import re
@@ -124,9 +126,11 @@ def query(client, sql: str, values: dict | None = None) -> list[dict]:
 
 
 def untimed(frame: dict) -> dict:
-    """The frame without its timestamp, after checking the timestamp's shape."""
+    """The frame without its timestamp, after checking the timestamp's shape, nor the welcome's
+    database identity (a random id of 32 hex digits, checked by its own tests)."""
     assert TIMESTAMP.fullmatch(frame["timestamp"]), frame
-    return {key: value for key, value in frame.items() if key != "timestamp"}
+    assert re.fullmatch(r"[0-9a-f]{32}", frame.get("database", "0" * 32)), frame
+    return {key: value for key, value in frame.items() if key not in ("timestamp", "database")}
 
 
 def welcome(name: str, room: str = "general") -> dict:
@@ -518,6 +522,105 @@ def test_a_database_from_before_client_ids_gains_the_column_and_keeps_its_messag
         assert [m["content"] for m in client.get("/messages").json()] == ["old", "new"]
 
 
+
+EARLIER_SCHEMAS = sorted(path.stem for path in (HERE / "fixtures" / "schema").glob("*.sql"))
+UPGRADE_LINES = [
+    "upgraded the database, step 1 of 4: dropped the table skeletons, if any (look-alike records of a9fad39; "
+    "its users' looks are claimed again at start)",
+    "upgraded the database, step 2 of 4: messages.room compares byte by byte, as schema.sql declares (a table "
+    "from before 7605b59 kept the database's locale)",
+    "upgraded the database, step 3 of 4: added the column messages.client_id (62eee87)",
+    "upgraded the database, step 4 of 4: the index messages_client_id leaves out messages without one (dbc93da); "
+    "schema.sql makes it again"]
+
+
+def old_database(database_url: str, commit: str, rows: str = "") -> None:
+    """A database as that commit's chat left it: its schema.sql (kept in fixtures/schema/), then rows."""
+    sql = (HERE / "fixtures" / "schema" / f"{commit}.sql").read_text() + rows
+    if database_url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db:
+            db.executescript(sql)
+    else:
+        postgres_execute(database_url, 'CREATE COLLATION IF NOT EXISTS "binary" FROM "C";'
+                         + sql.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY"))
+
+
+def upgrade_lines(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.getMessage().startswith("upgraded")]
+
+
+@pytest.mark.parametrize("commit", EARLIER_SCHEMAS)
+def test_a_database_of_each_earlier_schema_is_upgraded_in_place_saying_each_step(database_url, commit, caplog):
+    caplog.set_level(logging.INFO, chat.log.name)
+    old_database(database_url, commit, "INSERT INTO users (username) VALUES ('alice');"
+                 "INSERT INTO messages (room, user_id, content) VALUES ('general', 1, 'old');")
+    with TestClient(chat.create_app(database_url)) as client:
+        assert [m["content"] for m in client.get("/messages").json()] == ["old"]
+        assert post(client, "alice", "new", client_id="c-1")["client_id"] == "c-1"
+        columns = query(client, chat.COLUMNS[client.app.state.database.url.dialect])
+        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "4"}]
+    assert upgrade_lines(caplog) == UPGRADE_LINES
+    assert {(row["table"], row["column"]) for row in columns} == {
+        (table, column) for table, names in chat.DECLARED.items() for column in names}
+
+
+def test_a_database_at_the_current_version_starts_without_a_step(database_url, caplog):
+    old_database(database_url, "62eee87")
+    with TestClient(chat.create_app(database_url)):
+        pass
+    caplog.set_level(logging.INFO, chat.log.name)
+    with TestClient(chat.create_app(database_url)) as client:
+        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "4"}]
+    assert upgrade_lines(caplog) == []
+
+
+@pytest.mark.parametrize("version, refused", [("4", False), ("5", True), ("x", True)])
+def test_a_database_newer_than_the_code_is_refused_in_one_line(database_url, version, refused):
+    with TestClient(chat.create_app(database_url)) as client:
+        client.portal.call(client.app.state.database.execute,
+                           "UPDATE meta SET value = :version WHERE key = 'schema_version'", {"version": version})
+    if not refused:
+        with TestClient(chat.create_app(database_url)) as client:
+            assert client.get("/healthz").status_code == 200
+        return
+    with pytest.raises(chat.Refusal) as refusal:
+        with TestClient(chat.create_app(database_url)):
+            pass
+    assert str(refusal.value) == (f"the database is at schema version {version}, which this chat (version 4) does "
+                                  "not know: serve it with the version of chat that last served it, or a newer one")
+
+
+DRIFTS = {
+    "an unknown table": ("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);", "the table notes"),
+    "an unknown column": ("ALTER TABLE users ADD COLUMN nickname TEXT NOT NULL DEFAULT 'x';",
+                          "users.nickname (not in schema.sql)"),
+    "a missing column": ("ALTER TABLE users DROP COLUMN last_seen;", "users.last_seen (missing)"),
+}
+
+
+@pytest.mark.parametrize("drift", DRIFTS)
+def test_a_database_with_tables_or_columns_no_step_explains_is_refused_in_one_line(database_url, drift):
+    sql, what = DRIFTS[drift]
+    old_database(database_url, "642d679", sql)
+    with pytest.raises(chat.Refusal) as refusal:
+        with TestClient(chat.create_app(database_url)):
+            pass
+    assert str(refusal.value) == (f"the database has what no version of chat made: {what}; point DATABASE_URL at "
+                                  "chat's own database (an empty one is made ready), or restore one from a backup")
+
+
+def test_a_database_missing_a_column_stops_the_server_in_one_line_without_a_traceback(tmp_path):
+    url = f"sqlite:///{tmp_path}/chat.db"
+    old_database(url, "1045d46", "ALTER TABLE messages DROP COLUMN created_at;")
+    result = subprocess.run([sys.executable, "-m", "uvicorn", "chat:app", "--port", str(free_port())],
+                            cwd=HERE, capture_output=True, text=True, timeout=30, env={**os.environ, "DATABASE_URL": url})
+    assert result.returncode == 3
+    assert ("ERROR:    the database has what no version of chat made: messages.created_at (missing); point "
+            "DATABASE_URL at chat's own database (an empty one is made ready), or restore one from a backup\n"
+            ) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # --- Leaving and presence ------------------------------------------------------------------------
 
 
@@ -826,6 +929,69 @@ def test_users_stored_before_names_were_claimed_keep_their_look(database_url):
         assert client.post("/users", json={"username": "ALICE"}).status_code == 409
 
 
+GRANDFATHERED = {"upper case": "ALICE", "cyrillic": "\u0430lice", "capital i": "aIice", "a tab": "a\tb",
+                 "two spaces": "a  b"}
+
+
+def stored_before(client, name: str) -> None:
+    """alice, then the name, stored as an earlier version stored them; a restart claims their looks."""
+    for username in ("alice", name):
+        client.portal.call(client.app.state.database.execute,
+                           "INSERT INTO users (username) VALUES (:username)", {"username": username})
+
+
+@pytest.mark.parametrize("case", GRANDFATHERED)
+def test_a_name_an_earlier_version_stored_still_joins_exactly_as_stored(database_url, case):
+    name = GRANDFATHERED[case]
+    with TestClient(chat.create_app(database_url)) as client:
+        stored_before(client, name)
+    with TestClient(chat.create_app(database_url)) as client, client.websocket_connect("/ws") as ws:
+        assert join(ws, name) == welcome(name)
+        ws.send_json({"type": "message", "username": name, "content": "still me"})
+        assert untimed(ws.receive_json()) == message(1, name, "still me")
+
+
+@pytest.mark.parametrize("case", GRANDFATHERED)
+def test_a_name_an_earlier_version_stored_still_posts_and_is_found_on_rest(database_url, case):
+    name = GRANDFATHERED[case]
+    with TestClient(chat.create_app(database_url)) as client:
+        stored_before(client, name)
+    with TestClient(chat.create_app(database_url)) as client:
+        assert client.post("/users", json={"username": name}).status_code == 200
+        response = client.post("/messages", json={"username": name, "content": "still me"})
+        assert (response.status_code, response.json()["username"]) == (201, name)
+
+
+def test_a_new_lookalike_of_a_name_stored_before_is_still_refused(database_url):
+    with TestClient(chat.create_app(database_url)) as client:
+        stored_before(client, "ALICE")
+    with TestClient(chat.create_app(database_url)) as client:
+        response = client.post("/users", json={"username": "Alice"})
+    assert (response.status_code, response.json()) == (
+        409, {"detail": "'Alice' looks like the existing user 'alice'; choose another name"})
+
+
+def test_the_looks_of_a_thousand_users_stored_before_are_claimed_in_a_statement_per_batch(client, monkeypatch, caplog):
+    """The cost per user is bounded without timing: two reads, then one INSERT per 300 looks."""
+    database = client.app.state.database
+    client.portal.call(database.execute, """WITH RECURSIVE n (i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000)
+                                           INSERT INTO users (username) SELECT 'user' || CAST(i AS TEXT) FROM n""")
+    statements = Counter()
+    for method in ("fetch_all", "execute"):
+        monkeypatch.setattr(database, method, lambda *args, run=getattr(database, method), method=method: (
+            statements.update([method]), run(*args))[1])
+    monkeypatch.setattr(chat, "CLAIMS_PER_STATEMENT", 300)
+    caplog.set_level(logging.INFO, chat.log.name)
+    client.portal.call(chat.claim_looks, database)
+    counted = dict(statements)
+    claimed = query(client, "SELECT COUNT(*) AS n FROM looks")[0]["n"]
+    assert claimed == len({look for n in range(1, 1001) for look in chat.looks(f"user{n}").values()})
+    assert counted == {"fetch_all": 2, "execute": math.ceil(claimed / 300)}
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("claimed")] == [
+        f"claimed the looks of users stored before them: {min(done, claimed)} of {claimed} looks"
+        for done in range(300, claimed + 300, 300)]
+
+
 # --- REST ----------------------------------------------------------------------------------------
 
 
@@ -1008,6 +1174,73 @@ def test_ws_info_builds_the_url_from_the_request(database_url, monkeypatch):
     assert info["websocketUrl"] == "wss://chat.example:8443/ws"
     assert info["messageFormats"]["join"]["type"] == "join"
     assert set(info["errorCodes"]) == set(chat.ERROR_CODES)
+
+
+def identity(client) -> str:
+    return query(client, "SELECT value FROM meta WHERE key = 'database_id'")[0]["value"]
+
+
+def test_the_welcome_and_ws_info_carry_the_databases_identity(client):
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "join", "username": "alice"})
+        assert ws.receive_json()["database"] == identity(client)
+    assert client.get("/ws-info").json()["database"] == identity(client)
+    assert re.fullmatch(r"[0-9a-f]{32}", identity(client))
+
+
+def test_a_backup_taken_while_messages_are_written_has_every_acknowledged_one_and_an_identity_of_its_own(
+        tmp_path, unlimited):
+    url, copy = f"sqlite:///{tmp_path}/chat.db", tmp_path / "copy.db"
+    with TestClient(chat.create_app(url)) as client:
+        acknowledged = [post(client, "alice", f"before {n}")["id"] for n in range(50)]
+        backup = subprocess.Popen([sys.executable, "chat.py", "backup", str(copy)], cwd=HERE, text=True,
+                                  env={**os.environ, "DATABASE_URL": url}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        written = 0
+        while backup.poll() is None:  # the server goes on storing while the copy is taken
+            post(client, "alice", f"during {written}")
+            written += 1
+        original = identity(client)
+    out, err = backup.communicate()
+    assert (backup.returncode, err, written > 0) == (0, "", True)
+    assert out == (f"copied {tmp_path}/chat.db to {copy}; to restore, stop the server and put it in "
+                             "the database's place\n")
+    with TestClient(chat.create_app(f"sqlite:///{copy}")) as client, client.websocket_connect("/ws") as ws:
+        restored = [row["id"] for row in query(client, "SELECT id FROM messages ORDER BY id")]
+        ws.send_json({"type": "join", "username": "bob"})
+        assert ws.receive_json()["database"] == client.get("/ws-info").json()["database"] == identity(client)
+        assert identity(client) != original
+    assert restored[:50] == acknowledged and restored == list(range(1, len(restored) + 1))
+
+
+@pytest.mark.parametrize("target_exists", [False, True])
+def test_a_backup_onto_a_file_that_exists_is_refused_saying_what_to_do(tmp_path, target_exists):
+    sqlite3.connect(tmp_path / "chat.db").close()
+    if target_exists:
+        (tmp_path / "copy.db").write_text("an earlier backup")
+    result = subprocess.run([sys.executable, "chat.py", "backup", str(tmp_path / "copy.db")], cwd=HERE, text=True,
+                            env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"}, capture_output=True)
+    assert (result.returncode, result.stderr) == (
+        (1, f"{tmp_path}/copy.db exists: name a new file (a backup never overwrites one)\n") if target_exists else (0, ""))
+
+
+def test_a_postgresql_database_restored_with_pg_restore_and_its_identity_deleted_gets_a_new_one(postgres_url, tmp_path):
+    if not shutil.which("pg_dump"):
+        missing("pg_dump is not installed")
+    with TestClient(chat.create_app(postgres_url)) as client:
+        post(client, "alice", "kept")
+        original = identity(client)
+    name = f"chat_restored_{os.getpid()}"
+    postgres_execute(postgres_url, f"CREATE DATABASE {name}")
+    restored_url = postgres_url.rsplit("/", 1)[0] + "/" + name
+    try:  # the commands README.md gives an operator (Running it for others, Storage)
+        subprocess.run(["pg_dump", "-Fc", "-f", str(tmp_path / "chat.dump"), postgres_url], check=True)
+        subprocess.run(["pg_restore", "--no-owner", "-d", restored_url, str(tmp_path / "chat.dump")], check=True)
+        postgres_execute(restored_url, "DELETE FROM meta WHERE key = 'database_id'")
+        with TestClient(chat.create_app(restored_url)) as client:
+            assert [m["content"] for m in client.get("/messages").json()] == ["kept"]
+            assert client.get("/ws-info").json()["database"] == identity(client) != original
+    finally:
+        postgres_execute(postgres_url, f"DROP DATABASE {name} WITH (FORCE)")
 
 
 def test_ws_info_says_ws_for_plain_http(client):
@@ -1261,22 +1494,40 @@ def test_rooms_come_a_page_at_a_time_by_name(client, unlimited):
     assert first[2]["active_users"] == ["bob"]
 
 
-def test_rooms_page_in_one_order_on_a_postgresql_database_with_a_language_locale(postgres_url, unlimited):
-    url = postgres_url.rsplit("/", 1)[0] + f"/chat_icu_{os.getpid()}"
-    postgres_execute(postgres_url, f"CREATE DATABASE {url.rsplit('/', 1)[1]} TEMPLATE template0 "
+@pytest.fixture
+def language_locale_url(postgres_url):
+    """A PostgreSQL database whose text sorts as en-US does: past '-' and '_' (ab, a-b, a_b...)."""
+    name = f"chat_icu_{os.getpid()}"
+    postgres_execute(postgres_url, f"CREATE DATABASE {name} TEMPLATE template0 "
                                    "LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'")
-    rooms = ["a-c", "a_b", "ab", "a-b", "a0", "b"]  # en-US sorts past '-' and '_': ab, a-b, a_b...
-    try:
-        with TestClient(chat.create_app(url)) as client:
-            for room in rooms:
-                post(client, "alice", "hi", room=room)
-            seen, after = [], ""
-            while page := client.get(f"/rooms?limit=2&after={after}").json():
-                seen += [r["room"] for r in page]
-                after = page[-1]["room"]
-    finally:
-        postgres_execute(postgres_url, f"DROP DATABASE {url.rsplit('/', 1)[1]} WITH (FORCE)")
-    assert seen == sorted(rooms)
+    yield postgres_url.rsplit("/", 1)[0] + "/" + name
+    postgres_execute(postgres_url, f"DROP DATABASE {name} WITH (FORCE)")
+
+
+LOCALE_ROOMS = ["a-c", "a_b", "ab", "a-b", "a0", "b"]
+
+
+def rooms_page_by_page(client) -> list[str]:
+    seen, after = [], ""
+    while page := client.get(f"/rooms?limit=2&after={after}").json():
+        seen += [r["room"] for r in page]
+        after = page[-1]["room"]
+    return seen
+
+
+def test_rooms_page_in_one_order_on_a_postgresql_database_with_a_language_locale(language_locale_url, unlimited):
+    with TestClient(chat.create_app(language_locale_url)) as client:
+        for room in LOCALE_ROOMS:
+            post(client, "alice", "hi", room=room)
+        assert rooms_page_by_page(client) == sorted(LOCALE_ROOMS)
+
+
+def test_an_upgraded_room_column_on_a_postgresql_database_with_a_language_locale_pages_in_one_order(
+        language_locale_url):
+    old_database(language_locale_url, "1045d46", "INSERT INTO users (username) VALUES ('alice');" + "".join(
+        f"INSERT INTO messages (room, user_id, content) VALUES ('{room}', 1, 'hi');" for room in LOCALE_ROOMS))
+    with TestClient(chat.create_app(language_locale_url)) as client:
+        assert rooms_page_by_page(client) == sorted(LOCALE_ROOMS)
 
 
 def test_paging_back_with_before_returns_every_message_exactly_once(client):
@@ -1576,6 +1827,24 @@ def test_the_tester_page_reconnects_after_a_restart_and_misses_nothing(browser, 
         say_in(page, "after")
         page.wait_for_selector(".msg .text:text('after')")
         assert page.locator(".msg .text").all_text_contents() == ["before", "while you were away", "after"]
+
+
+def test_the_tester_page_starts_over_on_a_server_restored_from_a_backup(browser, tmp_path):
+    url, port = f"sqlite:///{tmp_path}/chat.db", free_port()
+    with running_server(url, port) as base:
+        page = open_tester(browser, base, "alice")
+        say_in(page, "kept")
+        page.wait_for_selector(".msg .text:text('kept')")
+        subprocess.run([sys.executable, "chat.py", "backup", f"{tmp_path}/copy.db"], cwd=HERE, check=True,
+                       env={**os.environ, "DATABASE_URL": url}, capture_output=True)
+        for text in ("lost 2", "lost 3"):  # ids 2 and 3, which the restored database will give again
+            say_in(page, text)
+            page.wait_for_selector(f".msg .text:text('{text}')")
+    with TestClient(chat.create_app(f"sqlite:///{tmp_path}/copy.db")) as client:  # restored; the server is down
+        assert post(client, "bob", "after the restore")["id"] == 2
+    with running_server(f"sqlite:///{tmp_path}/copy.db", port):
+        page.wait_for_selector(".msg .text:text('after the restore')", timeout=15000)
+        assert page.locator(".msg .text").all_text_contents() == ["kept", "after the restore"]
 
 
 def ws_connect(base: str, path: str = "/ws", **options):
