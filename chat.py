@@ -1866,10 +1866,13 @@ async def lifespan(app):
         await connect(database)
         app.state.identity = await apply_schema(database)
         await claim_looks(database)
-    except (sqlite3.OperationalError, Refusal) as exc:  # a full disk, a read-only folder: say so in one line
+    except BaseException as exc:  # whatever stops the start, nothing stays open
+        await database.disconnect()  # its connections' threads would keep the process from ending
         if lock:
             lock.close()
-        raise exc if isinstance(exc, Refusal) else Refusal(disk_refusal(database.url.database, exc)) from None
+        if isinstance(exc, sqlite3.OperationalError):  # a full disk, a read-only folder: say so in one line
+            raise Refusal(disk_refusal(database.url.database, exc)) from None
+        raise
     writer = asyncio.create_task(app.state.writer.run())
     app.state.cluster = app.state.cluster_class(app)
     await app.state.cluster.start()

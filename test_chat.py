@@ -3798,7 +3798,7 @@ def test_the_benchmark_scaling_mode_stores_on_one_two_and_four_processes_and_say
 
 
 def test_a_fresh_virtual_environment_with_the_runtime_requirements_alone_runs_the_chat(tmp_path):
-    for name in ("chat.py", "runner.py", "schema.sql", "requirements.txt", "static"):
+    for name in ("chat.py", "runner.py", "schema.sql", "upgrades.sql", "requirements.txt", "static"):
         (shutil.copytree if (HERE / name).is_dir() else shutil.copy)(HERE / name, tmp_path / name)
     subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True, timeout=120)
     python = str(tmp_path / "venv" / "bin" / "python")
