@@ -1712,7 +1712,8 @@ async def ws_info(request):
     scheme = "wss" if request.url.scheme == "https" else "ws"
     url = request.url.replace(scheme=scheme, path="/ws", query="", fragment="")
     return JSONResponse({"websocketUrl": str(url), "roomUrl": str(url) + "/{room}", "database": request.app.state.identity,
-                         "tokenRequired": bool(SECRET), "messageFormats": FRAME_FORMATS, "errorCodes": ERROR_CODES,
+                         "tokenRequired": bool(SECRET), "rateLimit": {"perSecond": RATE_PER_SECOND, "burst": RATE_BURST},
+                         "messageFormats": FRAME_FORMATS, "errorCodes": ERROR_CODES,
                          "closeCodes": {str(code): meaning for code, meaning in CLOSE_CODES.items()}})
 
 

@@ -1243,6 +1243,11 @@ def test_a_postgresql_database_restored_with_pg_restore_and_its_identity_deleted
         postgres_execute(postgres_url, f"DROP DATABASE {name} WITH (FORCE)")
 
 
+def test_ws_info_states_the_rate_limit_the_tester_page_paces_itself_by(client, monkeypatch):
+    monkeypatch.setattr(chat, "RATE_PER_SECOND", 2.5)
+    assert client.get("/ws-info").json()["rateLimit"] == {"perSecond": 2.5, "burst": 10}
+
+
 def test_ws_info_says_ws_for_plain_http(client):
     assert client.get("/ws-info").json()["websocketUrl"] == "ws://testserver/ws"
 
@@ -1706,6 +1711,40 @@ def open_tester(browser, base: str, username: str, room: str = "general"):
 def say_in(page, text: str) -> None:
     page.fill("#content", text)
     page.click("#send")
+
+
+def test_forty_quick_enters_in_the_tester_page_are_all_stored_once_in_the_order_typed(browser, database_url):
+    with running_server(database_url) as base:  # the default rate limit: 10 at once, 5 a second
+        page = open_tester(browser, base, "alice")
+        for n in range(40):
+            page.fill("#content", f"line {n}")
+            page.press("#content", "Enter")
+        page.wait_for_selector(".msg .text:text-is('line 39')", timeout=30000)
+        assert page.locator(".msg .text").all_text_contents() == [f"line {n}" for n in range(40)]
+        assert page.locator(".error").count() == 0
+        stored = json.loads(urllib.request.urlopen(base + "/messages?limit=100").read())
+    assert [message["content"] for message in stored] == [f"line {n}" for n in range(40)]
+
+
+def test_the_tester_page_says_why_it_sends_slower_where_the_student_types(browser, server):
+    page = open_tester(browser, server, "alice")
+    for n in range(20):
+        page.fill("#content", f"line {n}")
+        page.press("#content", "Enter")
+    page.wait_for_selector("#status:text('sending slower: the server takes 5 messages a second')")
+    page.wait_for_selector(".msg .text:text-is('line 19')", timeout=30000)
+    page.wait_for_selector("#status:text-is('joined general as alice')")
+
+
+def test_the_tester_page_waits_longer_after_each_failed_reconnect_and_by_a_random_part(browser, server):
+    page = browser.new_page()
+    page.goto(server + "/test")
+    delays = page.evaluate("""() => [0, 0.5].map((random) => {
+        Math.random = () => random;
+        return [0, 1, 2, 3, 4, 5, 6, 7].map(reconnectDelay);
+    })""")
+    assert delays == [[250, 500, 1000, 2000, 4000, 8000, 15000, 15000],
+                      [375, 750, 1500, 3000, 6000, 12000, 22500, 22500]]
 
 
 def test_two_tester_pages_chat_with_each_other(browser, server):
