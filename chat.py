@@ -1470,7 +1470,7 @@ class Client:
         self.write_now: Callable[[bytes], bool] | None = extension and extension["write"]
         self.frame: Callable[[str], bytes] | None = extension and extension["frame"]
         self.idle: asyncio.Future | None = None  # what the sender waits on while the outbox is empty
-        self.held: list[tuple[int | None, str]] | None = None  # live frames held while joining
+        self.held: list[tuple] | None = None  # live frames held while joining: send_messages' arguments
         self.last_message_id = 0  # the newest message it was sent
         self.in_flight: list[asyncio.Future] = []  # its messages being stored, oldest first
         self.stopped = False  # nothing more is sent to it: it stalled, or it went
@@ -1490,7 +1490,7 @@ class Client:
         if self.stopped:
             return
         if self.held is not None:
-            self.held.append((message_id, text))
+            self.held.append(([text], None if message_id is None else [message_id], None))
             return
         if message_id is not None:
             # A room's messages reach a client in id order, so one at or below the last it got is
@@ -1519,8 +1519,11 @@ class Client:
         """Stored messages of its room, in id order (or notices: no ids): all in one write (`frames`:
         their frame() bytes) if nothing is queued ahead of them and it has none of them yet; else
         one by one."""
-        if (not self.stopped and self.held is None and (message_ids is None or message_ids[0] > self.last_message_id)
-                and not self.outbox and not self.writing and self.write_now and self.write_now(frames)):
+        if self.held is not None and not self.stopped:  # joining: as they are, for release()
+            self.held.append((texts, message_ids, frames))
+            return
+        if (not self.stopped and (message_ids is None or message_ids[0] > self.last_message_id) and not self.outbox
+                and not self.writing and self.write_now and frames is not None and self.write_now(frames)):
             self.last_message_id = message_ids[-1] if message_ids else self.last_message_id
             return
         for text, message_id in zip(texts, message_ids or [None] * len(texts), strict=True):
@@ -1565,8 +1568,8 @@ class Client:
             self.send(notice)
         for message in history:
             self.send_text(encode({"type": "message", **message}), message["id"])
-        for message_id, text in held:
-            self.send_text(text, message_id)  # those the history had are dropped there
+        for texts, message_ids, frames in held:
+            self.send_messages(texts, message_ids, frames)  # those the history had are dropped there
 
     async def close(self, code: int, reason: str, timeout: float | None = 2) -> None:
         """Send a close frame; it waits behind unread data, so give up after `timeout` seconds."""
