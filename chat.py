@@ -121,6 +121,8 @@ MAX_CONTENT_LENGTH = setting("MAX_CONTENT_LENGTH", "2000", int)  # schema.sql CH
 MAX_FRAME_BYTES = setting("MAX_FRAME_BYTES", "16384", int)
 MAX_BODY_BYTES = setting("MAX_BODY_BYTES", "16384", int)  # REST request bodies
 SEND_QUEUE_FRAMES = setting("SEND_QUEUE_FRAMES", "1000", int)
+RETAIN_DAYS = setting("RETAIN_DAYS", "0", float)  # messages older are deleted (0: kept for ever)
+RETAIN_MESSAGES_PER_ROOM = setting("RETAIN_MESSAGES_PER_ROOM", "0", int)  # older ones past this are deleted (0: all kept)
 DATABASE_WAIT = setting("DATABASE_WAIT", "30", float)  # seconds to wait for a database that does not answer at start
 PRESENCE_TIMEOUT = setting("PRESENCE_TIMEOUT", "15", float)  # PostgreSQL: a silent process's
                                                                      # users count as gone after this
@@ -1878,12 +1880,16 @@ async def lifespan(app):
             raise Refusal(disk_refusal(database.url.database, exc)) from None
         raise
     writer = asyncio.create_task(app.state.writer.run())
+    retention = asyncio.create_task(supervise("retention", lambda: retain(app))) if (
+        RETAIN_DAYS or RETAIN_MESSAGES_PER_ROOM) else None
     app.state.cluster = app.state.cluster_class(app)
     await app.state.cluster.start()
     try:
         yield
     finally:
         await asyncio.gather(*app.state.tasks)
+        if retention:
+            retention.cancel()
         await app.state.writer.stop(writer)
         await app.state.cluster.stop()
         await database.disconnect()
@@ -2065,7 +2071,8 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
 SETTINGS = ["DATABASE_URL", "ALLOWED_HOSTS", "ALLOWED_ORIGINS", "CHAT_SECRET", "TOKEN_TTL_SECONDS",
             "PUBLIC_READS", "MAX_CONNECTIONS", "MAX_CONNECTIONS_PER_IP", "RATE_PER_SECOND", "RATE_BURST",
             "FLOOD_LIMIT", "JOINS_PER_MINUTE", "REST_WRITES_PER_MINUTE", "MAX_CONTENT_LENGTH", "MAX_FRAME_BYTES",
-            "MAX_BODY_BYTES", "SEND_QUEUE_FRAMES", "DATABASE_WAIT", "PRESENCE_TIMEOUT"]
+            "MAX_BODY_BYTES", "SEND_QUEUE_FRAMES", "RETAIN_DAYS", "RETAIN_MESSAGES_PER_ROOM", "DATABASE_WAIT",
+            "PRESENCE_TIMEOUT"]
 
 
 def usage() -> str:
@@ -2084,6 +2091,9 @@ def usage() -> str:
         "usage: python chat.py [--host HOST] [--port PORT]   serve the chat (Ctrl+C stops it)",
         "       python chat.py token NAME   print a token for NAME (needs CHAT_SECRET)",
         "       python chat.py backup FILE  copy the SQLite database to FILE, while it serves",
+        "       python chat.py rename-user OLD NEW, delete-user NAME (and their messages), delete-message ID,",
+        "       python chat.py prune DAYS KEEP   delete messages older than DAYS and all but the KEEP newest",
+        "                                   of each room (0: no such limit); beside a running server too",
         "       python chat.py --help       this text",
         "",
         "Settings are environment variables (README.md, Configuration, says what each does):",
@@ -2113,6 +2123,112 @@ def backup(target: str) -> str | None:
     print(f"copied {url.database} to {target}; to restore, stop the server and put it in the database's place")
 
 
+# Moderation and retention: python chat.py rename-user, delete-user, delete-message, prune; and,
+# with RETAIN_DAYS or RETAIN_MESSAGES_PER_ROOM, the server's own pruning, hourly. Deletes go in
+# batches of PRUNE_BATCH rows, so no statement holds writers up for long.
+
+PRUNE_BATCH = 500
+PRUNE_EVERY = 3600  # seconds between the server's prunes
+RENAME_USER = "UPDATE users SET username = :new WHERE username = :old RETURNING id"
+DELETE_USER = "DELETE FROM users WHERE username = :username RETURNING id"
+DELETE_USERS_MESSAGES = "DELETE FROM messages WHERE user_id = :user_id RETURNING id"
+DELETE_MESSAGE = "DELETE FROM messages WHERE id = :id RETURNING id"
+RELEASE_LOOKS = "DELETE FROM looks WHERE username = :username"
+PRUNE_OLD = """DELETE FROM messages WHERE id IN (
+    SELECT id FROM messages WHERE created_at < :cutoff ORDER BY id LIMIT :batch) RETURNING id"""
+ROOMS_OVER = "SELECT DISTINCT room FROM messages"
+KEPT_FROM = "SELECT id FROM messages WHERE room = :room ORDER BY id DESC LIMIT 1 OFFSET :keep"
+PRUNE_ROOM = """DELETE FROM messages WHERE id IN (
+    SELECT id FROM messages WHERE room = :room AND id <= :upto ORDER BY id LIMIT :batch) RETURNING id"""
+SILENT_USERS = """SELECT id, username FROM users WHERE last_seen < :cutoff
+    AND NOT EXISTS (SELECT 1 FROM messages WHERE user_id = users.id) ORDER BY id LIMIT :batch"""
+DELETE_SILENT_USER = """DELETE FROM users WHERE id = :id
+    AND NOT EXISTS (SELECT 1 FROM messages WHERE user_id = :id) RETURNING id"""
+
+
+async def prune(database: Database, days: float = 0, keep: int = 0, pause: float = 0) -> int:
+    """Delete messages older than `days`, and all but the newest `keep` of each room; how many went."""
+    deleted = 0
+
+    async def in_batches(statement: str, values: dict) -> None:
+        nonlocal deleted
+        while rows := await database.fetch_all(statement, {**values, "batch": PRUNE_BATCH}):
+            deleted += len(rows)
+            await asyncio.sleep(pause)  # writers go in between
+
+    if days:
+        cutoff = utcnow() - datetime.timedelta(days=days)
+        await in_batches(PRUNE_OLD, {"cutoff": cutoff if database.url.dialect == "postgresql"
+                                     else cutoff.strftime("%Y-%m-%d %H:%M:%S.%f")})  # as stored
+    if keep:
+        for row in await database.fetch_all(ROOMS_OVER):
+            upto = await database.fetch_val(KEPT_FROM, {"room": row["room"], "keep": keep})
+            if upto is not None:
+                await in_batches(PRUNE_ROOM, {"room": row["room"], "upto": upto})
+    return deleted
+
+
+async def retain(app) -> None:
+    """The server's retention: prune, then forget users with no message left, not here and not
+    seen for RETAIN_DAYS (their looks too); every PRUNE_EVERY seconds."""
+    database = app.state.database
+    while True:
+        deleted = await prune(database, RETAIN_DAYS, RETAIN_MESSAGES_PER_ROOM, pause=0.05)
+        forgotten = 0
+        if RETAIN_DAYS:
+            present = {name for names in (await app.state.cluster.present()).values() for name in names}
+            cutoff = utcnow() - datetime.timedelta(days=RETAIN_DAYS)
+            for row in await database.fetch_all(SILENT_USERS, {"cutoff": cutoff, "batch": PRUNE_BATCH}):
+                if row["username"] not in present and await database.fetch_val(DELETE_SILENT_USER, {"id": row["id"]}):
+                    await database.execute(RELEASE_LOOKS, {"username": row["username"]})
+                    forgotten += 1
+        if deleted or forgotten:
+            log.info("retention: deleted %d messages and %d users", deleted, forgotten)
+        await asyncio.sleep(PRUNE_EVERY)
+
+
+async def moderate(command: str, *args: str) -> str:
+    """One moderation command on the database DATABASE_URL names, beside a running server; what it did."""
+    database = open_database(DATABASE_URL)
+    await database.connect()
+    try:
+        if command == "rename-user":
+            old, new = args
+            new = check_username(new)
+            if await database.fetch_one(FIND_USER, {"username": new}):
+                raise Invalid("taken", f"{new!r} is another user's name: choose another")
+            await check_lookalike(database, new)
+            if not await database.fetch_val(RENAME_USER, {"old": old, "new": new}):
+                await database.execute(RELEASE_LOOKS, {"username": new})
+                raise Invalid("no_user", f"there is no user {old!r}")
+            await database.execute(RELEASE_LOOKS, {"username": old})  # the old name is free for anyone
+            return f"renamed {old!r} to {new!r}; connected sockets keep the old name until they join again"
+        if command == "delete-user":
+            user_id = await database.fetch_val(FIND_USER, {"username": args[0]})
+            if user_id is None:
+                raise Invalid("no_user", f"there is no user {args[0]!r}")
+            messages = await database.fetch_all(DELETE_USERS_MESSAGES, {"user_id": user_id})
+            await database.execute(DELETE_USER, {"username": args[0]})
+            await database.execute(RELEASE_LOOKS, {"username": args[0]})
+            return f"deleted the user {args[0]!r} and their {len(messages)} messages"
+        if command == "delete-message":
+            if not await database.fetch_val(DELETE_MESSAGE, {"id": check_id(int(args[0]) if args[0].isdigit() else args[0], "id")}):
+                raise Invalid("no_message", f"there is no message {args[0]}")
+            return f"deleted the message {args[0]}"
+        try:
+            days, keep = float(args[0]), int(args[1])
+        except ValueError:
+            raise Invalid("bad_prune", "DAYS and KEEP are numbers, e.g. python chat.py prune 30 1000") from None
+        if days < 0 or keep < 0:
+            raise Invalid("bad_prune", "DAYS and KEEP are 0 or more")
+        return f"deleted {await prune(database, days, keep, pause=0.05)} messages"
+    finally:
+        await database.disconnect()
+
+
+MODERATION = {"rename-user": "OLD NEW", "delete-user": "NAME", "delete-message": "ID", "prune": "DAYS KEEP"}
+
+
 def main(argv: list[str]) -> None:
     """python chat.py: serve. python chat.py token NAME: print a token for NAME."""
     if argv[:1] in (["--help"], ["-h"], ["help"]):
@@ -2131,6 +2247,13 @@ def main(argv: list[str]) -> None:
         except (Refusal, Invalid) as exc:
             sys.exit(str(exc))
         return
+    if argv[:1] and argv[0] in MODERATION:
+        if len(argv) != 1 + len(MODERATION[argv[0]].split()):
+            sys.exit(f"usage: python chat.py {argv[0]} {MODERATION[argv[0]]}")
+        try:
+            return print(asyncio.run(moderate(*argv)))
+        except Invalid as exc:
+            sys.exit(str(exc))
     if argv[:1] == ["backup"]:
         return sys.exit(backup(*argv[1:]) if len(argv) == 2 else "usage: python chat.py backup FILE")
     flags = dict(zip(argv[::2], argv[1::2]))  # --host 0.0.0.0 --port 3000: as HOST and PORT

@@ -367,6 +367,109 @@ def test_every_query_on_sqlite_shares_one_connection_not_one_each(tmp_path, monk
     assert len(opened) == 1
 
 
+def chat_command(database_url: str, *args: str) -> tuple[int, str]:
+    """python chat.py with a command, as an operator runs it: (exit code, what it printed)."""
+    result = subprocess.run([sys.executable, "chat.py", *args], cwd=HERE, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "DATABASE_URL": database_url})
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_rename_user_renames_them_everywhere_and_frees_the_old_name(database_url):
+    with TestClient(chat.create_app(database_url)) as client:
+        post(client, "alice", "hi")
+    assert chat_command(database_url, "rename-user", "alice", "Alicia") == (
+        0, "renamed 'alice' to 'Alicia'; connected sockets keep the old name until they join again\n")
+    with TestClient(chat.create_app(database_url)) as client:
+        assert [m["username"] for m in client.get("/messages").json()] == ["Alicia"]
+        assert client.post("/users", json={"username": "alice"}).status_code == 201
+
+
+def test_rename_user_refuses_a_missing_user_and_a_name_that_is_taken(database_url):
+    with TestClient(chat.create_app(database_url)) as client:
+        post(client, "alice", "hi")
+        post(client, "bob", "hi")
+    assert chat_command(database_url, "rename-user", "bob", "alice") == (
+        1, "'alice' is another user's name: choose another\n")
+    assert chat_command(database_url, "rename-user", "carol", "dave") == (1, "there is no user 'carol'\n")
+    with TestClient(chat.create_app(database_url)) as client:
+        assert query(client, "SELECT username FROM users ORDER BY id") == [{"username": "alice"}, {"username": "bob"}]
+        assert client.post("/users", json={"username": "dave"}).status_code == 201  # not claimed by the refusal
+
+
+def test_delete_user_deletes_them_their_messages_and_their_looks(database_url):
+    with TestClient(chat.create_app(database_url)) as client:
+        post(client, "alice", "one")
+        post(client, "bob", "two")
+        post(client, "alice", "three")
+    assert chat_command(database_url, "delete-user", "alice") == (0, "deleted the user 'alice' and their 2 messages\n")
+    with TestClient(chat.create_app(database_url)) as client:
+        assert [(m["id"], m["username"]) for m in client.get("/messages").json()] == [(2, "bob")]
+        assert client.post("/users", json={"username": "ALICE"}).status_code == 201  # its looks went too
+    assert chat_command(database_url, "delete-user", "alice") == (1, "there is no user 'alice'\n")
+
+
+def test_delete_message_deletes_that_one_only(database_url):
+    with TestClient(chat.create_app(database_url)) as client:
+        post(client, "alice", "one")
+        post(client, "alice", "two")
+    assert chat_command(database_url, "delete-message", "1") == (0, "deleted the message 1\n")
+    assert chat_command(database_url, "delete-message", "1") == (1, "there is no message 1\n")
+    with TestClient(chat.create_app(database_url)) as client:
+        assert [m["id"] for m in client.get("/messages").json()] == [2]
+
+
+def test_prune_deletes_messages_older_than_the_days_given_and_all_but_the_newest_of_each_room(database_url):
+    with TestClient(chat.create_app(database_url)) as client:
+        for n, room in enumerate(["general", "den", "general", "general", "den", "general"], 1):
+            post(client, "alice", f"m{n}", room=room)
+        client.portal.call(client.app.state.database.execute,
+                           "UPDATE messages SET created_at = '2020-01-01 00:00:00' WHERE id = 1")
+    assert chat_command(database_url, "prune", "30", "2") == (0, "deleted 2 messages\n")
+    with TestClient(chat.create_app(database_url)) as client:
+        assert [row["id"] for row in query(client, "SELECT id FROM messages ORDER BY id")] == [2, 4, 5, 6]
+    assert chat_command(database_url, "prune", "-1", "0") == (1, "DAYS and KEEP are 0 or more\n")
+
+
+def test_a_prune_deletes_at_most_prune_batch_rows_a_statement(client, monkeypatch, unlimited):
+    for n in range(5):
+        post(client, "alice", f"m{n}")
+    database, statements = client.app.state.database, []
+    fetch_all = database.fetch_all
+    monkeypatch.setattr(database, "fetch_all", lambda sql, values=None: statements.append(sql) or fetch_all(sql, values))
+    monkeypatch.setattr(chat, "PRUNE_BATCH", 2)
+    assert client.portal.call(chat.prune, database, 0, 2) == 3  # 2, then 1, then none left
+    assert statements.count(chat.PRUNE_ROOM) == 3
+    statements.clear()
+    assert client.portal.call(chat.prune, database, 0, 0) == 0  # nothing asked, nothing deleted
+
+
+def test_retention_keeps_the_newest_of_a_room_while_messages_come_and_delivers_every_one(database_url, monkeypatch,
+                                                                                         unlimited):
+    monkeypatch.setattr(chat, "RETAIN_MESSAGES_PER_ROOM", 5)
+    monkeypatch.setattr(chat, "PRUNE_EVERY", 0.05)
+    with TestClient(chat.create_app(database_url)) as client, client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        for n in range(20):
+            ws.send_json({"type": "message", "content": f"m{n}"})
+        assert [ws.receive_json()["content"] for _ in range(20)] == [f"m{n}" for n in range(20)]
+        wait_until(lambda: len(query(client, "SELECT id FROM messages")) == 5)
+        assert [row["id"] for row in query(client, "SELECT id FROM messages ORDER BY id")] == [16, 17, 18, 19, 20]
+
+
+def test_retention_forgets_users_with_no_message_left_not_here_and_not_seen_for_retain_days(database_url,
+                                                                                          monkeypatch):
+    monkeypatch.setattr(chat, "RETAIN_DAYS", 1)
+    monkeypatch.setattr(chat, "PRUNE_EVERY", 0.05)
+    with TestClient(chat.create_app(database_url)) as client, client.websocket_connect("/ws") as ws:
+        join(ws, "carol")  # here
+        post(client, "bob", "recent")  # a message left
+        assert client.post("/users", json={"username": "ghost"}).status_code == 201
+        client.portal.call(client.app.state.database.execute, "UPDATE users SET last_seen = '2020-01-01 00:00:00'")
+        wait_until(lambda: len(query(client, "SELECT id FROM users")) == 2)
+        assert query(client, "SELECT username FROM users ORDER BY id") == [{"username": "carol"}, {"username": "bob"}]
+        assert query(client, "SELECT look FROM looks WHERE username = 'ghost'") == []
+
+
 def test_messages_are_still_there_after_a_restart(database_url):
     with TestClient(chat.create_app(database_url)) as client:
         post(client, "alice", "before the restart")
