@@ -144,7 +144,8 @@ CLOSE_CODES = {
     status.WS_1001_GOING_AWAY: "the server is shutting down (under python chat.py; plain uvicorn sends 1012)",
     status.WS_1007_INVALID_FRAME_PAYLOAD_DATA: "a text frame that is not UTF-8 (sent by the server itself)",
     status.WS_1008_POLICY_VIOLATION: "a bad room in the URL, too many connections from your address, "
-                                     "a flood of refused frames, or (python chat.py) too many pings or fragments",
+                                     "a flood of refused frames, your user was deleted, or (python chat.py) too many "
+                                     "pings or fragments",
     status.WS_1009_MESSAGE_TOO_BIG: "a frame over the server's limit (python chat.py: 4 x MAX_FRAME_BYTES)",
     status.WS_1011_INTERNAL_ERROR: "no answer to the server's pings (sent by uvicorn: "
                                    "\"keepalive ping timeout\")",
@@ -160,6 +161,13 @@ log = logging.getLogger("uvicorn.error.chat")  # uvicorn's log: shown, in its fo
 
 class Unavailable(Exception):
     """The database failed while a message waited to be stored: it was not stored."""
+
+
+class UserDeleted(HTTPException):
+    """A message's sender was deleted (python chat.py delete-user) before it was stored: not stored."""
+
+    def __init__(self):
+        super().__init__(404, "this user was deleted; create it again with POST /users")
 
 
 # What a failing database raises; callers turn these into an "unavailable" error, never a 500.
@@ -406,9 +414,10 @@ INSERT_MESSAGES = """
     SELECT json_extract(value, '$.room'), json_extract(value, '$.user_id'),
            json_extract(value, '$.content'), :now, json_extract(value, '$.client_id')
     FROM json_each(:batch)
-    WHERE json_extract(value, '$.client_id') IS NULL OR NOT EXISTS (
+    WHERE (json_extract(value, '$.client_id') IS NULL OR NOT EXISTS (
         SELECT 1 FROM messages WHERE user_id = json_extract(value, '$.user_id')
-                                 AND client_id = json_extract(value, '$.client_id'))
+                                 AND client_id = json_extract(value, '$.client_id')))
+      AND EXISTS (SELECT 1 FROM users WHERE id = json_extract(value, '$.user_id'))  -- not deleted meanwhile
     ORDER BY key
     RETURNING id, user_id, client_id"""
 RECORD_LAST_SEEN = {
@@ -1018,7 +1027,9 @@ async def on_message(app, client: Client, frame: dict) -> None:
         "unavailable"."""
         if done.cancelled():
             return
-        if done.exception():
+        if isinstance(done.exception(), UserDeleted):  # by an operator: not stored, and the socket goes
+            background(app, client.close(status.WS_1008_POLICY_VIOLATION, "your user was deleted"))
+        elif done.exception():
             unavailable(app, client, client_id)
         elif not done.result()[1]:
             client.send({"type": "message", **done.result()[0]})
@@ -1205,9 +1216,10 @@ class MessageWriter:
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(stored))
         self.metrics.stored.inc(len(stored))
-        unnamed = iter(id for id, _, client_id in stored if client_id is None)  # in batch order, as ids are
-        named = {(user_id, client_id): id for id, user_id, client_id in stored if client_id is not None}
-        fresh = [(post, next(unnamed) if post.client_id is None else named.get((post.user_id, post.client_id)))
+        ids: dict[tuple, deque] = {}  # each sender's, in batch order as ids are (a deleted sender's: none)
+        for id, user_id, client_id in stored:
+            ids.setdefault((user_id, client_id), deque()).append(id)
+        fresh = [(post, ids[key].popleft() if ids.get(key := (post.user_id, post.client_id)) else None)
                  for post in unique]
         timestamp = iso(now)  # one time for the whole batch, as stored
         messages = [{"id": id, "room": post.room, "username": post.username, "content": post.content,
@@ -1231,11 +1243,17 @@ class MessageWriter:
             if id is None and not post.done.done():  # stored before: answer with it as it was stored
                 row = await self.database.fetch_one(RESENT_MESSAGE, {"user_id": post.user_id,
                                                                      "client_id": post.client_id})
-                post.done.set_result((message_out(row), False))
+                if row is None:  # its sender was deleted meanwhile, with their messages
+                    post.done.set_exception(UserDeleted())
+                else:
+                    post.done.set_result((message_out(row), False))
         for post in batch:
             first = post.client_id and firsts[post.user_id, post.client_id]
             if first and first is not post and not post.done.done():
-                post.done.set_result((first.done.result()[0], False))
+                if first.done.exception():
+                    post.done.set_exception(first.done.exception())
+                else:
+                    post.done.set_result((first.done.result()[0], False))
 
     async def record_last_seen(self) -> None:
         usernames, self.leavers = self.leavers, set()
@@ -2301,8 +2319,9 @@ class PostgresWriter(MessageWriter):
             FROM locked, ROWS FROM (json_to_recordset(CAST($1 AS JSON))
                                     AS (room TEXT, user_id BIGINT, content TEXT, client_id TEXT))
                          WITH ORDINALITY AS b(room, user_id, content, client_id, n)
-            WHERE b.client_id IS NULL OR NOT EXISTS (
-                SELECT 1 FROM messages AS m WHERE m.user_id = b.user_id AND m.client_id = b.client_id)
+            WHERE (b.client_id IS NULL OR NOT EXISTS (
+                SELECT 1 FROM messages AS m WHERE m.user_id = b.user_id AND m.client_id = b.client_id))
+              AND EXISTS (SELECT 1 FROM users AS u WHERE u.id = b.user_id)
             ORDER BY b.n
             ON CONFLICT (user_id, client_id) WHERE client_id IS NOT NULL  -- stored by another process
             DO NOTHING                                                     -- since this statement began

@@ -3336,6 +3336,43 @@ def test_an_unexpected_error_in_the_writer_answers_unavailable_and_the_writer_ca
     assert query(client, "SELECT content FROM messages") == [{"content": "second"}]
 
 
+def test_a_batch_with_messages_of_a_user_deleted_meanwhile_stores_the_others_under_their_own_ids(client):
+    alice, bob = (client.post("/users", json={"username": name}).json()["id"] for name in ("alice", "bob"))
+    client.portal.call(client.app.state.database.execute, "DELETE FROM users WHERE username = 'bob'")
+    writer = client.app.state.writer
+
+    async def one_batch():
+        posts = [("alice", alice, "a1", None), ("bob", bob, "b1", None), ("alice", alice, "a2", "k"),
+                 ("bob", bob, "b2", "k"), ("bob", bob, "b3", "k"), ("alice", alice, "a3", None)]
+        return await asyncio.gather(*(writer.post("general", user_id, name, content, client_id)
+                                      for name, user_id, content, client_id in posts), return_exceptions=True)
+
+    results = client.portal.call(one_batch)
+    assert [(r[0]["id"], r[0]["content"], r[1]) if isinstance(r, tuple) else type(r).__name__ for r in results] == [
+        (1, "a1", True), "UserDeleted", (2, "a2", True), "UserDeleted", "UserDeleted", (3, "a3", True)]
+    assert query(client, "SELECT id, user_id, content FROM messages ORDER BY id") == [
+        {"id": 1, "user_id": alice, "content": "a1"}, {"id": 2, "user_id": alice, "content": "a2"},
+        {"id": 3, "user_id": alice, "content": "a3"}]
+
+
+def test_a_user_deleted_while_connected_is_closed_with_1008_when_they_next_post(client):
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "bob")
+        client.portal.call(client.app.state.database.execute, "DELETE FROM users WHERE username = 'bob'")
+        ws.send_json({"type": "message", "content": "still here?"})
+        assert closed_with(ws) == (1008, "your user was deleted")
+    assert query(client, "SELECT id FROM messages") == []
+
+
+def test_a_rest_message_of_a_user_deleted_after_it_was_checked_is_404(client, monkeypatch):
+    client.post("/users", json={"username": "bob"})
+    client.portal.call(client.app.state.database.execute, "DELETE FROM users WHERE username = 'bob'")
+    monkeypatch.setattr(chat, "FIND_USER", "SELECT 1 AS id WHERE :username = :username")  # as if bob had been found a moment before
+    response = client.post("/messages", json={"username": "bob", "content": "hi"})
+    assert (response.status_code, response.json()) == (
+        404, {"detail": "this user was deleted; create it again with POST /users"})
+
+
 def test_supervise_starts_a_task_again_after_any_error_until_it_returns():
     calls, failures = [], []
 
