@@ -3367,7 +3367,8 @@ def test_a_user_deleted_while_connected_is_closed_with_1008_when_they_next_post(
 def test_a_rest_message_of_a_user_deleted_after_it_was_checked_is_404(client, monkeypatch):
     client.post("/users", json={"username": "bob"})
     client.portal.call(client.app.state.database.execute, "DELETE FROM users WHERE username = 'bob'")
-    monkeypatch.setattr(chat, "FIND_USER", "SELECT 1 AS id WHERE :username = :username")  # as if bob had been found a moment before
+    # As if bob had been found a moment before the writer stored his message:
+    monkeypatch.setattr(chat, "FIND_USER", "SELECT 1 AS id, CAST(:username AS TEXT) AS username")
     response = client.post("/messages", json={"username": "bob", "content": "hi"})
     assert (response.status_code, response.json()) == (
         404, {"detail": "this user was deleted; create it again with POST /users"})
