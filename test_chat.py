@@ -1329,6 +1329,7 @@ def test_a_backup_onto_a_file_that_exists_is_refused_saying_what_to_do(tmp_path,
 def test_a_postgresql_database_restored_with_pg_restore_and_its_identity_deleted_gets_a_new_one(postgres_url, tmp_path):
     if not shutil.which("pg_dump"):
         missing("pg_dump is not installed")
+    postgres_execute(postgres_url, "DROP SCHEMA public CASCADE; CREATE SCHEMA public")  # whatever tests ran before
     with TestClient(chat.create_app(postgres_url)) as client:
         post(client, "alice", "kept")
         original = identity(client)
