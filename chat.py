@@ -73,7 +73,6 @@ from starlette.endpoints import HTTPEndpoint
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -155,6 +154,8 @@ CLOSE_CODES = {
 
 HERE = pathlib.Path(__file__).parent
 log = logging.getLogger("uvicorn.error.chat")  # uvicorn's log: shown, in its format, under both runners
+# asyncpg's pool logs each failed reconnect with a traceback; Outage (below) says lost and back once.
+logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
 
 # --- Database and SQL ---------------------------------------------------------------------------
 
@@ -763,12 +764,29 @@ def check_writer(holder: str | None, username: str) -> None:
         raise HTTPException(403, f"this token is for {holder!r}")
 
 
+def untrusted_proxy(connection: HTTPConnection) -> str | None:
+    """The address of a proxy the request came through whose X-Forwarded-For is not believed (a
+    believed one's client would be an address from that header), or None."""
+    forwarded = connection.headers.get("x-forwarded-for")
+    peer = connection.client.host if connection.client else None
+    if forwarded is None or peer is None or peer in [part.strip() for part in forwarded.split(",")]:
+        return None
+    return peer
+
+
 def handshake_refusal(connection: HTTPConnection) -> tuple[int, str] | None:
     """Why a WebSocket handshake is refused before any socket opens, as (HTTP status, detail);
     None if it may go on. Plain HTTP to the socket's path answers with the same, for browsers,
-    which never see why a handshake failed."""
+    which never see why a handshake failed. Behind a proxy, the usual cause is the proxy's."""
     if not origin_allowed(connection):
-        origin = connection.headers.get("origin")
+        origin, host = connection.headers.get("origin"), connection.headers.get("host", "")
+        page = urllib.parse.urlsplit(origin)
+        if (proxy := untrusted_proxy(connection)) and page.netloc == host:
+            return 403, (f"pages from {origin} came through a proxy at {proxy} whose X-Forwarded-Proto is not "
+                         f"believed; if it is yours, start the server with TRUSTED_PROXIES={proxy}")
+        if page.port and page.hostname == host and connection.headers.get("x-forwarded-for"):
+            return 403, (f"the proxy sent the Host {host!r} without the page's port ({origin}); forward the "
+                         "browser's Host (nginx: proxy_set_header Host $http_host)")
         return 403, (f"pages from {origin} may not open a socket here; to let them, start the server with "
                      f"ALLOWED_ORIGINS={','.join([*ALLOWED_ORIGINS, origin])}")
     if SECRET and token_holder(token := presented_token(connection)) is None:
@@ -872,9 +890,10 @@ async def chat_socket(websocket: WebSocket):
     """Check the handshake, then handle its frames in order until the socket goes."""
     app = websocket.app
     # Refused before accept: the client gets HTTP 403 and no socket is ever opened.
+    ip = client_address(websocket)
     refusal = handshake_refusal(websocket)
     if refusal:
-        log.warning("refused a WebSocket: %s", refusal[1])
+        app.state.said.warning(refusal[1], "refused a WebSocket from %s: %s", ip, refusal[1])
         await websocket.close(status.WS_1008_POLICY_VIOLATION)
         return
     identity, expires = token_holder(presented_token(websocket)) if SECRET else (None, None)
@@ -882,12 +901,14 @@ async def chat_socket(websocket: WebSocket):
     # Refused after accept, so that the client can read the close code and the reason.
     try:
         room = check_room(websocket.path_params.get("room", DEFAULT_ROOM))
+        refusal = app.state.rooms.refusal(ip)
     except Invalid as exc:
-        await websocket.close(status.WS_1008_POLICY_VIOLATION, exc.detail[:120])
-        return
-    ip = client_address(websocket)
-    refusal = app.state.rooms.refusal(ip)
+        refusal = status.WS_1008_POLICY_VIOLATION, exc.detail[:120]
     if refusal:
+        proxy = untrusted_proxy(websocket)
+        app.state.said.warning(refusal[1], "closed a WebSocket from %s with %d: %s%s", ip, *refusal, proxy and (
+            f"; it came through a proxy at {proxy}: if it is yours, start the server with TRUSTED_PROXIES={proxy}, "
+            "so that each client behind it counts on its own") or "")
         await websocket.close(*refusal)
         return
     def stalled(client):  # it stopped reading: it leaves its room at once, so the others see it go
@@ -896,6 +917,7 @@ async def chat_socket(websocket: WebSocket):
 
     client = Client(websocket, ip, room, identity, on_stall=stalled)
     app.state.rooms.connect(client)
+    message = {}
     # A socket lives no longer than its token.
     expiry = expires and asyncio.get_running_loop().call_later(
         max(0.0, expires - time.time()),
@@ -922,11 +944,14 @@ async def chat_socket(websocket: WebSocket):
                     await client.close(status.WS_1008_POLICY_VIOLATION, "flooding: too many frames")
                     break
                 app.state.metrics.refused.labels(exc.code).inc()
+                app.state.said.info(exc.code, "refused a frame from %s at %s: %s", client.username, ip, exc.detail)
                 client.error(exc.code, exc.detail, echoed_client_id(frame))
             except DATABASE_ERRORS as exc:
-                log.warning("database error on a WebSocket frame: %r", exc)
+                app.state.writer.outage.lost("a WebSocket frame", exc)
                 unavailable(app, client)
     finally:
+        log.info("socket from %s closed with %s (%s)", ip, client.closed_with or message.get("code", 1006),
+                 client.username or "not joined")
         if expiry:
             expiry.cancel()
         app.state.rooms.disconnect(client)
@@ -997,6 +1022,7 @@ async def on_join(app, client: Client, frame: dict) -> None:
         app.state.rooms.unsubscribe(client)  # not joined after all: the client may try again
         client.username, client.held = None, None
         raise
+    log.info("%s joined %s from %s", username, room, client.ip)
     client.release(notices, history)
 
 
@@ -1048,7 +1074,6 @@ def echoed_client_id(frame: dict | None) -> str | None:
 
 def unavailable(app, client: Client, client_id: str | None = None) -> None:
     """Tell a client the database failed its frame (a message: perhaps not stored)."""
-    app.state.metrics.database_errors.inc()
     app.state.metrics.refused.labels("unavailable").inc()
     client.error("unavailable", "the database is unavailable; try again shortly", client_id)
 
@@ -1070,11 +1095,12 @@ async def leave(app, client: Client) -> None:
         return
     last_here = app.state.rooms.unsubscribe(client)
     app.state.writer.record_leaving(username)
+    log.info("%s left %s", username, room)
     try:
         if last_here and await app.state.cluster.depart(room, username):
             await app.state.cluster.announce(system_frame(room, f"{username} left the chat"))
     except DATABASE_ERRORS as exc:  # gone from this process already; the rest is best effort
-        log.warning("could not record that %r left: %r", username, exc)
+        app.state.writer.outage.lost("recording a leave", exc)
 
 
 HANDLERS = {"join": on_join, "message": on_message, "leave": on_leave}
@@ -1095,16 +1121,58 @@ class Post:
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
-async def supervise(name: str, work, on_failure=lambda: None, delay: float = 0.5, metrics=None) -> None:
+class Outage:
+    """The database lost, and back: a line each, however many operations fail in between (an
+    operator reads two lines, not a screenful)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics, self.since, self.failures = metrics, None, 0
+
+    def lost(self, what: str, exc: BaseException) -> None:
+        self.metrics.database_errors.inc()
+        self.failures += 1
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("lost the database: %s failed (%s: %s); retrying, and a line will say when it is back",
+                        what, type(exc).__name__, str(exc)[:200] or "no detail")
+
+    def back(self) -> None:
+        if self.since is not None:
+            log.warning("the database is back after %.1f s; %d operations failed meanwhile",
+                        time.monotonic() - self.since, self.failures)
+            self.since, self.failures = None, 0
+
+
+class Said:
+    """What an operator reads once a minute per kind, with how many more came, not once per
+    event: a flood of refusals writes a line a minute."""
+
+    def __init__(self):
+        self.last: dict[str, float] = {}
+        self.unsaid: Counter[str] = Counter()
+
+    def info(self, kind: str, message: str, *args, level: int = logging.INFO) -> None:
+        now = time.monotonic()
+        if now - self.last.get(kind, -60.0) < 60:
+            self.unsaid[kind] += 1
+            return
+        if len(self.last) > 1000:  # kinds carry what clients send: keep the last minute's only
+            self.last = {k: t for k, t in self.last.items() if now - t < 60}
+        self.last[kind], more = now, self.unsaid.pop(kind, 0)
+        log.log(level, message + (f" ({more} more like it since the last such line)" if more else ""), *args)
+
+    def warning(self, kind: str, message: str, *args) -> None:
+        self.info(kind, message, *args, level=logging.WARNING)
+
+
+async def supervise(name: str, work, outage: Outage, on_failure=lambda: None, delay: float = 0.5) -> None:
     """Run work() until it returns, starting it again after any error whatever: a long-lived task
     that died would quietly stop the chat (no message stored, no sender ever answered)."""
     while True:
         try:
             return await work()
         except DATABASE_ERRORS as exc:
-            log.warning("%s lost the database (%r); again in %g s", name, exc, delay)
-            if metrics:
-                metrics.database_errors.inc()
+            outage.lost(name, exc)
         except Exception:  # the supervisor: the one place for a broad except
             log.exception("%s failed; again in %g s", name, delay)
         on_failure()
@@ -1125,6 +1193,7 @@ class MessageWriter:
 
     def __init__(self, database: Database, rooms: Rooms, metrics: Metrics):
         self.database, self.rooms, self.metrics = database, rooms, metrics
+        self.outage = Outage(metrics)
         self.last_seen_sql = RECORD_LAST_SEEN[database.url.dialect]
         self.unpublished_sql = UNPUBLISHED[database.url.dialect]
         self.posts: deque[Post] = deque()  # waiting to be stored
@@ -1157,8 +1226,8 @@ class MessageWriter:
     async def run(self) -> None:
         """Work until stop(). Each session runs in a new task, on a new connection: `databases`
         ties a connection to the task that opened it, and a failed one must not be reused."""
-        await supervise("the message writer", lambda: asyncio.create_task(self.session()),
-                        on_failure=self.fail_waiting, metrics=self.metrics)
+        await supervise("the message writer", lambda: asyncio.create_task(self.session()), self.outage,
+                        on_failure=self.fail_waiting)
 
     async def stop(self, task: asyncio.Task) -> None:
         """Store everything accepted so far, then end the run() task."""
@@ -1213,6 +1282,7 @@ class MessageWriter:
                            for p in unique])
         stored = await self.insert(rows, now)
         self.failed_at = -math.inf
+        self.outage.back()
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(stored))
         self.metrics.stored.inc(len(stored))
@@ -1261,7 +1331,7 @@ class MessageWriter:
             await self.database.execute(self.last_seen_sql,
                                         {"usernames": json.dumps(sorted(usernames)), "now": utcnow()})
         except DATABASE_ERRORS as exc:  # best effort: the users have left either way
-            log.warning("could not record last_seen of %d user(s): %r", len(usernames), exc)
+            self.outage.lost("recording when users left", exc)
 
     async def insert(self, batch: str, now: datetime.datetime) -> list[tuple]:
         """Store a batch of messages (a JSON array of room, user_id, content, client_id); (id,
@@ -1471,7 +1541,7 @@ class Client:
 
     __slots__ = ("websocket", "ip", "room", "identity", "on_stall", "username", "user_id", "budget", "refused",
                  "outbox", "sender", "writing", "write_now", "frame", "idle", "held", "last_message_id",
-                 "in_flight", "stopped", "closing", "hears_after")  # thousands wait at once: no dict each
+                 "in_flight", "stopped", "closing", "hears_after", "closed_with")  # thousands wait at once: no dict each
 
     def __init__(self, websocket: WebSocket, ip: str, room: str, identity: str | None, on_stall):
         self.websocket, self.ip, self.room, self.identity = websocket, ip, room, identity
@@ -1496,6 +1566,7 @@ class Client:
         self.stopped = False  # nothing more is sent to it: it stalled, or it went
         self.closing: asyncio.Task | None = None  # its 1013, once it stalled
         self.hears_after = 0  # Rooms.subscribe numbers it: the notices it hears come after
+        self.closed_with: str | None = None  # the code and reason, if the server closed it
 
     def send(self, frame: dict) -> None:
         self.send_text(encode(frame))
@@ -1593,6 +1664,7 @@ class Client:
 
     async def close(self, code: int, reason: str, timeout: float | None = 2) -> None:
         """Send a close frame; it waits behind unread data, so give up after `timeout` seconds."""
+        self.closed_with = f"{code} {reason}"
         with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected, asyncio.TimeoutError):
             await asyncio.wait_for(self.websocket.close(code, reason), timeout)
 
@@ -1792,8 +1864,7 @@ async def client_gone(request, exc):
 
 
 async def database_down(request, exc):
-    log.warning("database error on %s %s: %r", request.method, request.url.path, exc)
-    request.app.state.metrics.database_errors.inc()
+    request.app.state.writer.outage.lost(f"{request.method} {request.url.path}", exc)
     return JSONResponse({"detail": "the database is unavailable; try again shortly"}, status_code=503)
 
 
@@ -1850,8 +1921,11 @@ async def readyz(request):
     state, why = request.app.state, None
     try:
         await asyncio.wait_for(state.database.fetch_all(MESSAGES_AS_EXPECTED), 2)
-    except (*DATABASE_ERRORS, asyncio.TimeoutError):
+    except (*DATABASE_ERRORS, asyncio.TimeoutError) as exc:
+        state.writer.outage.lost("the readiness check", exc)
         why = "the database is unavailable"
+    else:
+        state.writer.outage.back()
     if why is None and state.database.url.dialect == "sqlite" and shutil.disk_usage(
             os.path.dirname(os.path.abspath(state.database.url.database))).free < FULL_BELOW_BYTES:
         why = "the disk holding the database is full"
@@ -1898,7 +1972,7 @@ async def lifespan(app):
             raise Refusal(disk_refusal(database.url.database, exc)) from None
         raise
     writer = asyncio.create_task(app.state.writer.run())
-    retention = asyncio.create_task(supervise("retention", lambda: retain(app))) if (
+    retention = asyncio.create_task(supervise("retention", lambda: retain(app), app.state.writer.outage)) if (
         RETAIN_DAYS or RETAIN_MESSAGES_PER_ROOM) else None
     app.state.cluster = app.state.cluster_class(app)
     await app.state.cluster.start()
@@ -1964,27 +2038,35 @@ def own_address(host: str) -> bool:
     return False
 
 
-class HostCheck(TrustedHostMiddleware):
-    """Starlette's Host check (against DNS rebinding), which also lets in this machine's own IP
-    addresses, whichever it has now, unless ALLOWED_HOSTS names the hosts itself. A refused host
-    is logged once, with the setting that would let it in."""
+class HostCheck:
+    """The Host check (against DNS rebinding; "*.example.org" matches its subdomains), which also
+    lets in this machine's own IP addresses, whichever it has now, unless ALLOWED_HOSTS names the
+    hosts itself. A refused host is told, and logged once, with the setting that would let it in."""
 
-    def __init__(self, app, allowed_hosts):
-        super().__init__(app, allowed_hosts)
+    def __init__(self, app, allowed_hosts: list[str]):
+        self.app, self.allowed_hosts = app, list(allowed_hosts)
         self.refused: set[str] = set()  # hosts logged already
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] in ("http", "websocket") and not self.allow_any:
-            host = urllib.parse.urlsplit("//" + Headers(scope=scope).get("host", "")).hostname or ""
-            bracketed = f"[{host}]" if ":" in host else host
-            if bracketed not in self.allowed_hosts:
-                if not ALLOWED_HOSTS and own_address(host):
-                    self.allowed_hosts.append(bracketed)
-                elif len(self.refused) < 100 and host not in self.refused:
-                    self.refused.add(host)
-                    log.warning("refused a request for the host %r: not one of this server's names; if it is, start "
-                                "the server with ALLOWED_HOSTS=%s", host[:100], ",".join([*ALLOWED_HOSTS, bracketed][:10])[:300])
-        await super().__call__(scope, receive, send)
+    def allowed(self, host: str) -> bool:
+        return "*" in self.allowed_hosts or any(
+            host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])) for pattern in self.allowed_hosts)
+
+    def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return self.app(scope, receive, send)
+        host = urllib.parse.urlsplit("//" + Headers(scope=scope).get("host", "")).hostname or ""
+        bracketed = f"[{host}]" if ":" in host else host
+        if self.allowed(bracketed):
+            return self.app(scope, receive, send)
+        if not ALLOWED_HOSTS and own_address(host):
+            self.allowed_hosts.append(bracketed)
+            return self.app(scope, receive, send)
+        detail = (f"this server does not answer to the host {host[:100]!r}; if it should, start it with "
+                  f"ALLOWED_HOSTS={','.join([*ALLOWED_HOSTS, bracketed][:10])[:300]}")
+        if len(self.refused) < 100 and host not in self.refused:
+            self.refused.add(host)
+            log.warning("refused a request: %s", detail)
+        return JSONResponse({"detail": detail}, status_code=400)(scope, receive, send)
 
 
 UNBOUNDED = ("served without chat's runner, so the server's own bounds are off (request deadlines and "
@@ -2074,6 +2156,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
     app.state.limits = AddressLimits()
     app.state.tasks = set()
     app.state.unready = None  # why /readyz said 503 last, to log each change once
+    app.state.said = Said()
     # The one place that asks which database this is: on PostgreSQL, other processes may store and
     # serve (storey 2); the handlers call the writer and the cluster the same way either way.
     several = app.state.database.url.dialect == "postgresql"
@@ -2415,8 +2498,8 @@ class PostgresCluster(OneProcess):
 
     async def start(self) -> None:
         await self.database.execute(self.REGISTER, {"me": self.me})
-        self.tasks = [asyncio.create_task(supervise("the listener", self.listen)),
-                      asyncio.create_task(supervise("the heartbeat", self.beat))]
+        self.tasks = [asyncio.create_task(supervise("the listener", self.listen, self.writer.outage)),
+                      asyncio.create_task(supervise("the heartbeat", self.beat, self.writer.outage))]
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -2476,6 +2559,7 @@ class PostgresCluster(OneProcess):
         try:
             await connection.add_listener("chat_messages", self.on_notify)
             await connection.add_listener("chat_events", self.on_notify)
+            self.writer.outage.back()
             self.writer.wake()  # publish what was stored while nobody listened
             while True:
                 await asyncio.sleep(1)

@@ -17,8 +17,10 @@ bounds are on) and "chat.write_now" (WebSocket: write a frame's bytes now, for b
 """
 
 import asyncio
+import copy
 import errno
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -71,8 +73,12 @@ PING_TIMEOUT = setting("PING_TIMEOUT", "20", float)  # PING_INTERVAL + PING_TIME
 SHUTDOWN_SECONDS = setting("SHUTDOWN_SECONDS", "10", float)  # then stuck connections are cut
 # Addresses (or networks) of your proxies: only their X-Forwarded-For is believed.
 TRUSTED_PROXIES = [p.strip() for p in os.environ.get("TRUSTED_PROXIES", "").split(",") if p.strip()]
+LOG_FORMAT = os.environ.get("LOG_FORMAT") or "text"  # or json: one JSON object a line
+if LOG_FORMAT not in ("text", "json"):
+    raise SystemExit(f"LOG_FORMAT={LOG_FORMAT!r}: use text or json, e.g. LOG_FORMAT=json")
 SETTINGS = ["HOST", "PORT", "SSL_KEYFILE", "SSL_CERTFILE", "REQUEST_TIMEOUT", "MAX_HEAD_BYTES",
-            "MAX_SOCKETS_PER_IP", "PING_INTERVAL", "PING_TIMEOUT", "SHUTDOWN_SECONDS", "TRUSTED_PROXIES"]
+            "MAX_SOCKETS_PER_IP", "PING_INTERVAL", "PING_TIMEOUT", "SHUTDOWN_SECONDS", "TRUSTED_PROXIES",
+            "LOG_FORMAT"]
 
 MAX_HEAD_FIELDS = 100
 CLOSE_GRACE = 5.0  # seconds a closing WebSocket has to flush to a peer that does not read
@@ -451,7 +457,31 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
         self.transport.close()
 
 
-# --- Logs: no tokens, and a peer's faults said once a minute -------------------------------------
+# --- Logs: a time on every line, no tokens, and a peer's faults said once a minute ---------------
+
+
+class JsonLines(logging.Formatter):
+    """LOG_FORMAT=json: a log collector reads one JSON object a line, no parsing of prose."""
+
+    def format(self, record):
+        return json.dumps({"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                           "message": record.getMessage()}, ensure_ascii=False)
+
+    def formatTime(self, record, datefmt=None):
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+
+
+def log_config() -> dict:
+    """uvicorn's logging, with the time (UTC) first on every line, or as JSON lines."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["root"] = {"handlers": ["default"], "level": "WARNING"}  # other libraries' lines, formatted alike
+    for formatter in config["formatters"].values():
+        if LOG_FORMAT == "json":
+            formatter.clear()
+            formatter["()"] = JsonLines
+        else:
+            formatter["fmt"] = "%(asctime)s " + formatter["fmt"]
+    return config
 
 
 class RedactTokens(logging.Filter):
@@ -473,7 +503,8 @@ class RedactTokens(logging.Filter):
 
 class QuietPeers(logging.Filter):
     """A peer's bad frame is the peer's fault, not the server's: uvicorn logs each with a traceback,
-    at the peer's pace. One line per kind a minute instead, saying how many more came."""
+    at the peer's pace. One line per kind a minute instead, saying how many more came. And one
+    line per event: websockets' own lines repeat uvicorn's and the app's."""
 
     KINDS = {"Invalid UTF-8 sequence received from client.": "a peer sent a text frame that is not "
                                                              "UTF-8 (closed with 1007)"}
@@ -483,7 +514,12 @@ class QuietPeers(logging.Filter):
         self.said: dict[str, float] = {}
         self.unsaid: Counter[str] = Counter()
 
+    SAID_ALREADY = {"connection open", "connection closed", "connection rejected (%d %s)"}  # the lines
+    # before and after say it: uvicorn's "[accepted]" or "403", and the app's "socket ... closed with"
+
     def filter(self, record):
+        if record.msg in self.SAID_ALREADY:
+            return False
         if record.msg not in self.KINDS:
             return True
         kind, now = record.msg, time.monotonic()
@@ -520,7 +556,7 @@ def config(app, max_frame_bytes: int, **settings) -> uvicorn.Config:
         ws_max_size=4 * max_frame_bytes,  # the app answers frame_too_large below that
         ws_per_message_deflate=False,  # no inflating bombs; a chat line needs no compression
         ws_ping_interval=PING_INTERVAL, ws_ping_timeout=PING_TIMEOUT,
-        timeout_graceful_shutdown=SHUTDOWN_SECONDS,
+        timeout_graceful_shutdown=SHUTDOWN_SECONDS, log_config=log_config(),
         proxy_headers=bool(TRUSTED_PROXIES), forwarded_allow_ips=TRUSTED_PROXIES or None, **settings)
     for name in ("uvicorn.access", "uvicorn.error"):  # after Config, which sets up uvicorn's logging
         logger = logging.getLogger(name)
@@ -536,17 +572,26 @@ def serve(app, max_frame_bytes: int) -> None:
         raise SystemExit(f"uvicorn {uvicorn.__version__} is installed, but python chat.py's bounds are written "
                          f"for {UVICORN}x: pip install -r requirements.txt (or serve with plain uvicorn chat:app, "
                          "without those bounds)")
-    server = uvicorn.Server(config(app, max_frame_bytes))
+    server = Server(config(app, max_frame_bytes))
     in_use(HOST, PORT)
-    scheme = "https" if SSL_CERTFILE else "http"
-    hosts = [HOST] if HOST not in ("0.0.0.0", "::", "") else sorted(
-        {address.address for addresses in psutil.net_if_addrs().values() for address in addresses
-         if address.family == socket.AF_INET})  # every interface: say each address to open
-    for host in hosts:
-        log.info("open %s://%s:%d/test", scheme, f"[{host}]" if ":" in host else host, PORT)
     server.run()
     if not server.started:  # the app refused to start: it has said why
         raise SystemExit(3)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which says where to open the chat once it serves (not before: it may not)."""
+
+    async def startup(self, sockets=None):
+        await super().startup(sockets)
+        if not self.started:
+            return
+        hosts = [HOST] if HOST not in ("0.0.0.0", "::", "") else sorted(
+            {address.address for addresses in psutil.net_if_addrs().values() for address in addresses
+             if address.family == socket.AF_INET})  # every interface: say each address to open
+        for host in hosts:
+            log.info("open %s://%s:%d/test", "https" if SSL_CERTFILE else "http",
+                     f"[{host}]" if ":" in host else host, PORT)
 
 
 def in_use(host: str, port: int) -> None:

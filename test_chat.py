@@ -1407,7 +1407,8 @@ def test_an_ip_address_of_this_machine_is_one_of_its_names_and_another_is_refuse
     with TestClient(chat.create_app(database_url)) as client:
         assert client.get("/ws-info", headers={"host": "127.0.0.2:8000"}).status_code == 200  # unlisted, but its own
         refused = client.get("/ws-info", headers={"host": "203.0.113.9:8000"})
-    assert (refused.status_code, refused.text) == (400, "Invalid host header")
+    assert (refused.status_code, refused.json()) == (400, {"detail": (
+        "this server does not answer to the host '203.0.113.9'; if it should, start it with ALLOWED_HOSTS=203.0.113.9")})
 
 
 def test_served_on_every_interface_it_says_the_address_to_open(tmp_path):
@@ -2262,11 +2263,45 @@ def test_an_origin_with_the_servers_host_but_another_scheme_or_host_is_refused(c
     assert refused_code(client, "/ws", headers={"Origin": origin}) == 1008
 
 
+PROXIED = {"X-Forwarded-For": "203.0.113.5"}  # through a proxy the server was not told to trust
+
+
+def test_an_https_page_through_an_untrusted_proxy_is_told_to_set_trusted_proxies(client):
+    response = client.get("/ws", headers={"Origin": "https://testserver", **PROXIED})
+    assert (response.status_code, response.json()) == (403, {"detail": (
+        "pages from https://testserver came through a proxy at testclient whose X-Forwarded-Proto is not "
+        "believed; if it is yours, start the server with TRUSTED_PROXIES=testclient")})
+
+
+def test_a_proxy_that_drops_the_port_from_the_host_is_told_to_forward_the_browsers_host(client):
+    response = client.get("/ws", headers={"Origin": "http://testserver:8443", **PROXIED})
+    assert (response.status_code, response.json()) == (403, {"detail": (
+        "the proxy sent the Host 'testserver' without the page's port (http://testserver:8443); forward the "
+        "browser's Host (nginx: proxy_set_header Host $http_host)")})
+
+
+def test_a_page_on_another_port_without_a_proxy_is_told_about_allowed_origins(client):
+    response = client.get("/ws", headers={"Origin": "http://testserver:8443"})
+    assert (response.status_code, response.json()) == (403, {"detail": (
+        "pages from http://testserver:8443 may not open a socket here; to let them, start the server with "
+        "ALLOWED_ORIGINS=http://testserver:8443")})
+
+
+def test_too_many_sockets_through_an_untrusted_proxy_are_logged_with_trusted_proxies(client, monkeypatch, caplog):
+    monkeypatch.setattr(chat, "MAX_CONNECTIONS_PER_IP", 1)
+    with client.websocket_connect("/ws", headers=PROXIED), client.websocket_connect("/ws", headers=PROXIED) as second:
+        assert closed_with(second)[0] == 1008
+    assert [line for line in caplog.messages if line.startswith("closed a WebSocket")] == [(
+        "closed a WebSocket from testclient with 1008: too many connections from your address: the server's "
+        "MAX_CONNECTIONS_PER_IP is 1; it came through a proxy at testclient: if it is yours, start the server "
+        "with TRUSTED_PROXIES=testclient, so that each client behind it counts on its own")]
+
+
 def test_a_refused_origin_is_logged_with_the_setting_that_would_let_it_in(server):
     with pytest.raises(InvalidStatus):
         ws_connect(server, origin="http://127.0.0.1:18650")
     wait_until(lambda: b"ALLOWED_ORIGINS=http://127.0.0.1:18650" in server_log())
-    assert (b"refused a WebSocket: pages from http://127.0.0.1:18650 may not open a socket here; to let them, "
+    assert (b"refused a WebSocket from 127.0.0.1: pages from http://127.0.0.1:18650 may not open a socket here; to let them, "
             b"start the server with ALLOWED_ORIGINS=http://127.0.0.1:18650") in server_log()
 
 
@@ -2689,6 +2724,70 @@ def test_x_forwarded_for_is_believed_only_from_a_trusted_proxy(runner, tmp_path)
         assert codes == expected, trusted
 
 
+def log_events(log: bytes) -> list[str]:
+    """The log's lines after start-up, each without its time and level, and without HTTP requests."""
+    lines = [re.sub(r"^\S+ \S+ \w+: +", "", line) for line in log.decode().splitlines()]
+    started = next(n for n, line in enumerate(lines) if line.startswith("open http"))
+    return [re.sub(r"127\.0\.0\.1:\d+ ", "127.0.0.1:PORT ", line) for line in lines[started + 1:]
+            if '"GET ' not in line]
+
+
+def test_the_log_has_one_line_per_socket_event_each_with_its_time(tmp_path):
+    with bounded_server("python chat.py", tmp_path) as (base, port):
+        with ws_connect(base) as ws:
+            ws_join(ws, "Budi Santoso")
+            ws.send(json.dumps({"type": "message", "content": ""}))
+            ws.recv(timeout=5)
+        with ws_connect(base, "/ws/" + "r" * 65) as ws, pytest.raises(ConnectionClosed):
+            ws.recv(timeout=5)
+        wait_until(lambda: b"closed a WebSocket" in server_log())
+        time.sleep(0.2)
+        log = server_log()
+    assert log_events(log) == [
+        '127.0.0.1:PORT - "WebSocket /ws" [accepted]',
+        "Budi Santoso joined general from 127.0.0.1",
+        "refused a frame from Budi Santoso at 127.0.0.1: content must be a non-empty string",
+        "socket from 127.0.0.1 closed with 1000 (Budi Santoso)",
+        "Budi Santoso left general",
+        f'127.0.0.1:PORT - "WebSocket /ws/{"r" * 65}" [accepted]',
+        "closed a WebSocket from 127.0.0.1 with 1008: room must be 1-32 of a-z, 0-9, '-' and '_', starting with a "
+        "letter or digit"]
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING): ", line)
+               for line in log.decode().splitlines())
+
+
+def test_with_log_format_json_every_line_is_a_json_object(tmp_path):
+    with bounded_server("python chat.py", tmp_path, env={"LOG_FORMAT": "json"}) as (base, port):
+        with ws_connect(base) as ws:
+            ws_join(ws, "alice")
+        wait_until(lambda: b"alice left general" in server_log())
+        lines = [json.loads(line) for line in server_log().decode().splitlines()]
+    assert {tuple(sorted(line)) for line in lines} == {("level", "logger", "message", "time")}
+    assert [line["message"] for line in lines if line["message"].startswith("alice")] == [
+        "alice joined general from 127.0.0.1", "alice left general"]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"]) for line in lines)
+
+
+def test_a_log_format_other_than_text_or_json_is_refused_in_one_line():
+    done = subprocess.run([sys.executable, "chat.py"], cwd=HERE, env={**os.environ, "LOG_FORMAT": "xml"},
+                          capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stderr) == (1, "LOG_FORMAT='xml': use text or json, e.g. LOG_FORMAT=json\n")
+
+
+def test_a_refusal_repeated_within_a_minute_is_one_line_and_the_next_says_how_many_more(client, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(chat.time, "monotonic", lambda: clock[0])
+    said = []
+    monkeypatch.setattr(chat.log, "log", lambda level, message, *args: said.append(message % args))
+    for _ in range(5):
+        client.app.state.said.warning("k", "refused %s", "x")
+    clock[0] += 59.9
+    client.app.state.said.warning("k", "refused %s", "x")
+    clock[0] += 0.1
+    client.app.state.said.warning("k", "refused %s", "x")
+    assert said == ["refused x", "refused x (5 more like it since the last such line)"]
+
+
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_a_token_in_the_url_is_never_written_to_the_log(runner, tmp_path):
     token = subprocess.run([sys.executable, "chat.py", "token", "alice"], cwd=HERE, check=True, text=True,
@@ -2710,8 +2809,9 @@ def test_a_page_from_a_rebound_dns_name_is_refused(runner, tmp_path):
         upgrade, _ = raw_answer(port, f"GET /ws HTTP/1.1\r\nHost: evil.example:{port}\r\nUpgrade: websocket\r\n"
                                       "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                                       f"Sec-WebSocket-Version: 13\r\nOrigin: http://evil.example:{port}\r\n\r\n".encode())
-    assert answer.startswith(b"HTTP/1.1 400 ") and answer.endswith(b"Invalid host header")
-    assert upgrade.startswith(b"HTTP/1.1 400 ") and upgrade.endswith(b"Invalid host header")
+    said = b'{"detail":"this server does not answer to the host \'evil.example\'; if it should, start it with ALLOWED_HOSTS=evil.example"}'
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.endswith(said)
+    assert upgrade.startswith(b"HTTP/1.1 400 ") and upgrade.endswith(said)
 
 
 @pytest.mark.parametrize("args", [(), ("--http", "h11", "--ws", "websockets")], ids=["defaults", "h11 and websockets"])
@@ -3212,6 +3312,29 @@ def test_after_postgresql_comes_back_the_server_recovers_without_loss_or_duplica
         ws.send_json({"type": "message", "content": "after"})
         assert untimed(ws.receive_json()) == message(2, "alice", "after")
         assert [(m["id"], m["content"]) for m in client.get("/messages").json()] == [(1, "before"), (2, "after")]
+
+
+def test_an_outage_of_postgresql_is_one_line_when_lost_and_one_when_back_with_no_traceback(outage_url):
+    proxy, url = outage_url
+    with running_server(url, runner=True, env=FAST) as base, ws_connect(base) as ws:
+        ws_join(ws, "alice")
+        proxy.cut()
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:  # senders, readiness probes and the listener all fail meanwhile
+            ws.send(json.dumps({"type": "message", "content": "into the void"}))
+            assert json.loads(ws.recv(timeout=10))["code"] == "unavailable"
+            with pytest.raises(urllib.error.HTTPError):
+                urllib.request.urlopen(base + "/readyz", timeout=5)
+            time.sleep(0.2)
+        proxy.restore()
+        ws.send(json.dumps({"type": "message", "content": "back"}))
+        wait_until(lambda: "the database is back" in server_log().decode(), 15)
+        time.sleep(1)  # the listener and the heartbeat are back too: no more lines come
+        log = server_log().decode()
+    assert len(re.findall(r"lost the database: ", log)) == 1
+    assert len(re.findall(r"the database is back after \d+\.\d s; \d+ operations failed meanwhile", log)) == 1
+    assert "Traceback" not in log
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", line) for line in log.splitlines())
 
 
 @pytest.fixture
