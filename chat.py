@@ -33,6 +33,8 @@ import asyncio
 import contextlib
 import datetime
 import errno
+import functools
+import hmac
 import importlib.util
 import ipaddress
 import json
@@ -44,6 +46,7 @@ import re
 import shutil
 import socket
 import sqlite3
+import subprocess
 import sys
 import time
 import unicodedata
@@ -65,6 +68,7 @@ import limits
 import limits.aio
 import precis_i18n
 import prometheus_client
+import prometheus_client.multiprocess
 import swagger_ui_bundle
 from databases import Database
 from starlette import status
@@ -104,6 +108,7 @@ ALLOWED_HOSTS = [h for h in os.environ.get("ALLOWED_HOSTS", "").split(",") if h]
 ALLOWED_ORIGINS = [o for o in os.environ.get("ALLOWED_ORIGINS", "").split(",") if o]
 SECRET = os.environ.get("CHAT_SECRET", "")  # set it to require signed tokens (python chat.py token NAME)
 TOKEN_TTL_SECONDS = setting("TOKEN_TTL_SECONDS", "86400", int)
+METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")  # set it: GET /metrics needs it (and no user token does)
 PUBLIC_READS = os.environ.get("PUBLIC_READS", "") == "1"  # with a secret: 1 lets anyone read history
 MAX_CONNECTIONS = setting("MAX_CONNECTIONS", "10000", int)
 MAX_CONNECTIONS_PER_IP = setting("MAX_CONNECTIONS_PER_IP", "20", int)
@@ -308,9 +313,10 @@ class SecondProcess(Refusal):
 
 def check_secret() -> None:
     """A short secret is guessed offline from any one token: refuse it (PyJWT would only warn)."""
-    if SECRET and len(SECRET.encode()) < 32:
-        raise Refusal(f"CHAT_SECRET is {len(SECRET.encode())} bytes; use at least 32 random bytes, e.g. "
-                      "CHAT_SECRET=$(python -c \"import secrets; print(secrets.token_hex(32))\")")
+    for name, value in (("CHAT_SECRET", SECRET), ("METRICS_TOKEN", METRICS_TOKEN)):
+        if value and len(value.encode()) < 32:
+            raise Refusal(f"{name} is {len(value.encode())} bytes; use at least 32 random bytes, e.g. "
+                          f"{name}=$(python -c \"import secrets; print(secrets.token_hex(32))\")")
 
 
 def check_content_limit() -> None:
@@ -1873,10 +1879,15 @@ async def database_down(request, exc):
 
 class Metrics:
     """What an operator watches, at GET /metrics in Prometheus's text format (prometheus-client).
-    One set per app; with several processes, each process counts its own."""
+    Under several worker processes (PROMETHEUS_MULTIPROC_DIR, which python chat.py --workers sets),
+    any scrape counts them all: counters live in shared files, and each process sets its gauges
+    every few seconds (its own memory, descriptors and CPU as gauges labelled with its pid)."""
+
+    SHARED = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
     def __init__(self, app):
         self.registry = prometheus_client.CollectorRegistry()
+        self.gauges: list[tuple[prometheus_client.Gauge, Callable[[], float]]] = []
         state = app.state  # the rooms and the writer are made after this: gauges read them at each scrape
         self.gauge("chat_connections", "Open WebSocket connections", lambda: len(state.rooms.connections))
         self.gauge("chat_joined_users", "Users joined to a room (a user in two rooms counts twice)",
@@ -1884,7 +1895,7 @@ class Metrics:
         self.gauge("chat_outbox_frames", "Frames queued for clients, not yet written to their sockets",
                    lambda: sum(len(client.outbox) for client in state.rooms.connections))
         self.gauge("chat_writer_waiting", "Messages waiting to be stored", lambda: len(state.writer.posts))
-        self.stored = self.counter("chat_messages_stored", "Messages stored by this process")
+        self.stored = self.counter("chat_messages_stored", "Messages stored")
         self.deliveries = self.counter("chat_deliveries", "Frames put in clients' outboxes (messages, notices)")
         self.refused = self.counter("chat_frames_refused", "WebSocket frames answered with an error, by code",
                                     "code")
@@ -1898,12 +1909,56 @@ class Metrics:
         self.batch_seconds = prometheus_client.Histogram(
             "chat_writer_batch_seconds", "Time to store one batch", registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+        prometheus_client.Gauge("chat_build_info", "This chat's code and schema", ["commit", "schema_version"],
+                                registry=self.registry, multiprocess_mode="max").labels(commit(), str(LATEST)).set(1)
+        prometheus_client.PlatformCollector(registry=self.registry)  # python_info: the runtime
+        self.process = prometheus_client.ProcessCollector(registry=None if self.SHARED else self.registry)
+        if self.SHARED:  # one process's own collector would describe whichever process was scraped
+            for name in ("process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total"):
+                self.gauge(name, f"{name} of each process", lambda name=name: self.process_value(name), mode="all")
 
-    def gauge(self, name: str, text: str, value) -> None:
-        prometheus_client.Gauge(name, text, registry=self.registry).set_function(value)
+    def gauge(self, name: str, text: str, value: Callable[[], float], mode: str = "livesum") -> None:
+        self.gauges.append((prometheus_client.Gauge(name, text, registry=self.registry, multiprocess_mode=mode),
+                            value))
 
     def counter(self, name: str, text: str, *labels: str) -> prometheus_client.Counter:
         return prometheus_client.Counter(name, text, labels, registry=self.registry)
+
+    def process_value(self, name: str) -> float:
+        return next((sample.value for family in self.process.collect() for sample in family.samples
+                     if sample.name == name), 0.0)
+
+    def refresh(self) -> None:
+        for gauge, value in self.gauges:
+            gauge.set(value())
+
+    async def refreshing(self) -> None:
+        """Under several processes: set this one's gauges every few seconds, for others' scrapes."""
+        while True:
+            self.refresh()
+            await asyncio.sleep(METRICS_EVERY)
+
+    def exposition(self) -> bytes:
+        self.refresh()
+        registry = self.registry
+        if self.SHARED:
+            registry = prometheus_client.CollectorRegistry()
+            prometheus_client.multiprocess.MultiProcessCollector(registry)
+            prometheus_client.PlatformCollector(registry=registry)
+        return prometheus_client.generate_latest(registry)
+
+
+METRICS_EVERY = 2  # seconds: how stale another process's gauges may be in a scrape
+
+
+@functools.cache
+def commit() -> str:
+    """The git commit this code is, for chat_build_info; "unknown" outside a checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 # The messages table as schema.sql makes it, asked for no row: a renamed table or a dropped column fails.
@@ -1938,10 +1993,15 @@ async def readyz(request):
 
 
 async def metrics(request):
-    """With a secret set, for holders of a token (a Prometheus scrape sends it as a bearer token)."""
-    reader_identity(request)
-    return Response(prometheus_client.generate_latest(request.app.state.metrics.registry),
-                    media_type=prometheus_client.CONTENT_TYPE_LATEST)
+    """With METRICS_TOKEN set, for its holder alone (a scrape that cannot post); else, with a
+    secret set, for holders of a user's token."""
+    if METRICS_TOKEN:
+        if not hmac.compare_digest((presented_token(request) or "").encode(), METRICS_TOKEN.encode()):
+            raise HTTPException(401, "metrics need METRICS_TOKEN, as Authorization: Bearer <METRICS_TOKEN>",
+                                headers={"WWW-Authenticate": "Bearer"})
+    else:
+        reader_identity(request)
+    return Response(request.app.state.metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
 async def favicon(request):
@@ -1976,12 +2036,17 @@ async def lifespan(app):
         RETAIN_DAYS or RETAIN_MESSAGES_PER_ROOM) else None
     app.state.cluster = app.state.cluster_class(app)
     await app.state.cluster.start()
+    gauges = asyncio.create_task(supervise("the metrics", app.state.metrics.refreshing, app.state.writer.outage)) \
+        if Metrics.SHARED else None
     try:
         yield
     finally:
         await asyncio.gather(*app.state.tasks)
-        if retention:
-            retention.cancel()
+        for task in (retention, gauges):
+            if task:
+                task.cancel()
+        if Metrics.SHARED:
+            prometheus_client.multiprocess.mark_process_dead(os.getpid())  # its gauges leave the sums
         await app.state.writer.stop(writer)
         await app.state.cluster.stop()
         await database.disconnect()
@@ -2173,7 +2238,7 @@ SETTINGS = ["DATABASE_URL", "ALLOWED_HOSTS", "ALLOWED_ORIGINS", "CHAT_SECRET", "
             "PUBLIC_READS", "MAX_CONNECTIONS", "MAX_CONNECTIONS_PER_IP", "RATE_PER_SECOND", "RATE_BURST",
             "FLOOD_LIMIT", "JOINS_PER_MINUTE", "REST_WRITES_PER_MINUTE", "MAX_CONTENT_LENGTH", "MAX_FRAME_BYTES",
             "MAX_BODY_BYTES", "SEND_QUEUE_FRAMES", "RETAIN_DAYS", "RETAIN_MESSAGES_PER_ROOM", "DATABASE_WAIT",
-            "PRESENCE_TIMEOUT"]
+            "PRESENCE_TIMEOUT", "METRICS_TOKEN"]
 
 
 def usage() -> str:
@@ -2182,6 +2247,7 @@ def usage() -> str:
 
     values = {**{name: globals().get(name) for name in SETTINGS}, **{name: getattr(runner, name) for name in runner.SETTINGS}}
     values["CHAT_SECRET"] = "(set)" if SECRET else "(not set: no tokens needed)"
+    values["METRICS_TOKEN"] = "(set)" if METRICS_TOKEN else "(not set)"
     values["ALLOWED_HOSTS"] = ALLOWED_HOSTS or local_hosts()
     values["PUBLIC_READS"] = "1" if PUBLIC_READS else "0"
     values["DATABASE_URL"] = shown_url(DATABASE_URL)
@@ -2189,7 +2255,8 @@ def usage() -> str:
     lines = [f"  {name:24} {shown[name] if shown[name] not in ('', None) else '(empty)'}"
              f"{'' if name in os.environ else '  (default)'}" for name in [*SETTINGS, *runner.SETTINGS]]
     return "\n".join([
-        "usage: python chat.py [--host HOST] [--port PORT]   serve the chat (Ctrl+C stops it)",
+        "usage: python chat.py [--host HOST] [--port PORT] [--workers N]   serve the chat (Ctrl+C stops it)",
+        "                                   (several workers need PostgreSQL)",
         "       python chat.py token NAME   print a token for NAME (needs CHAT_SECRET)",
         "       python chat.py backup FILE  copy the SQLite database to FILE, while it serves",
         "       python chat.py rename-user OLD NEW, delete-user NAME (and their messages), delete-message ID,",
@@ -2358,12 +2425,18 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["backup"]:
         return sys.exit(backup(*argv[1:]) if len(argv) == 2 else "usage: python chat.py backup FILE")
     flags = dict(zip(argv[::2], argv[1::2]))  # --host 0.0.0.0 --port 3000: as HOST and PORT
-    if len(argv) % 2 or not set(flags) <= {"--host", "--port"}:
+    if len(argv) % 2 or not set(flags) <= {"--host", "--port", "--workers"}:
         sys.exit(f"unknown arguments: {' '.join(argv)}\n\n{usage()}")
+    workers = flags.pop("--workers", "1")
+    if not workers.isdigit() or int(workers) < 1:
+        sys.exit(f"--workers {workers}: use a whole number of processes, e.g. --workers 2")
+    if int(workers) > 1 and app.state.database.url.dialect == "sqlite":
+        sys.exit(f"--workers {workers}: SQLite serves one process; for several, use PostgreSQL "
+                 "(DATABASE_URL=postgresql://...)")
     os.environ.update({flag[2:].upper(): value for flag, value in flags.items()})
     import runner  # uvicorn, bounded: only python chat.py needs it; it reads HOST and PORT
 
-    runner.serve(app, MAX_FRAME_BYTES)
+    runner.serve(app, MAX_FRAME_BYTES, int(workers))
 
 
 # =================================================================================================

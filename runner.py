@@ -25,8 +25,12 @@ import logging
 import os
 import re
 import socket
+import ssl
 import struct
+import tempfile
+import threading
 import time
+import urllib.request
 from collections import Counter
 from urllib.parse import unquote_plus
 
@@ -40,6 +44,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.supervisors import Multiprocess
 from websockets.frames import Opcode
 from websockets.protocol import State
 
@@ -472,9 +477,13 @@ class JsonLines(logging.Formatter):
 
 
 def log_config() -> dict:
-    """uvicorn's logging, with the time (UTC) first on every line, or as JSON lines."""
+    """uvicorn's logging, with the time first on every line (or as JSON lines), tokens redacted and
+    peers' faults quietened; as a dict, so that worker processes set up the same."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     config["root"] = {"handlers": ["default"], "level": "WARNING"}  # other libraries' lines, formatted alike
+    config["filters"] = {"redact": {"()": RedactTokens}, "quiet": {"()": QuietPeers}}
+    config["handlers"]["default"]["filters"] = ["redact", "quiet"]
+    config["handlers"]["access"]["filters"] = ["redact"]
     for formatter in config["formatters"].values():
         if LOG_FORMAT == "json":
             formatter.clear()
@@ -547,51 +556,74 @@ class Bounded:
         return self.app(scope, receive, send)
 
 
+def bounded_chat():
+    """What each worker process serves (python chat.py --workers N): chat's app, bounded."""
+    import chat
+
+    BoundedHttpTools.max_sockets = socket_budget()
+    return Bounded(chat.app)
+
+
 def config(app, max_frame_bytes: int, **settings) -> uvicorn.Config:
-    """uvicorn's Config for the app with every bound on (settings: host, port, log_level, ...)."""
+    """uvicorn's Config for the app with every bound on (settings: host, port, log_level, workers,
+    ...); with workers, `app` is "runner:bounded_chat"."""
     BoundedHttpTools.max_sockets = socket_budget()
     settings = {"host": HOST, "port": PORT, "ssl_keyfile": SSL_KEYFILE, "ssl_certfile": SSL_CERTFILE, **settings}
-    built = uvicorn.Config(
-        Bounded(app), http=BoundedHttpTools, ws=BoundedWebSockets, lifespan="on", interface="asgi3",
+    return uvicorn.Config(
+        app if isinstance(app, str) else Bounded(app), http=BoundedHttpTools, ws=BoundedWebSockets,
+        lifespan="on", interface="asgi3", factory=isinstance(app, str),
         ws_max_size=4 * max_frame_bytes,  # the app answers frame_too_large below that
         ws_per_message_deflate=False,  # no inflating bombs; a chat line needs no compression
         ws_ping_interval=PING_INTERVAL, ws_ping_timeout=PING_TIMEOUT,
         timeout_graceful_shutdown=SHUTDOWN_SECONDS, log_config=log_config(),
         proxy_headers=bool(TRUSTED_PROXIES), forwarded_allow_ips=TRUSTED_PROXIES or None, **settings)
-    for name in ("uvicorn.access", "uvicorn.error"):  # after Config, which sets up uvicorn's logging
-        logger = logging.getLogger(name)
-        logger.filters = [f for f in logger.filters if not isinstance(f, (RedactTokens, QuietPeers))]
-        logger.addFilter(RedactTokens())
-    logging.getLogger("uvicorn.error").addFilter(QuietPeers())
-    return built
 
 
-def serve(app, max_frame_bytes: int) -> None:
-    """Serve the app until Ctrl+C or SIGTERM, or say in one line why it cannot be served."""
+def serve(app, max_frame_bytes: int, workers: int = 1) -> None:
+    """Serve the app until Ctrl+C or SIGTERM, or say in one line why it cannot be served. Worker
+    processes share one directory of metrics (prometheus-client's multiprocess mode), so that a
+    scrape of any of them counts them all."""
     if not uvicorn.__version__.startswith(UVICORN):
         raise SystemExit(f"uvicorn {uvicorn.__version__} is installed, but python chat.py's bounds are written "
                          f"for {UVICORN}x: pip install -r requirements.txt (or serve with plain uvicorn chat:app, "
                          "without those bounds)")
-    server = Server(config(app, max_frame_bytes))
     in_use(HOST, PORT)
-    server.run()
-    if not server.started:  # the app refused to start: it has said why
-        raise SystemExit(3)
+    threading.Thread(target=say_where_to_open, daemon=True).start()
+    if workers == 1:
+        server = uvicorn.Server(config(app, max_frame_bytes))
+        server.run()
+        if not server.started:  # the app refused to start: it has said why
+            raise SystemExit(3)
+        return
+    with tempfile.TemporaryDirectory(prefix="chat-metrics-") as shared:
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", shared)  # before the workers import chat
+        built = config("runner:bounded_chat", max_frame_bytes, workers=workers)
+        supervisor = Multiprocess(built, sockets=[built.bind_socket()])
+        supervisor.run()
+    if any(process.exitcode == uvicorn.config.STARTUP_FAILURE for process in supervisor.processes):
+        raise SystemExit(3)  # a worker refused to start: it has said why
 
 
-class Server(uvicorn.Server):
-    """uvicorn's server, which says where to open the chat once it serves (not before: it may not)."""
-
-    async def startup(self, sockets=None):
-        await super().startup(sockets)
-        if not self.started:
-            return
-        hosts = [HOST] if HOST not in ("0.0.0.0", "::", "") else sorted(
-            {address.address for addresses in psutil.net_if_addrs().values() for address in addresses
-             if address.family == socket.AF_INET})  # every interface: say each address to open
-        for host in hosts:
-            log.info("open %s://%s:%d/test", "https" if SSL_CERTFILE else "http",
-                     f"[{host}]" if ":" in host else host, PORT)
+def say_where_to_open() -> None:
+    """Once the chat answers (not before: it may never start), the URLs to open, on every
+    interface when it serves on all of them."""
+    scheme = "https" if SSL_CERTFILE else "http"
+    local = HOST if HOST not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    unverified = ssl.create_default_context() if SSL_CERTFILE else None  # our own certificate, whoever it names
+    if unverified:
+        unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
+    while True:
+        try:
+            urllib.request.urlopen(f"{scheme}://{f'[{local}]' if ':' in local else local}:{PORT}/livez",
+                                   timeout=2, context=unverified)
+            break
+        except OSError:
+            time.sleep(0.1)
+    hosts = [HOST] if HOST not in ("0.0.0.0", "::", "") else sorted(
+        {address.address for addresses in psutil.net_if_addrs().values() for address in addresses
+         if address.family == socket.AF_INET})
+    for host in hosts:
+        log.info("open %s://%s:%d/test", scheme, f"[{host}]" if ":" in host else host, PORT)
 
 
 def in_use(host: str, port: int) -> None:

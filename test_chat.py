@@ -1725,7 +1725,7 @@ def running_server(database_url: str, port: int | None = None, runner: bool = Fa
     """The server as a user starts it, uvicorn chat:app or python chat.py; yields its base URL."""
     port = port or free_port()
     env = {**os.environ, "DATABASE_URL": database_url, "HOST": "127.0.0.1", "PORT": str(port), **(env or {})}
-    command = ([sys.executable, "chat.py"] if runner else
+    command = ([sys.executable, "chat.py", *args] if runner else
                [sys.executable, "-m", "uvicorn", "chat:app", "--port", str(port),
                 *(() if "--access-log" in args else ("--no-access-log",)), *args])
     log = tempfile.TemporaryFile()  # not a pipe: a chatty server must never block on its log
@@ -2159,6 +2159,48 @@ def test_with_a_secret_a_rest_write_without_a_token_is_401_before_its_body_is_re
 def test_with_a_secret_metrics_need_a_token(client, secret):
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", headers={"Authorization": f"Bearer {chat.make_token('prometheus')}"}).status_code == 200
+
+
+def test_metrics_include_the_processs_memory_descriptors_cpu_the_runtime_and_the_build(client):
+    text = client.get("/metrics").text
+    for pattern in (r"process_resident_memory_bytes \d\S*", r"process_open_fds \d\S*", r"process_cpu_seconds_total \d\S*",
+                    r'python_info\{implementation="CPython",major="3",.*\} 1\.0',
+                    rf'chat_build_info\{{commit="{chat.commit()}",schema_version="{chat.LATEST}"\}} 1\.0'):
+        assert re.search(f"^{pattern}$", text, re.M), pattern
+    assert re.fullmatch(r"[0-9a-f]{7,}", chat.commit())
+
+
+METRICS_TOKEN = "m" * 32
+
+
+def test_with_a_metrics_token_a_scrape_needs_exactly_it(client, monkeypatch):
+    monkeypatch.setattr(chat, "METRICS_TOKEN", METRICS_TOKEN)
+    refused = [client.get("/metrics", headers=headers) for headers in (
+        {}, {"Authorization": f"Bearer {METRICS_TOKEN[:-1]}"}, {"Authorization": f"Bearer {METRICS_TOKEN}x"})]
+    assert [(r.status_code, r.json()) for r in refused] == [(401, {
+        "detail": "metrics need METRICS_TOKEN, as Authorization: Bearer <METRICS_TOKEN>"})] * 3
+    assert client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).status_code == 200
+
+
+def test_with_a_metrics_token_a_users_token_cannot_scrape_and_the_metrics_token_cannot_post(client, secret, monkeypatch):
+    monkeypatch.setattr(chat, "METRICS_TOKEN", METRICS_TOKEN)
+    assert client.get("/metrics", headers={"Authorization": f"Bearer {chat.make_token('alice')}"}).status_code == 401
+    response = client.post("/messages", json={"username": "alice", "content": "hi"},
+                           headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert (response.status_code, query(client, "SELECT content FROM messages")) == (401, [])
+
+
+@pytest.mark.parametrize("length", [31, 32])
+def test_a_metrics_token_of_fewer_than_32_bytes_is_refused_at_start(database_url, monkeypatch, length):
+    monkeypatch.setattr(chat, "METRICS_TOKEN", "m" * length)
+    if length == 32:
+        with TestClient(chat.create_app(database_url)) as client:
+            assert client.get("/metrics", headers={"Authorization": f"Bearer {'m' * 32}"}).status_code == 200
+        return
+    with pytest.raises(chat.Refusal) as refused, TestClient(chat.create_app(database_url)):
+        pass
+    assert str(refused.value) == ("METRICS_TOKEN is 31 bytes; use at least 32 random bytes, e.g. "
+                                  "METRICS_TOKEN=$(python -c \"import secrets; print(secrets.token_hex(32))\")")
 
 
 def test_with_a_secret_rest_writes_need_the_token_of_that_user(client, secret):
@@ -2898,7 +2940,8 @@ def test_help_prints_the_usage_and_every_setting_and_exits_0():
     result = subprocess.run([sys.executable, "chat.py", "--help"], cwd=HERE, capture_output=True, text=True,
                             timeout=30, env={**os.environ, "PORT": "8123"})
     assert result.returncode == 0
-    assert result.stdout.startswith("usage: python chat.py [--host HOST] [--port PORT]   serve the chat (Ctrl+C stops it)\n")
+    assert result.stdout.startswith(
+        "usage: python chat.py [--host HOST] [--port PORT] [--workers N]   serve the chat (Ctrl+C stops it)\n")
     assert "  PORT                     8123\n" in result.stdout
     assert all(f"  {name} " in result.stdout for name in [*chat.SETTINGS, *runner.SETTINGS])
 
@@ -3796,6 +3839,36 @@ def collect(ws, count: int) -> list[int]:
 def send_many(ws, tag: str, count: int) -> None:
     for n in range(count):
         ws.send(json.dumps({"type": "message", "content": f"{tag}{n}"}))
+
+
+def scrape(base: str) -> str:
+    return urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+
+
+def test_under_two_workers_every_scrape_counts_both_processes(shared_url):
+    with running_server(shared_url, runner=True, env=FAST, args=("--workers", "2")) as base, \
+            contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(ws_connect(base)) for _ in range(6)]
+        pids = set()
+        for n, ws in enumerate(sockets):
+            ws_join(ws, f"user{n}")
+            ws.send(json.dumps({"type": "message", "content": f"m{n}"}))
+        wait_until(lambda: len(stored_ids(base)) == 6)
+        time.sleep(chat.METRICS_EVERY + 0.5)  # each process has set its gauges since
+        for _ in range(10):  # each scrape is answered by either process
+            text = scrape(base)
+            assert re.search(r"^chat_messages_stored_total 6\.0$", text, re.M)
+            assert re.search(r"^chat_connections 6\.0$", text, re.M)
+            assert re.search(r'^chat_build_info\{commit="\w+",schema_version="\d+"\} 1\.0$', text, re.M)
+            pids |= set(re.findall(r'^process_resident_memory_bytes\{pid="(\d+)"\} \d', text, re.M))
+    assert len(pids) == 2
+
+
+def test_several_workers_on_sqlite_are_refused_in_one_line_with_a_non_zero_exit(tmp_path):
+    done = subprocess.run([sys.executable, "chat.py", "--workers", "2"], cwd=HERE, capture_output=True, text=True,
+                          env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"}, timeout=30)
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", (
+        "--workers 2: SQLite serves one process; for several, use PostgreSQL (DATABASE_URL=postgresql://...)\n"))
 
 
 def test_clients_on_two_processes_see_every_message_once_in_order(shared_url):
