@@ -111,14 +111,15 @@ TOKEN_TTL_SECONDS = setting("TOKEN_TTL_SECONDS", "86400", int)
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")  # set it: GET /metrics needs it (and no user token does)
 PUBLIC_READS = os.environ.get("PUBLIC_READS", "") == "1"  # with a secret: 1 lets anyone read history
 MAX_CONNECTIONS = setting("MAX_CONNECTIONS", "10000", int)
-MAX_CONNECTIONS_PER_IP = setting("MAX_CONNECTIONS_PER_IP", "20", int)
+# A class of 30 with two tabs each behind one NAT address, reconnecting: 100. One address at the
+# limits holds about 2.5 MB and 1 s of CPU a minute (docs/performance.md).
+MAX_CONNECTIONS_PER_IP = setting("MAX_CONNECTIONS_PER_IP", "100", int)
 RATE_PER_SECOND = setting("RATE_PER_SECOND", "5", float)  # frames per connection, on average
 RATE_BURST = setting("RATE_BURST", "10", float)  # frames a connection may send at once
 FLOOD_LIMIT = setting("FLOOD_LIMIT", "50", int)  # refused frames in a row before we hang up
 JOIN_COST = 5  # a join counts as five frames: it writes to the database and tells the room
 MESSAGES_IN_FLIGHT = 64  # a connection's messages being stored at once; past this it reads no more
-# Per address, all its sockets together: each may rejoin three times a minute. One setting,
-# MAX_CONNECTIONS_PER_IP, sizes what a class behind one NAT address needs (README, Classroom).
+# Per address, all its sockets together: each may rejoin three times a minute.
 JOINS_PER_MINUTE = setting("JOINS_PER_MINUTE", str(3 * MAX_CONNECTIONS_PER_IP), int)
 REST_WRITES_PER_MINUTE = setting("REST_WRITES_PER_MINUTE", "120", int)  # per address
 MAX_CONTENT_LENGTH = setting("MAX_CONTENT_LENGTH", "2000", int)  # schema.sql CHECKs 2000 too
@@ -1399,8 +1400,8 @@ class Rooms:
         if len(self.connections) >= MAX_CONNECTIONS:
             return status.WS_1013_TRY_AGAIN_LATER, "the server is full; try again later"
         if self.per_ip[ip] >= MAX_CONNECTIONS_PER_IP:
-            return status.WS_1008_POLICY_VIOLATION, (f"too many connections from your address: the server's "
-                                                     f"MAX_CONNECTIONS_PER_IP is {MAX_CONNECTIONS_PER_IP}")
+            return status.WS_1008_POLICY_VIOLATION, (f"too many connections from your address: close a tab, or "
+                                                     f"ask for more (MAX_CONNECTIONS_PER_IP={MAX_CONNECTIONS_PER_IP})")
         return None
 
     def connect(self, client: Client) -> None:

@@ -71,7 +71,7 @@ SSL_KEYFILE = os.environ.get("SSL_KEYFILE")  # both set: serve wss:// and https:
 SSL_CERTFILE = os.environ.get("SSL_CERTFILE")
 REQUEST_TIMEOUT = setting("REQUEST_TIMEOUT", "10", float)  # to send a request, head and body
 MAX_HEAD_BYTES = setting("MAX_HEAD_BYTES", "16384", int)  # request line and headers
-MAX_SOCKETS_PER_IP = setting("MAX_SOCKETS_PER_IP", str(2 * setting("MAX_CONNECTIONS_PER_IP", "20", int) + 20),
+MAX_SOCKETS_PER_IP = setting("MAX_SOCKETS_PER_IP", str(2 * setting("MAX_CONNECTIONS_PER_IP", "100", int) + 20),
                              int)  # WebSockets, and the HTTP connections of their pages loading
 PING_INTERVAL = setting("PING_INTERVAL", "20", float)  # a dead peer is dropped within
 PING_TIMEOUT = setting("PING_TIMEOUT", "20", float)  # PING_INTERVAL + PING_TIMEOUT seconds
