@@ -3749,6 +3749,66 @@ def test_a_wss_round_trip_through_uvicorns_ssl_flags(database_url, tmp_path):
             assert untimed(json.loads(ws.recv(timeout=5))) == message(1, "alice", "secret")
 
 
+def readme_nginx(chat_ports: list[int], port: int, cert: pathlib.Path, key: pathlib.Path, folder: pathlib.Path) -> str:
+    """The README's nginx block, as is but for its addresses and files, in a whole nginx.conf that
+    runs without root in `folder`."""
+    block = re.search(r"```nginx\n(.*?)```", (HERE / "README.md").read_text(), re.S).group(1)
+    block = block.replace("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;")
+    block = block.replace("/etc/ssl/certs/chat.pem", str(cert)).replace("/etc/ssl/private/chat.key", str(key))
+    block = block.replace("server 127.0.0.1:8001; server 127.0.0.1:8002;",
+                          " ".join(f"server 127.0.0.1:{p};" for p in chat_ports))
+    assert all(f"127.0.0.1:{p}" in block for p in [*chat_ports, port]) and str(cert) in block  # all replaced
+    temp = " ".join(f"{kind}_temp_path {folder}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return (f"daemon off; pid {folder}/nginx.pid; error_log {folder}/error.log;\nevents {{}}\n"
+            f"http {{ access_log {folder}/access.log; {temp}\n{block}}}\n")
+
+
+def test_two_processes_behind_debian_nginx_chat_over_wss_with_the_readmes_recipe(shared_url, tmp_path):
+    if not os.path.exists("/usr/sbin/nginx"):
+        missing("Debian's nginx (apt install nginx)")
+    authority = trustme.CA()
+    certificate = authority.issue_cert("localhost")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    certificate.private_key_pem.write_to_path(key)
+    certificate.cert_chain_pems[0].write_to_path(cert)
+    trust = ssl.create_default_context()
+    authority.configure_trust(trust)
+    env, port, logs = {**FAST, "TRUSTED_PROXIES": "127.0.0.1"}, free_port(), []
+    with running_server(shared_url, runner=True, env=env) as a:
+        logs.append(running_server.log)
+        with running_server(shared_url, runner=True, env=env) as b:
+            logs.append(running_server.log)
+            (tmp_path / "nginx.conf").write_text(readme_nginx([int(a.rsplit(":", 1)[1]), int(b.rsplit(":", 1)[1])],
+                                                              port, cert, key, tmp_path))
+            nginx = subprocess.Popen(["/usr/sbin/nginx", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                                     stderr=subprocess.PIPE)
+            try:
+                base = f"https://localhost:{port}"
+                wait_until(lambda: answers(base + "/livez", trust))
+                info = json.load(urllib.request.urlopen(base + "/ws-info", context=trust))
+                def browser(source: str):  # from an address of its own, which only X-Forwarded-For can tell
+                    sock = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
+                    return websockets.sync.client.connect(info["websocketUrl"], sock=sock, origin=base, ssl=trust,
+                                                          server_hostname="localhost")
+
+                with browser("127.0.0.5") as one, browser("127.0.0.6") as two:
+                    ws_join(one, "one")
+                    ws_join(two, "two")
+                    one.send('{"type":"message","content":"from one"}')
+                    seen_one = collect(one, 1)
+                    two.send('{"type":"message","content":"from two"}')
+                    seen_one += collect(one, 1)
+                    seen_two = collect(two, 2)
+                joined = sorted(re.findall(rb"(one|two) joined general from (127\.0\.0\.\d)",
+                                           (log.seek(0), log.read())[1]) for log in logs)
+            finally:
+                nginx.terminate()
+                nginx.wait(timeout=10)
+    assert info["websocketUrl"] == f"wss://localhost:{port}/ws"
+    assert seen_one == seen_two == [1, 2]
+    assert joined == [[(b"one", b"127.0.0.5")], [(b"two", b"127.0.0.6")]]  # one on each process
+
+
 # --- Fuzzing -------------------------------------------------------------------------------------
 
 
@@ -4195,8 +4255,8 @@ def test_a_fresh_virtual_environment_with_the_runtime_requirements_alone_runs_th
         server.wait(timeout=20)
 
 
-def answers(url: str) -> bool:
+def answers(url: str, context: ssl.SSLContext | None = None) -> bool:
     try:
-        return urllib.request.urlopen(url, timeout=1).status == 200
+        return urllib.request.urlopen(url, timeout=1, context=context).status == 200
     except OSError:
         return False
