@@ -3731,14 +3731,20 @@ def test_an_sqlite_fault_the_process_cannot_survive_loses_no_acknowledged_messag
 # --- TLS -----------------------------------------------------------------------------------------
 
 
-def test_a_wss_round_trip_through_uvicorns_ssl_flags(database_url, tmp_path):
+def throwaway_tls(folder: pathlib.Path, host: str) -> tuple[pathlib.Path, pathlib.Path, ssl.SSLContext]:
+    """A key and certificate for `host` in `folder`, and a client context that trusts them."""
     authority = trustme.CA()
-    certificate = authority.issue_cert("127.0.0.1")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    certificate = authority.issue_cert(host)
+    key, cert = folder / "key.pem", folder / "cert.pem"
     certificate.private_key_pem.write_to_path(key)
     certificate.cert_chain_pems[0].write_to_path(cert)
     trust = ssl.create_default_context()
     authority.configure_trust(trust)
+    return key, cert, trust
+
+
+def test_a_wss_round_trip_through_uvicorns_ssl_flags(database_url, tmp_path):
+    key, cert, trust = throwaway_tls(tmp_path, "127.0.0.1")
     args = ("--ssl-keyfile", str(key), "--ssl-certfile", str(cert))
     with running_server(database_url, args=args, tls=trust) as base:
         info = json.load(urllib.request.urlopen(base + "/ws-info", context=trust))
@@ -3766,13 +3772,7 @@ def readme_nginx(chat_ports: list[int], port: int, cert: pathlib.Path, key: path
 def test_two_processes_behind_debian_nginx_chat_over_wss_with_the_readmes_recipe(shared_url, tmp_path):
     if not os.path.exists("/usr/sbin/nginx"):
         missing("Debian's nginx (apt install nginx)")
-    authority = trustme.CA()
-    certificate = authority.issue_cert("localhost")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    certificate.private_key_pem.write_to_path(key)
-    certificate.cert_chain_pems[0].write_to_path(cert)
-    trust = ssl.create_default_context()
-    authority.configure_trust(trust)
+    key, cert, trust = throwaway_tls(tmp_path, "localhost")
     env, port, logs = {**FAST, "TRUSTED_PROXIES": "127.0.0.1"}, free_port(), []
     with running_server(shared_url, runner=True, env=env) as a:
         logs.append(running_server.log)
