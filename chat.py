@@ -2235,11 +2235,30 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
 
 # --- python chat.py: serve through runner.py; python chat.py token NAME --------------------------
 
-SETTINGS = ["DATABASE_URL", "ALLOWED_HOSTS", "ALLOWED_ORIGINS", "CHAT_SECRET", "TOKEN_TTL_SECONDS",
-            "PUBLIC_READS", "MAX_CONNECTIONS", "MAX_CONNECTIONS_PER_IP", "RATE_PER_SECOND", "RATE_BURST",
-            "FLOOD_LIMIT", "JOINS_PER_MINUTE", "REST_WRITES_PER_MINUTE", "MAX_CONTENT_LENGTH", "MAX_FRAME_BYTES",
-            "MAX_BODY_BYTES", "SEND_QUEUE_FRAMES", "RETAIN_DAYS", "RETAIN_MESSAGES_PER_ROOM", "DATABASE_WAIT",
-            "PRESENCE_TIMEOUT", "METRICS_TOKEN"]
+SETTINGS = {  # what --help says of each
+    "DATABASE_URL": "where messages are stored: sqlite:///FILE, or postgresql://USER:PASSWORD@HOST/DB",
+    "ALLOWED_HOSTS": "Host names the server answers to (others: 400); * for any",
+    "ALLOWED_ORIGINS": "other sites' pages that may use the API and the socket, comma-separated; * for any",
+    "CHAT_SECRET": "32 bytes or more: sockets and writes need a signed token (python chat.py token NAME)",
+    "TOKEN_TTL_SECONDS": "how long a token from python chat.py token lasts",
+    "PUBLIC_READS": "1: with CHAT_SECRET, reading needs no token",
+    "MAX_CONNECTIONS": "sockets in all; past it, 1013",
+    "MAX_CONNECTIONS_PER_IP": "sockets one address may hold (a class of 30 with 2 tabs each fits in 100)",
+    "RATE_PER_SECOND": "frames a socket may send a second, on average",
+    "RATE_BURST": "frames a socket may send at once",
+    "FLOOD_LIMIT": "refused frames in a row before the socket is closed",
+    "JOINS_PER_MINUTE": "joins one address may make a minute",
+    "REST_WRITES_PER_MINUTE": "POST /users and /messages one address may make a minute",
+    "MAX_CONTENT_LENGTH": "characters in a message (at most 2000)",
+    "MAX_FRAME_BYTES": "bytes in a WebSocket frame",
+    "MAX_BODY_BYTES": "bytes in a REST body",
+    "SEND_QUEUE_FRAMES": "frames queued for a client that reads slowly; past it, 1013",
+    "RETAIN_DAYS": "delete messages older than this, hourly (0: keep them)",
+    "RETAIN_MESSAGES_PER_ROOM": "keep only this many newest messages of each room (0: all)",
+    "DATABASE_WAIT": "seconds to wait at start for a database that does not answer",
+    "PRESENCE_TIMEOUT": "PostgreSQL: seconds before a silent process's users count as gone",
+    "METRICS_TOKEN": "32 bytes or more: GET /metrics needs it as a bearer token, and no other",
+}
 
 
 def usage() -> str:
@@ -2247,14 +2266,15 @@ def usage() -> str:
     import runner  # the server's own settings
 
     values = {**{name: globals().get(name) for name in SETTINGS}, **{name: getattr(runner, name) for name in runner.SETTINGS}}
-    values["CHAT_SECRET"] = "(set)" if SECRET else "(not set: no tokens needed)"
+    values["CHAT_SECRET"] = "(set)" if SECRET else "(not set)"
     values["METRICS_TOKEN"] = "(set)" if METRICS_TOKEN else "(not set)"
     values["ALLOWED_HOSTS"] = ALLOWED_HOSTS or local_hosts()
     values["PUBLIC_READS"] = "1" if PUBLIC_READS else "0"
     values["DATABASE_URL"] = shown_url(DATABASE_URL)
     shown = {name: ",".join(v) if isinstance(v, list) else v for name, v in values.items()}
-    lines = [f"  {name:24} {shown[name] if shown[name] not in ('', None) else '(empty)'}"
-             f"{'' if name in os.environ else '  (default)'}" for name in [*SETTINGS, *runner.SETTINGS]]
+    shown = {name: f"{'(empty)' if value in ('', None) else value}{'' if name in os.environ else ' (default)'}"
+             for name, value in shown.items()}
+    lines = [f"  {name:24} {shown[name]:26} {what}" for name, what in {**SETTINGS, **runner.SETTINGS}.items()]
     return "\n".join([
         "usage: python chat.py [--host HOST] [--port PORT] [--workers N]   serve the chat (Ctrl+C stops it)",
         "                                   (several workers need PostgreSQL)",
@@ -2265,7 +2285,7 @@ def usage() -> str:
         "                                   of each room (0: no such limit); beside a running server too",
         "       python chat.py --help       this text",
         "",
-        "Settings are environment variables (README.md, Configuration, says what each does):",
+        "Settings are environment variables (README.md, Configuration, says more): name, value now, what it does",
         *lines])
 
 

@@ -81,9 +81,20 @@ TRUSTED_PROXIES = [p.strip() for p in os.environ.get("TRUSTED_PROXIES", "").spli
 LOG_FORMAT = os.environ.get("LOG_FORMAT") or "text"  # or json: one JSON object a line
 if LOG_FORMAT not in ("text", "json"):
     raise SystemExit(f"LOG_FORMAT={LOG_FORMAT!r}: use text or json, e.g. LOG_FORMAT=json")
-SETTINGS = ["HOST", "PORT", "SSL_KEYFILE", "SSL_CERTFILE", "REQUEST_TIMEOUT", "MAX_HEAD_BYTES",
-            "MAX_SOCKETS_PER_IP", "PING_INTERVAL", "PING_TIMEOUT", "SHUTDOWN_SECONDS", "TRUSTED_PROXIES",
-            "LOG_FORMAT"]
+SETTINGS = {  # what python chat.py --help says of each
+    "HOST": "the address to serve on (--host); 0.0.0.0: every interface, for a class",
+    "PORT": "the port (--port), 1-65535",
+    "SSL_KEYFILE": "with SSL_CERTFILE: serve https:// and wss://",
+    "SSL_CERTFILE": "the certificate (chain) for SSL_KEYFILE",
+    "REQUEST_TIMEOUT": "seconds to send a whole request or handshake; then 408",
+    "MAX_HEAD_BYTES": "bytes of request line and headers; more get 431",
+    "MAX_SOCKETS_PER_IP": "TCP connections of any kind from one address; more get 503",
+    "PING_INTERVAL": "seconds between pings to each socket",
+    "PING_TIMEOUT": "seconds a socket has to answer a ping",
+    "SHUTDOWN_SECONDS": "on SIGTERM, seconds before connections still open are cut",
+    "TRUSTED_PROXIES": "your proxies' addresses or networks: only their X-Forwarded-For is believed",
+    "LOG_FORMAT": "text, or json: one JSON object a line",
+}
 
 MAX_HEAD_FIELDS = 100
 CLOSE_GRACE = 5.0  # seconds a closing WebSocket has to flush to a peer that does not read

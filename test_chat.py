@@ -2940,7 +2940,8 @@ def test_help_prints_the_usage_and_every_setting_and_exits_0():
     assert result.returncode == 0
     assert result.stdout.startswith(
         "usage: python chat.py [--host HOST] [--port PORT] [--workers N]   serve the chat (Ctrl+C stops it)\n")
-    assert "  PORT                     8123\n" in result.stdout
+    assert "\n  PORT                     8123                       the port (--port), 1-65535\n" in result.stdout
+    assert "\n  RATE_BURST               10.0 (default)             frames a socket may send at once\n" in result.stdout
     assert all(f"  {name} " in result.stdout for name in [*chat.SETTINGS, *runner.SETTINGS])
 
 
