@@ -2022,6 +2022,9 @@ async def lifespan(app):
     database = app.state.database
     lock = lock_sqlite_file(database.url.database) if database.url.dialect == "sqlite" else None
     try:
+        if lock and shutil.disk_usage(os.path.dirname(os.path.abspath(database.url.database))).free < FULL_BELOW_BYTES:
+            raise sqlite3.OperationalError("database or disk is full")  # said before a connection opens:
+            # aiosqlite's thread, failing to open one, would answer after the loop has closed
         await connect(database)
         app.state.identity = await apply_schema(database)
         await claim_looks(database)
