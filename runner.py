@@ -30,6 +30,7 @@ import struct
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from urllib.parse import unquote_plus
@@ -627,6 +628,8 @@ def say_where_to_open() -> None:
         try:
             urllib.request.urlopen(f"{scheme}://{f'[{local}]' if ':' in local else local}:{PORT}/livez",
                                    timeout=2, context=unverified)
+            break
+        except urllib.error.HTTPError:  # it answers (400: ALLOWED_HOSTS leaves out this address): it serves
             break
         except OSError:
             time.sleep(0.1)

@@ -1738,6 +1738,8 @@ def running_server(database_url: str, port: int | None = None, runner: bool = Fa
             try:
                 urllib.request.urlopen(base + "/ws-info", timeout=1, context=tls)
                 break
+            except urllib.error.HTTPError:  # it answers, if not to this Host
+                break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
@@ -2796,6 +2798,15 @@ def test_the_log_has_one_line_per_socket_event_each_with_its_time(tmp_path):
         "letter or digit"]
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING): ", line)
                for line in log.decode().splitlines())
+
+
+def test_where_to_open_is_said_once_even_when_allowed_hosts_leaves_out_this_address(tmp_path):
+    with bounded_server("python chat.py", tmp_path, env={"ALLOWED_HOSTS": "chat.example"}) as (base, port):
+        wait_until(lambda: b"open http" in server_log())
+        time.sleep(1)
+        log = server_log().decode()
+    assert log.count(f"open http://127.0.0.1:{port}/test") == 1
+    assert log.count("GET /livez") == 1
 
 
 def test_with_log_format_json_every_line_is_a_json_object(tmp_path):
