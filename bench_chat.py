@@ -9,6 +9,7 @@
     python bench_chat.py --compare /tmp/before/chat.py --runs 3        # vs another checkout's chat.py
     python bench_chat.py --compare ../shared/starlette-floor --only idle,storm   # vs the stack's floor
     python bench_chat.py --scaling --database postgresql://postgres@127.0.0.1/postgres --runs 3
+    python bench_chat.py --reconnect 10000 --runs 3      # restart chat.py under 10,000 joined clients
     python bench_chat.py --scaling /tmp/before/chat.py --database postgresql://...   # vs another chat.py
 
 By default it starts `python chat.py` (`--workers N` processes on N ports, clients spread over them,
@@ -33,6 +34,13 @@ Besides the message loads: `idle` opens 10,000 connections and holds them (time,
 connection, memory per connection), `storm` has 2,000 connected clients join one room at once
 (time until all are in, join latency, joins not welcomed within 60 s, CPU per join).
 
+--reconnect N restarts `python chat.py` (SIGTERM, then a new process on the same database and port)
+under N clients joined in rooms of ten, one talker in each saying a message a second; each client
+rejoins with `since` as /test does (back-off with jitter). It prints the time from SIGTERM until
+every client is back, the server's CPU per client back, the p99 of live deliveries meanwhile, and
+what any client lost, got twice or out of order, against the stored messages of its room. The
+tutorial app cannot run it (no `since`).
+
 --scaling (PostgreSQL) runs the write-heavy scenario (each sender alone in its room, so every stored
 message is delivered once) on 1, 2 and 4 chat.py processes, alternating over --runs rounds; given
 another checkout's chat.py, on both, alternating, with the ratio of their medians. It prints where
@@ -47,10 +55,13 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import json
 import os
 import pathlib
 import platform
+import random
 import re
+import sqlite3
 import shlex
 import socket
 import statistics
@@ -739,6 +750,173 @@ def scaling(args) -> None:
         print(f"  chat/peer, messages stored/s by process count: {ratios}", flush=True)
 
 
+# --- The reconnect storm --------------------------------------------------------------------------
+
+
+def reconnect_delay(tries: int) -> float:
+    """As /test waits before its next try: a random point in the upper half of a doubling ceiling."""
+    ceiling = min(30.0, 0.5 * 2 ** tries)
+    return ceiling / 2 + random.random() * ceiling / 2
+
+
+class Member:
+    """A client of the storm: joined to its room, it rejoins with `since` whenever its socket goes,
+    and keeps every message id it got, to check against what was stored."""
+
+    def __init__(self, url: str, room: str, name: str):
+        self.url, self.room, self.name = url, room, name
+        self.ids: list[int] = []
+        self.duplicated = self.out_of_order = 0
+        self.back_at: float | None = None  # when it was last welcomed
+        self.latencies: list[tuple[float, float]] = []  # (sent at, seconds to arrive) of live talkers' messages
+        self.sock: Socket | None = None
+
+    def on_text(self, payload: bytes, welcomed: asyncio.Future) -> None:
+        frame = json.loads(payload)
+        if frame["type"] == "system" and frame["content"].startswith("Welcome") and not welcomed.done():
+            welcomed.set_result(time.perf_counter())
+        if frame["type"] != "message":
+            return
+        if frame["id"] in self.ids[-50:] or (self.ids and frame["id"] < self.ids[-1]):
+            self.duplicated += frame["id"] in self.ids
+            self.out_of_order += frame["id"] not in self.ids
+            return
+        self.ids.append(frame["id"])
+        if frame["content"].startswith("t:") and self.back_at is not None:
+            sent = float(frame["content"][2:])
+            if self.back_at <= sent:  # live: it was in the room when the message was sent (not a replay)
+                self.latencies.append((sent, time.perf_counter() - sent))
+
+    async def live(self, stopping: asyncio.Event) -> None:
+        tries = 0
+        while not stopping.is_set():
+            try:
+                self.sock = await dial(self.url + "/" + self.room)
+            except (OSError, ConnectionError, TimeoutError):
+                tries += 1
+                await asyncio.sleep(reconnect_delay(tries))
+                continue
+            welcomed = asyncio.get_running_loop().create_future()
+            self.sock.on_text = lambda payload, welcomed=welcomed: self.on_text(payload, welcomed)
+            since = f',"since":{self.ids[-1]}' if self.ids else ""
+            self.sock.send('{"type":"join","username":"%s"%s}' % (self.name, since))
+            await asyncio.wait((welcomed, self.sock.lost), timeout=60, return_when=asyncio.FIRST_COMPLETED)
+            if welcomed.done():
+                self.back_at, tries = welcomed.result(), 0
+            await self.sock.lost
+            tries += 1
+            if not stopping.is_set():
+                await asyncio.sleep(reconnect_delay(tries))
+
+
+async def talk(members: list[Member], stopping: asyncio.Event, per_second: float) -> None:
+    """Each of these members says the time every 1/per_second seconds while it is in its room."""
+    while not stopping.is_set():
+        for member in members:
+            if member.sock and member.back_at and not member.sock.lost.done():
+                member.sock.send('{"type":"message","content":"t:%.6f"}' % time.perf_counter())
+        await asyncio.sleep(1 / per_second)
+
+
+def stored_ids(database_url: str) -> dict[str, list[int]]:
+    """Every stored message id, room by room, in id order (as the server has stored them)."""
+    if database_url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(database_url.split("///", 1)[1])) as db:
+            rows = db.execute("SELECT room, id FROM messages ORDER BY id").fetchall()
+    else:
+        async def fetch():
+            connection = await asyncpg.connect(database_url)
+            try:
+                return await connection.fetch("SELECT room, id FROM messages ORDER BY id")
+            finally:
+                await connection.close()
+        rows = asyncio.run(fetch())
+    rooms: dict[str, list[int]] = {}
+    for room, id in rows:
+        rooms.setdefault(room, []).append(id)
+    return rooms
+
+
+def start_chat(env: dict, port: int) -> subprocess.Popen:
+    """python chat.py, once it answers."""
+    process = subprocess.Popen([sys.executable, "chat.py"], cwd=HERE, env={**env, "PORT": str(port)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ws-info", timeout=1)
+            return process
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise SystemExit("chat.py did not start") from None
+            time.sleep(0.05)
+
+
+async def storm_once(database_url: str, clients: int) -> dict:
+    loop, port = asyncio.get_running_loop(), free_port()
+    env = {**os.environ, **BENCH_ENV, "DATABASE_URL": database_url}
+    server = await loop.run_in_executor(None, start_chat, env, port)
+    members = [Member(f"ws://127.0.0.1:{port}/ws", f"r{k // 10}", f"m{k}") for k in range(clients)]
+    stopping, tasks = asyncio.Event(), []
+    for start in range(0, clients, 200):  # as open_clients: the handshake backlog is finite
+        tasks += [asyncio.create_task(m.live(stopping)) for m in members[start:start + 200]]
+        while not all(m.back_at for m in members[start:start + 200]):
+            await asyncio.sleep(0.05)
+    talkers = asyncio.create_task(talk(members[::10], stopping, 1.0))
+    await asyncio.sleep(3)
+
+    def restart() -> subprocess.Popen:  # SIGTERM: clients get 1001, and accepted messages are stored
+        server.terminate()
+        server.wait(timeout=60)
+        return start_chat(env, port)
+
+    restarted = time.perf_counter()
+    server = await loop.run_in_executor(None, restart)
+    cpu = cpu_seconds([server.pid])
+    while not all(m.back_at and m.back_at > restarted for m in members):
+        await asyncio.sleep(0.05)
+        if time.perf_counter() - restarted > 600:
+            break
+    seconds, cpu = time.perf_counter() - restarted, cpu_seconds([server.pid]) - cpu
+    await asyncio.sleep(5)
+    stopping.set()
+    talkers.cancel()
+    await asyncio.sleep(3)  # the last messages arrive
+    stored = await loop.run_in_executor(None, stored_ids, database_url)
+    for member in members:
+        if member.sock:
+            member.sock.transport.abort()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    server.terminate()
+    await loop.run_in_executor(None, server.wait)
+    during = sorted(latency for m in members for sent, latency in m.latencies if restarted <= sent <= restarted + seconds)
+    return {"seconds": seconds, "not_back": sum(not (m.back_at and m.back_at > restarted) for m in members),
+            "cpu_us": cpu / clients * 1e6, "p99_ms": 1000 * during[int(len(during) * 0.99)] if during else None,
+            "during": len(during), "lost": sum(len(set(stored.get(m.room, [])) - set(m.ids)) for m in members),
+            "duplicated": sum(m.duplicated for m in members), "out_of_order": sum(m.out_of_order for m in members)}
+
+
+def reconnect_storm(args) -> None:
+    """`python chat.py` is restarted under N joined clients (rooms of ten, one talker in each saying a
+    message a second) that rejoin with `since` as /test does: the time from SIGTERM until every
+    client is back, the p99 of live deliveries meanwhile (to clients back in their room when the
+    message was sent: the rest get it replayed), and whether any client missed, repeated or
+    reordered a stored message of its room."""
+    rounds = []
+    for n in range(args.runs):
+        with fresh_database(args.database) as database_url:
+            rounds.append(uvloop.run(storm_once(database_url, args.reconnect)))
+        print(f"  run {n + 1} of {args.runs}: {rounds[-1]}", file=sys.stderr, flush=True)
+    header(f"python chat.py restarted under {args.reconnect} joined clients, {database_label(args.database)}, "
+           f"{args.runs} run(s), medians (range)")
+    for key, label in (("seconds", "s from SIGTERM until all are back"), ("not_back", "not back within 600 s"),
+                       ("cpu_us", "server CPU µs per client back"), ("p99_ms", "p99 ms, live deliveries meanwhile"),
+                       ("during", "live deliveries meanwhile"), ("lost", "lost"), ("duplicated", "duplicated"),
+                       ("out_of_order", "out of order")):
+        median, spread = summary([r[key] for r in rounds])
+        print(f"  {label:36} {number(median)} ({spread})", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--database", default=os.environ.get("DATABASE_URL", "").startswith("postgres")
@@ -751,6 +929,8 @@ def main() -> None:
     mode.add_argument("--url", help="drive a server already running at ws://HOST:PORT/PATH instead")
     mode.add_argument("--compare", metavar="TARGET",
                       help="compare with a folder with setup.sh and run.sh, or a chat.py file")
+    mode.add_argument("--reconnect", type=int, metavar="N",
+                      help="restart python chat.py under N joined clients that rejoin with since, as /test does")
     mode.add_argument("--scaling", nargs="?", const="", metavar="PEER",
                       help="write-heavy on 1, 2, 4 processes (PostgreSQL); with PEER (another chat.py), "
                            "both, alternating")
@@ -768,6 +948,8 @@ def main() -> None:
             parser.error(message)
     if args.compare:
         compare(args)
+    elif args.reconnect:
+        reconnect_storm(args)
     elif args.scaling is not None:
         scaling(args)
     else:
