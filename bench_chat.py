@@ -774,7 +774,8 @@ class Member:
     def on_text(self, payload: bytes, welcomed: asyncio.Future) -> None:
         frame = json.loads(payload)
         if frame["type"] == "system" and frame["content"].startswith("Welcome") and not welcomed.done():
-            welcomed.set_result(time.perf_counter())
+            self.back_at = time.perf_counter()  # now: the replay that follows is not live
+            welcomed.set_result(self.back_at)
         if frame["type"] != "message":
             return
         if frame["id"] in self.ids[-50:] or (self.ids and frame["id"] < self.ids[-1]):
@@ -870,7 +871,7 @@ async def storm_once(database_url: str, clients: int) -> dict:
         server.wait(timeout=60)
         return start_chat(env, port)
 
-    restarted = time.perf_counter()
+    restarted, generator = time.perf_counter(), time.process_time()
     server = await loop.run_in_executor(None, restart)
     cpu = cpu_seconds([server.pid])
     while not all(m.back_at and m.back_at > restarted for m in members):
@@ -878,6 +879,7 @@ async def storm_once(database_url: str, clients: int) -> dict:
         if time.perf_counter() - restarted > 600:
             break
     seconds, cpu = time.perf_counter() - restarted, cpu_seconds([server.pid]) - cpu
+    generator = (time.process_time() - generator) / seconds * 100
     await asyncio.sleep(5)
     stopping.set()
     talkers.cancel()
@@ -891,7 +893,7 @@ async def storm_once(database_url: str, clients: int) -> dict:
     await loop.run_in_executor(None, server.wait)
     during = sorted(latency for m in members for sent, latency in m.latencies if restarted <= sent <= restarted + seconds)
     return {"seconds": seconds, "not_back": sum(not (m.back_at and m.back_at > restarted) for m in members),
-            "cpu_us": cpu / clients * 1e6, "p99_ms": 1000 * during[int(len(during) * 0.99)] if during else None,
+            "cpu_us": cpu / clients * 1e6, "generator_pct": generator, "p99_ms": 1000 * during[int(len(during) * 0.99)] if during else None,
             "during": len(during), "lost": sum(len(set(stored.get(m.room, [])) - set(m.ids)) for m in members),
             "duplicated": sum(m.duplicated for m in members), "out_of_order": sum(m.out_of_order for m in members)}
 
@@ -910,7 +912,7 @@ def reconnect_storm(args) -> None:
     header(f"python chat.py restarted under {args.reconnect} joined clients, {database_label(args.database)}, "
            f"{args.runs} run(s), medians (range)")
     for key, label in (("seconds", "s from SIGTERM until all are back"), ("not_back", "not back within 600 s"),
-                       ("cpu_us", "server CPU µs per client back"), ("p99_ms", "p99 ms, live deliveries meanwhile"),
+                       ("cpu_us", "server CPU µs per client back"), ("generator_pct", "load generator % of a core"), ("p99_ms", "p99 ms, live deliveries meanwhile"),
                        ("during", "live deliveries meanwhile"), ("lost", "lost"), ("duplicated", "duplicated"),
                        ("out_of_order", "out of order")):
         median, spread = summary([r[key] for r in rounds])
