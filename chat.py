@@ -1889,6 +1889,7 @@ class Metrics:
     def __init__(self, app):
         self.registry = prometheus_client.CollectorRegistry()
         self.gauges: list[tuple[prometheus_client.Gauge, Callable[[], float]]] = []
+        self.sampled: dict[str, float] = {}  # this process's own figures, under several processes
         state = app.state  # the rooms and the writer are made after this: gauges read them at each scrape
         self.gauge("chat_connections", "Open WebSocket connections", lambda: len(state.rooms.connections))
         self.gauge("chat_joined_users", "Users joined to a room (a user in two rooms counts twice)",
@@ -1916,7 +1917,7 @@ class Metrics:
         self.process = prometheus_client.ProcessCollector(registry=None if self.SHARED else self.registry)
         if self.SHARED:  # one process's own collector would describe whichever process was scraped
             for name in ("process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total"):
-                self.gauge(name, f"{name} of each process", lambda name=name: self.process_value(name), mode="all")
+                self.gauge(name, f"{name} of each process", lambda name=name: self.sampled.get(name, 0.0), mode="all")
 
     def gauge(self, name: str, text: str, value: Callable[[], float], mode: str = "livesum") -> None:
         self.gauges.append((prometheus_client.Gauge(name, text, registry=self.registry, multiprocess_mode=mode),
@@ -1925,11 +1926,9 @@ class Metrics:
     def counter(self, name: str, text: str, *labels: str) -> prometheus_client.Counter:
         return prometheus_client.Counter(name, text, labels, registry=self.registry)
 
-    def process_value(self, name: str) -> float:
-        return next((sample.value for family in self.process.collect() for sample in family.samples
-                     if sample.name == name), 0.0)
-
     def refresh(self) -> None:
+        if self.SHARED:  # /proc read once a refresh, not once a gauge
+            self.sampled = {sample.name: sample.value for family in self.process.collect() for sample in family.samples}
         for gauge, value in self.gauges:
             gauge.set(value())
 
