@@ -90,8 +90,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 # --- Configuration: environment variables, each with a default that works offline -------------
 
 
-def setting(name: str, default: str, kind=int):
-    """An environment variable as a number; a bad value stops the start in one line that names it."""
+SETTINGS: dict[str, str] = {}  # every setting, and what python chat.py --help says it does
+
+
+def setting(name: str, default: str, what: str, kind=str):
+    """An environment variable as `kind`; a bad value stops the start in one line that names it."""
+    SETTINGS[name] = what
     value = os.environ.get(name) or default
     try:
         return kind(value)
@@ -100,37 +104,46 @@ def setting(name: str, default: str, kind=int):
                          f"e.g. {name}={default}") from None
 
 
-DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///chat.db")
-# Host names this server answers to, against DNS rebinding; "*" = any. The default: loopback
-# names, and this machine's own name and addresses.
-ALLOWED_HOSTS = [h for h in os.environ.get("ALLOWED_HOSTS", "").split(",") if h]
-# Browser origins allowed besides the server's own, for REST (CORS) and WebSocket handshakes; "*" = any.
-ALLOWED_ORIGINS = [o for o in os.environ.get("ALLOWED_ORIGINS", "").split(",") if o]
-SECRET = os.environ.get("CHAT_SECRET", "")  # set it to require signed tokens (python chat.py token NAME)
-TOKEN_TTL_SECONDS = setting("TOKEN_TTL_SECONDS", "86400", int)
-METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")  # set it: GET /metrics needs it (and no user token does)
-PUBLIC_READS = os.environ.get("PUBLIC_READS", "") == "1"  # with a secret: 1 lets anyone read history
-MAX_CONNECTIONS = setting("MAX_CONNECTIONS", "10000", int)
-# A class of 30 with two tabs each behind one NAT address, reconnecting: 100. One address at the
-# limits holds about 2.5 MB and 1 s of CPU a minute (docs/performance.md).
-MAX_CONNECTIONS_PER_IP = setting("MAX_CONNECTIONS_PER_IP", "100", int)
-RATE_PER_SECOND = setting("RATE_PER_SECOND", "5", float)  # frames per connection, on average
-RATE_BURST = setting("RATE_BURST", "10", float)  # frames a connection may send at once
-FLOOD_LIMIT = setting("FLOOD_LIMIT", "50", int)  # refused frames in a row before we hang up
+def listed(value: str) -> list[str]:
+    return [item for item in value.split(",") if item]
+
+
+DATABASE_URL = setting("DATABASE_URL", "sqlite:///chat.db",
+                       "where messages are stored: sqlite:///FILE, or postgresql://USER:PASSWORD@HOST/DB")
+# Against DNS rebinding; by default loopback names, and this machine's own name and addresses.
+ALLOWED_HOSTS = setting("ALLOWED_HOSTS", "", "Host names the server answers to (others: 400); * for any", listed)
+ALLOWED_ORIGINS = setting("ALLOWED_ORIGINS", "", "other sites' pages that may use the API and the socket, "
+                          "comma-separated; * for any", listed)
+SECRET = setting("CHAT_SECRET", "", "32 bytes or more: sockets and writes need a signed token "
+                 "(python chat.py token NAME)")
+TOKEN_TTL_SECONDS = setting("TOKEN_TTL_SECONDS", "86400", "how long a token from python chat.py token lasts", int)
+PUBLIC_READS = setting("PUBLIC_READS", "0", "1: with CHAT_SECRET, reading needs no token", lambda v: v == "1")
+MAX_CONNECTIONS = setting("MAX_CONNECTIONS", "10000", "sockets in all; past it, 1013", int)
+# One address at the limits holds about 2.5 MB and 1 s of CPU a minute (docs/performance.md).
+MAX_CONNECTIONS_PER_IP = setting("MAX_CONNECTIONS_PER_IP", "100", "sockets one address may hold "
+                                 "(a class of 30 with 2 tabs each fits in 100)", int)
+RATE_PER_SECOND = setting("RATE_PER_SECOND", "5", "frames a socket may send a second, on average", float)
+RATE_BURST = setting("RATE_BURST", "10", "frames a socket may send at once", float)
+FLOOD_LIMIT = setting("FLOOD_LIMIT", "50", "refused frames in a row before the socket is closed", int)
+JOINS_PER_MINUTE = setting("JOINS_PER_MINUTE", str(3 * MAX_CONNECTIONS_PER_IP),  # each socket may rejoin thrice
+                           "joins one address may make a minute", int)
+REST_WRITES_PER_MINUTE = setting("REST_WRITES_PER_MINUTE", "120",
+                                 "POST /users and /messages one address may make a minute", int)
+MAX_CONTENT_LENGTH = setting("MAX_CONTENT_LENGTH", "2000", "characters in a message (at most 2000)", int)
+MAX_FRAME_BYTES = setting("MAX_FRAME_BYTES", "16384", "bytes in a WebSocket frame", int)
+MAX_BODY_BYTES = setting("MAX_BODY_BYTES", "16384", "bytes in a REST body", int)
+SEND_QUEUE_FRAMES = setting("SEND_QUEUE_FRAMES", "1000", "frames queued for a client that reads slowly; "
+                            "past it, 1013", int)
+RETAIN_DAYS = setting("RETAIN_DAYS", "0", "delete messages older than this, hourly (0: keep them)", float)
+RETAIN_MESSAGES_PER_ROOM = setting("RETAIN_MESSAGES_PER_ROOM", "0",
+                                   "keep only this many newest messages of each room (0: all)", int)
+DATABASE_WAIT = setting("DATABASE_WAIT", "30", "seconds to wait at start for a database that does not answer", float)
+PRESENCE_TIMEOUT = setting("PRESENCE_TIMEOUT", "15", "PostgreSQL: seconds before a silent process's users "
+                           "count as gone", float)
+METRICS_TOKEN = setting("METRICS_TOKEN", "", "32 bytes or more: GET /metrics needs it as a bearer token, "
+                        "and no other")
 JOIN_COST = 5  # a join counts as five frames: it writes to the database and tells the room
 MESSAGES_IN_FLIGHT = 64  # a connection's messages being stored at once; past this it reads no more
-# Per address, all its sockets together: each may rejoin three times a minute.
-JOINS_PER_MINUTE = setting("JOINS_PER_MINUTE", str(3 * MAX_CONNECTIONS_PER_IP), int)
-REST_WRITES_PER_MINUTE = setting("REST_WRITES_PER_MINUTE", "120", int)  # per address
-MAX_CONTENT_LENGTH = setting("MAX_CONTENT_LENGTH", "2000", int)  # schema.sql CHECKs 2000 too
-MAX_FRAME_BYTES = setting("MAX_FRAME_BYTES", "16384", int)
-MAX_BODY_BYTES = setting("MAX_BODY_BYTES", "16384", int)  # REST request bodies
-SEND_QUEUE_FRAMES = setting("SEND_QUEUE_FRAMES", "1000", int)
-RETAIN_DAYS = setting("RETAIN_DAYS", "0", float)  # messages older are deleted (0: kept for ever)
-RETAIN_MESSAGES_PER_ROOM = setting("RETAIN_MESSAGES_PER_ROOM", "0", int)  # older ones past this are deleted (0: all kept)
-DATABASE_WAIT = setting("DATABASE_WAIT", "30", float)  # seconds to wait for a database that does not answer at start
-PRESENCE_TIMEOUT = setting("PRESENCE_TIMEOUT", "15", float)  # PostgreSQL: a silent process's
-                                                                     # users count as gone after this
 # The server's own settings (HOST, PORT, REQUEST_TIMEOUT, PING_INTERVAL, TRUSTED_PROXIES, ...)
 # are runner.py's: they hold under python chat.py.
 HISTORY_ON_JOIN = 10
@@ -2009,6 +2022,72 @@ async def favicon(request):
     return Response(status_code=204)
 
 
+# --- Retention and moderation --------------------------------------------------------------------
+#
+# With RETAIN_DAYS or RETAIN_MESSAGES_PER_ROOM, the server prunes hourly; python chat.py rename-user,
+# delete-user, delete-message and prune (runner.py) use the statements below. Deletes go in batches
+# of PRUNE_BATCH rows, so no statement holds writers up for long.
+
+PRUNE_BATCH = 500
+PRUNE_EVERY = 3600  # seconds between the server's prunes
+RENAME_USER = "UPDATE users SET username = :new WHERE username = :old RETURNING id"
+DELETE_USER = "DELETE FROM users WHERE username = :username RETURNING id"
+DELETE_USERS_MESSAGES = "DELETE FROM messages WHERE user_id = :user_id RETURNING id"
+DELETE_MESSAGE = "DELETE FROM messages WHERE id = :id RETURNING id"
+RELEASE_LOOKS = "DELETE FROM looks WHERE username = :username"
+PRUNE_OLD = """DELETE FROM messages WHERE id IN (
+    SELECT id FROM messages WHERE created_at < :cutoff ORDER BY id LIMIT :batch) RETURNING id"""
+ROOMS_OVER = "SELECT DISTINCT room FROM messages"
+KEPT_FROM = "SELECT id FROM messages WHERE room = :room ORDER BY id DESC LIMIT 1 OFFSET :keep"
+PRUNE_ROOM = """DELETE FROM messages WHERE id IN (
+    SELECT id FROM messages WHERE room = :room AND id <= :upto ORDER BY id LIMIT :batch) RETURNING id"""
+SILENT_USERS = """SELECT id, username FROM users WHERE last_seen < :cutoff
+    AND NOT EXISTS (SELECT 1 FROM messages WHERE user_id = users.id) ORDER BY id LIMIT :batch"""
+DELETE_SILENT_USER = """DELETE FROM users WHERE id = :id
+    AND NOT EXISTS (SELECT 1 FROM messages WHERE user_id = :id) RETURNING id"""
+
+
+async def prune(database: Database, days: float = 0, keep: int = 0, pause: float = 0) -> int:
+    """Delete messages older than `days`, and all but the newest `keep` of each room; how many went."""
+    deleted = 0
+
+    async def in_batches(statement: str, values: dict) -> None:
+        nonlocal deleted
+        while rows := await database.fetch_all(statement, {**values, "batch": PRUNE_BATCH}):
+            deleted += len(rows)
+            await asyncio.sleep(pause)  # writers go in between
+
+    if days:
+        cutoff = utcnow() - datetime.timedelta(days=days)
+        await in_batches(PRUNE_OLD, {"cutoff": cutoff if database.url.dialect == "postgresql"
+                                     else cutoff.strftime("%Y-%m-%d %H:%M:%S.%f")})  # as stored
+    if keep:
+        for row in await database.fetch_all(ROOMS_OVER):
+            upto = await database.fetch_val(KEPT_FROM, {"room": row["room"], "keep": keep})
+            if upto is not None:
+                await in_batches(PRUNE_ROOM, {"room": row["room"], "upto": upto})
+    return deleted
+
+
+async def retain(app) -> None:
+    """The server's retention: prune, then forget users with no message left, not here and not
+    seen for RETAIN_DAYS (their looks too); every PRUNE_EVERY seconds."""
+    database = app.state.database
+    while True:
+        deleted = await prune(database, RETAIN_DAYS, RETAIN_MESSAGES_PER_ROOM, pause=0.05)
+        forgotten = 0
+        if RETAIN_DAYS:
+            present = {name for names in (await app.state.cluster.present()).values() for name in names}
+            cutoff = utcnow() - datetime.timedelta(days=RETAIN_DAYS)
+            for row in await database.fetch_all(SILENT_USERS, {"cutoff": cutoff, "batch": PRUNE_BATCH}):
+                if row["username"] not in present and await database.fetch_val(DELETE_SILENT_USER, {"id": row["id"]}):
+                    await database.execute(RELEASE_LOOKS, {"username": row["username"]})
+                    forgotten += 1
+        if deleted or forgotten:
+            log.info("retention: deleted %d messages and %d users", deleted, forgotten)
+        await asyncio.sleep(PRUNE_EVERY)
+
+
 # --- Lifespan, routes, app -----------------------------------------------------------------------
 
 
@@ -2233,233 +2312,6 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
     app.state.cluster_class = PostgresCluster if several else OneProcess
     return app
 
-
-
-# --- python chat.py: serve through runner.py; python chat.py token NAME --------------------------
-
-SETTINGS = {  # what --help says of each
-    "DATABASE_URL": "where messages are stored: sqlite:///FILE, or postgresql://USER:PASSWORD@HOST/DB",
-    "ALLOWED_HOSTS": "Host names the server answers to (others: 400); * for any",
-    "ALLOWED_ORIGINS": "other sites' pages that may use the API and the socket, comma-separated; * for any",
-    "CHAT_SECRET": "32 bytes or more: sockets and writes need a signed token (python chat.py token NAME)",
-    "TOKEN_TTL_SECONDS": "how long a token from python chat.py token lasts",
-    "PUBLIC_READS": "1: with CHAT_SECRET, reading needs no token",
-    "MAX_CONNECTIONS": "sockets in all; past it, 1013",
-    "MAX_CONNECTIONS_PER_IP": "sockets one address may hold (a class of 30 with 2 tabs each fits in 100)",
-    "RATE_PER_SECOND": "frames a socket may send a second, on average",
-    "RATE_BURST": "frames a socket may send at once",
-    "FLOOD_LIMIT": "refused frames in a row before the socket is closed",
-    "JOINS_PER_MINUTE": "joins one address may make a minute",
-    "REST_WRITES_PER_MINUTE": "POST /users and /messages one address may make a minute",
-    "MAX_CONTENT_LENGTH": "characters in a message (at most 2000)",
-    "MAX_FRAME_BYTES": "bytes in a WebSocket frame",
-    "MAX_BODY_BYTES": "bytes in a REST body",
-    "SEND_QUEUE_FRAMES": "frames queued for a client that reads slowly; past it, 1013",
-    "RETAIN_DAYS": "delete messages older than this, hourly (0: keep them)",
-    "RETAIN_MESSAGES_PER_ROOM": "keep only this many newest messages of each room (0: all)",
-    "DATABASE_WAIT": "seconds to wait at start for a database that does not answer",
-    "PRESENCE_TIMEOUT": "PostgreSQL: seconds before a silent process's users count as gone",
-    "METRICS_TOKEN": "32 bytes or more: GET /metrics needs it as a bearer token, and no other",
-}
-
-
-def usage() -> str:
-    """What --help prints: the commands, and every setting with the value it has now."""
-    import runner  # the server's own settings
-
-    values = {**{name: globals().get(name) for name in SETTINGS}, **{name: getattr(runner, name) for name in runner.SETTINGS}}
-    values["CHAT_SECRET"] = "(set)" if SECRET else "(not set)"
-    values["METRICS_TOKEN"] = "(set)" if METRICS_TOKEN else "(not set)"
-    values["ALLOWED_HOSTS"] = ALLOWED_HOSTS or local_hosts()
-    values["PUBLIC_READS"] = "1" if PUBLIC_READS else "0"
-    values["DATABASE_URL"] = shown_url(DATABASE_URL)
-    shown = {name: ",".join(v) if isinstance(v, list) else v for name, v in values.items()}
-    shown = {name: f"{'(empty)' if value in ('', None) else value}{'' if name in os.environ else ' (default)'}"
-             for name, value in shown.items()}
-    lines = [f"  {name:24} {shown[name]:26} {what}" for name, what in {**SETTINGS, **runner.SETTINGS}.items()]
-    return "\n".join([
-        "usage: python chat.py [--host HOST] [--port PORT] [--workers N]   serve the chat (Ctrl+C stops it)",
-        "                                   (several workers need PostgreSQL)",
-        "       python chat.py token NAME   print a token for NAME (needs CHAT_SECRET)",
-        "       python chat.py backup FILE  copy the SQLite database to FILE, while it serves",
-        "       python chat.py rename-user OLD NEW, delete-user NAME (and their messages), delete-message ID,",
-        "       python chat.py prune DAYS KEEP   delete messages older than DAYS and all but the KEEP newest",
-        "                                   of each room (0: no such limit); beside a running server too",
-        "       python chat.py --help       this text",
-        "",
-        "Settings are environment variables (README.md, Configuration, says more): name, value now, what it does",
-        *lines])
-
-
-def backup(target: str) -> str | None:
-    """SQLite's online backup: a consistent copy while the server writes (its lock is flock, which
-    SQLite's own locks never meet). The copy gets an identity of its own, so that clients of a server
-    restored from it start over: ids after the backup's last one will be given again."""
-    url = open_database(DATABASE_URL).url
-    if url.dialect != "sqlite":
-        return "PostgreSQL is backed up with pg_dump and pg_restore: see README.md, Running it for others"
-    if not os.path.isfile(url.database):
-        return f"there is no database at {url.database}: check DATABASE_URL"
-    if os.path.exists(target):
-        return f"{target} exists: name a new file (a backup never overwrites one)"
-    try:
-        with contextlib.closing(sqlite3.connect(url.database, timeout=30)) as source, \
-             contextlib.closing(sqlite3.connect(target)) as copy:
-            source.backup(copy)
-            if copy.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():  # else made at start
-                copy.execute(RENEW_IDENTITY, {"identity": uuid.uuid4().hex})
-            copy.commit()
-    except sqlite3.Error as exc:
-        return f"the backup failed ({exc}): check the file and the disk, then try again"
-    print(f"copied {url.database} to {target}; to restore, stop the server and put it in the database's place")
-
-
-# Moderation and retention: python chat.py rename-user, delete-user, delete-message, prune; and,
-# with RETAIN_DAYS or RETAIN_MESSAGES_PER_ROOM, the server's own pruning, hourly. Deletes go in
-# batches of PRUNE_BATCH rows, so no statement holds writers up for long.
-
-PRUNE_BATCH = 500
-PRUNE_EVERY = 3600  # seconds between the server's prunes
-RENAME_USER = "UPDATE users SET username = :new WHERE username = :old RETURNING id"
-DELETE_USER = "DELETE FROM users WHERE username = :username RETURNING id"
-DELETE_USERS_MESSAGES = "DELETE FROM messages WHERE user_id = :user_id RETURNING id"
-DELETE_MESSAGE = "DELETE FROM messages WHERE id = :id RETURNING id"
-RELEASE_LOOKS = "DELETE FROM looks WHERE username = :username"
-PRUNE_OLD = """DELETE FROM messages WHERE id IN (
-    SELECT id FROM messages WHERE created_at < :cutoff ORDER BY id LIMIT :batch) RETURNING id"""
-ROOMS_OVER = "SELECT DISTINCT room FROM messages"
-KEPT_FROM = "SELECT id FROM messages WHERE room = :room ORDER BY id DESC LIMIT 1 OFFSET :keep"
-PRUNE_ROOM = """DELETE FROM messages WHERE id IN (
-    SELECT id FROM messages WHERE room = :room AND id <= :upto ORDER BY id LIMIT :batch) RETURNING id"""
-SILENT_USERS = """SELECT id, username FROM users WHERE last_seen < :cutoff
-    AND NOT EXISTS (SELECT 1 FROM messages WHERE user_id = users.id) ORDER BY id LIMIT :batch"""
-DELETE_SILENT_USER = """DELETE FROM users WHERE id = :id
-    AND NOT EXISTS (SELECT 1 FROM messages WHERE user_id = :id) RETURNING id"""
-
-
-async def prune(database: Database, days: float = 0, keep: int = 0, pause: float = 0) -> int:
-    """Delete messages older than `days`, and all but the newest `keep` of each room; how many went."""
-    deleted = 0
-
-    async def in_batches(statement: str, values: dict) -> None:
-        nonlocal deleted
-        while rows := await database.fetch_all(statement, {**values, "batch": PRUNE_BATCH}):
-            deleted += len(rows)
-            await asyncio.sleep(pause)  # writers go in between
-
-    if days:
-        cutoff = utcnow() - datetime.timedelta(days=days)
-        await in_batches(PRUNE_OLD, {"cutoff": cutoff if database.url.dialect == "postgresql"
-                                     else cutoff.strftime("%Y-%m-%d %H:%M:%S.%f")})  # as stored
-    if keep:
-        for row in await database.fetch_all(ROOMS_OVER):
-            upto = await database.fetch_val(KEPT_FROM, {"room": row["room"], "keep": keep})
-            if upto is not None:
-                await in_batches(PRUNE_ROOM, {"room": row["room"], "upto": upto})
-    return deleted
-
-
-async def retain(app) -> None:
-    """The server's retention: prune, then forget users with no message left, not here and not
-    seen for RETAIN_DAYS (their looks too); every PRUNE_EVERY seconds."""
-    database = app.state.database
-    while True:
-        deleted = await prune(database, RETAIN_DAYS, RETAIN_MESSAGES_PER_ROOM, pause=0.05)
-        forgotten = 0
-        if RETAIN_DAYS:
-            present = {name for names in (await app.state.cluster.present()).values() for name in names}
-            cutoff = utcnow() - datetime.timedelta(days=RETAIN_DAYS)
-            for row in await database.fetch_all(SILENT_USERS, {"cutoff": cutoff, "batch": PRUNE_BATCH}):
-                if row["username"] not in present and await database.fetch_val(DELETE_SILENT_USER, {"id": row["id"]}):
-                    await database.execute(RELEASE_LOOKS, {"username": row["username"]})
-                    forgotten += 1
-        if deleted or forgotten:
-            log.info("retention: deleted %d messages and %d users", deleted, forgotten)
-        await asyncio.sleep(PRUNE_EVERY)
-
-
-async def moderate(command: str, *args: str) -> str:
-    """One moderation command on the database DATABASE_URL names, beside a running server; what it did."""
-    database = open_database(DATABASE_URL)
-    await database.connect()
-    try:
-        if command == "rename-user":
-            old, new = args
-            new = check_username(new)
-            if await database.fetch_one(FIND_USER, {"username": new}):
-                raise Invalid("taken", f"{new!r} is another user's name: choose another")
-            await check_lookalike(database, new)
-            if not await database.fetch_val(RENAME_USER, {"old": old, "new": new}):
-                await database.execute(RELEASE_LOOKS, {"username": new})
-                raise Invalid("no_user", f"there is no user {old!r}")
-            await database.execute(RELEASE_LOOKS, {"username": old})  # the old name is free for anyone
-            return f"renamed {old!r} to {new!r}; connected sockets keep the old name until they join again"
-        if command == "delete-user":
-            user_id = await database.fetch_val(FIND_USER, {"username": args[0]})
-            if user_id is None:
-                raise Invalid("no_user", f"there is no user {args[0]!r}")
-            messages = await database.fetch_all(DELETE_USERS_MESSAGES, {"user_id": user_id})
-            await database.execute(DELETE_USER, {"username": args[0]})
-            await database.execute(RELEASE_LOOKS, {"username": args[0]})
-            return f"deleted the user {args[0]!r} and their {len(messages)} messages"
-        if command == "delete-message":
-            if not await database.fetch_val(DELETE_MESSAGE, {"id": check_id(int(args[0]) if args[0].isdigit() else args[0], "id")}):
-                raise Invalid("no_message", f"there is no message {args[0]}")
-            return f"deleted the message {args[0]}"
-        try:
-            days, keep = float(args[0]), int(args[1])
-        except ValueError:
-            raise Invalid("bad_prune", "DAYS and KEEP are numbers, e.g. python chat.py prune 30 1000") from None
-        if days < 0 or keep < 0:
-            raise Invalid("bad_prune", "DAYS and KEEP are 0 or more")
-        return f"deleted {await prune(database, days, keep, pause=0.05)} messages"
-    finally:
-        await database.disconnect()
-
-
-MODERATION = {"rename-user": "OLD NEW", "delete-user": "NAME", "delete-message": "ID", "prune": "DAYS KEEP"}
-
-
-def main(argv: list[str]) -> None:
-    """python chat.py: serve. python chat.py token NAME: print a token for NAME."""
-    if argv[:1] in (["--help"], ["-h"], ["help"]):
-        print(usage())
-        return
-    if argv[:1] == ["token"]:
-        if len(argv) != 2:
-            sys.exit("usage: python chat.py token USERNAME")
-        if not SECRET:
-            sys.exit("tokens are signed with CHAT_SECRET, which is not set. Set it (to the same value "
-                     "for the server), e.g.: export CHAT_SECRET=$(python -c \"import secrets; "
-                     "print(secrets.token_hex(32))\")")
-        try:
-            check_secret()
-            print(make_token(argv[1]))
-        except (Refusal, Invalid) as exc:
-            sys.exit(str(exc))
-        return
-    if argv[:1] and argv[0] in MODERATION:
-        if len(argv) != 1 + len(MODERATION[argv[0]].split()):
-            sys.exit(f"usage: python chat.py {argv[0]} {MODERATION[argv[0]]}")
-        try:
-            return print(asyncio.run(moderate(*argv)))
-        except Invalid as exc:
-            sys.exit(str(exc))
-    if argv[:1] == ["backup"]:
-        return sys.exit(backup(*argv[1:]) if len(argv) == 2 else "usage: python chat.py backup FILE")
-    flags = dict(zip(argv[::2], argv[1::2]))  # --host 0.0.0.0 --port 3000: as HOST and PORT
-    if len(argv) % 2 or not set(flags) <= {"--host", "--port", "--workers"}:
-        sys.exit(f"unknown arguments: {' '.join(argv)}\n\n{usage()}")
-    workers = flags.pop("--workers", "1")
-    if not workers.isdigit() or int(workers) < 1:
-        sys.exit(f"--workers {workers}: use a whole number of processes, e.g. --workers 2")
-    if int(workers) > 1 and app.state.database.url.dialect == "sqlite":
-        sys.exit(f"--workers {workers}: SQLite serves one process; for several, use PostgreSQL "
-                 "(DATABASE_URL=postgresql://...)")
-    os.environ.update({flag[2:].upper(): value for flag, value in flags.items()})
-    import runner  # uvicorn, bounded: only python chat.py needs it; it reads HOST and PORT
-
-    runner.serve(app, MAX_FRAME_BYTES, int(workers))
 
 
 # =================================================================================================
@@ -2851,5 +2703,7 @@ OPENAPI = {
 
 app = create_app()  # last: it needs storey 2
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+if __name__ == "__main__":  # python chat.py: the command line (runner.py), which serves it bounded
+    import runner
+
+    runner.main(sys.modules[__name__], sys.argv[1:])

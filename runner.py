@@ -17,6 +17,7 @@ bounds are on) and "chat.write_now" (WebSocket: write a frame's bytes now, for b
 """
 
 import asyncio
+import contextlib
 import copy
 import errno
 import ipaddress
@@ -25,13 +26,16 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import ssl
 import struct
+import sys
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections import Counter
 from urllib.parse import unquote_plus
 
@@ -54,8 +58,12 @@ UVICORN = "0.54."  # the version whose protocol internals the subclasses below a
 # --- The server's own settings: environment variables (or flags), used under python chat.py only ---
 
 
-def setting(name: str, default: str, kind=int):
-    """An environment variable as a number; a bad value stops the start in one line that names it."""
+SETTINGS: dict[str, str] = {}  # each server setting, and what python chat.py --help says it does
+
+
+def setting(name: str, default: str, what: str, kind=str):
+    """An environment variable as `kind`; a bad value stops the start in one line that names it."""
+    SETTINGS[name] = what
     value = os.environ.get(name) or default
     try:
         return kind(value)
@@ -64,38 +72,32 @@ def setting(name: str, default: str, kind=int):
                          f"e.g. {name}={default}") from None
 
 
-HOST = os.environ.get("HOST", "127.0.0.1")
-PORT = setting("PORT", "8000", int)
-if not 0 < PORT < 65536:
-    raise SystemExit(f"PORT={PORT}: use a port from 1 to 65535, e.g. PORT=8000")
-SSL_KEYFILE = os.environ.get("SSL_KEYFILE")  # both set: serve wss:// and https://
-SSL_CERTFILE = os.environ.get("SSL_CERTFILE")
-REQUEST_TIMEOUT = setting("REQUEST_TIMEOUT", "10", float)  # to send a request, head and body
-MAX_HEAD_BYTES = setting("MAX_HEAD_BYTES", "16384", int)  # request line and headers
-MAX_SOCKETS_PER_IP = setting("MAX_SOCKETS_PER_IP", str(2 * setting("MAX_CONNECTIONS_PER_IP", "100", int) + 20),
-                             int)  # WebSockets, and the HTTP connections of their pages loading
-PING_INTERVAL = setting("PING_INTERVAL", "20", float)  # a dead peer is dropped within
-PING_TIMEOUT = setting("PING_TIMEOUT", "20", float)  # PING_INTERVAL + PING_TIMEOUT seconds
-SHUTDOWN_SECONDS = setting("SHUTDOWN_SECONDS", "10", float)  # then stuck connections are cut
-# Addresses (or networks) of your proxies: only their X-Forwarded-For is believed.
-TRUSTED_PROXIES = [p.strip() for p in os.environ.get("TRUSTED_PROXIES", "").split(",") if p.strip()]
-LOG_FORMAT = os.environ.get("LOG_FORMAT") or "text"  # or json: one JSON object a line
+def address() -> tuple[str, int]:
+    """HOST and PORT, read again after python chat.py --host and --port have set them."""
+    host = setting("HOST", "127.0.0.1", "the address to serve on (--host); 0.0.0.0: every interface, for a class")
+    port = setting("PORT", "8000", "the port (--port), 1-65535", int)
+    if not 0 < port < 65536:
+        raise SystemExit(f"PORT={port}: use a port from 1 to 65535, e.g. PORT=8000")
+    return host, port
+
+
+HOST, PORT = address()
+SSL_KEYFILE = setting("SSL_KEYFILE", "", "with SSL_CERTFILE: serve https:// and wss://") or None
+SSL_CERTFILE = setting("SSL_CERTFILE", "", "the certificate (chain) for SSL_KEYFILE") or None
+REQUEST_TIMEOUT = setting("REQUEST_TIMEOUT", "10", "seconds to send a whole request or handshake; then 408", float)
+MAX_HEAD_BYTES = setting("MAX_HEAD_BYTES", "16384", "bytes of request line and headers; more get 431", int)
+MAX_SOCKETS_PER_IP = setting(  # WebSockets, and the HTTP connections of their pages loading
+    "MAX_SOCKETS_PER_IP", str(2 * int(os.environ.get("MAX_CONNECTIONS_PER_IP") or 100) + 20),
+    "TCP connections of any kind from one address; more get 503", int)
+PING_INTERVAL = setting("PING_INTERVAL", "20", "seconds between pings to each socket", float)
+PING_TIMEOUT = setting("PING_TIMEOUT", "20", "seconds a socket has to answer a ping", float)
+SHUTDOWN_SECONDS = setting("SHUTDOWN_SECONDS", "10", "on SIGTERM, seconds before connections still open are cut",
+                           float)
+TRUSTED_PROXIES = setting("TRUSTED_PROXIES", "", "your proxies' addresses or networks: only their "
+                          "X-Forwarded-For is believed", lambda v: [p.strip() for p in v.split(",") if p.strip()])
+LOG_FORMAT = setting("LOG_FORMAT", "text", "text, or json: one JSON object a line")
 if LOG_FORMAT not in ("text", "json"):
     raise SystemExit(f"LOG_FORMAT={LOG_FORMAT!r}: use text or json, e.g. LOG_FORMAT=json")
-SETTINGS = {  # what python chat.py --help says of each
-    "HOST": "the address to serve on (--host); 0.0.0.0: every interface, for a class",
-    "PORT": "the port (--port), 1-65535",
-    "SSL_KEYFILE": "with SSL_CERTFILE: serve https:// and wss://",
-    "SSL_CERTFILE": "the certificate (chain) for SSL_KEYFILE",
-    "REQUEST_TIMEOUT": "seconds to send a whole request or handshake; then 408",
-    "MAX_HEAD_BYTES": "bytes of request line and headers; more get 431",
-    "MAX_SOCKETS_PER_IP": "TCP connections of any kind from one address; more get 503",
-    "PING_INTERVAL": "seconds between pings to each socket",
-    "PING_TIMEOUT": "seconds a socket has to answer a ping",
-    "SHUTDOWN_SECONDS": "on SIGTERM, seconds before connections still open are cut",
-    "TRUSTED_PROXIES": "your proxies' addresses or networks: only their X-Forwarded-For is believed",
-    "LOG_FORMAT": "text, or json: one JSON object a line",
-}
 
 MAX_HEAD_FIELDS = 100
 CLOSE_GRACE = 5.0  # seconds a closing WebSocket has to flush to a peer that does not read
@@ -654,3 +656,141 @@ def in_use(host: str, port: int) -> None:
                                  "addresses, or 0.0.0.0 for all of them") from None
             raise SystemExit(f"port {port} is in use on {host} (another chat, or another program): stop it, "
                              f"or choose another port, e.g. python chat.py --port {port + 1}") from None
+
+
+# --- The command line: python chat.py [COMMAND] ------------------------------------------------------
+
+
+def usage(chat) -> str:
+    """What --help prints: the commands, and every setting with the value it has now."""
+    values = {**{name: getattr(chat, name, None) for name in chat.SETTINGS}, **{name: globals()[name] for name in SETTINGS}}
+    values.update({"CHAT_SECRET": "(set)" if chat.SECRET else "(not set)",
+                   "METRICS_TOKEN": "(set)" if chat.METRICS_TOKEN else "(not set)",
+                   "ALLOWED_HOSTS": chat.ALLOWED_HOSTS or chat.local_hosts(),
+                   "DATABASE_URL": chat.shown_url(chat.DATABASE_URL), "PUBLIC_READS": "1" if chat.PUBLIC_READS else "0"})
+    shown = {name: ",".join(v) if isinstance(v, list) else v for name, v in values.items()}
+    shown = {name: f"{'(empty)' if value in ('', None) else value}{'' if name in os.environ else ' (default)'}"
+             for name, value in shown.items()}
+    lines = [f"  {name:24} {shown[name]:26} {what}" for name, what in {**chat.SETTINGS, **SETTINGS}.items()]
+    return "\n".join([
+        "usage: python chat.py [--host HOST] [--port PORT] [--workers N]   serve the chat (Ctrl+C stops it)",
+        "                                   (several workers need PostgreSQL)",
+        "       python chat.py token NAME   print a token for NAME (needs CHAT_SECRET)",
+        "       python chat.py backup FILE  copy the SQLite database to FILE, while it serves",
+        "       python chat.py rename-user OLD NEW, delete-user NAME (and their messages), delete-message ID,",
+        "       python chat.py prune DAYS KEEP   delete messages older than DAYS and all but the KEEP newest",
+        "                                   of each room (0: no such limit); beside a running server too",
+        "       python chat.py --help       this text",
+        "",
+        "Settings are environment variables (README.md, Configuration, says more): name, value now, what it does",
+        *lines])
+
+
+def backup(chat, target: str) -> str | None:
+    """SQLite's online backup: a consistent copy while the server writes (its lock is flock, which
+    SQLite's own locks never meet). The copy gets an identity of its own, so that clients of a server
+    restored from it start over: ids after the backup's last one will be given again."""
+    url = chat.open_database(chat.DATABASE_URL).url
+    if url.dialect != "sqlite":
+        return "PostgreSQL is backed up with pg_dump and pg_restore: see README.md, Running it for others"
+    if not os.path.isfile(url.database):
+        return f"there is no database at {url.database}: check DATABASE_URL"
+    if os.path.exists(target):
+        return f"{target} exists: name a new file (a backup never overwrites one)"
+    try:
+        with contextlib.closing(sqlite3.connect(url.database, timeout=30)) as source, \
+             contextlib.closing(sqlite3.connect(target)) as copied:
+            source.backup(copied)
+            if copied.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():  # else made at start
+                copied.execute(chat.RENEW_IDENTITY, {"identity": uuid.uuid4().hex})
+            copied.commit()
+    except sqlite3.Error as exc:
+        return f"the backup failed ({exc}): check the file and the disk, then try again"
+    print(f"copied {url.database} to {target}; to restore, stop the server and put it in the database's place")
+
+
+async def moderate(chat, command: str, *args: str) -> str:
+    """One moderation command on the database DATABASE_URL names, beside a running server; what it did."""
+    database = chat.open_database(chat.DATABASE_URL)
+    await database.connect()
+    try:
+        if command == "rename-user":
+            old, new = args
+            new = chat.check_username(new)
+            if await database.fetch_one(chat.FIND_USER, {"username": new}):
+                raise chat.Invalid("taken", f"{new!r} is another user's name: choose another")
+            await chat.check_lookalike(database, new)
+            if not await database.fetch_val(chat.RENAME_USER, {"old": old, "new": new}):
+                await database.execute(chat.RELEASE_LOOKS, {"username": new})
+                raise chat.Invalid("no_user", f"there is no user {old!r}")
+            await database.execute(chat.RELEASE_LOOKS, {"username": old})  # the old name is free for anyone
+            return f"renamed {old!r} to {new!r}; connected sockets keep the old name until they join again"
+        if command == "delete-user":
+            user_id = await database.fetch_val(chat.FIND_USER, {"username": args[0]})
+            if user_id is None:
+                raise chat.Invalid("no_user", f"there is no user {args[0]!r}")
+            messages = await database.fetch_all(chat.DELETE_USERS_MESSAGES, {"user_id": user_id})
+            await database.execute(chat.DELETE_USER, {"username": args[0]})
+            await database.execute(chat.RELEASE_LOOKS, {"username": args[0]})
+            return f"deleted the user {args[0]!r} and their {len(messages)} messages"
+        if command == "delete-message":
+            if not await database.fetch_val(chat.DELETE_MESSAGE, {"id": chat.check_id(int(args[0]) if args[0].isdigit() else args[0], "id")}):
+                raise chat.Invalid("no_message", f"there is no message {args[0]}")
+            return f"deleted the message {args[0]}"
+        try:
+            days, keep = float(args[0]), int(args[1])
+        except ValueError:
+            raise chat.Invalid("bad_prune", "DAYS and KEEP are numbers, e.g. python chat.py prune 30 1000") from None
+        if days < 0 or keep < 0:
+            raise chat.Invalid("bad_prune", "DAYS and KEEP are 0 or more")
+        return f"deleted {await chat.prune(database, days, keep, pause=0.05)} messages"
+    finally:
+        await database.disconnect()
+
+
+MODERATION = {"rename-user": "OLD NEW", "delete-user": "NAME", "delete-message": "ID", "prune": "DAYS KEEP"}
+
+
+def main(chat, argv: list[str]) -> None:
+    """python chat.py [COMMAND]: serve the chat bounded, or run one command."""
+    global HOST, PORT
+    if argv[:1] in (["--help"], ["-h"], ["help"]):
+        print(usage(chat))
+        return
+    if argv[:1] == ["token"]:
+        if len(argv) != 2:
+            sys.exit("usage: python chat.py token USERNAME")
+        if not chat.SECRET:
+            sys.exit("tokens are signed with CHAT_SECRET, which is not set. Set it (to the same value "
+                     "for the server), e.g.: export CHAT_SECRET=$(python -c \"import secrets; "
+                     "print(secrets.token_hex(32))\")")
+        try:
+            chat.check_secret()
+            print(chat.make_token(argv[1]))
+        except (chat.Refusal, chat.Invalid) as exc:
+            sys.exit(str(exc))
+        return
+    if argv[:1] and argv[0] in MODERATION:
+        if len(argv) != 1 + len(MODERATION[argv[0]].split()):
+            sys.exit(f"usage: python chat.py {argv[0]} {MODERATION[argv[0]]}")
+        try:
+            return print(asyncio.run(moderate(chat, *argv)))
+        except chat.Invalid as exc:
+            sys.exit(str(exc))
+        except chat.DATABASE_ERRORS as exc:  # e.g. a database chat never served: no tables
+            sys.exit(f"the database at {chat.shown_url(chat.DATABASE_URL)} failed ({exc}): check DATABASE_URL, "
+                     "and that python chat.py has served it once")
+    if argv[:1] == ["backup"]:
+        return sys.exit(backup(chat, *argv[1:]) if len(argv) == 2 else "usage: python chat.py backup FILE")
+    flags = dict(zip(argv[::2], argv[1::2]))  # --host 0.0.0.0 --port 3000: as HOST and PORT
+    if len(argv) % 2 or not set(flags) <= {"--host", "--port", "--workers"}:
+        sys.exit(f"unknown arguments: {' '.join(argv)}\n\n{usage(chat)}")
+    workers = flags.pop("--workers", "1")
+    if not workers.isdigit() or int(workers) < 1:
+        sys.exit(f"--workers {workers}: use a whole number of processes, e.g. --workers 2")
+    if int(workers) > 1 and chat.app.state.database.url.dialect == "sqlite":
+        sys.exit(f"--workers {workers}: SQLite serves one process; for several, use PostgreSQL "
+                 "(DATABASE_URL=postgresql://...)")
+    os.environ.update({flag[2:].upper(): value for flag, value in flags.items()})  # for workers, too
+    HOST, PORT = address()
+    serve(chat.app, chat.MAX_FRAME_BYTES, int(workers))
