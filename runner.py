@@ -112,6 +112,11 @@ try:
 except ValueError as exc:
     raise SystemExit(f"TRUSTED_PROXIES: {exc}; give addresses or networks, e.g. TRUSTED_PROXIES=127.0.0.1,10.0.0.0/8") from None
 log = logging.getLogger("uvicorn.error")
+PEERS = logging.getLogger("uvicorn.error.websockets")  # websockets' own lines: warnings and errors only
+# Every log record is cheaper, as the logging HOWTO's "Optimization" says: no format here shows the
+# caller's file and line, the thread or the process, so they are not looked up (two lines a socket).
+logging._srcfile = None
+logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
 def address_key(ip: str) -> str:
@@ -371,6 +376,7 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.queue, self.writable = Inbox(), Gate()
+        self.conn.logger = PEERS  # its "connection open" and "closed" repeat uvicorn's line and the app's
 
     def connection_made(self, transport):
         super().connection_made(transport)
@@ -495,6 +501,7 @@ def log_config() -> dict:
     peers' faults quietened; as a dict, so that worker processes set up the same."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     config["root"] = {"handlers": ["default"], "level": "WARNING"}  # other libraries' lines, formatted alike
+    config["loggers"][PEERS.name] = {"level": "WARNING"}
     config["filters"] = {"redact": {"()": RedactTokens}, "quiet": {"()": QuietPeers}}
     config["handlers"]["default"]["filters"] = ["redact", "quiet"]
     config["handlers"]["access"]["filters"] = ["redact"]
@@ -526,8 +533,7 @@ class RedactTokens(logging.Filter):
 
 class QuietPeers(logging.Filter):
     """A peer's bad frame is the peer's fault, not the server's: uvicorn logs each with a traceback,
-    at the peer's pace. One line per kind a minute instead, saying how many more came. And one
-    line per event: websockets' own lines repeat uvicorn's and the app's."""
+    at the peer's pace. One line per kind a minute instead, saying how many more came."""
 
     KINDS = {"Invalid UTF-8 sequence received from client.": "a peer sent a text frame that is not "
                                                              "UTF-8 (closed with 1007)"}
@@ -537,12 +543,7 @@ class QuietPeers(logging.Filter):
         self.said: dict[str, float] = {}
         self.unsaid: Counter[str] = Counter()
 
-    SAID_ALREADY = {"connection open", "connection closed", "connection rejected (%d %s)"}  # the lines
-    # before and after say it: uvicorn's "[accepted]" or "403", and the app's "socket ... closed with"
-
     def filter(self, record):
-        if record.msg in self.SAID_ALREADY:
-            return False
         if record.msg not in self.KINDS:
             return True
         kind, now = record.msg, time.monotonic()
