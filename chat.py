@@ -210,7 +210,25 @@ class SQLiteConnection(sqlite3.Connection):
         self.execute("PRAGMA synchronous = NORMAL")
 
 
-class SQLiteDatabase(Database):
+class Direct(Database):
+    """Every query straight to the driver: `databases` would compile each through SQLAlchemy, which
+    made up a third of a join's time in a storm of them."""
+
+    async def fetch_all(self, query: str, values: dict | None = None) -> list:
+        return await self.run(query, values or {})
+
+    async def fetch_one(self, query: str, values: dict | None = None):
+        return next(iter(await self.run(query, values or {})), None)
+
+    async def fetch_val(self, query: str, values: dict | None = None, column=0):
+        row = await self.fetch_one(query, values)
+        return None if row is None else row[column]
+
+    async def execute(self, query: str, values: dict | None = None) -> None:
+        await self.run(query, values or {})
+
+
+class SQLiteDatabase(Direct):
     """`databases` opens a new SQLite connection, with a thread of its own, for each query outside
     a held connection: a storm of joins paid for thousands. Here one, held from connect() to
     disconnect(), serves every query (SQLite writes one at a time anyway)."""
@@ -231,27 +249,11 @@ class SQLiteDatabase(Database):
     def connection(self):
         return super().connection() if self.shared is None else self.shared
 
-    # Every query goes straight to the driver, whose named parameters are the same as ours:
-    # `databases` would compile each one through SQLAlchemy, a third of a join's time in a storm.
-    async def run(self, query: str, values: dict | None) -> list[sqlite3.Row]:
-        return await self.shared.raw_connection.execute_fetchall(query, {  # a time as SQLAlchemy writes it
+    async def run(self, query: str, values: dict) -> list[sqlite3.Row]:
+        """sqlite3 speaks our :name parameters itself; a time goes as SQLAlchemy writes it."""
+        return await self.shared.raw_connection.execute_fetchall(query, {
             key: f"{value:%Y-%m-%d %H:%M:%S.%f}" if isinstance(value, datetime.datetime) else value
-            for key, value in (values or {}).items()})
-
-    async def fetch_all(self, query: str, values: dict | None = None) -> list[sqlite3.Row]:
-        return await (super().fetch_all if self.shared is None else self.run)(query, values)
-
-    async def fetch_one(self, query: str, values: dict | None = None) -> sqlite3.Row | None:
-        if self.shared is None:
-            return await super().fetch_one(query, values)
-        return next(iter(await self.run(query, values)), None)
-
-    async def fetch_val(self, query: str, values: dict | None = None, column=0):
-        row = await self.fetch_one(query, values)
-        return None if row is None else row[column]
-
-    async def execute(self, query: str, values: dict | None = None) -> None:
-        await (super().execute if self.shared is None else self.run)(query, values)
+            for key, value in values.items()})
 
 
 def open_database(url: str) -> Database:
@@ -260,7 +262,7 @@ def open_database(url: str) -> Database:
     url = re.sub(r"^postgres://", "postgresql://", url)
     if url.startswith("sqlite"):
         return SQLiteDatabase(url, factory=SQLiteConnection, timeout=30)
-    return Database(url, min_size=5, max_size=10, command_timeout=10)
+    return PostgresDatabase(url, min_size=5, max_size=10, command_timeout=10)
 
 
 SCHEMA = (HERE / "schema.sql").read_text()
@@ -453,7 +455,7 @@ CLAIMS_PER_STATEMENT = 5000
 # A whole batch of messages is one statement, its rows one JSON array: one round trip however
 # many messages wait, and nothing left half-done if the connection dies mid-batch. A message
 # whose sender and client_id are stored already is left out: a resend (NOT EXISTS; ids are best
-# without gaps). It runs for every batch, so it goes straight to the driver (MessageWriter.insert).
+# without gaps).
 # Storey 2 has PostgreSQL's, which also keeps ids in order across processes and wakes them.
 INSERT_MESSAGES = """
     INSERT INTO messages (room, user_id, content, created_at, client_id)
@@ -1235,6 +1237,7 @@ class MessageWriter:
     """
 
     BATCH = 100
+    INSERT = INSERT_MESSAGES
 
     def __init__(self, database: Database, rooms: Rooms, metrics: Metrics):
         self.database, self.rooms, self.metrics = database, rooms, metrics
@@ -1380,15 +1383,8 @@ class MessageWriter:
 
     async def insert(self, batch: str, now: datetime.datetime) -> list[tuple]:
         """Store a batch of messages (a JSON array of room, user_id, content, client_id); (id,
-        user_id, client_id) of those stored, in id order (a resend of a stored one is left out).
-
-        On the driver's own connection (aiosqlite), not through `databases`: it would compile the
-        statement through SQLAlchemy for every batch, and hand it to SQLite's thread three times.
-        """
-        raw = self.database.connection().raw_connection  # the writer's, which it holds for its session
-        rows = await raw.execute_fetchall(INSERT_MESSAGES, {  # SQLAlchemy's text form of a time, as elsewhere
-            "batch": batch, "now": now.strftime("%Y-%m-%d %H:%M:%S.%f")})
-        return sorted(tuple(row) for row in rows)
+        user_id, client_id) of those stored, in id order (a resend of a stored one is left out)."""
+        return sorted(tuple(row) for row in await self.database.fetch_all(self.INSERT, {"batch": batch, "now": now}))
 
     def connected(self, connection) -> None:
         """A session's connection is open (storey 2 notes which backend it is)."""
@@ -2365,6 +2361,21 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
 #   stops beating (it died) and announce its users as gone.
 
 
+class PostgresDatabase(Direct):
+    """Queries as on SQLite, their :names numbered as asyncpg's $1, $2, ... (once per statement)."""
+
+    @staticmethod
+    @functools.cache
+    def numbered(query: str) -> tuple[str, tuple[str, ...]]:
+        names: dict[str, int] = {}
+        return re.sub(r"(?<![:\w]):(\w+)", lambda m: f"${names.setdefault(m[1], len(names) + 1)}", query), tuple(names)
+
+    async def run(self, query: str, values: dict) -> list[asyncpg.Record]:
+        sql, names = self.numbered(query)
+        async with self.connection() as connection:  # this task's, or one from the pool
+            return await connection.raw_connection.fetch(sql, *(values[name] for name in names))
+
+
 class PostgresWriter(MessageWriter):
     """The writer, when other processes store messages too. Every process stores its batches under
     one lock held until commit, so ids become visible in id order, and the same statement NOTIFYs
@@ -2375,8 +2386,8 @@ class PostgresWriter(MessageWriter):
         WITH locked AS (SELECT pg_advisory_xact_lock(hashtext('chat.messages'))),
         stored AS (
             INSERT INTO messages (room, user_id, content, created_at, client_id)
-            SELECT b.room, b.user_id, b.content, $2, b.client_id
-            FROM locked, ROWS FROM (json_to_recordset(CAST($1 AS JSON))
+            SELECT b.room, b.user_id, b.content, :now, b.client_id
+            FROM locked, ROWS FROM (json_to_recordset(CAST(:batch AS JSON))
                                     AS (room TEXT, user_id BIGINT, content TEXT, client_id TEXT))
                          WITH ORDINALITY AS b(room, user_id, content, client_id, n)
             WHERE (b.client_id IS NULL OR NOT EXISTS (
@@ -2399,10 +2410,6 @@ class PostgresWriter(MessageWriter):
         self.heard, self.wanted = 0, 0
         self.backend: int | None = None  # PostgreSQL's pid for the writer's connection
 
-    async def insert(self, batch: str, now: datetime.datetime) -> list[tuple]:
-        """As in one process; asyncpg numbers its parameters: $1 is the batch, $2 the time."""
-        rows = await self.database.connection().raw_connection.fetch(self.INSERT, batch, now)
-        return sorted(tuple(row) for row in rows)
 
     def connected(self, connection) -> None:
         self.backend = connection.raw_connection.get_server_pid()

@@ -3408,8 +3408,8 @@ def statements(monkeypatch) -> list[str]:
 
     def open_database(url: str) -> chat.Database:
         if url.startswith("sqlite"):
-            return chat.Database(url, factory=Traced, timeout=30)
-        return chat.Database(url, min_size=5, max_size=10, command_timeout=10, init=log_queries)
+            return chat.SQLiteDatabase(url, factory=Traced, timeout=30)
+        return chat.PostgresDatabase(url, min_size=5, max_size=10, command_timeout=10, init=log_queries)
 
     monkeypatch.setattr(chat, "open_database", open_database)
     return sent
