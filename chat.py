@@ -280,7 +280,8 @@ LATEST = STEPS["sqlite"][-1][0]
 ADDS_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
 with contextlib.closing(sqlite3.connect(":memory:")) as _schema:  # the tables and columns schema.sql makes
     DECLARED = {table: {column for (column,) in _schema.execute("SELECT name FROM pragma_table_info(?)", (table,))}
-                for (table,) in _schema.executescript(SCHEMA).execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                for (table,) in _schema.executescript(SCHEMA).execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND substr(name, 1, 7) != 'sqlite_'")}
 COLUMNS = {
     "sqlite": """SELECT m.name AS "table", p.name AS "column" FROM sqlite_master AS m, pragma_table_info(m.name) AS p
                  WHERE m.type = 'table' AND substr(m.name, 1, 7) != 'sqlite_'""",
@@ -336,7 +337,7 @@ async def upgrade(connection, dialect: str, run) -> str:
                       "at chat's own database (an empty one is made ready), or restore one from a backup")
     await run("".join(f"{sql};\n" for sql in statements if not any(
         column in found.get(table, ()) for table, column in ADDS_COLUMN.findall(sql)))
-        + (SCHEMA if dialect == "sqlite" else SCHEMA.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY")))
+        + (SCHEMA if dialect == "sqlite" else re.sub(r"INTEGER PRIMARY KEY( AUTOINCREMENT)?", "BIGSERIAL PRIMARY KEY", SCHEMA)))
     for number, name, _ in steps:
         log.info("upgraded the database, step %d of %d: %s", number, LATEST, name)
     await connection.execute(RECORD_VERSION, {"version": str(LATEST)})
@@ -827,11 +828,16 @@ def handshake_refusal(connection: HTTPConnection) -> tuple[int, str] | None:
     which never see why a handshake failed. Behind a proxy, the usual cause is the proxy's."""
     if not origin_allowed(connection):
         origin, host = connection.headers.get("origin"), connection.headers.get("host", "")
-        page = urllib.parse.urlsplit(origin)
+        try:
+            page = urllib.parse.urlsplit(origin)
+            port = page.port  # raises for a port that is no number
+        except ValueError:
+            return 403, f"the Origin header {origin[:100]!r} is not a page's origin (scheme://host:port)"
+        origin = origin[:100]
         if (proxy := untrusted_proxy(connection)) and page.netloc == host:
             return 403, (f"pages from {origin} came through a proxy at {proxy} whose X-Forwarded-Proto is not "
                          f"believed; if it is yours, start the server with TRUSTED_PROXIES={proxy}")
-        if page.port and page.hostname == host and connection.headers.get("x-forwarded-for"):
+        if port and page.hostname == host and connection.headers.get("x-forwarded-for"):
             return 403, (f"the proxy sent the Host {host!r} without the page's port ({origin}); forward the "
                          "browser's Host (nginx: proxy_set_header Host $http_host)")
         return 403, (f"pages from {origin} may not open a socket here; to let them, start the server with "
@@ -842,9 +848,12 @@ def handshake_refusal(connection: HTTPConnection) -> tuple[int, str] | None:
 
 
 def address_key(ip: str) -> str:
-    """What a per-address limit counts: an IPv4 address, or an IPv6 /64 (a host may take any
-    address of its /64 at will, so counting addresses would bound nothing)."""
-    return str(ipaddress.IPv6Network(f"{ip}/64", strict=False)) if ":" in ip else ip
+    """What a per-address limit counts: an IPv4 address (also as a dual-stack socket shows it,
+    ::ffff:a.b.c.d), or an IPv6 /64 (a host may take any address of its /64 at will)."""
+    if ":" not in ip:
+        return ip
+    address = ipaddress.IPv6Address(ip)
+    return str(address.ipv4_mapped or ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
 
 
 def client_address(connection: HTTPConnection) -> str:
@@ -940,7 +949,7 @@ async def chat_socket(websocket: WebSocket):
     ip = client_address(websocket)
     refusal = handshake_refusal(websocket)
     if refusal:
-        app.state.said.warning(refusal[1], "refused a WebSocket from %s: %s", ip, refusal[1])
+        app.state.said.warning(f"handshake {refusal[0]}", "refused a WebSocket from %s: %s", ip, refusal[1])
         await websocket.close(status.WS_1008_POLICY_VIOLATION)
         return
     identity, expires = token_holder(presented_token(websocket)) if SECRET else (None, None)
@@ -2217,6 +2226,7 @@ class HostCheck:
 
     def __init__(self, app, allowed_hosts: list[str]):
         self.app, self.allowed_hosts = app, list(allowed_hosts)
+        self.own: set[str] = set()  # this machine's addresses seen so far (a few hundred at most kept)
         self.refused: set[str] = set()  # hosts logged already
 
     def allowed(self, host: str) -> bool:
@@ -2226,12 +2236,16 @@ class HostCheck:
     def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return self.app(scope, receive, send)
-        host = urllib.parse.urlsplit("//" + Headers(scope=scope).get("host", "")).hostname or ""
+        try:
+            host = urllib.parse.urlsplit("//" + Headers(scope=scope).get("host", "")).hostname or ""
+        except ValueError:  # "[", "[::1": no host at all
+            return JSONResponse({"detail": "the Host header is not a host name"}, status_code=400)(scope, receive, send)
         bracketed = f"[{host}]" if ":" in host else host
-        if self.allowed(bracketed):
+        if bracketed in self.own or self.allowed(bracketed):
             return self.app(scope, receive, send)
-        if not ALLOWED_HOSTS and own_address(host):
-            self.allowed_hosts.append(bracketed)
+        if not ALLOWED_HOSTS and own_address(host):  # 127.0.0.0/8 alone holds millions: keep a few
+            if len(self.own) < 256:
+                self.own.add(bracketed)
             return self.app(scope, receive, send)
         detail = (f"this server does not answer to the host {host[:100]!r}; if it should, start it with "
                   f"ALLOWED_HOSTS={','.join([*ALLOWED_HOSTS, bracketed][:10])[:300]}")

@@ -120,8 +120,11 @@ logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
 def address_key(ip: str) -> str:
-    """What a per-address limit counts: an IPv4 address, or an IPv6 /64 (as chat.address_key)."""
-    return str(ipaddress.IPv6Network(f"{ip}/64", strict=False)) if ":" in ip else ip
+    """What a per-address limit counts: an IPv4 address (::ffff:a.b.c.d too), or an IPv6 /64 (as chat.address_key)."""
+    if ":" not in ip:
+        return ip
+    address = ipaddress.IPv6Address(ip)
+    return str(address.ipv4_mapped or ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
 
 
 def trusted(ip: str) -> bool:
@@ -735,15 +738,16 @@ async def moderate(chat, command: str, *args: str) -> str:
             await database.execute(chat.RELEASE_LOOKS, {"username": args[0]})
             return f"deleted the user {args[0]!r} and their {len(messages)} messages"
         if command == "delete-message":
-            if not await database.fetch_val(chat.DELETE_MESSAGE, {"id": chat.check_id(int(args[0]) if args[0].isdigit() else args[0], "id")}):
+            number = int(args[0]) if args[0].isascii() and args[0].isdigit() else args[0]
+            if not await database.fetch_val(chat.DELETE_MESSAGE, {"id": chat.check_id(number, "id")}):
                 raise chat.Invalid("no_message", f"there is no message {args[0]}")
             return f"deleted the message {args[0]}"
         try:
             days, keep = float(args[0]), int(args[1])
         except ValueError:
             raise chat.Invalid("bad_prune", "DAYS and KEEP are numbers, e.g. python chat.py prune 30 1000") from None
-        if days < 0 or keep < 0:
-            raise chat.Invalid("bad_prune", "DAYS and KEEP are 0 or more")
+        if not (0 <= days <= 36500 and keep >= 0):  # nan is neither
+            raise chat.Invalid("bad_prune", "DAYS is from 0 to 36500 (a hundred years), KEEP 0 or more")
         return f"deleted {await chat.prune(database, days, keep, pause=0.05)} messages"
     finally:
         await database.disconnect()

@@ -2,8 +2,9 @@
 -- after the steps of upgrades.sql that bring an earlier version's database to it.
 --
 -- One divergence, made visible: SQLite numbers rows itself only for a column declared exactly
--- "INTEGER PRIMARY KEY", which PostgreSQL does not number at all. chat.py's apply_schema() rewrites
--- that phrase to "BIGSERIAL PRIMARY KEY" on PostgreSQL; nothing else differs.
+-- "INTEGER PRIMARY KEY" (AUTOINCREMENT: never an id given before), which PostgreSQL does not number
+-- at all. chat.py's apply_schema() rewrites that to "BIGSERIAL PRIMARY KEY" on PostgreSQL (a
+-- sequence never gives an id twice either); nothing else differs.
 --
 -- Timestamps are written by chat.py in UTC: TIMESTAMPTZ on PostgreSQL; on SQLite, text such as
 -- "2026-11-25 10:00:00.123456" (SQLAlchemy's format, UTC without a zone), read back by chat.iso().
@@ -15,7 +16,9 @@ CREATE TABLE IF NOT EXISTS users (
 );
 
 CREATE TABLE IF NOT EXISTS messages (
-    id         INTEGER PRIMARY KEY,
+    -- AUTOINCREMENT: an id is never given again, even after the newest messages are deleted (a
+    -- client that saw it would take the next message for one it has).
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
     -- Room names compare byte by byte (SQLite's BINARY; chat.py makes PostgreSQL a "binary" too,
     -- whatever the database's locale), so GET /rooms pages in the order Python sorts them.
     room       TEXT COLLATE "binary" NOT NULL DEFAULT 'general' CHECK (length(room) BETWEEN 1 AND 32),

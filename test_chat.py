@@ -428,7 +428,23 @@ def test_prune_deletes_messages_older_than_the_days_given_and_all_but_the_newest
     assert chat_command(database_url, "prune", "30", "2") == (0, "deleted 2 messages\n")
     with TestClient(chat.create_app(database_url)) as client:
         assert [row["id"] for row in query(client, "SELECT id FROM messages ORDER BY id")] == [2, 4, 5, 6]
-    assert chat_command(database_url, "prune", "-1", "0") == (1, "DAYS and KEEP are 0 or more\n")
+    assert chat_command(database_url, "prune", "-1", "0") == (
+        1, "DAYS is from 0 to 36500 (a hundred years), KEEP 0 or more\n")
+
+
+@pytest.mark.parametrize("days, said", [("36500", (0, "deleted 0 messages\n")),
+                                         ("36501", (1, "DAYS is from 0 to 36500 (a hundred years), KEEP 0 or more\n")),
+                                         ("nan", (1, "DAYS is from 0 to 36500 (a hundred years), KEEP 0 or more\n"))])
+def test_prune_takes_up_to_a_hundred_years_of_days(database_url, days, said):
+    with TestClient(chat.create_app(database_url)):
+        pass
+    assert chat_command(database_url, "prune", days, "0") == said
+
+
+def test_delete_message_of_a_digit_that_is_not_a_number_says_what_an_id_is(database_url):
+    with TestClient(chat.create_app(database_url)):
+        pass
+    assert chat_command(database_url, "delete-message", "\u00b2") == (1, "id must be a message id (an integer >= 0)\n")
 
 
 def test_a_prune_deletes_at_most_prune_batch_rows_a_statement(client, monkeypatch, unlimited):
@@ -629,13 +645,15 @@ def test_a_database_from_before_client_ids_gains_the_column_and_keeps_its_messag
 
 EARLIER_SCHEMAS = sorted(path.stem for path in (HERE / "fixtures" / "schema").glob("*.sql"))
 UPGRADE_LINES = [
-    "upgraded the database, step 1 of 4: dropped the table skeletons, if any (look-alike records of a9fad39; "
+    "upgraded the database, step 1 of 5: dropped the table skeletons, if any (look-alike records of a9fad39; "
     "its users' looks are claimed again at start)",
-    "upgraded the database, step 2 of 4: messages.room compares byte by byte, as schema.sql declares (a table "
+    "upgraded the database, step 2 of 5: messages.room compares byte by byte, as schema.sql declares (a table "
     "from before 7605b59 kept the database's locale)",
-    "upgraded the database, step 3 of 4: added the column messages.client_id (62eee87)",
-    "upgraded the database, step 4 of 4: the index messages_client_id leaves out messages without one (dbc93da); "
-    "schema.sql makes it again"]
+    "upgraded the database, step 3 of 5: added the column messages.client_id (62eee87)",
+    "upgraded the database, step 4 of 5: the index messages_client_id leaves out messages without one (dbc93da); "
+    "schema.sql makes it again",
+    "upgraded the database, step 5 of 5: message ids are never given again, even after the newest are deleted "
+    "(SQLite: AUTOINCREMENT)"]
 
 
 def old_database(database_url: str, commit: str, rows: str = "") -> None:
@@ -662,10 +680,25 @@ def test_a_database_of_each_earlier_schema_is_upgraded_in_place_saying_each_step
         assert [m["content"] for m in client.get("/messages").json()] == ["old"]
         assert post(client, "alice", "new", client_id="c-1")["client_id"] == "c-1"
         columns = query(client, chat.COLUMNS[client.app.state.database.url.dialect])
-        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "4"}]
-    assert upgrade_lines(caplog) == UPGRADE_LINES
+        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "5"}]
+    recorded = re.search(r"'schema_version', '(\d+)'", (HERE / "fixtures" / "schema" / f"{commit}.sql").read_text())
+    assert upgrade_lines(caplog) == UPGRADE_LINES[int(recorded[1]) if recorded else 0:]  # those past its version
     assert {(row["table"], row["column"]) for row in columns} == {
         (table, column) for table, names in chat.DECLARED.items() for column in names}
+
+
+def test_the_id_of_a_deleted_newest_message_is_never_given_again(client):
+    assert [post(client, "alice", f"m{n}")["id"] for n in range(3)] == [1, 2, 3]
+    client.portal.call(client.app.state.database.execute, chat.DELETE_MESSAGE, {"id": 3})  # delete-message 3
+    assert post(client, "alice", "after")["id"] == 4
+
+
+def test_an_upgraded_database_never_gives_again_the_id_of_a_message_deleted_after_the_upgrade(database_url):
+    old_database(database_url, "36dbd7f", "INSERT INTO users (username) VALUES ('alice');"
+                 "INSERT INTO messages (room, user_id, content) VALUES ('general', 1, 'a'), ('general', 1, 'b');")
+    with TestClient(chat.create_app(database_url)) as client:
+        client.portal.call(client.app.state.database.execute, chat.DELETE_MESSAGE, {"id": 2})
+        assert post(client, "alice", "after")["id"] == 3
 
 
 def test_a_database_at_the_current_version_starts_without_a_step(database_url, caplog):
@@ -674,11 +707,11 @@ def test_a_database_at_the_current_version_starts_without_a_step(database_url, c
         pass
     caplog.set_level(logging.INFO, chat.log.name)
     with TestClient(chat.create_app(database_url)) as client:
-        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "4"}]
+        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "5"}]
     assert upgrade_lines(caplog) == []
 
 
-@pytest.mark.parametrize("version, refused", [("4", False), ("5", True), ("x", True)])
+@pytest.mark.parametrize("version, refused", [("5", False), ("6", True), ("x", True)])
 def test_a_database_newer_than_the_code_is_refused_in_one_line(database_url, version, refused):
     with TestClient(chat.create_app(database_url)) as client:
         client.portal.call(client.app.state.database.execute,
@@ -690,7 +723,7 @@ def test_a_database_newer_than_the_code_is_refused_in_one_line(database_url, ver
     with pytest.raises(chat.Refusal) as refusal:
         with TestClient(chat.create_app(database_url)):
             pass
-    assert str(refusal.value) == (f"the database is at schema version {version}, which this chat (version 4) does "
+    assert str(refusal.value) == (f"the database is at schema version {version}, which this chat (version 5) does "
                                   "not know: serve it with the version of chat that last served it, or a newer one")
 
 
@@ -1401,6 +1434,28 @@ def test_pages_that_may_carry_a_token_in_their_url_send_no_referrer(client):
 def test_an_ipv6_loopback_host_with_its_port_is_one_of_the_servers_own_names(client):
     assert client.get("/ws-info", headers={"host": "[::1]:8000"}).status_code == 200
     assert client.get("/ws-info", headers={"host": "[::2]:8000"}).status_code == 400
+
+
+@pytest.mark.parametrize("host", ["[", "[::1"])
+def test_a_host_header_that_is_no_host_is_refused_with_400(client, host):
+    response = client.get("/ws-info", headers={"host": host})
+    assert (response.status_code, response.json()) == (400, {"detail": "the Host header is not a host name"})
+
+
+def test_the_servers_own_loopback_addresses_are_remembered_up_to_256(database_url, monkeypatch):
+    monkeypatch.setattr(chat, "ALLOWED_HOSTS", [])
+    with TestClient(chat.create_app(database_url)) as client:
+        answers = {client.get("/livez", headers={"host": f"127.0.{n // 250}.{n % 250 + 1}"}).status_code
+                   for n in range(300)}
+        middleware = client.app.middleware_stack
+        while not isinstance(middleware, chat.HostCheck):
+            middleware = middleware.app
+    assert (answers, len(middleware.own)) == ({200}, 256)
+
+
+def test_an_ipv4_address_through_a_dual_stack_socket_counts_as_that_address():
+    assert [module.address_key(ip) for module in (chat, runner) for ip in ("::ffff:127.0.0.2", "2001:db8::5:6")] == [
+        "127.0.0.2", "2001:db8::/64"] * 2
 
 
 def test_an_ip_address_of_this_machine_is_one_of_its_names_and_another_is_refused(database_url, monkeypatch):
@@ -2384,6 +2439,25 @@ def test_plain_http_to_the_websocket_path_says_a_token_of_another_secret_is_not_
     response = client.get(f"/ws/general?token={other}")
     assert (response.status_code, response.json()) == (401, {"detail": (
         "the token is not valid here: made with another CHAT_SECRET, cut short, or without an expiry")})
+
+
+@pytest.mark.parametrize("origin", ["http://x:abc", "http://x:99999", "http://[", "http://[::1"])
+def test_an_origin_header_that_is_no_origin_is_refused_with_403(client, origin):
+    response = client.get("/ws/general", headers={"Origin": origin})
+    assert (response.status_code, response.json()) == (403, {"detail": (
+        f"the Origin header {origin!r} is not a page's origin (scheme://host:port)")})
+
+
+def test_handshakes_refused_for_a_thousand_origins_are_logged_once(client, caplog):
+    caplog.set_level(logging.INFO, chat.log.name)
+    for n in range(1000):
+        with pytest.raises(WebSocketDisconnect):
+            with client.websocket_connect("/ws", headers={"Origin": f"http://evil{n}.example" + "x" * 500}):
+                pass
+    lines = [line for line in caplog.messages if line.startswith("refused a WebSocket")]
+    assert lines == [f"refused a WebSocket from testclient: pages from {('http://evil0.example' + 'x' * 500)[:100]} may "
+                     f"not open a socket here; to let them, start the server with ALLOWED_ORIGINS="
+                     f"{('http://evil0.example' + 'x' * 500)[:100]}"]
 
 
 def test_the_origin_refusal_adds_to_the_origins_already_allowed(client, monkeypatch):

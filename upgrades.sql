@@ -19,3 +19,9 @@ ALTER TABLE messages ADD COLUMN client_id TEXT CHECK (length(client_id) BETWEEN 
 
 -- step 4: the index messages_client_id leaves out messages without one (dbc93da); schema.sql makes it again
 DROP INDEX IF EXISTS messages_client_id;
+
+-- step 5: message ids are never given again, even after the newest are deleted (SQLite: AUTOINCREMENT)
+CREATE TABLE messages_numbered (id INTEGER PRIMARY KEY AUTOINCREMENT, room TEXT COLLATE "binary" NOT NULL DEFAULT 'general' CHECK (length(room) BETWEEN 1 AND 32), user_id BIGINT NOT NULL REFERENCES users (id), content TEXT NOT NULL CHECK (length(content) BETWEEN 1 AND 2000), created_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP, client_id TEXT CHECK (length(client_id) BETWEEN 1 AND 64));  -- sqlite only
+INSERT INTO messages_numbered (id, room, user_id, content, created_at, client_id) SELECT id, room, user_id, content, created_at, client_id FROM messages;  -- sqlite only
+DROP TABLE messages;  -- sqlite only
+ALTER TABLE messages_numbered RENAME TO messages;  -- sqlite only
