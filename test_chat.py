@@ -2448,7 +2448,8 @@ def test_an_origin_header_that_is_no_origin_is_refused_with_403(client, origin):
         f"the Origin header {origin!r} is not a page's origin (scheme://host:port)")})
 
 
-def test_handshakes_refused_for_a_thousand_origins_are_logged_once(client, caplog):
+def test_handshakes_refused_for_a_thousand_origins_are_logged_once(client, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("uvicorn"), "propagate", True)  # as uvicorn's log config left it
     caplog.set_level(logging.INFO, chat.log.name)
     for n in range(1000):
         with pytest.raises(WebSocketDisconnect):
