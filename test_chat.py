@@ -3490,6 +3490,25 @@ def statements(monkeypatch) -> list[str]:
     return sent
 
 
+def test_on_sqlite_a_message_is_stored_while_the_statements_of_a_storm_of_joins_wait_their_turn(tmp_path):
+    with TestClient(chat.create_app(f"sqlite:///{tmp_path}/chat.db")) as client:
+        user = client.post("/users", json={"username": "alice"}).json()["id"]
+        database, writer = client.app.state.database, client.app.state.writer
+
+        async def storm():
+            for _ in range(4):  # four statements in the driver's queue: every turn is taken
+                await database.turns.acquire()
+            reads = [asyncio.create_task(database.fetch_all(chat.FIND_USER, {"username": "alice"})) for _ in range(50)]
+            message, stored_now = await asyncio.wait_for(writer.post("general", user, "alice", "live"), 10)
+            waiting = sum(not read.done() for read in reads)
+            for _ in range(4):
+                database.turns.release()
+            await asyncio.gather(*reads)
+            return message["content"], stored_now, waiting
+
+        assert client.portal.call(storm) == ("live", True, 50)
+
+
 def test_a_batch_of_messages_costs_one_statement_whatever_its_size(database_url, statements):
     with TestClient(chat.create_app(database_url)) as client:
         alice = client.post("/users", json={"username": "alice"}).json()["id"]
