@@ -958,14 +958,15 @@ def background(app, coroutine) -> None:
 async def chat_socket(websocket: WebSocket):
     """Check the handshake, then handle its frames in order until the socket goes."""
     app = websocket.app
-    # Refused before accept: the client gets HTTP 403 and no socket is ever opened.
-    ip = client_address(websocket)
-    refusal = handshake_refusal(websocket)
+    # Refused before accept: the client gets HTTP 403 and no socket is ever opened. (The request's
+    # headers are read through a connection of their own: the socket does not keep them.)
+    ip, handshake = client_address(websocket), HTTPConnection(websocket.scope)
+    refusal = handshake_refusal(handshake)
     if refusal:
         app.state.said.warning(f"handshake {refusal[0]}", "refused a WebSocket from %s: %s", ip, refusal[1])
         await websocket.close(status.WS_1008_POLICY_VIOLATION)
         return
-    identity, expires = token_holder(presented_token(websocket)) if SECRET else (None, None)
+    identity, expires = token_holder(presented_token(handshake)) if SECRET else (None, None)
     await websocket.accept()
     # Refused after accept, so that the client can read the close code and the reason.
     try:
@@ -974,19 +975,15 @@ async def chat_socket(websocket: WebSocket):
     except Invalid as exc:
         refusal = status.WS_1008_POLICY_VIOLATION, exc.detail[:120]
     if refusal:
-        proxy = untrusted_proxy(websocket)
+        proxy = untrusted_proxy(handshake)
         app.state.said.warning(refusal[1], "closed a WebSocket from %s with %d: %s%s", ip, *refusal, proxy and (
             f"; it came through a proxy at {proxy}: if it is yours, start the server with TRUSTED_PROXIES={proxy}, "
             "so that each client behind it counts on its own") or "")
         await websocket.close(*refusal)
         return
-    def stalled(client):  # it stopped reading: it leaves its room at once, so the others see it go
-        app.state.metrics.slow_readers_cut.inc()
-        background(app, leave(app, client))
-
-    client = Client(websocket, ip, room, identity, on_stall=stalled)
+    websocket.scope["headers"], handshake = [], None  # a waiting socket keeps none of the handshake's
+    client, message = Client(websocket, ip, room, identity), None
     app.state.rooms.connect(client)
-    message = {}
     # A socket lives no longer than its token.
     expiry = expires and asyncio.get_running_loop().call_later(
         max(0.0, expires - time.time()),
@@ -1018,8 +1015,9 @@ async def chat_socket(websocket: WebSocket):
             except DATABASE_ERRORS as exc:
                 app.state.writer.outage.lost("a WebSocket frame", exc)
                 unavailable(app, client)
+            message = frame = None  # kept by no socket while it waits
     finally:
-        log.info("socket from %s closed with %s (%s)", ip, client.closed_with or message.get("code", 1006),
+        log.info("socket from %s closed with %s (%s)", ip, client.closed_with or (message or {}).get("code", 1006),
                  client.username or "not joined")
         if expiry:
             expiry.cancel()
@@ -1029,6 +1027,13 @@ async def chat_socket(websocket: WebSocket):
         background(app, leave(app, client))
         if client.closing:  # its 1013 waits behind what it has not read; the ping timeout ends that
             await client.closing
+
+
+def stalled(client: Client) -> None:
+    """It stopped reading: it leaves its room at once, so the others see it go."""
+    app = client.websocket.app
+    app.state.metrics.slow_readers_cut.inc()
+    background(app, leave(app, client))
 
 
 async def upgrade_required(request):
@@ -1607,13 +1612,12 @@ class Client:
     frames; the outbox and its task take over when the client falls behind.
     """
 
-    __slots__ = ("websocket", "ip", "room", "identity", "on_stall", "username", "user_id", "budget", "refused",
+    __slots__ = ("websocket", "ip", "room", "identity", "username", "user_id", "budget", "refused",
                  "outbox", "sender", "writing", "write_now", "frame", "idle", "held", "last_message_id",
                  "in_flight", "stopped", "closing", "hears_after", "closed_with")  # thousands wait at once: no dict each
 
-    def __init__(self, websocket: WebSocket, ip: str, room: str, identity: str | None, on_stall):
+    def __init__(self, websocket: WebSocket, ip: str, room: str, identity: str | None):
         self.websocket, self.ip, self.room, self.identity = websocket, ip, room, identity
-        self.on_stall = on_stall  # called once if the outbox overflows: the client stopped reading
         self.username: str | None = None
         self.user_id: int | None = None
         self.budget = FrameBudget()
@@ -1664,7 +1668,7 @@ class Client:
             # close frame reaches it if it ever reads again; until then its socket holds no more
             # than the transport's buffer, and counts against its address's connection limit.
             self.stop_sending()
-            self.on_stall(self)
+            stalled(self)
             self.closing = asyncio.create_task(self.close(status.WS_1013_TRY_AGAIN_LATER,
                                                           "too slow: send queue full", timeout=None))
             return
@@ -2233,6 +2237,14 @@ def own_address(host: str) -> bool:
     return False
 
 
+class CORS(CORSMiddleware):
+    """CORS is for HTTP: a socket goes past it without a coroutine, so that no frame of it is kept
+    for each waiting socket."""
+
+    def __call__(self, scope, receive, send):
+        return (super().__call__ if scope["type"] == "http" else self.app)(scope, receive, send)
+
+
 class HostCheck:
     """The Host check (against DNS rebinding; "*.example.org" matches its subdomains), which also
     lets in this machine's own IP addresses, whichever it has now, unless ALLOWED_HOSTS names the
@@ -2345,7 +2357,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
     ]
     middleware = [Middleware(StartUp),
                   Middleware(HostCheck, allowed_hosts=ALLOWED_HOSTS or local_hosts()),
-                  Middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
+                  Middleware(CORS, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
                              allow_headers=["Content-Type", "Authorization"])]
     handlers = {HTTPException: http_error, ClientDisconnect: client_gone,
                 **{error: database_down for error in DATABASE_ERRORS}}

@@ -195,7 +195,7 @@ def test_the_notices_of_many_joins_reach_each_client_in_one_write_from_its_own_j
     def subscribed(name: str) -> chat.Client:
         write = {"write": lambda data: writes.setdefault(name, []).append(data) or True, "frame": runner.text_frame}
         client = chat.Client(types.SimpleNamespace(scope={"extensions": {"chat.write_now": write}}), "127.0.0.1",
-                             "general", None, on_stall=None)
+                             "general", None)
         client.username = name
         rooms.connect(client)
         rooms.subscribe(client)
