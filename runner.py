@@ -98,6 +98,10 @@ TRUSTED_PROXIES = setting("TRUSTED_PROXIES", "", "your proxies' addresses or net
 LOG_FORMAT = setting("LOG_FORMAT", "text", "text, or json: one JSON object a line")
 if LOG_FORMAT not in ("text", "json"):
     raise SystemExit(f"LOG_FORMAT={LOG_FORMAT!r}: use text or json, e.g. LOG_FORMAT=json")
+LOG_LEVEL = setting("LOG_LEVEL", "info", "info: a line for each socket and request; warning: only what "
+                    "needs an operator")
+if LOG_LEVEL not in ("info", "warning"):
+    raise SystemExit(f"LOG_LEVEL={LOG_LEVEL!r}: use info or warning, e.g. LOG_LEVEL=warning")
 
 MAX_HEAD_FIELDS = 100
 CLOSE_GRACE = 5.0  # seconds a closing WebSocket has to flush to a peer that does not read
@@ -586,7 +590,8 @@ def config(app, max_frame_bytes: int, **settings) -> uvicorn.Config:
     """uvicorn's Config for the app with every bound on (settings: host, port, log_level, workers,
     ...); with workers, `app` is "runner:bounded_chat"."""
     BoundedHttpTools.max_sockets = socket_budget()
-    settings = {"host": HOST, "port": PORT, "ssl_keyfile": SSL_KEYFILE, "ssl_certfile": SSL_CERTFILE, **settings}
+    settings = {"host": HOST, "port": PORT, "ssl_keyfile": SSL_KEYFILE, "ssl_certfile": SSL_CERTFILE,
+                "log_level": LOG_LEVEL, **settings}
     return uvicorn.Config(
         app if isinstance(app, str) else Bounded(app), http=BoundedHttpTools, ws=BoundedWebSockets,
         lifespan="on", interface="asgi3", factory=isinstance(app, str),

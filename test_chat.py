@@ -2902,6 +2902,27 @@ def test_a_log_format_other_than_text_or_json_is_refused_in_one_line():
     assert (done.returncode, done.stderr) == (1, "LOG_FORMAT='xml': use text or json, e.g. LOG_FORMAT=json\n")
 
 
+def test_at_log_level_warning_a_socket_writes_no_line_and_a_refused_host_still_does(tmp_path):
+    with bounded_server("python chat.py", tmp_path, env={"LOG_LEVEL": "warning"}) as (base, port):
+        with ws_connect(base) as ws:
+            ws_join(ws, "Budi Santoso")
+            ws.send(json.dumps({"type": "message", "content": "hi"}))
+            ws.recv(timeout=5)
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(urllib.request.Request(base + "/livez", headers={"Host": "evil.example"}), timeout=5)
+        wait_until(lambda: b"refused a request" in server_log())
+        log = server_log().decode()
+    assert [re.sub(r"^\S+ \S+ ", "", line) for line in log.splitlines()] == [
+        "WARNING:  refused a request: this server does not answer to the host 'evil.example'; if it should, start it "
+        "with ALLOWED_HOSTS=evil.example"]
+
+
+def test_a_log_level_other_than_info_or_warning_is_refused_in_one_line():
+    done = subprocess.run([sys.executable, "chat.py"], cwd=HERE, env={**os.environ, "LOG_LEVEL": "debug"},
+                          capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stderr) == (1, "LOG_LEVEL='debug': use info or warning, e.g. LOG_LEVEL=warning\n")
+
+
 def test_a_refusal_repeated_within_a_minute_is_one_line_and_the_next_says_how_many_more(client, monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(chat.time, "monotonic", lambda: clock[0])
