@@ -95,15 +95,24 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 SETTINGS: dict[str, str] = {}  # every setting, and what python chat.py --help says it does
 
 
-def setting(name: str, default: str, what: str, kind=str):
-    """An environment variable as `kind`; a bad value stops the start in one line that names it."""
+def setting(name: str, default: str, what: str, kind=str, least: float = -math.inf, most: float = math.inf):
+    """An environment variable as `kind` (or one of a tuple of words); a bad value, or a number
+    outside least..most (RETAIN_DAYS=-3 would delete everything), stops the start in one line."""
     SETTINGS[name] = what
-    value = os.environ.get(name) or default
+    raw = os.environ.get(name) or default
+    if isinstance(kind, tuple):
+        if raw not in kind:
+            raise SystemExit(f"{name}={raw!r}: use {' or '.join(kind)}, e.g. {name}={default}")
+        return raw
+    number = "a whole number" if kind is int else "a number"
     try:
-        return kind(value)
+        value = kind(raw)
     except ValueError:
-        raise SystemExit(f"{name}={value!r}: use {'a whole number' if kind is int else 'a number'}, "
-                         f"e.g. {name}={default}") from None
+        raise SystemExit(f"{name}={raw!r}: use {number}, e.g. {name}={default}") from None
+    if kind in (int, float) and not least <= value <= most:  # nan is neither
+        span = f"from {least:g} to {most:g}" if most < math.inf else f"of {least:g} or more"
+        raise SystemExit(f"{name}={raw!r}: use {number} {span}, e.g. {name}={default}")
+    return value
 
 
 def listed(value: str) -> list[str]:
@@ -118,32 +127,37 @@ ALLOWED_ORIGINS = setting("ALLOWED_ORIGINS", "", "other sites' pages that may us
                           "comma-separated; * for any", listed)
 SECRET = setting("CHAT_SECRET", "", "32 bytes or more: sockets and writes need a signed token "
                  "(python chat.py token NAME)")
-TOKEN_TTL_SECONDS = setting("TOKEN_TTL_SECONDS", "86400", "how long a token from python chat.py token lasts", int)
-PUBLIC_READS = setting("PUBLIC_READS", "0", "1: with CHAT_SECRET, reading needs no token", lambda v: v == "1")
-MAX_CONNECTIONS = setting("MAX_CONNECTIONS", "10000", "sockets in all; past it, 1013", int)
+TOKEN_TTL_SECONDS = setting("TOKEN_TTL_SECONDS", "86400", "how long a token from python chat.py token lasts", int, 1)
+PUBLIC_READS = setting("PUBLIC_READS", "0", "1: with CHAT_SECRET, reading needs no token", ("0", "1")) == "1"
+MAX_CONNECTIONS = setting("MAX_CONNECTIONS", "10000", "sockets in all; past it, 1013", int, 1)
 # One address at the limits holds about 2.5 MB and 1 s of CPU a minute (docs/performance.md).
 MAX_CONNECTIONS_PER_IP = setting("MAX_CONNECTIONS_PER_IP", "100", "sockets one address may hold "
-                                 "(a class of 30 with 2 tabs each fits in 100)", int)
-RATE_PER_SECOND = setting("RATE_PER_SECOND", "5", "frames a socket may send a second, on average", float)
-RATE_BURST = setting("RATE_BURST", "10", "frames a socket may send at once", float)
-FLOOD_LIMIT = setting("FLOOD_LIMIT", "50", "refused frames in a row before the socket is closed", int)
+                                 "(a class of 30 with 2 tabs each fits in 100)", int, 1)
+RATE_PER_SECOND = setting("RATE_PER_SECOND", "5", "frames a socket may send a second, on average", float, 0.1)
+RATE_BURST = setting("RATE_BURST", "10", "frames a socket may send at once (a join costs 5)", float, 5)
+FLOOD_LIMIT = setting("FLOOD_LIMIT", "50", "refused frames in a row before the socket is closed", int, 1)
 JOINS_PER_MINUTE = setting("JOINS_PER_MINUTE", str(3 * MAX_CONNECTIONS_PER_IP),  # each socket may rejoin thrice
-                           "joins one address may make a minute", int)
+                           "joins one address may make a minute", int, 1)
 REST_WRITES_PER_MINUTE = setting("REST_WRITES_PER_MINUTE", "120",
-                                 "POST /users and /messages one address may make a minute", int)
-MAX_CONTENT_LENGTH = setting("MAX_CONTENT_LENGTH", "2000", "characters in a message (at most 2000)", int)
-MAX_FRAME_BYTES = setting("MAX_FRAME_BYTES", "16384", "bytes in a WebSocket frame", int)
-MAX_BODY_BYTES = setting("MAX_BODY_BYTES", "16384", "bytes in a REST body", int)
+                                 "POST /users and /messages one address may make a minute", int, 1)
+MAX_CONTENT_LENGTH = setting("MAX_CONTENT_LENGTH", "2000", "characters in a message (at most 2000)", int, 1)
+MAX_FRAME_BYTES = setting("MAX_FRAME_BYTES", "16384", "bytes in a WebSocket frame", int, 512)
+MAX_BODY_BYTES = setting("MAX_BODY_BYTES", "16384", "bytes in a REST body", int, 512)
 SEND_QUEUE_FRAMES = setting("SEND_QUEUE_FRAMES", "1000", "frames queued for a client that reads slowly; "
-                            "past it, 1013", int)
-RETAIN_DAYS = setting("RETAIN_DAYS", "0", "delete messages older than this, hourly (0: keep them)", float)
+                            "past it, 1013", int, 1)
+RETAIN_DAYS = setting("RETAIN_DAYS", "0", "delete messages older than this, hourly (0: keep them)", float, 0, 36500)
 RETAIN_MESSAGES_PER_ROOM = setting("RETAIN_MESSAGES_PER_ROOM", "0",
-                                   "keep only this many newest messages of each room (0: all)", int)
-DATABASE_WAIT = setting("DATABASE_WAIT", "30", "seconds to wait at start for a database that does not answer", float)
+                                   "keep only this many newest messages of each room (0: all)", int, 0)
+DATABASE_WAIT = setting("DATABASE_WAIT", "30", "seconds to wait at start for a database that does not answer", float, 0)
 PRESENCE_TIMEOUT = setting("PRESENCE_TIMEOUT", "15", "PostgreSQL: seconds before a silent process's users "
-                           "count as gone", float)
+                           "count as gone", float, 1)
 METRICS_TOKEN = setting("METRICS_TOKEN", "", "32 bytes or more: GET /metrics needs it as a bearer token, "
                         "and no other")
+if odd := [origin for origin in ALLOWED_ORIGINS if origin not in ("*", "null") and "://" not in origin]:
+    raise SystemExit(f"ALLOWED_ORIGINS: {odd[0]!r} is no origin; give a page's scheme, host and port, e.g. https://{odd[0]}")
+if not re.match(r"(sqlite:///|postgres(ql)?://)", DATABASE_URL):
+    raise SystemExit(f"DATABASE_URL={DATABASE_URL!r}: use sqlite:///FILE (e.g. sqlite:///chat.db) or "
+                     "postgresql://USER:PASSWORD@HOST/DB")
 JOIN_COST = 5  # a join counts as five frames: it writes to the database and tells the room
 MESSAGES_IN_FLIGHT = 64  # a connection's messages being stored at once; past this it reads no more
 # The server's own settings (HOST, PORT, REQUEST_TIMEOUT, PING_INTERVAL, TRUSTED_PROXIES, ...)
@@ -1010,7 +1024,8 @@ async def chat_socket(websocket: WebSocket):
                     await client.close(status.WS_1008_POLICY_VIOLATION, "flooding: too many frames")
                     break
                 app.state.metrics.refused.labels(exc.code).inc()
-                app.state.said.info(exc.code, "refused a frame from %s at %s: %s", client.username, ip, exc.detail)
+                app.state.said.info(exc.code, "refused a frame from %s at %s: %s", client.username or "(not joined)",
+                                    ip, exc.detail)
                 client.error(exc.code, exc.detail, echoed_client_id(frame))
             except DATABASE_ERRORS as exc:
                 app.state.writer.outage.lost("a WebSocket frame", exc)
@@ -2162,6 +2177,9 @@ async def lifespan(app):
         await database.disconnect()  # its connections' threads would keep the process from ending
         if lock:
             lock.close()
+        if isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc):
+            raise Refusal(f"{database.url.database} is not an SQLite database: point DATABASE_URL at chat's own "
+                          "(a new file is made ready), or move that file away") from None
         if isinstance(exc, sqlite3.OperationalError):  # a full disk, a read-only folder: say so in one line
             raise Refusal(disk_refusal(database.url.database, exc)) from None
         raise

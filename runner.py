@@ -23,6 +23,7 @@ import errno
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -61,15 +62,19 @@ UVICORN = "0.54."  # the version whose protocol internals the subclasses below a
 SETTINGS: dict[str, str] = {}  # each server setting, and what python chat.py --help says it does
 
 
-def setting(name: str, default: str, what: str, kind=str):
-    """An environment variable as `kind`; a bad value stops the start in one line that names it."""
+def setting(name: str, default: str, what: str, kind=str, least: float = -math.inf):
+    """An environment variable as `kind`; a bad value, or a number under `least`, stops the start in
+    one line that names it (as chat.setting)."""
     SETTINGS[name] = what
-    value = os.environ.get(name) or default
+    raw = os.environ.get(name) or default
+    number = "a whole number" if kind is int else "a number"
     try:
-        return kind(value)
+        value = kind(raw)
     except ValueError:
-        raise SystemExit(f"{name}={value!r}: use {'a whole number' if kind is int else 'a number'}, "
-                         f"e.g. {name}={default}") from None
+        raise SystemExit(f"{name}={raw!r}: use {number}, e.g. {name}={default}") from None
+    if kind in (int, float) and not least <= value < math.inf:
+        raise SystemExit(f"{name}={raw!r}: use {number} of {least:g} or more, e.g. {name}={default}")
+    return value
 
 
 def address() -> tuple[str, int]:
@@ -84,15 +89,24 @@ def address() -> tuple[str, int]:
 HOST, PORT = address()
 SSL_KEYFILE = setting("SSL_KEYFILE", "", "with SSL_CERTFILE: serve https:// and wss://") or None
 SSL_CERTFILE = setting("SSL_CERTFILE", "", "the certificate (chain) for SSL_KEYFILE") or None
-REQUEST_TIMEOUT = setting("REQUEST_TIMEOUT", "10", "seconds to send a whole request or handshake; then 408", float)
-MAX_HEAD_BYTES = setting("MAX_HEAD_BYTES", "16384", "bytes of request line and headers; more get 431", int)
+if SSL_KEYFILE or SSL_CERTFILE:  # said in one line here, not in a traceback from uvicorn's start
+    try:
+        if not (SSL_KEYFILE and SSL_CERTFILE):
+            raise ValueError("set both, or neither")
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(SSL_CERTFILE, SSL_KEYFILE)
+    except (ValueError, OSError) as exc:  # ssl.SSLError is an OSError
+        raise SystemExit(f"SSL_KEYFILE={SSL_KEYFILE or ''} SSL_CERTFILE={SSL_CERTFILE or ''}: {exc}; give a key "
+                         "and its certificate, both readable PEM files") from None
+REQUEST_TIMEOUT = setting("REQUEST_TIMEOUT", "10", "seconds to send a whole request or handshake; then 408", float,
+                          0.1)
+MAX_HEAD_BYTES = setting("MAX_HEAD_BYTES", "16384", "bytes of request line and headers; more get 431", int, 1024)
 MAX_SOCKETS_PER_IP = setting(  # WebSockets, and the HTTP connections of their pages loading
     "MAX_SOCKETS_PER_IP", str(2 * int(os.environ.get("MAX_CONNECTIONS_PER_IP") or 100) + 20),
-    "TCP connections of any kind from one address; more get 503", int)
-PING_INTERVAL = setting("PING_INTERVAL", "20", "seconds between pings to each socket", float)
-PING_TIMEOUT = setting("PING_TIMEOUT", "20", "seconds a socket has to answer a ping", float)
+    "TCP connections of any kind from one address; more get 503", int, 1)
+PING_INTERVAL = setting("PING_INTERVAL", "20", "seconds between pings to each socket", float, 0.1)
+PING_TIMEOUT = setting("PING_TIMEOUT", "20", "seconds a socket has to answer a ping", float, 0.1)
 SHUTDOWN_SECONDS = setting("SHUTDOWN_SECONDS", "10", "on SIGTERM, seconds before connections still open are cut",
-                           float)
+                           float, 0)
 TRUSTED_PROXIES = setting("TRUSTED_PROXIES", "", "your proxies' addresses or networks: only their "
                           "X-Forwarded-For is believed", lambda v: [p.strip() for p in v.split(",") if p.strip()])
 LOG_FORMAT = setting("LOG_FORMAT", "text", "text, or json: one JSON object a line")
@@ -706,6 +720,9 @@ def backup(chat, target: str) -> str | None:
         return f"there is no database at {url.database}: check DATABASE_URL"
     if os.path.exists(target):
         return f"{target} exists: name a new file (a backup never overwrites one)"
+    with contextlib.closing(sqlite3.connect(f"file:{url.database}?mode=ro", uri=True)) as source:
+        if not source.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages'").fetchone():
+            return f"{url.database} is not chat's database (no messages table): check DATABASE_URL"
     try:
         with contextlib.closing(sqlite3.connect(url.database, timeout=30)) as source, \
              contextlib.closing(sqlite3.connect(target)) as copied:
@@ -721,6 +738,9 @@ def backup(chat, target: str) -> str | None:
 async def moderate(chat, command: str, *args: str) -> str:
     """One moderation command on the database DATABASE_URL names, beside a running server; what it did."""
     database = chat.open_database(chat.DATABASE_URL)
+    if database.url.dialect == "sqlite" and not os.path.isfile(database.url.database):
+        raise chat.Invalid("no_database", f"there is no database at {os.path.abspath(database.url.database)}: run the "
+                           "command where the server runs, or set DATABASE_URL as it has it")
     await database.connect()
     try:
         if command == "rename-user":

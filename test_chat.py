@@ -2896,6 +2896,87 @@ def test_with_log_format_json_every_line_is_a_json_object(tmp_path):
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"]) for line in lines)
 
 
+SETTING_LIMITS = {  # each setting's lowest (or highest) value, one past it, the rule, the default
+    "TOKEN_TTL_SECONDS": ("1", "0", "a whole number of 1 or more", "86400"),
+    "MAX_CONNECTIONS": ("1", "0", "a whole number of 1 or more", "10000"),
+    "MAX_CONNECTIONS_PER_IP": ("1", "0", "a whole number of 1 or more", "100"),
+    "RATE_PER_SECOND": ("0.1", "0.09", "a number of 0.1 or more", "5"),
+    "RATE_BURST": ("5", "4.9", "a number of 5 or more", "10"),
+    "FLOOD_LIMIT": ("1", "0", "a whole number of 1 or more", "50"),
+    "JOINS_PER_MINUTE": ("1", "0", "a whole number of 1 or more", "300"),
+    "REST_WRITES_PER_MINUTE": ("1", "0", "a whole number of 1 or more", "120"),
+    "MAX_CONTENT_LENGTH": ("1", "0", "a whole number of 1 or more", "2000"),
+    "MAX_FRAME_BYTES": ("512", "511", "a whole number of 512 or more", "16384"),
+    "MAX_BODY_BYTES": ("512", "511", "a whole number of 512 or more", "16384"),
+    "SEND_QUEUE_FRAMES": ("1", "0", "a whole number of 1 or more", "1000"),
+    "RETAIN_DAYS": ("36500", "36501", "a number from 0 to 36500", "0"),
+    "RETAIN_MESSAGES_PER_ROOM": ("0", "-1", "a whole number of 0 or more", "0"),
+    "DATABASE_WAIT": ("0", "-1", "a number of 0 or more", "30"),
+    "PRESENCE_TIMEOUT": ("1", "0.9", "a number of 1 or more", "15"),
+    "REQUEST_TIMEOUT": ("0.1", "0.09", "a number of 0.1 or more", "10"),
+    "MAX_HEAD_BYTES": ("1024", "1023", "a whole number of 1024 or more", "16384"),
+    "MAX_SOCKETS_PER_IP": ("1", "0", "a whole number of 1 or more", "220"),
+    "PING_INTERVAL": ("0.1", "0.09", "a number of 0.1 or more", "20"),
+    "PING_TIMEOUT": ("0.1", "0.09", "a number of 0.1 or more", "20"),
+    "SHUTDOWN_SECONDS": ("0", "-1", "a number of 0 or more", "10"),
+}
+
+
+def help_with(env: dict) -> tuple[int, str]:
+    done = subprocess.run([sys.executable, "chat.py", "--help"], cwd=HERE, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=30)
+    return done.returncode, done.stderr
+
+
+def test_every_setting_at_its_limit_is_taken():
+    assert help_with({name: least for name, (least, *_) in SETTING_LIMITS.items()}) == (0, "")
+
+
+@pytest.mark.parametrize("name", SETTING_LIMITS)
+def test_a_setting_one_past_its_limit_stops_the_start_in_one_line(name):
+    _, past, rule, default = SETTING_LIMITS[name]
+    assert help_with({name: past}) == (1, f"{name}={past!r}: use {rule}, e.g. {name}={default}\n")
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"RETAIN_DAYS": "-3"}, "RETAIN_DAYS='-3': use a number from 0 to 36500, e.g. RETAIN_DAYS=0"),
+    ({"RETAIN_DAYS": "nan"}, "RETAIN_DAYS='nan': use a number from 0 to 36500, e.g. RETAIN_DAYS=0"),
+    ({"PUBLIC_READS": "yes"}, "PUBLIC_READS='yes': use 0 or 1, e.g. PUBLIC_READS=0"),
+    ({"ALLOWED_ORIGINS": "example.com"},
+     "ALLOWED_ORIGINS: 'example.com' is no origin; give a page's scheme, host and port, e.g. https://example.com"),
+    ({"DATABASE_URL": "chat.db"},
+     "DATABASE_URL='chat.db': use sqlite:///FILE (e.g. sqlite:///chat.db) or postgresql://USER:PASSWORD@HOST/DB"),
+    ({"DATABASE_URL": "mysql://root@localhost/db"}, "DATABASE_URL='mysql://root@localhost/db': use sqlite:///FILE "
+     "(e.g. sqlite:///chat.db) or postgresql://USER:PASSWORD@HOST/DB"),
+    ({"SSL_KEYFILE": "/nonexistent"}, "SSL_KEYFILE=/nonexistent SSL_CERTFILE=: set both, or neither; give a key and "
+     "its certificate, both readable PEM files"),
+])
+def test_a_setting_that_cannot_work_stops_the_start_in_one_line(env, said):
+    assert help_with(env) == (1, said + "\n")
+
+
+def test_a_file_that_is_not_a_database_stops_the_start_in_one_line(tmp_path):
+    (tmp_path / "junk.db").write_text("not a database")
+    done = subprocess.run([sys.executable, "chat.py"], cwd=HERE, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/junk.db", "PORT": str(free_port())})
+    assert done.returncode == 3 and "Traceback" not in done.stderr
+    assert (f"ERROR:    {tmp_path}/junk.db is not an SQLite database: point DATABASE_URL at chat's own (a new file is "
+            "made ready), or move that file away\n") in done.stderr
+
+
+def test_a_command_where_there_is_no_database_says_so_and_makes_none(tmp_path):
+    assert chat_command(f"sqlite:///{tmp_path}/chat.db", "delete-message", "1") == (1, (
+        f"there is no database at {tmp_path}/chat.db: run the command where the server runs, or set DATABASE_URL as "
+        "it has it\n"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_backup_of_a_file_that_is_not_chats_database_is_refused(tmp_path):
+    sqlite3.connect(tmp_path / "chat.db").close()  # an empty file
+    assert chat_command(f"sqlite:///{tmp_path}/chat.db", "backup", str(tmp_path / "copy.db")) == (
+        1, f"{tmp_path}/chat.db is not chat's database (no messages table): check DATABASE_URL\n")
+
+
 def test_a_log_format_other_than_text_or_json_is_refused_in_one_line():
     done = subprocess.run([sys.executable, "chat.py"], cwd=HERE, env={**os.environ, "LOG_FORMAT": "xml"},
                           capture_output=True, text=True, timeout=30)
