@@ -466,7 +466,7 @@ CREATE_USER = """
 FIND_USER = "SELECT id, username, last_seen FROM users WHERE username = :username"
 # The first name to claim a look (see check_lookalike) keeps it; the claim answers with whoever
 # holds the look now.
-LOOK_HOLDERS = "SELECT look, username FROM looks WHERE look IN (:as_written, :any_case, :folded_look)"
+LOOK_HOLDERS = "SELECT look, username FROM looks WHERE look IN (:as_written, :any_case, :folded_look, :in_capitals)"
 CLAIM_LOOK = """
     INSERT INTO looks (look, username) VALUES (:look, :username)
     ON CONFLICT (look) DO UPDATE SET look = excluded.look RETURNING username"""
@@ -632,11 +632,12 @@ def skeleton(name: str, fold: bool) -> str:
 
 def looks(name: str) -> dict[str, str]:
     """What a name looks like: as written ("aIice", with a capital I, looks like "alice"), whatever
-    its case ("ALICE" is "alice"), and as written then whatever its case ("ВОВ" in Cyrillic
-    capitals looks like "BOB", so like "bob"); "аlice" (Cyrillic а) and "a1ice" look like "alice" every way."""
+    its case ("ALICE" is "alice"), as written then whatever its case ("ВОВ" in Cyrillic capitals
+    looks like "BOB", so like "bob"), and in capitals ("ВUDI SANTOSO", a Cyrillic В among Latin
+    capitals, is "Budi Santoso" in capitals); "аlice" (Cyrillic а) and "a1ice" look like "alice" every way."""
     as_written = skeleton(name, fold=False)
     return {"as_written": as_written, "any_case": skeleton(name, fold=True),
-            "folded_look": skeleton(as_written, fold=True)}
+            "folded_look": skeleton(as_written, fold=True), "in_capitals": skeleton(name.upper(), fold=False)}
 
 
 async def check_lookalike(database, username: str) -> None:

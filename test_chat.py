@@ -645,15 +645,17 @@ def test_a_database_from_before_client_ids_gains_the_column_and_keeps_its_messag
 
 EARLIER_SCHEMAS = sorted(path.stem for path in (HERE / "fixtures" / "schema").glob("*.sql"))
 UPGRADE_LINES = [
-    "upgraded the database, step 1 of 5: dropped the table skeletons, if any (look-alike records of a9fad39; "
+    "upgraded the database, step 1 of 6: dropped the table skeletons, if any (look-alike records of a9fad39; "
     "its users' looks are claimed again at start)",
-    "upgraded the database, step 2 of 5: messages.room compares byte by byte, as schema.sql declares (a table "
+    "upgraded the database, step 2 of 6: messages.room compares byte by byte, as schema.sql declares (a table "
     "from before 7605b59 kept the database's locale)",
-    "upgraded the database, step 3 of 5: added the column messages.client_id (62eee87)",
-    "upgraded the database, step 4 of 5: the index messages_client_id leaves out messages without one (dbc93da); "
+    "upgraded the database, step 3 of 6: added the column messages.client_id (62eee87)",
+    "upgraded the database, step 4 of 6: the index messages_client_id leaves out messages without one (dbc93da); "
     "schema.sql makes it again",
-    "upgraded the database, step 5 of 5: message ids are never given again, even after the newest are deleted "
-    "(SQLite: AUTOINCREMENT)"]
+    "upgraded the database, step 5 of 6: message ids are never given again, even after the newest are deleted "
+    "(SQLite: AUTOINCREMENT)",
+    "upgraded the database, step 6 of 6: every user's looks are claimed again at start, a look in capitals among "
+    "them (\"ВUDI SANTOSO\" with a Cyrillic В)"]
 
 
 def old_database(database_url: str, commit: str, rows: str = "") -> None:
@@ -680,7 +682,7 @@ def test_a_database_of_each_earlier_schema_is_upgraded_in_place_saying_each_step
         assert [m["content"] for m in client.get("/messages").json()] == ["old"]
         assert post(client, "alice", "new", client_id="c-1")["client_id"] == "c-1"
         columns = query(client, chat.COLUMNS[client.app.state.database.url.dialect])
-        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "5"}]
+        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "6"}]
     recorded = re.search(r"'schema_version', '(\d+)'", (HERE / "fixtures" / "schema" / f"{commit}.sql").read_text())
     assert upgrade_lines(caplog) == UPGRADE_LINES[int(recorded[1]) if recorded else 0:]  # those past its version
     assert {(row["table"], row["column"]) for row in columns} == {
@@ -707,11 +709,11 @@ def test_a_database_at_the_current_version_starts_without_a_step(database_url, c
         pass
     caplog.set_level(logging.INFO, chat.log.name)
     with TestClient(chat.create_app(database_url)) as client:
-        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "5"}]
+        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "6"}]
     assert upgrade_lines(caplog) == []
 
 
-@pytest.mark.parametrize("version, refused", [("5", False), ("6", True), ("x", True)])
+@pytest.mark.parametrize("version, refused", [("6", False), ("7", True), ("x", True)])
 def test_a_database_newer_than_the_code_is_refused_in_one_line(database_url, version, refused):
     with TestClient(chat.create_app(database_url)) as client:
         client.portal.call(client.app.state.database.execute,
@@ -723,7 +725,7 @@ def test_a_database_newer_than_the_code_is_refused_in_one_line(database_url, ver
     with pytest.raises(chat.Refusal) as refusal:
         with TestClient(chat.create_app(database_url)):
             pass
-    assert str(refusal.value) == (f"the database is at schema version {version}, which this chat (version 5) does "
+    assert str(refusal.value) == (f"the database is at schema version {version}, which this chat (version 6) does "
                                   "not know: serve it with the version of chat that last served it, or a newer one")
 
 
@@ -1009,7 +1011,23 @@ def test_a_lookalike_is_refused_as_written_whatever_its_case_and_both(client):
     lookalikes = ("bilI", "BILL", "bi1l", "BiII", "\u0412\u041e\u0412")  # the last: Cyrillic capitals ВОВ
     assert [client.post("/users", json={"username": name}).status_code for name in lookalikes] == [409] * 5
     assert query(client, "SELECT look, username FROM looks ORDER BY look") == [
+        {"look": "BOB", "username": "bob"}, {"look": "BlLL", "username": "bill"},
         {"look": "bill", "username": "bill"}, {"look": "bob", "username": "bob"}]
+
+
+def test_a_cyrillic_capital_among_latin_capitals_is_a_lookalike(client):
+    assert client.post("/users", json={"username": "Budi Santoso"}).status_code == 201
+    response = client.post("/users", json={"username": "\u0412UDI SANTOSO"})  # Cyrillic В, then Latin capitals
+    assert (response.status_code, response.json()) == (409, {"detail": (
+        "'\u0412UDI SANTOSO' looks like the existing user 'Budi Santoso'; choose another name")})
+
+
+def test_a_user_stored_before_looks_in_capitals_has_that_look_claimed_at_start(database_url):
+    old_database(database_url, "36dbd7f", "INSERT INTO users (username) VALUES ('Budi Santoso');"
+                 "INSERT INTO looks (look, username) VALUES ('Budi Santoso', 'Budi Santoso'), "
+                 "('budi santoso', 'Budi Santoso');")
+    with TestClient(chat.create_app(database_url)) as client:
+        assert client.post("/users", json={"username": "\u0412UDI SANTOSO"}).status_code == 409
 
 
 def test_a_name_refused_after_claiming_one_of_its_looks_holds_none(client, monkeypatch):

@@ -25,3 +25,6 @@ CREATE TABLE messages_numbered (id INTEGER PRIMARY KEY AUTOINCREMENT, room TEXT 
 INSERT INTO messages_numbered (id, room, user_id, content, created_at, client_id) SELECT id, room, user_id, content, created_at, client_id FROM messages;  -- sqlite only
 DROP TABLE messages;  -- sqlite only
 ALTER TABLE messages_numbered RENAME TO messages;  -- sqlite only
+
+-- step 6: every user's looks are claimed again at start, a look in capitals among them ("ВUDI SANTOSO" with a Cyrillic В)
+DROP TABLE IF EXISTS looks;
