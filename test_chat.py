@@ -1369,7 +1369,8 @@ def test_a_backup_taken_while_messages_are_written_has_every_acknowledged_one_an
 
 @pytest.mark.parametrize("target_exists", [False, True])
 def test_a_backup_onto_a_file_that_exists_is_refused_saying_what_to_do(tmp_path, target_exists):
-    sqlite3.connect(tmp_path / "chat.db").close()
+    with TestClient(chat.create_app(f"sqlite:///{tmp_path}/chat.db")):
+        pass
     if target_exists:
         (tmp_path / "copy.db").write_text("an earlier backup")
     result = subprocess.run([sys.executable, "chat.py", "backup", str(tmp_path / "copy.db")], cwd=HERE, text=True,
@@ -3149,7 +3150,8 @@ def test_help_prints_the_usage_and_every_setting_and_exits_0():
     assert result.stdout.startswith(
         "usage: python chat.py [--host HOST] [--port PORT] [--workers N]   serve the chat (Ctrl+C stops it)\n")
     assert "\n  PORT                     8123                       the port (--port), 1-65535\n" in result.stdout
-    assert "\n  RATE_BURST               10.0 (default)             frames a socket may send at once\n" in result.stdout
+    assert ("\n  RATE_BURST               10.0 (default)             frames a socket may send at once (a join costs 5)\n"
+            in result.stdout)
     assert all(f"  {name} " in result.stdout for name in [*chat.SETTINGS, *runner.SETTINGS])
 
 
@@ -3292,9 +3294,11 @@ def test_a_client_may_have_exactly_send_queue_frames_queued_and_one_more_cuts_it
         async def close(self, code, reason):
             pass
 
+    stalled = []
+    monkeypatch.setattr(chat, "stalled", stalled.append)  # instead of leaving its room
+
     async def fill():
-        stalled = []
-        client = chat.Client(Unread(), "203.0.113.7", "general", None, on_stall=stalled.append)
+        client = chat.Client(Unread(), "203.0.113.7", "general", None)
         for n in range(5):
             client.send_text(f"m{n}")
         at_the_limit = (len(client.outbox), client.stopped, len(stalled))
