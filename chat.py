@@ -871,7 +871,7 @@ def handshake_refusal(connection: HTTPConnection) -> tuple[int, str] | None:
         return 403, (f"pages from {origin} may not open a socket here; to let them, start the server with "
                      f"ALLOWED_ORIGINS={','.join([*ALLOWED_ORIGINS, origin])}")
     if SECRET and token_holder(token := presented_token(connection)) is None:
-        return 401, token_refusal(token, "?token=<token> in the URL")
+        return 401, token_refusal(token, "in the URL's query: token=<token>")
     return None
 
 
@@ -1814,9 +1814,10 @@ async def post_message(request):
     await rest_write_allowed(request)
     holder = writer_token(request)
     body = await json_body(request)
-    user = await grandfathered(request.app.state.database, body.get("username"))
+    given = body.get("username", holder)  # with a token, the name it is for, unless the body says
+    user = await grandfathered(request.app.state.database, given)
     try:
-        username = user["username"] if user else check_username(body.get("username"))
+        username = user["username"] if user else check_username(given)
         content = check_content(body.get("content"))
         room, client_id = check_room(body.get("room", DEFAULT_ROOM)), check_client_id(body.get("client_id"))
     except Invalid as exc:

@@ -778,6 +778,7 @@ async def moderate(chat, command: str, *args: str) -> str:
         await database.disconnect()
 
 
+EXAMPLES = {"--host": "0.0.0.0", "--port": "8000", "--workers": "2"}
 MODERATION = {"rename-user": "OLD NEW", "delete-user": "NAME", "delete-message": "ID", "prune": "DAYS KEEP"}
 
 
@@ -812,9 +813,14 @@ def main(chat, argv: list[str]) -> None:
                      "and that python chat.py has served it once")
     if argv[:1] == ["backup"]:
         return sys.exit(backup(chat, *argv[1:]) if len(argv) == 2 else "usage: python chat.py backup FILE")
+    argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--") else [arg])]  # --port=3000
     flags = dict(zip(argv[::2], argv[1::2]))  # --host 0.0.0.0 --port 3000: as HOST and PORT
-    if len(argv) % 2 or not set(flags) <= {"--host", "--port", "--workers"}:
-        sys.exit(f"unknown arguments: {' '.join(argv)}\n\n{usage(chat)}")
+    if not set(argv[::2]) <= {"--host", "--port", "--workers"}:
+        sys.exit(f"unknown arguments: {' '.join(argv)}; python chat.py --help lists what it takes")
+    if len(argv) % 2:
+        sys.exit(f"{argv[-1]} needs a value, e.g. {argv[-1]} {EXAMPLES[argv[-1]]}")
+    if not flags.get("--port", "1").isdigit() or not 0 < int(flags.get("--port", "1")) < 65536:
+        sys.exit(f"--port {flags['--port']}: use a port from 1 to 65535, e.g. --port 8000")
     workers = flags.pop("--workers", "1")
     if not workers.isdigit() or int(workers) < 1:
         sys.exit(f"--workers {workers}: use a whole number of processes, e.g. --workers 2")

@@ -2002,7 +2002,7 @@ def test_the_tester_page_shows_why_a_handshake_was_refused_and_stops_trying(brow
         page.click("#join")
         page.wait_for_selector("#status.refused")
         assert page.inner_text("#status") == (
-            "refused 401: a token is required (?token=<token> in the URL); python chat.py token NAME makes one")
+            "refused 401: a token is required (in the URL's query: token=<token>); python chat.py token NAME makes one")
         page.wait_for_timeout(1500)
         assert page.locator("#log .out").count() == 0  # no join was sent, and no retry
         assert page.inner_text("#status").startswith("refused 401")
@@ -2196,6 +2196,13 @@ def test_with_a_secret_a_bearer_header_is_accepted_too(client, secret):
     headers = {"Authorization": f"Bearer {chat.make_token('alice')}"}
     with client.websocket_connect("/ws", headers=headers) as ws:
         assert join(ws, "alice") == welcome("alice")
+
+
+def test_with_a_secret_a_rest_message_without_a_username_is_the_tokens_users(client, secret):
+    headers = {"Authorization": f"Bearer {chat.make_token('alice')}"}
+    assert client.post("/users", json={"username": "alice"}, headers=headers).status_code == 201
+    response = client.post("/messages", json={"content": "via rest"}, headers=headers)
+    assert (response.status_code, response.json()["username"], response.json()["content"]) == (201, "alice", "via rest")
 
 
 def test_with_a_secret_joining_as_another_user_than_the_token_names_is_refused(client, secret):
@@ -2439,7 +2446,7 @@ def test_a_rest_post_that_is_not_json_is_415(client):
 def test_plain_http_to_the_websocket_path_says_why_a_handshake_would_be_refused(client, secret):
     response = client.get("/ws/general")
     assert (response.status_code, response.json()) == (
-        401, {"detail": "a token is required (?token=<token> in the URL); python chat.py token NAME makes one"})
+        401, {"detail": "a token is required (in the URL's query: token=<token>); python chat.py token NAME makes one"})
     response = client.get(f"/ws/general?token={chat.make_token('alice')}", headers={"Origin": "http://evil.example"})
     assert (response.status_code, response.json()) == (403, {"detail": (
         "pages from http://evil.example may not open a socket here; to let them, start the server with "
@@ -3141,6 +3148,27 @@ def test_served_without_its_lifespan_every_request_is_refused_saying_why(tmp_pat
         server.terminate()
         log = server.communicate(timeout=30)[1]
     assert log.count("chat was started without its lifespan") == 1
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--port"], "--port needs a value, e.g. --port 8000"),
+    (["--port=abc"], "--port abc: use a port from 1 to 65535, e.g. --port 8000"),
+    (["--port", "65536"], "--port 65536: use a port from 1 to 65535, e.g. --port 8000"),
+    (["--frob", "1"], "unknown arguments: --frob 1; python chat.py --help lists what it takes")])
+def test_a_flag_that_cannot_work_is_refused_in_one_line(args, said):
+    done = subprocess.run([sys.executable, "chat.py", *args], cwd=HERE, capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", said + "\n")
+
+
+def test_a_flag_may_be_given_with_an_equals_sign(tmp_path):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "chat.py", f"--port={port}"], cwd=HERE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"})
+    try:
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/livez"), 20)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_help_prints_the_usage_and_every_setting_and_exits_0():
