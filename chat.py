@@ -2704,7 +2704,8 @@ OPENAPI = {
                      "requestBody": {"required": True, "content": {"application/json": {
                          "example": {"username": "alice", "content": "Hello!", "room": DEFAULT_ROOM},
                          "schema": _schema(
-                         {"username": _USERNAME,
+                         {"username": {**_USERNAME, "description": _USERNAME["description"] + " With a token it "
+                                       "may be left out: the token's user."},
                           "content": {"type": "string", "minLength": 1, "maxLength": MAX_CONTENT_LENGTH,
                                       "pattern": CONTENT_PATTERN.pattern},
                           "room": {"type": "string", "pattern": ROOM_PATTERN.pattern,
