@@ -2530,7 +2530,8 @@ class PostgresCluster(OneProcess):
         RETURNING room, username"""
     FORGET_DEAD = """
         DELETE FROM processes
-        WHERE heartbeat < CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'"""
+        WHERE heartbeat < CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'
+        RETURNING id"""
     REGISTER = "INSERT INTO processes (id, heartbeat) VALUES (:me, CURRENT_TIMESTAMP)"
     RENEW = "UPDATE processes SET heartbeat = CURRENT_TIMESTAMP WHERE id = :me RETURNING id"
 
@@ -2623,7 +2624,9 @@ class PostgresCluster(OneProcess):
                         await self.arrive(room, username)
             gone = {(row["room"], row["username"])
                     for row in await self.database.fetch_all(self.REAP, {"timeout": PRESENCE_TIMEOUT})}
-            await self.database.execute(self.FORGET_DEAD, {"timeout": PRESENCE_TIMEOUT})
+            if dead := await self.database.fetch_all(self.FORGET_DEAD, {"timeout": PRESENCE_TIMEOUT}):
+                log.warning("%d other process(es) gave no heartbeat for %g s (stopped, or cut off from the "
+                            "database): their %d users count as gone", len(dead), PRESENCE_TIMEOUT, len(gone))
             for room, username in sorted(gone):
                 if username in self.rooms.rooms.get(room, ()):  # back already, on this process
                     continue

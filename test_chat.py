@@ -4290,6 +4290,8 @@ def test_killing_one_process_leaves_the_other_serving_and_its_users_gone(shared_
             assert untimed(json.loads(bob.recv(timeout=10))) == {
                 "type": "system", "room": "general", "content": "alice left the chat"}
             assert active(b) == ["bob"]
+            assert server_log().count(b"1 other process(es) gave no heartbeat for 1.5 s (stopped, or cut off from the "
+                                      b"database): their 1 users count as gone") == 1
             bob.send('{"type":"message","content":"still here"}')
             assert json.loads(bob.recv(timeout=5))["content"] == "still here"
 
