@@ -978,7 +978,8 @@ async def chat_socket(websocket: WebSocket):
     ip, handshake = client_address(websocket), HTTPConnection(websocket.scope)
     refusal = handshake_refusal(handshake)
     if refusal:
-        app.state.said.warning(f"handshake {refusal[0]}", "refused a WebSocket from %s: %s", ip, refusal[1])
+        kind = f"handshake {refusal[0]}" + (refusal[1] if refusal[0] == 401 else "")  # a 401's words are fixed
+        app.state.said.warning(kind, "refused a WebSocket from %s: %s", ip, refusal[1])
         await websocket.close(status.WS_1008_POLICY_VIOLATION)
         return
     identity, expires = token_holder(presented_token(handshake)) if SECRET else (None, None)

@@ -2487,6 +2487,21 @@ def test_handshakes_refused_for_a_thousand_origins_are_logged_once(client, caplo
                      f"{('http://evil0.example' + 'x' * 500)[:100]}"]
 
 
+def test_each_reason_to_refuse_a_token_is_logged_once_a_minute_on_its_own(client, secret, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("uvicorn"), "propagate", True)  # as uvicorn's log config left it
+    caplog.set_level(logging.INFO, chat.log.name)
+    for token in ("", chat.make_token("alice", ttl=-1), "garbage", "", chat.make_token("alice", ttl=-1)):
+        with pytest.raises(WebSocketDisconnect):
+            with client.websocket_connect(f"/ws?token={token}"):
+                pass
+    assert [line for line in caplog.messages if line.startswith("refused a WebSocket")] == [
+        "refused a WebSocket from testclient: a token is required (in the URL's query: token=<token>); "
+        "python chat.py token NAME makes one",
+        "refused a WebSocket from testclient: the token has expired; get a fresh one (python chat.py token NAME)",
+        "refused a WebSocket from testclient: the token is not valid here: made with another CHAT_SECRET, cut short, "
+        "or without an expiry"]
+
+
 def test_the_origin_refusal_adds_to_the_origins_already_allowed(client, monkeypatch):
     monkeypatch.setattr(chat, "ALLOWED_ORIGINS", ["http://127.0.0.1:18650", "null"])
     response = client.get("/ws/general", headers={"Origin": "http://localhost:18650"})
