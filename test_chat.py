@@ -7,6 +7,7 @@ reason; with CI=true (as .ci/run sets it) a skip of either is a failure.
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -3184,6 +3185,16 @@ def test_a_flag_may_be_given_with_an_equals_sign(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_runner_freezes_what_exists_at_start_and_collects_cycles_every_10000_objects():
+    before = gc.get_threshold()
+    try:
+        runner.collect_less()
+        assert (gc.get_threshold(), gc.get_freeze_count() > 0) == ((10_000, 10, 10), True)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 def test_help_prints_the_usage_and_every_setting_and_exits_0():
