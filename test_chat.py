@@ -3176,17 +3176,6 @@ def test_a_flag_that_cannot_work_is_refused_in_one_line(args, said):
     assert (done.returncode, done.stdout, done.stderr) == (1, "", said + "\n")
 
 
-def test_a_flag_may_be_given_with_an_equals_sign(tmp_path):
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "chat.py", f"--port={port}"], cwd=HERE, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"})
-    try:
-        wait_until(lambda: answers(f"http://127.0.0.1:{port}/livez"), 20)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
 def test_the_runner_freezes_what_exists_at_start_and_collects_cycles_every_10000_objects():
     before = gc.get_threshold()
     try:
@@ -3215,9 +3204,10 @@ def test_help_never_shows_the_database_password():
     assert "s3cret" not in output and "postgresql://chat:***@db.example:5432/chat" in output
 
 
-def test_python_chat_py_takes_the_host_and_port_as_flags(tmp_path):
+@pytest.mark.parametrize("flags", [["--host", "127.0.0.1", "--port", "{port}"], ["--host=127.0.0.1", "--port={port}"]])
+def test_python_chat_py_takes_the_host_and_port_as_flags(tmp_path, flags):
     port = free_port()
-    server = subprocess.Popen([sys.executable, "chat.py", "--host", "127.0.0.1", "--port", str(port)], cwd=HERE,
+    server = subprocess.Popen([sys.executable, "chat.py", *(flag.format(port=port) for flag in flags)], cwd=HERE,
                               env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db", "PORT": "1"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
