@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import contextvars
 import datetime
 import errno
 import functools
@@ -213,8 +212,8 @@ DATABASE_ERRORS = (OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.Interf
 
 
 class SQLiteConnection(sqlite3.Connection):
-    """Every SQLite connection enforces foreign keys and waits for a lock instead of failing; its
-    rows are read by column name, as `databases`' are."""
+    """Every SQLite connection enforces foreign keys and waits for a lock instead of failing (the
+    server's own, below, waits without blocking); its rows are read by column name, as `databases`' are."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -223,9 +222,6 @@ class SQLiteConnection(sqlite3.Connection):
         self.execute("PRAGMA busy_timeout = 30000")
         self.execute("PRAGMA journal_mode = WAL")
         self.execute("PRAGMA synchronous = NORMAL")
-
-
-AHEAD = contextvars.ContextVar("AHEAD", default=False)  # True in the writer's task: its statements go first
 
 
 class Direct(Database):
@@ -247,19 +243,27 @@ class Direct(Database):
 
 
 class SQLiteDatabase(Direct):
-    """`databases` opens a new SQLite connection, with a thread of its own, for each query outside
-    a held connection: a storm of joins paid for thousands. Here one, held from connect() to
-    disconnect(), serves every query (SQLite writes one at a time anyway)."""
+    """One connection runs every query, on the event loop's own thread: a chat's statements take
+    microseconds, and a hop to aiosqlite's thread and back (as `databases` runs them) cost several
+    times that and held a storm of joins up on the GIL. Nothing here blocks the loop: a statement
+    that finds the file locked (a python chat.py command writing) is tried again after a pause, and
+    checkpoints, which write and sync the database file, run in aiosqlite's thread (checkpoints())."""
 
-    shared = None
+    shared = direct = None
+    LOCK_WAIT = 30  # seconds a statement may wait for another process's lock, then it fails
 
     async def connect(self) -> None:
-        self.turns = asyncio.Semaphore(4)  # statements in the driver's queue at once, the writer's aside
         await super().connect()
-        self.shared = super().connection()
+        self.shared = super().connection()  # `databases`' own, in aiosqlite's thread: the schema, checkpoints
         await self.shared.__aenter__()
+        self.direct = sqlite3.connect(self.url.database, factory=self.options["factory"], isolation_level=None)
+        self.direct.execute("PRAGMA busy_timeout = 0")  # not on the loop: run() waits for locks instead
+        self.direct.execute("PRAGMA wal_autocheckpoint = 0")
 
     async def disconnect(self) -> None:
+        if self.direct is not None:
+            self.direct, direct = None, self.direct
+            direct.close()
         if self.shared is not None:
             shared, self.shared = self.shared, None
             await shared.__aexit__(None, None, None)
@@ -269,18 +273,23 @@ class SQLiteDatabase(Direct):
         return super().connection() if self.shared is None else self.shared
 
     async def run(self, query: str, values: dict) -> list[sqlite3.Row]:
-        """The writer's statements go first; the others wait their turn here, four at a time, not in
-        the driver's one thread, where a storm of joins would queue thousands ahead of a message."""
-        if AHEAD.get():
-            return await self.run_now(query, values)
-        async with self.turns:
-            return await self.run_now(query, values)
-
-    async def run_now(self, query: str, values: dict) -> list[sqlite3.Row]:
         """sqlite3 speaks our :name parameters itself; a time goes as SQLAlchemy writes it."""
-        return await self.shared.raw_connection.execute_fetchall(query, {
-            key: f"{value:%Y-%m-%d %H:%M:%S.%f}" if isinstance(value, datetime.datetime) else value
-            for key, value in values.items()})
+        values = {key: f"{value:%Y-%m-%d %H:%M:%S.%f}" if isinstance(value, datetime.datetime) else value
+                  for key, value in values.items()}
+        deadline = time.monotonic() + self.LOCK_WAIT
+        while True:
+            try:
+                return self.direct.execute(query, values).fetchall()
+            except sqlite3.OperationalError as exc:  # locked: nothing of the statement was done
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.01)
+
+    async def checkpoints(self) -> None:
+        """Every second, copy what the write-ahead log holds into the database file, off the loop."""
+        while True:
+            await asyncio.sleep(1)
+            await self.shared.raw_connection.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
 
 
 def open_database(url: str) -> Database:
@@ -1332,7 +1341,6 @@ class MessageWriter:
         for every statement."""
         if self.stopping and not self.posts:
             return
-        AHEAD.set(True)  # this task's: live messages are stored before joins' reads and writes (SQLite)
         async with self.database.connection() as connection:
             if self.last_published is None:
                 self.last_published = await self.database.fetch_val(LAST_ID)
@@ -2193,11 +2201,13 @@ async def lifespan(app):
     await app.state.cluster.start()
     gauges = asyncio.create_task(supervise("the metrics", app.state.metrics.refreshing, app.state.writer.outage)) \
         if Metrics.SHARED else None
+    checkpoints = asyncio.create_task(supervise("checkpoints", database.checkpoints, app.state.writer.outage)) \
+        if lock else None
     try:
         yield
     finally:
         await asyncio.gather(*app.state.tasks)
-        for task in (retention, gauges):
+        for task in (retention, gauges, checkpoints):
             if task:
                 task.cancel()
         if Metrics.SHARED:
