@@ -298,7 +298,13 @@ def open_database(url: str) -> Database:
     url = re.sub(r"^postgres://", "postgresql://", url)
     if url.startswith("sqlite"):
         return SQLiteDatabase(url, factory=SQLiteConnection, timeout=30)
-    return PostgresDatabase(url, min_size=5, max_size=10, command_timeout=10)
+    return PostgresDatabase(url, min_size=5, max_size=10, command_timeout=10, reset=kept)
+
+
+async def kept(connection) -> None:
+    """A pooled connection has no state to reset (no LISTEN, SET or session lock: the listener has
+    a connection of its own), so it goes back to the pool without asyncpg's RESET ALL, a round trip
+    after every statement; asyncpg still rolls back a transaction left open."""
 
 
 SCHEMA = (HERE / "schema.sql").read_text()
@@ -473,21 +479,19 @@ CREATE_USER = """
     INSERT INTO users (username, last_seen) VALUES (:username, :now)
     ON CONFLICT (username) DO NOTHING RETURNING id, username, last_seen"""
 FIND_USER = "SELECT id, username, last_seen FROM users WHERE username = :username"
-# The first name to claim a look (see check_lookalike) keeps it; the claim answers with whoever
-# holds the look now.
-LOOK_HOLDERS = "SELECT look, username FROM looks WHERE look IN (:as_written, :any_case, :folded_look, :in_capitals)"
-CLAIM_LOOK = """
-    INSERT INTO looks (look, username) VALUES (:look, :username)
-    ON CONFLICT (look) DO UPDATE SET look = excluded.look RETURNING username"""
-RELEASE_LOOK = "DELETE FROM looks WHERE look = :look AND username = :username"
+# The first name to claim a look (see check_lookalike) keeps it; a claim answers with whoever
+# holds each of its looks now.
 UNCLAIMED_USERS = "SELECT username FROM users WHERE username NOT IN (SELECT username FROM looks) ORDER BY id"
 ALL_LOOKS = "SELECT look, username FROM looks"
 CLAIM_LOOKS = {  # a JSON array of {"look", "username"}
     "sqlite": """INSERT INTO looks (look, username) SELECT json_extract(value, '$.look'), json_extract(value, '$.username')
-                 FROM json_each(:claims) WHERE true ON CONFLICT (look) DO NOTHING""",
+                 FROM json_each(:claims) WHERE true ON CONFLICT (look) DO UPDATE SET look = excluded.look
+                 RETURNING look, username""",
     "postgresql": """INSERT INTO looks (look, username) SELECT look, username
-                     FROM json_to_recordset(CAST(:claims AS JSON)) AS c(look TEXT, username TEXT) ON CONFLICT (look) DO NOTHING""",
+                     FROM json_to_recordset(CAST(:claims AS JSON)) AS c(look TEXT, username TEXT)
+                     ON CONFLICT (look) DO UPDATE SET look = excluded.look RETURNING look, username""",
 }
+RELEASE_LOOKS = "DELETE FROM looks WHERE username = :username"
 CLAIMS_PER_STATEMENT = 5000
 # A whole batch of messages is one statement, its rows one JSON array: one round trip however
 # many messages wait, and nothing left half-done if the connection dies mid-batch. A message
@@ -650,18 +654,14 @@ def looks(name: str) -> dict[str, str]:
 
 
 async def check_lookalike(database, username: str) -> None:
-    """Refuse a name that a reader could not tell from an existing user's; the first one keeps it."""
-    name_looks = looks(username)
-    held = {row["look"]: row["username"] for row in await database.fetch_all(LOOK_HOLDERS, name_looks)}
-    others = set(held.values()) - {username}
-    unclaimed = set(name_looks.values()) - set(held)
-    if not others and unclaimed:  # a new name (or a new kind of look): claim what is free
-        claims = {look: await database.fetch_val(CLAIM_LOOK, {"look": look, "username": username})
-                  for look in sorted(unclaimed)}
-        others = set(claims.values()) - {username}  # someone else claimed one first, just now
-        for look in claims if others else ():  # refused: hold nothing a later name might need
-            await database.execute(RELEASE_LOOK, {"look": look, "username": username})
+    """Refuse a name that a reader could not tell from an existing user's; the first one keeps it.
+    Its looks are claimed in one statement: if another name holds any of them, the name gives back
+    what it took, and holds nothing a later name might need."""
+    claims = [{"look": look, "username": username} for look in sorted(set(looks(username).values()))]
+    holders = await database.fetch_all(CLAIM_LOOKS[database.url.dialect], {"claims": json.dumps(claims)})
+    others = {row["username"] for row in holders} - {username}
     if others:
+        await database.execute(RELEASE_LOOKS, {"username": username})
         raise Invalid("confusable_username", f"{username!r} looks like the existing user {min(others)!r}; "
                       "choose another name")
 
@@ -2112,7 +2112,6 @@ RENAME_USER = "UPDATE users SET username = :new WHERE username = :old RETURNING 
 DELETE_USER = "DELETE FROM users WHERE username = :username RETURNING id"
 DELETE_USERS_MESSAGES = "DELETE FROM messages WHERE user_id = :user_id RETURNING id"
 DELETE_MESSAGE = "DELETE FROM messages WHERE id = :id RETURNING id"
-RELEASE_LOOKS = "DELETE FROM looks WHERE username = :username"
 PRUNE_OLD = """DELETE FROM messages WHERE id IN (
     SELECT id FROM messages WHERE created_at < :cutoff ORDER BY id LIMIT :batch) RETURNING id"""
 ROOMS_OVER = "SELECT DISTINCT room FROM messages"
@@ -2530,6 +2529,9 @@ class PostgresCluster(OneProcess):
         SELECT COUNT(*) FROM presence JOIN processes ON processes.id = presence.process
         WHERE room = :room AND username = :username AND process <> :me
           AND heartbeat > CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'"""
+    ARRIVE = """
+        WITH here AS (INSERT INTO presence (process, room, username) VALUES (:me, :room, :username)
+                      ON CONFLICT DO NOTHING)""" + PRESENT_ELSEWHERE
     PRESENT = """
         SELECT DISTINCT room, username FROM presence JOIN processes ON processes.id = presence.process
         WHERE heartbeat > CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'
@@ -2565,10 +2567,8 @@ class PostgresCluster(OneProcess):
 
     async def arrive(self, room: str, username: str) -> bool:
         """Record the user here; True if no other process has them in the room (so: announce)."""
-        await self.database.execute(
-            "INSERT INTO presence (process, room, username) VALUES (:me, :room, :username) "
-            "ON CONFLICT DO NOTHING", {"me": self.me, "room": room, "username": username})
-        return not await self.present_elsewhere(room, username)
+        return not await self.database.fetch_val(self.ARRIVE, {
+            "me": self.me, "timeout": PRESENCE_TIMEOUT, "room": room, "username": username})
 
     async def depart(self, room: str, username: str) -> bool:
         """Forget the user here; True if no other process has them in the room (so: announce)."""
