@@ -31,8 +31,8 @@ goes to the plain /ws path (the tutorial app has no rooms), and idle connections
 joined.
 
 Besides the message loads: `idle` opens 10,000 connections and holds them (time, server CPU per
-connection, memory per connection), `storm` has 2,000 connected clients join one room at once
-(time until all are in, join latency, joins not welcomed within 60 s, CPU per join).
+connection, memory per connection), `storm` has 2,000 (`--storm N`) connected clients join one room
+at once (time until all are in, join latency, joins not welcomed within 60 s, CPU per join).
 
 --reconnect N restarts `python chat.py` (SIGTERM, then a new process on the same database and port)
 under N clients joined in rooms of ten, one talker in each saying a message a second; each client
@@ -551,6 +551,7 @@ async def join_storm(urls, pids, s: Scenario) -> dict:
 
 
 ONLY: set[str] = set()  # --only: the kinds of scenario to run (all if empty)
+STORM = [2000]  # --storm: clients in the join storm
 
 
 def wanted(kind: str) -> bool:
@@ -567,7 +568,8 @@ async def measure(urls, pids, quick: bool, rooms: bool, writes: bool) -> list[tu
     idle = Scenario("idle", label, count)
     if wanted("idle"):
         rows.append((idle, await idle_memory(urls, pids, idle, joined=rooms)))
-    storm = Scenario("storm", f"{100 if quick else 2000} clients join one room at once", 100 if quick else 2000)
+    size = 100 if quick else STORM[0]
+    storm = Scenario("storm", f"{size} clients join one room at once", size)
     if wanted("storm"):
         rows.append((storm, await join_storm(urls, pids, storm)))
     if writes and wanted("write-heavy"):
@@ -942,7 +944,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="--compare, --scaling: runs each (default 3)")
     parser.add_argument("--only", default="", help="only these kinds of scenario, comma-separated: "
                                                    "latency, flat, idle, storm, write-heavy (default: all)")
+    parser.add_argument("--storm", type=int, default=2000, metavar="N", help="clients in the join storm (default 2000)")
     args = parser.parse_args()
+    STORM[0] = args.storm
     ONLY.update(kind for kind in args.only.split(",") if kind)
     for wrong, message in ((args.workers > 1 and not args.database, "several workers need PostgreSQL"),
                            (args.scaling is not None and not args.database, "--scaling needs PostgreSQL"),

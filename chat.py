@@ -163,6 +163,7 @@ MESSAGES_IN_FLIGHT = 64  # a connection's messages being stored at once; past th
 # are runner.py's: they hold under python chat.py.
 HISTORY_ON_JOIN = 10
 NOTICE_SECONDS = 0.05  # joins and leaves within this go out together: in a storm, one write a client
+NOTICES_TOLD = 20  # of those, each client is told this many one by one, then one notice counts the rest
 REPLAY_LIMIT = 500  # most messages replayed after a reconnect; older ones are left to GET /messages
 REPLAY_BYTES = 256 * 1024  # and at most this much of them
 MAX_USERNAME_LENGTH = 32
@@ -1541,26 +1542,32 @@ class Rooms:
         notices, self.notices = self.notices, {}
         for room, queued in notices.items():
             numbers, texts = [number for number, _, _ in queued], [text for _, text, _ in queued]
-            frames = [self.frame(text) for text in texts] if self.frame else None
             own = {exclude: n for n, (_, _, exclude) in enumerate(queued) if exclude}  # its own join's notice
-            written: dict[tuple[int, int], bytes] = {}  # the frames' bytes, by (first, left out)
-
-            def pick(items: list, start: int, skip: int) -> list:  # from start on, but the one at skip
-                return items[start:] if skip < 0 else items[start:skip] + items[skip + 1:]
-
+            told: dict[tuple[int, int], tuple[list[str], bytes | None]] = {}  # by (first, left out)
             sent = 0
             # No copies needed: sending never changes the rooms (a stalled client leaves in a task).
             for connections in self.rooms.get(room, {}).values():
                 for client in connections:
                     start = bisect.bisect_right(numbers, client.hears_after)  # those queued after it subscribed
                     skip = own.get(client, -1) if own.get(client, -1) >= start else -1
-                    mine = pick(texts, start, skip)
-                    if frames and (start, skip) not in written:
-                        written[start, skip] = b"".join(pick(frames, start, skip))
+                    if (start, skip) not in told:
+                        told[start, skip] = self.told(room, texts[start:] if skip < 0 else
+                                                      texts[start:skip] + texts[skip + 1:])
+                    mine, frames = told[start, skip]
                     if mine:
-                        client.send_messages(mine, None, frames and written[start, skip])
+                        client.send_messages(mine, None, frames)
                         sent += len(mine)
             self.metrics.deliveries.inc(sent)
+
+    def told(self, room: str, texts: list[str]) -> tuple[list[str], bytes | None]:
+        """What a client hears of these notices: the first NOTICES_TOLD, then one that counts the
+        rest (in a storm of thousands, nobody reads each name); and, with the runner, its frames."""
+        if len(texts) > NOTICES_TOLD:
+            more = len(texts) - NOTICES_TOLD
+            texts = texts[:NOTICES_TOLD] + [encode(system_frame(
+                room, f"and {more:,} more joined or left (GET /users/active?room=... says who is here)",
+                code="notices_counted", more=more))]
+        return texts, self.frame and b"".join(map(self.frame, texts))
 
     def publish_messages(self, messages: list[dict]) -> None:
         """Stored messages, in id order: a room's are encoded once and reach each of its clients in

@@ -215,6 +215,40 @@ def test_the_notices_of_many_joins_reach_each_client_in_one_write_from_its_own_j
     assert writes == {"early": [b"".join(frames)], "late": [frames[2]]}
 
 
+def notices_heard(tmp_path, joins: int) -> list[list[dict]]:
+    """What a client in the room is sent when `joins` others join at once, write by write."""
+    rooms, heard = chat.create_app(f"sqlite:///{tmp_path}/chat.db").state.rooms, []
+
+    class Heard(chat.Client):
+        def send_messages(self, texts, message_ids, frames):
+            heard.append(texts)
+
+    client = Heard(types.SimpleNamespace(scope={"extensions": {}}), "127.0.0.1", "general", None)
+    client.username = "early"
+    rooms.connect(client)
+    rooms.subscribe(client)
+
+    async def storm():
+        for n in range(joins):
+            rooms.publish("general", chat.system_frame("general", f"u{n} joined the chat"))
+        await asyncio.sleep(chat.NOTICE_SECONDS * 4)
+
+    asyncio.run(storm())
+    return [[untimed(json.loads(text)) for text in texts] for texts in heard]
+
+
+def test_twenty_notices_at_once_are_each_told(tmp_path):
+    assert notices_heard(tmp_path, 20) == [
+        [{"type": "system", "room": "general", "content": f"u{n} joined the chat"} for n in range(20)]]
+
+
+def test_past_twenty_notices_at_once_the_rest_are_counted_in_one(tmp_path):
+    assert notices_heard(tmp_path, 21) == [
+        [{"type": "system", "room": "general", "content": f"u{n} joined the chat"} for n in range(20)]
+        + [{"type": "system", "room": "general", "code": "notices_counted", "more": 1,
+            "content": "and 1 more joined or left (GET /users/active?room=... says who is here)"}]]
+
+
 def test_a_second_join_on_one_connection_is_refused(client):
     with client.websocket_connect("/ws") as ws:
         join(ws, "alice")
