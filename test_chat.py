@@ -3719,6 +3719,19 @@ def test_on_sqlite_stored_messages_reach_the_database_file_itself_within_seconds
         wait_until(lambda: in_the_file() == [("checkpointed",)], seconds=5)
 
 
+def test_a_user_who_comes_back_is_found_and_seen_in_one_statement(database_url, statements, unlimited):
+    with TestClient(chat.create_app(database_url)) as client:
+        with client.websocket_connect("/ws") as ws:
+            join(ws, "alice")
+            del statements[:]
+            ws.send_json({"type": "leave"})
+            ws.receive_json()  # Goodbye alice!
+            join(ws, "alice")
+        about_users = [" ".join(s.split()[:2]) for s in statements  # but last_seen recorded on leaving
+                       if re.search(r"\b(INTO|UPDATE|FROM) (users|looks)\b", s) and " IN (" not in s]
+    assert about_users == ["UPDATE users"]
+
+
 def test_a_batch_of_messages_costs_one_statement_whatever_its_size(database_url, statements):
     with TestClient(chat.create_app(database_url)) as client:
         alice = client.post("/users", json={"username": "alice"}).json()["id"]
