@@ -2717,7 +2717,7 @@ _MSG_REF, _USER_REF = {"$ref": "#/components/schemas/Message"}, {"$ref": "#/comp
 OPENAPI = {
     "openapi": "3.0.3",
     "info": {"title": "chat", "version": "1.0.0",
-             "description": "Real-time chat: a WebSocket at /ws (see GET /ws) and this REST API."},
+             "description": "Real-time chat: a WebSocket at /ws (see GET /ws-info) and this REST API."},
     "paths": {
         "/messages": {
             "get": {"tags": ["Messages"], "operationId": "listMessages",
