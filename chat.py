@@ -2178,6 +2178,7 @@ async def retain(app) -> None:
                 if row["username"] not in present and await database.fetch_val(DELETE_SILENT_USER, {"id": row["id"]}):
                     await database.execute(RELEASE_LOOKS, {"username": row["username"]})
                     forgotten += 1
+                await asyncio.sleep(0)  # on SQLite the statements above never wait: let the chat in between
         if deleted or forgotten:
             log.info("retention: deleted %d messages and %d users", deleted, forgotten)
         await asyncio.sleep(PRUNE_EVERY)

@@ -34,6 +34,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_client_id ON messages (user_id, clien
 
 -- Every message query is "this room, by id": history on join, paging, replay after a reconnect.
 CREATE INDEX IF NOT EXISTS messages_room_id ON messages (room, id);
+-- A user's messages: retention's "users with none left", delete-user, and the foreign key's check
+-- when a user is deleted would each read every message without it.
+CREATE INDEX IF NOT EXISTS messages_user_id ON messages (user_id);
 
 -- One user per look: names that a reader cannot tell apart ("alice", "аlice" with a Cyrillic а,
 -- "aIice" with a capital I, "ALICE") share a look (Unicode's UTS #39 skeleton, of the name as

@@ -3719,6 +3719,15 @@ def test_on_sqlite_stored_messages_reach_the_database_file_itself_within_seconds
         wait_until(lambda: in_the_file() == [("checkpointed",)], seconds=5)
 
 
+@pytest.mark.parametrize("statement", ["SILENT_USERS", "DELETE_SILENT_USER", "DELETE_USERS_MESSAGES"])
+def test_on_sqlite_finding_a_users_messages_reads_an_index_not_every_message(tmp_path, statement):
+    with TestClient(chat.create_app(f"sqlite:///{tmp_path}/chat.db")) as client:
+        plan = query(client, "EXPLAIN QUERY PLAN " + getattr(chat, statement),
+                     {"cutoff": "2020-01-01", "batch": 1, "id": 1, "user_id": 1})
+    assert {row["detail"] for row in plan if "messages" in row["detail"]} == {
+        "SEARCH messages USING COVERING INDEX messages_user_id (user_id=?)"}
+
+
 def test_a_user_who_comes_back_is_found_and_seen_in_one_statement(database_url, statements, unlimited):
     with TestClient(chat.create_app(database_url)) as client:
         with client.websocket_connect("/ws") as ws:
