@@ -494,6 +494,7 @@ CLAIM_LOOKS = {  # a JSON array of {"look", "username"}
                      ON CONFLICT (look) DO UPDATE SET look = excluded.look RETURNING look, username""",
 }
 RELEASE_LOOKS = "DELETE FROM looks WHERE username = :username"
+HAND_OVER_LOOK = "UPDATE looks SET username = :new WHERE look = :look AND username = :old"
 CLAIMS_PER_STATEMENT = 5000
 # A whole batch of messages is one statement, its rows one JSON array: one round trip however
 # many messages wait, and nothing left half-done if the connection dies mid-batch. A message
@@ -655,13 +656,13 @@ def looks(name: str) -> dict[str, str]:
             "folded_look": skeleton(as_written, fold=True), "in_capitals": skeleton(name.upper(), fold=False)}
 
 
-async def check_lookalike(database, username: str) -> None:
-    """Refuse a name that a reader could not tell from an existing user's; the first one keeps it.
-    Its looks are claimed in one statement: if another name holds any of them, the name gives back
-    what it took, and holds nothing a later name might need."""
+async def check_lookalike(database, username: str, former: str | None = None) -> None:
+    """Refuse a name that a reader could not tell from an existing user's (but for `former`, the
+    name it replaces); the first one keeps it. Its looks are claimed in one statement: if another
+    name holds any of them, the name gives back what it took, and holds nothing a later name might need."""
     claims = [{"look": look, "username": username} for look in sorted(set(looks(username).values()))]
     holders = await database.fetch_all(CLAIM_LOOKS[database.url.dialect], {"claims": json.dumps(claims)})
-    others = {row["username"] for row in holders} - {username}
+    others = {row["username"] for row in holders} - {username, former}
     if others:
         await database.execute(RELEASE_LOOKS, {"username": username})
         raise Invalid("confusable_username", f"{username!r} looks like the existing user {min(others)!r}; "

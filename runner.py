@@ -759,11 +759,13 @@ async def moderate(chat, command: str, *args: str) -> str:
             new = chat.check_username(new)
             if await database.fetch_one(chat.FIND_USER, {"username": new}):
                 raise chat.Invalid("taken", f"{new!r} is another user's name: choose another")
-            await chat.check_lookalike(database, new)
+            await chat.check_lookalike(database, new, former=old)  # "Bella" may become "bella"
             if not await database.fetch_val(chat.RENAME_USER, {"old": old, "new": new}):
                 await database.execute(chat.RELEASE_LOOKS, {"username": new})
                 raise chat.Invalid("no_user", f"there is no user {old!r}")
-            await database.execute(chat.RELEASE_LOOKS, {"username": old})  # the old name is free for anyone
+            for look in set(chat.looks(new).values()) & set(chat.looks(old).values()):
+                await database.execute(chat.HAND_OVER_LOOK, {"look": look, "old": old, "new": new})
+            await database.execute(chat.RELEASE_LOOKS, {"username": old})  # the rest of the old name is free
             return f"renamed {old!r} to {new!r}; connected sockets keep the old name until they join again"
         if command == "delete-user":
             user_id = await database.fetch_val(chat.FIND_USER, {"username": args[0]})

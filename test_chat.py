@@ -421,6 +421,18 @@ def test_rename_user_renames_them_everywhere_and_frees_the_old_name(database_url
         assert client.post("/users", json={"username": "alice"}).status_code == 201
 
 
+def test_rename_user_may_change_only_a_names_case_and_the_new_name_keeps_its_looks(database_url):
+    with TestClient(chat.create_app(database_url)) as client:
+        post(client, "Bella", "hi")
+    assert chat_command(database_url, "rename-user", "Bella", "bella") == (
+        0, "renamed 'Bella' to 'bella'; connected sockets keep the old name until they join again\n")
+    with TestClient(chat.create_app(database_url)) as client:
+        assert [m["username"] for m in client.get("/messages").json()] == ["bella"]
+        for name in ("Bella", "BELLA", "bеlla"):  # the last with a Cyrillic е
+            assert client.post("/users", json={"username": name}).json() == {
+                "detail": f"{name!r} looks like the existing user 'bella'; choose another name"}
+
+
 def test_rename_user_refuses_a_missing_user_and_a_name_that_is_taken(database_url):
     with TestClient(chat.create_app(database_url)) as client:
         post(client, "alice", "hi")
