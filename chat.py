@@ -212,6 +212,9 @@ DATABASE_ERRORS = (OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.Interf
                    asyncpg.InternalClientError, Unavailable)
 
 
+WAL_KEPT = 4 * 1024 * 1024  # bytes of SQLite's write-ahead log kept on disk once checkpointed
+
+
 class SQLiteConnection(sqlite3.Connection):
     """Every SQLite connection enforces foreign keys and waits for a lock instead of failing (the
     server's own, below, waits without blocking); its rows are read by column name, as `databases`' are."""
@@ -223,6 +226,7 @@ class SQLiteConnection(sqlite3.Connection):
         self.execute("PRAGMA busy_timeout = 30000")
         self.execute("PRAGMA journal_mode = WAL")
         self.execute("PRAGMA synchronous = NORMAL")
+        self.execute(f"PRAGMA journal_size_limit = {WAL_KEPT}")  # else the log keeps its largest size for good
 
 
 class Direct(Database):

@@ -3731,6 +3731,16 @@ def test_on_sqlite_stored_messages_reach_the_database_file_itself_within_seconds
         wait_until(lambda: in_the_file() == [("checkpointed",)], seconds=5)
 
 
+def test_on_sqlite_the_write_ahead_log_shrinks_to_its_limit_once_checkpointed(tmp_path, monkeypatch, unlimited):
+    monkeypatch.setattr(chat, "WAL_KEPT", 65536)
+    with TestClient(chat.create_app(f"sqlite:///{tmp_path}/chat.db")) as client:
+        for number in range(100):
+            post(client, "alice", f"{number} " + "x" * 1990)
+        assert os.path.getsize(f"{tmp_path}/chat.db-wal") > 4 * 65536
+        wait_until(lambda: post(client, "alice", "one more") and os.path.getsize(f"{tmp_path}/chat.db-wal") <= 65536,
+                   seconds=5)
+
+
 @pytest.mark.parametrize("statement", ["SILENT_USERS", "DELETE_SILENT_USER", "DELETE_USERS_MESSAGES"])
 def test_on_sqlite_finding_a_users_messages_reads_an_index_not_every_message(tmp_path, statement):
     with TestClient(chat.create_app(f"sqlite:///{tmp_path}/chat.db")) as client:
