@@ -461,7 +461,9 @@ def utcnow() -> datetime.datetime:
 
 def iso(value) -> str:
     """One timestamp shape on both backends: 2026-11-25T10:00:00.123Z."""
-    if isinstance(value, str):  # SQLite hands back text
+    if isinstance(value, str) and len(value) == 26 and value[19] == ".":  # as SQLite stores a time
+        return f"{value[:10]}T{value[11:23]}Z"
+    if isinstance(value, str):  # an older version's
         value = datetime.datetime.fromisoformat(value)
     if value.tzinfo is None:
         value = value.replace(tzinfo=datetime.timezone.utc)
@@ -1125,14 +1127,16 @@ async def on_join(app, client: Client, frame: dict) -> None:
     notices = [system_frame(room, f"Welcome {username}!", database=app.state.identity)]
     try:
         if since is None:
-            history = await recent_messages(app.state.database, room, HISTORY_ON_JOIN)
+            history = newest_within(await recent_messages(app.state.database, room, HISTORY_ON_JOIN), REPLAY_BYTES)
         else:  # one more than the limit: if it comes back, some were left out
-            missed = await recent_messages(app.state.database, room, REPLAY_LIMIT + 1, since=since)
-            history = newest_within(missed[-REPLAY_LIMIT:], REPLAY_BYTES)
-            if len(history) < len(missed):
+            async with app.state.replaying:  # one a turn of the loop: in a storm of them, live frames go between
+                missed = await recent_messages(app.state.database, room, REPLAY_LIMIT + 1, since=since)
+                history = newest_within(missed[-REPLAY_LIMIT:], REPLAY_BYTES)
+                await asyncio.sleep(0)
+            if len(history[0]) < len(missed):
                 notices.append(system_frame(
                     room, "More messages were missed than are replayed; load older ones with "
-                    "GET /messages?before=<id>", code="history_truncated", before=history[0]["id"]))
+                    "GET /messages?before=<id>", code="history_truncated", before=history[1][0]))
         if first_here and await app.state.cluster.arrive(room, username):
             await app.state.cluster.announce(system_frame(room, f"{username} joined the chat"), exclude=client)
     except DATABASE_ERRORS:
@@ -1143,15 +1147,18 @@ async def on_join(app, client: Client, frame: dict) -> None:
     client.release(notices, history)
 
 
-def newest_within(messages: list[dict], budget: int) -> list[dict]:
-    """The newest messages whose frames fit in `budget` bytes (at least one), oldest first."""
-    kept = []
+def newest_within(messages: list[dict], budget: int) -> tuple[list[str], list[int]]:
+    """The newest messages whose frames fit in `budget` bytes (at least one), oldest first, as
+    (their frames, their ids)."""
+    texts, ids = [], []
     for message in reversed(messages):
-        budget -= len(encode({"type": "message", **message}).encode())
-        if budget < 0 and kept:
+        text = encode({"type": "message", **message})
+        budget -= len(text.encode())
+        if budget < 0 and texts:
             break
-        kept.append(message)
-    return kept[::-1]
+        texts.append(text)
+        ids.append(message["id"])
+    return texts[::-1], ids[::-1]
 
 
 async def on_message(app, client: Client, frame: dict) -> None:
@@ -1771,14 +1778,15 @@ class Client:
         """From now until release(), live frames wait: the client is reading its history."""
         self.held = []
 
-    def release(self, notices: list[dict], history: list[dict]) -> None:
-        """Send the notices, the history, then the live frames held meanwhile, minus those the
-        history already had (delivery is in id order, so comparing ids is exact)."""
+    def release(self, notices: list[dict], history: tuple[list[str], list[int]]) -> None:
+        """Send the notices, the history (its frames, its ids) in one write, then the live frames
+        held meanwhile, minus those the history already had (delivery is in id order, so comparing
+        ids is exact)."""
         held, self.held = self.held or [], None
         for notice in notices:
             self.send(notice)
-        for message in history:
-            self.send_text(encode({"type": "message", **message}), message["id"])
+        if history[0]:
+            self.send_messages(*history, self.frame and b"".join(map(self.frame, history[0])))
         for texts, message_ids, frames in held:
             self.send_messages(texts, message_ids, frames)  # those the history had are dropped there
 
@@ -2423,6 +2431,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
     app.state.tasks = set()
     app.state.unready = None  # why /readyz said 503 last, to log each change once
     app.state.said = Said()
+    app.state.replaying = asyncio.Lock()
     # The one place that asks which database this is: on PostgreSQL, other processes may store and
     # serve (storey 2); the handlers call the writer and the cluster the same way either way.
     several = app.state.database.url.dialect == "postgresql"

@@ -189,6 +189,39 @@ def test_a_joiners_notice_reaches_the_others_before_its_first_message(client):
             {"type": "system", "room": "general", "content": "bob joined the chat"}, message(1, "bob", "hi")]
 
 
+def test_a_storm_of_replays_lets_the_loop_serve_other_sockets_between_any_two(database_url, monkeypatch, unlimited):
+    events, reading = [], chat.recent_messages
+
+    async def recent_messages(*args, **kwargs):
+        events.append("replay")
+        return await reading(*args, **kwargs)
+
+    async def storm(app):
+        async def ticking():  # once a turn of the loop, as another socket's frames would be read
+            while True:
+                events.append("turn")
+                await asyncio.sleep(0)
+
+        def joining() -> chat.Client:
+            write = {"write": lambda data: True, "frame": runner.text_frame}
+            return chat.Client(types.SimpleNamespace(scope={"extensions": {"chat.write_now": write}}), "127.0.0.1",
+                               "general", None)
+
+        ticker = asyncio.create_task(ticking())
+        await asyncio.sleep(0)
+        await asyncio.gather(*(chat.on_join(app, joining(), {"type": "join", "username": f"u{n}", "since": 0})
+                               for n in range(3)))
+        ticker.cancel()
+
+    with TestClient(chat.create_app(database_url)) as client:
+        post(client, "alice", "hi")
+        monkeypatch.setattr(chat, "recent_messages", recent_messages)
+        client.portal.call(storm, client.app)
+    replays = [index for index, event in enumerate(events) if event == "replay"]
+    assert len(replays) == 3
+    assert all("turn" in events[a:b] for a, b in zip(replays, replays[1:]))
+
+
 def test_the_notices_of_many_joins_reach_each_client_in_one_write_from_its_own_join_on(tmp_path):
     rooms, writes = chat.create_app(f"sqlite:///{tmp_path}/chat.db").state.rooms, {}
     notices = [chat.system_frame("general", f"u{n} joined the chat") for n in range(3)]
