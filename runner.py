@@ -639,7 +639,8 @@ def serve(app, max_frame_bytes: int, workers: int = 1) -> None:
     if workers == 1:
         collect_less()
         server = uvicorn.Server(config(app, max_frame_bytes))
-        server.run()
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: uvicorn raises it again once shut down
+            server.run()
         if not server.started:  # the app refused to start: it has said why
             raise SystemExit(3)
         return
@@ -647,7 +648,8 @@ def serve(app, max_frame_bytes: int, workers: int = 1) -> None:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", shared)  # before the workers import chat
         built = config("runner:bounded_chat", max_frame_bytes, workers=workers)
         supervisor = Multiprocess(built, sockets=[built.bind_socket()])
-        supervisor.run()
+        with contextlib.suppress(KeyboardInterrupt):
+            supervisor.run()
     if any(process.exitcode == uvicorn.config.STARTUP_FAILURE for process in supervisor.processes):
         raise SystemExit(3)  # a worker refused to start: it has said why
 

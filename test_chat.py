@@ -3470,6 +3470,15 @@ def test_a_peer_that_stops_answering_pings_is_dropped_and_leaves_presence(databa
 # --- Shutdown ------------------------------------------------------------------------------------
 
 
+def test_ctrl_c_stops_python_chat_py_with_no_traceback(database_url):
+    with running_server(database_url, runner=True) as base:
+        running_server.process.send_signal(signal.SIGINT)
+        assert running_server.process.wait(timeout=15) == 0
+        running_server.log.seek(0)
+        assert running_server.log.read().decode().splitlines()[-1].endswith(
+            f"Finished server process [{running_server.process.pid}]")
+
+
 @pytest.mark.parametrize("runner", BOTH)
 def test_sigterm_closes_every_client_with_1001_and_loses_no_accepted_message(database_url, runner):
     port = free_port()
