@@ -2140,8 +2140,8 @@ async def favicon(request):
 PRUNE_BATCH = 500
 PRUNE_EVERY = 3600  # seconds between the server's prunes
 RENAME_USER = "UPDATE users SET username = :new WHERE username = :old RETURNING id"
-DELETE_USER = "DELETE FROM users WHERE username = :username RETURNING id"
-DELETE_USERS_MESSAGES = "DELETE FROM messages WHERE user_id = :user_id RETURNING id"
+DELETE_USERS_MESSAGES = """DELETE FROM messages WHERE id IN (
+    SELECT id FROM messages WHERE user_id = :user_id ORDER BY id LIMIT :batch) RETURNING id"""
 DELETE_MESSAGE = "DELETE FROM messages WHERE id = :id RETURNING id"
 PRUNE_OLD = """DELETE FROM messages WHERE id IN (
     SELECT id FROM messages WHERE created_at < :cutoff ORDER BY id LIMIT :batch) RETURNING id"""
@@ -2152,7 +2152,7 @@ PRUNE_ROOM = """DELETE FROM messages WHERE id IN (
 SILENT_USERS = """SELECT id, username FROM users WHERE last_seen < :cutoff
     AND NOT EXISTS (SELECT 1 FROM messages WHERE user_id = users.id) ORDER BY id LIMIT :batch"""
 DELETE_SILENT_USER = """DELETE FROM users WHERE id = :id
-    AND NOT EXISTS (SELECT 1 FROM messages WHERE user_id = :id) RETURNING id"""
+    AND NOT EXISTS (SELECT 1 FROM messages WHERE user_id = :id) RETURNING id"""  # none left: none sent meanwhile
 
 
 async def prune(database: Database, days: float = 0, keep: int = 0, pause: float = 0) -> int:

@@ -773,10 +773,16 @@ async def moderate(chat, command: str, *args: str) -> str:
             user_id = await database.fetch_val(chat.FIND_USER, {"username": args[0]})
             if user_id is None:
                 raise chat.Invalid("no_user", f"there is no user {args[0]!r}")
-            messages = await database.fetch_all(chat.DELETE_USERS_MESSAGES, {"user_id": user_id})
-            await database.execute(chat.DELETE_USER, {"username": args[0]})
+            deleted = 0
+            while True:  # in batches, so that the server's writes go in between
+                while rows := await database.fetch_all(chat.DELETE_USERS_MESSAGES,
+                                                       {"user_id": user_id, "batch": chat.PRUNE_BATCH}):
+                    deleted += len(rows)
+                    await asyncio.sleep(0.05)
+                if await database.fetch_val(chat.DELETE_SILENT_USER, {"id": user_id}):
+                    break
             await database.execute(chat.RELEASE_LOOKS, {"username": args[0]})
-            return f"deleted the user {args[0]!r} and their {len(messages)} messages"
+            return f"deleted the user {args[0]!r} and their {deleted} messages"
         if command == "delete-message":
             number = int(args[0]) if args[0].isascii() and args[0].isdigit() else args[0]
             if not await database.fetch_val(chat.DELETE_MESSAGE, {"id": chat.check_id(number, "id")}):

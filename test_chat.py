@@ -490,6 +490,19 @@ def test_delete_user_deletes_them_their_messages_and_their_looks(database_url):
     assert chat_command(database_url, "delete-user", "alice") == (1, "there is no user 'alice'\n")
 
 
+@pytest.mark.parametrize("count", [chat.PRUNE_BATCH, chat.PRUNE_BATCH + 1])
+def test_delete_user_deletes_their_messages_a_batch_at_a_time_to_the_last(database_url, count):
+    with TestClient(chat.create_app(database_url)) as client:
+        post(client, "alice", "one")
+        client.portal.call(client.app.state.database.execute, """
+            WITH RECURSIVE n (i) AS (SELECT 2 UNION ALL SELECT i + 1 FROM n WHERE i < :count)
+            INSERT INTO messages (user_id, content) SELECT 1, 'more' FROM n""", {"count": count})
+    assert chat_command(database_url, "delete-user", "alice") == (
+        0, f"deleted the user 'alice' and their {count} messages\n")
+    with TestClient(chat.create_app(database_url)) as client:
+        assert query(client, "SELECT count(*) AS n FROM messages") == [{"n": 0}]
+
+
 def test_delete_message_deletes_that_one_only(database_url):
     with TestClient(chat.create_app(database_url)) as client:
         post(client, "alice", "one")
@@ -3789,7 +3802,8 @@ def test_on_sqlite_finding_a_users_messages_reads_an_index_not_every_message(tmp
         plan = query(client, "EXPLAIN QUERY PLAN " + getattr(chat, statement),
                      {"cutoff": "2020-01-01", "batch": 1, "id": 1, "user_id": 1})
     assert {row["detail"] for row in plan if "messages" in row["detail"]} == {
-        "SEARCH messages USING COVERING INDEX messages_user_id (user_id=?)"}
+        "SEARCH messages USING COVERING INDEX messages_user_id (user_id=?)",
+        *(["SEARCH messages USING INTEGER PRIMARY KEY (rowid=?)"] if statement == "DELETE_USERS_MESSAGES" else [])}
 
 
 def test_a_user_who_comes_back_is_found_and_seen_in_one_statement(database_url, statements, unlimited):
