@@ -385,6 +385,8 @@ async def upgrade(connection, dialect: str, run) -> str:
     await run("".join(f"{sql};\n" for sql in statements if not any(
         column in found.get(table, ()) for table, column in ADDS_COLUMN.findall(sql)))
         + (SCHEMA if dialect == "sqlite" else re.sub(r"INTEGER PRIMARY KEY( AUTOINCREMENT)?", "BIGSERIAL PRIMARY KEY", SCHEMA)))
+    if not found:
+        log.info("the database was empty: made its tables")
     for number, name, _ in steps:
         log.info("upgraded the database, step %d of %d: %s", number, LATEST, name)
     await connection.execute(RECORD_VERSION, {"version": str(LATEST)})
@@ -2214,6 +2216,7 @@ async def lifespan(app):
             # aiosqlite's thread, failing to open one, would answer after the loop has closed
         await connect(database)
         app.state.identity = await apply_schema(database)
+        log.info("messages are kept in %s", os.path.abspath(database.url.database) if lock else shown_url(str(database.url)))
         await claim_looks(database)
     except BaseException as exc:  # whatever stops the start, nothing stays open
         await database.disconnect()  # its connections' threads would keep the process from ending

@@ -35,8 +35,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter
 from urllib.parse import unquote_plus
@@ -183,6 +181,10 @@ class Bucket:
 # --- HTTP: a deadline for each request, a cap on its head, and on sockets ------------------------
 
 
+HEAD_TOO_LARGE = f"the request line and headers are over {MAX_HEAD_BYTES} bytes or {MAX_HEAD_FIELDS} fields"
+FULL, CROWDED = "the server is full", "too many connections from one address"
+
+
 class BoundedHttpTools(HttpToolsProtocol):
     """uvicorn's httptools protocol with: a cap on connections (in all, and per address), a deadline
     to send each request (head and body), and a cap on the request head (bytes and fields)."""
@@ -196,9 +198,13 @@ class BoundedHttpTools(HttpToolsProtocol):
         address = self.client[0] if self.client else ""
         self.ip = address_key(address)
         self.per_ip[self.ip] += 1
-        if len(self.connections) > self.max_sockets or (
-                self.per_ip[self.ip] > MAX_SOCKETS_PER_IP and not trusted(address)):
-            self.refuse(503, b"Service Unavailable")  # not 429: that invites a retry from the same address
+        if len(self.connections) > self.max_sockets:
+            log.warning(FULL)
+            self.refuse(503, b"Service Unavailable", "the server is full; try again later")
+        elif self.per_ip[self.ip] > MAX_SOCKETS_PER_IP and not trusted(address):
+            log.warning(CROWDED)  # not 429: that invites a retry from the same address
+            self.refuse(503, b"Service Unavailable", "too many connections from your address: close some tabs, "
+                        f"or ask for more (MAX_SOCKETS_PER_IP={MAX_SOCKETS_PER_IP})")
         else:
             self.deadline = self.loop.call_later(REQUEST_TIMEOUT, self.expired)
 
@@ -217,15 +223,17 @@ class BoundedHttpTools(HttpToolsProtocol):
         if self.flow.read_paused:  # our own back-pressure (pipelining, an unread body): not the client's
             self.deadline = self.loop.call_later(REQUEST_TIMEOUT, self.expired)
         elif self.cycle is None or self.cycle.response_complete:
-            self.refuse(408, b"Request Timeout")
+            self.refuse(408, b"Request Timeout", f"send a whole request within {REQUEST_TIMEOUT:g} s")
         else:
             self.transport.close()  # the app waits for a body that does not come: it gets a disconnect
 
-    def refuse(self, status_code: int, phrase: bytes):
+    def refuse(self, status_code: int, phrase: bytes, detail: str = ""):
+        """Answer, saying why as the app's errors do, and close: nothing more of it is read."""
         self.refused = True
         self.cancel_deadline()
-        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                             % (status_code, phrase))
+        body = json.dumps({"detail": detail}).encode()
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n%s" % (status_code, phrase, len(body), body))
         self.transport.close()
 
     def data_received(self, data):
@@ -236,7 +244,7 @@ class BoundedHttpTools(HttpToolsProtocol):
         if self.head_bytes is not None and not self.refused:
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
-                self.refuse(431, b"Request Header Fields Too Large")
+                self.refuse(431, b"Request Header Fields Too Large", HEAD_TOO_LARGE)
 
     def send_400_response(self, msg):
         if not self.refused:  # count() stops the parser by raising, which lands here
@@ -260,7 +268,7 @@ class BoundedHttpTools(HttpToolsProtocol):
         self.head_size += size
         self.fields += fields
         if self.head_size > MAX_HEAD_BYTES or self.fields > MAX_HEAD_FIELDS:
-            self.refuse(431, b"Request Header Fields Too Large")
+            self.refuse(431, b"Request Header Fields Too Large", HEAD_TOO_LARGE)
             raise HeadTooLarge
 
     def on_headers_complete(self):
@@ -558,7 +566,11 @@ class QuietPeers(logging.Filter):
     at the peer's pace. One line per kind a minute instead, saying how many more came."""
 
     KINDS = {"Invalid UTF-8 sequence received from client.": "a peer sent a text frame that is not "
-                                                             "UTF-8 (closed with 1007)"}
+                                                             "UTF-8 (closed with 1007)",
+             FULL: "refused a connection with 503: the server is full (it holds as many as its file "
+                   "descriptors allow: raise ulimit -n)",
+             CROWDED: f"refused a connection with 503: its address has MAX_SOCKETS_PER_IP={MAX_SOCKETS_PER_IP} open "
+                      "(a class behind one address may need more)"}
 
     def __init__(self):
         super().__init__()
@@ -655,19 +667,12 @@ def serve(app, max_frame_bytes: int, workers: int = 1) -> None:
 
 
 def say_where_to_open() -> None:
-    """Once the chat answers (not before: it may never start), the URLs to open, on every
-    interface when it serves on all of them."""
-    scheme = "https" if SSL_CERTFILE else "http"
+    """Once the chat listens (not before: it may never start), the URLs to open, on every
+    interface when it serves on all of them. (uvicorn listens once the app has started.)"""
     local = HOST if HOST not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    unverified = ssl.create_default_context() if SSL_CERTFILE else None  # our own certificate, whoever it names
-    if unverified:
-        unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
     while True:
         try:
-            urllib.request.urlopen(f"{scheme}://{f'[{local}]' if ':' in local else local}:{PORT}/livez",
-                                   timeout=2, context=unverified)
-            break
-        except urllib.error.HTTPError:  # it answers (400: ALLOWED_HOSTS leaves out this address): it serves
+            socket.create_connection((local, PORT), timeout=2).close()
             break
         except OSError:
             time.sleep(0.1)
@@ -675,7 +680,7 @@ def say_where_to_open() -> None:
         {address.address for addresses in psutil.net_if_addrs().values() for address in addresses
          if address.family == socket.AF_INET})
     for host in hosts:
-        log.info("open %s://%s:%d/test", scheme, f"[{host}]" if ":" in host else host, PORT)
+        log.info("open %s://%s:%d/test", "https" if SSL_CERTFILE else "http", f"[{host}]" if ":" in host else host, PORT)
 
 
 def in_use(host: str, port: int) -> None:

@@ -2818,10 +2818,12 @@ def test_too_many_header_fields_is_431(runner, tmp_path):
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
-def test_connections_over_the_per_address_limit_get_503_at_once(runner, tmp_path):
+def test_connections_over_the_per_address_limit_get_503_at_once_saying_why(runner, tmp_path):
     with bounded_server(runner, tmp_path, env={"MAX_SOCKETS_PER_IP": "3"}) as (base, port):
-        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
         try:
+            third, _ = raw_answer(port, b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            held.append(socket.create_connection(("127.0.0.1", port)))
             answer, seconds = raw_answer(port, b"")
             with socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0)) as sock:
                 sock.sendall(b"GET /ws-info HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
@@ -2829,7 +2831,10 @@ def test_connections_over_the_per_address_limit_get_503_at_once(runner, tmp_path
         finally:
             for sock in held:
                 sock.close()
-    assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and seconds < 1
+    assert third.startswith(b"HTTP/1.1 200 OK\r\n")
+    body = b'{"detail": "too many connections from your address: close some tabs, or ask for more (MAX_SOCKETS_PER_IP=3)"}'
+    assert answer == (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                      b"connection: close\r\n\r\n%s" % (len(body), body)) and seconds < 1
     assert other.startswith(b"HTTP/1.1 200 OK\r\n")  # another address is still served
 
 
@@ -3007,13 +3012,23 @@ def test_the_log_has_one_line_per_socket_event_each_with_its_time(tmp_path):
                for line in log.decode().splitlines())
 
 
+def test_the_start_says_where_messages_are_kept_and_whether_that_database_was_new(tmp_path):
+    def started() -> list[str]:
+        with bounded_server("python chat.py", tmp_path):
+            lines = [re.sub(r"^\S+ \S+ \w+: +", "", line) for line in server_log().decode().splitlines()]
+        return lines[lines.index("Waiting for application startup.") + 1:lines.index("Application startup complete.")]
+
+    assert started() == ["the database was empty: made its tables", f"messages are kept in {tmp_path}/chat.db"]
+    assert started() == [f"messages are kept in {tmp_path}/chat.db"]
+
+
 def test_where_to_open_is_said_once_even_when_allowed_hosts_leaves_out_this_address(tmp_path):
     with bounded_server("python chat.py", tmp_path, env={"ALLOWED_HOSTS": "chat.example"}) as (base, port):
         wait_until(lambda: b"open http" in server_log())
         time.sleep(1)
         log = server_log().decode()
     assert log.count(f"open http://127.0.0.1:{port}/test") == 1
-    assert log.count("GET /livez") == 1
+    assert "GET /livez" not in log  # its check that the chat listens is no request
 
 
 def test_with_log_format_json_every_line_is_a_json_object(tmp_path):
