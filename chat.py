@@ -137,8 +137,8 @@ RATE_BURST = setting("RATE_BURST", "10", "frames a socket may send at once (a jo
 FLOOD_LIMIT = setting("FLOOD_LIMIT", "50", "refused frames in a row before the socket is closed", int, 1)
 JOINS_PER_MINUTE = setting("JOINS_PER_MINUTE", str(3 * MAX_CONNECTIONS_PER_IP),  # each socket may rejoin thrice
                            "joins one address may make a minute", int, 1)
-REST_WRITES_PER_MINUTE = setting("REST_WRITES_PER_MINUTE", "120",
-                                 "POST /users and /messages one address may make a minute", int, 1)
+REST_WRITES_PER_MINUTE = setting("REST_WRITES_PER_MINUTE", "300", "POST /users and /messages one address may "
+                                 "make a minute (a class of 30 at 10 each)", int, 1)
 MAX_CONTENT_LENGTH = setting("MAX_CONTENT_LENGTH", "2000", "characters in a message (at most 2000)", int, 1)
 MAX_FRAME_BYTES = setting("MAX_FRAME_BYTES", "16384", "bytes in a WebSocket frame", int, 512)
 MAX_BODY_BYTES = setting("MAX_BODY_BYTES", "16384", "bytes in a REST body", int, 512)
@@ -920,8 +920,9 @@ def client_address(connection: HTTPConnection) -> str:
 async def rest_write_allowed(request) -> None:
     """REST writes from one address are limited too: each may create a user or a room."""
     if not await request.app.state.limits.rest_write(client_address(request)):
-        raise HTTPException(429, f"over {REST_WRITES_PER_MINUTE} writes a minute from your address; "
-                            "try again shortly", headers={"Retry-After": "60"})
+        raise HTTPException(429, f"over {REST_WRITES_PER_MINUTE} writes a minute from your address "
+                            f"(REST_WRITES_PER_MINUTE={REST_WRITES_PER_MINUTE}); try again in a minute",
+                            headers={"Retry-After": "60"})
 
 
 def reader_identity(request) -> None:
@@ -1043,10 +1044,12 @@ async def chat_socket(websocket: WebSocket):
                 if not client.budget.take():
                     raise Invalid("rate_limited", f"over {RATE_PER_SECOND:g} frames a second; this one was dropped")
                 frame = parse_frame(message)
-                if frame["type"] == "join" and not (client.budget.take(JOIN_COST - 1)
-                                                    and await app.state.limits.join(ip)):
-                    raise Invalid("rate_limited", f"too many joins: a join counts as {JOIN_COST} frames, and an "
-                                  f"address may join {JOINS_PER_MINUTE} times a minute; try again shortly")
+                if frame["type"] == "join" and not client.budget.take(JOIN_COST - 1):
+                    raise Invalid("rate_limited", f"too many frames: a join counts as {JOIN_COST}, and a socket may "
+                                  f"send {RATE_PER_SECOND:g} a second; join again in a second")
+                if frame["type"] == "join" and not await app.state.limits.join(ip):
+                    raise Invalid("rate_limited", f"your address has joined {JOINS_PER_MINUTE} times this minute "
+                                  f"(JOINS_PER_MINUTE={JOINS_PER_MINUTE}); join again in a minute")
                 client.refused = 0
                 await HANDLERS[frame["type"]](app, client, frame)
             except Invalid as exc:
