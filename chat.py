@@ -178,8 +178,8 @@ CLOSE_CODES = {
     status.WS_1001_GOING_AWAY: "the server is shutting down (under python chat.py; plain uvicorn sends 1012)",
     status.WS_1007_INVALID_FRAME_PAYLOAD_DATA: "a text frame that is not UTF-8 (sent by the server itself)",
     status.WS_1008_POLICY_VIOLATION: "a bad room in the URL, too many connections from your address, "
-                                     "a flood of refused frames, your user was deleted, or (python chat.py) too many "
-                                     "pings or fragments",
+                                     "a flood of refused frames, your user was deleted or renamed, or "
+                                     "(python chat.py) too many pings or fragments",
     status.WS_1009_MESSAGE_TOO_BIG: "a frame over the server's limit (python chat.py: 4 x MAX_FRAME_BYTES)",
     status.WS_1011_INTERNAL_ERROR: "no answer to the server's pings (sent by uvicorn: "
                                    "\"keepalive ping timeout\")",
@@ -2156,6 +2156,14 @@ PRUNE_ROOM = """DELETE FROM messages WHERE id IN (
     SELECT id FROM messages WHERE room = :room AND id <= :upto ORDER BY id LIMIT :batch) RETURNING id"""
 SILENT_USERS = """SELECT id, username FROM users WHERE last_seen < :cutoff
     AND NOT EXISTS (SELECT 1 FROM messages WHERE user_id = users.id) ORDER BY id LIMIT :batch"""
+# rename-user and delete-user mark the users changed; each server then reads its joined users' names.
+CHANGE_USERS = """INSERT INTO meta (key, value) VALUES ('users_changed', :stamp)
+                  ON CONFLICT (key) DO UPDATE SET value = excluded.value"""
+USERS_CHANGED = "SELECT value FROM meta WHERE key = 'users_changed'"
+NAMES = {  # of a JSON array of user ids
+    "sqlite": "SELECT id, username FROM users WHERE id IN (SELECT value FROM json_each(:ids))",
+    "postgresql": "SELECT id, username FROM users WHERE id IN (SELECT CAST(json_array_elements_text(CAST(:ids AS JSON)) AS BIGINT))",
+}
 DELETE_SILENT_USER = """DELETE FROM users WHERE id = :id
     AND NOT EXISTS (SELECT 1 FROM messages WHERE user_id = :id) RETURNING id"""  # none left: none sent meanwhile
 
@@ -2202,6 +2210,28 @@ async def retain(app) -> None:
         await asyncio.sleep(PRUNE_EVERY)
 
 
+async def moderated(app) -> None:
+    """Within a second of an operator's rename-user or delete-user, the user's sockets here are
+    closed, saying so: they would go on speaking under a name that is no longer theirs."""
+    database, seen = app.state.database, await app.state.database.fetch_val(USERS_CHANGED)
+    while True:
+        await asyncio.sleep(1)
+        if (stamp := await database.fetch_val(USERS_CHANGED)) == seen:
+            continue
+        seen, joined = stamp, [client for client in app.state.rooms.connections if client.username is not None]
+        ids = json.dumps(sorted({client.user_id for client in joined}))
+        names = {row["id"]: row["username"] for row in await database.fetch_all(NAMES[database.url.dialect], {"ids": ids})}
+        for client in joined:
+            name = names.get(client.user_id)
+            if name != client.username:
+                reason = "your user was deleted" if name is None else f"you were renamed {name!r}: join as that"
+                if len(reason.encode()) > 123:  # a close frame's reason holds no more
+                    reason = "you were renamed: join with your new name"
+                client.stop_sending()  # nothing more reaches it, or of it is stored; the room sees it go
+                background(app, leave(app, client))
+                background(app, client.close(status.WS_1008_POLICY_VIOLATION, reason))
+
+
 # --- Lifespan, routes, app -----------------------------------------------------------------------
 
 
@@ -2234,6 +2264,7 @@ async def lifespan(app):
     writer = asyncio.create_task(app.state.writer.run())
     retention = asyncio.create_task(supervise("retention", lambda: retain(app), app.state.writer.outage)) if (
         RETAIN_DAYS or RETAIN_MESSAGES_PER_ROOM) else None
+    moderation = asyncio.create_task(supervise("moderation", lambda: moderated(app), app.state.writer.outage))
     app.state.cluster = app.state.cluster_class(app)
     await app.state.cluster.start()
     gauges = asyncio.create_task(supervise("the metrics", app.state.metrics.refreshing, app.state.writer.outage)) \
@@ -2244,7 +2275,7 @@ async def lifespan(app):
         yield
     finally:
         await asyncio.gather(*app.state.tasks)
-        for task in (retention, gauges, checkpoints):
+        for task in (retention, moderation, gauges, checkpoints):
             if task:
                 task.cancel()
         if Metrics.SHARED:

@@ -773,7 +773,8 @@ async def moderate(chat, command: str, *args: str) -> str:
             for look in set(chat.looks(new).values()) & set(chat.looks(old).values()):
                 await database.execute(chat.HAND_OVER_LOOK, {"look": look, "old": old, "new": new})
             await database.execute(chat.RELEASE_LOOKS, {"username": old})  # the rest of the old name is free
-            return f"renamed {old!r} to {new!r}; connected sockets keep the old name until they join again"
+            await database.execute(chat.CHANGE_USERS, {"stamp": uuid.uuid4().hex})
+            return f"renamed {old!r} to {new!r}; their sockets are closed, saying so"
         if command == "delete-user":
             user_id = await database.fetch_val(chat.FIND_USER, {"username": args[0]})
             if user_id is None:
@@ -787,6 +788,7 @@ async def moderate(chat, command: str, *args: str) -> str:
                 if await database.fetch_val(chat.DELETE_SILENT_USER, {"id": user_id}):
                     break
             await database.execute(chat.RELEASE_LOOKS, {"username": args[0]})
+            await database.execute(chat.CHANGE_USERS, {"stamp": uuid.uuid4().hex})
             return f"deleted the user {args[0]!r} and their {deleted} messages"
         if command == "delete-message":
             number = int(args[0]) if args[0].isascii() and args[0].isdigit() else args[0]

@@ -448,7 +448,7 @@ def test_rename_user_renames_them_everywhere_and_frees_the_old_name(database_url
     with TestClient(chat.create_app(database_url)) as client:
         post(client, "alice", "hi")
     assert chat_command(database_url, "rename-user", "alice", "Alicia") == (
-        0, "renamed 'alice' to 'Alicia'; connected sockets keep the old name until they join again\n")
+        0, "renamed 'alice' to 'Alicia'; their sockets are closed, saying so\n")
     with TestClient(chat.create_app(database_url)) as client:
         assert [m["username"] for m in client.get("/messages").json()] == ["Alicia"]
         assert client.post("/users", json={"username": "alice"}).status_code == 201
@@ -458,7 +458,7 @@ def test_rename_user_may_change_only_a_names_case_and_the_new_name_keeps_its_loo
     with TestClient(chat.create_app(database_url)) as client:
         post(client, "Bella", "hi")
     assert chat_command(database_url, "rename-user", "Bella", "bella") == (
-        0, "renamed 'Bella' to 'bella'; connected sockets keep the old name until they join again\n")
+        0, "renamed 'Bella' to 'bella'; their sockets are closed, saying so\n")
     with TestClient(chat.create_app(database_url)) as client:
         assert [m["username"] for m in client.get("/messages").json()] == ["bella"]
         for name in ("Bella", "BELLA", "bеlla"):  # the last with a Cyrillic е
@@ -3961,6 +3961,26 @@ def test_a_user_deleted_while_connected_is_closed_with_1008_when_they_next_post(
         ws.send_json({"type": "message", "content": "still here?"})
         assert closed_with(ws) == (1008, "your user was deleted")
     assert query(client, "SELECT id FROM messages") == []
+
+
+@pytest.mark.parametrize("command, reason", [
+    (("delete-user", "bob"), "your user was deleted"),
+    (("rename-user", "bob", "Bobby"), "you were renamed 'Bobby': join as that"),
+    (("rename-user", "bob", "🙂" * 29), "you were renamed: join with your new name"),  # 116 bytes would be 128
+])
+def test_an_operators_command_closes_that_users_sockets_within_seconds_saying_why(database_url, command, reason):
+    with TestClient(chat.create_app(database_url)) as client:
+        with client.websocket_connect("/ws") as bob, client.websocket_connect("/ws") as alice:
+            join(alice, "alice")
+            join(bob, "bob")
+            alice.receive_json()  # bob joined
+            started = time.monotonic()
+            assert chat_command(database_url, *command)[0] == 0
+            assert closed_with(bob) == (1008, reason)
+            assert time.monotonic() - started < 3
+            assert untimed(alice.receive_json()) == {"type": "system", "room": "general", "content": "bob left the chat"}
+            alice.send_json({"type": "message", "content": "still here"})
+            assert alice.receive_json()["content"] == "still here"
 
 
 def test_a_rest_message_of_a_user_deleted_after_it_was_checked_is_404(client, monkeypatch):
