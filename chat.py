@@ -502,6 +502,7 @@ CLAIM_LOOKS = {  # a JSON array of {"look", "username"}
                      ON CONFLICT (look) DO UPDATE SET look = excluded.look RETURNING look, username""",
 }
 RELEASE_LOOKS = "DELETE FROM looks WHERE username = :username"
+LOOK_HOLDER = "SELECT username FROM looks WHERE look = :look"
 HAND_OVER_LOOK = "UPDATE looks SET username = :new WHERE look = :look AND username = :old"
 CLAIMS_PER_STATEMENT = 5000
 # A whole batch of messages is one statement, its rows one JSON array: one round trip however
@@ -673,8 +674,20 @@ async def check_lookalike(database, username: str, former: str | None = None) ->
     others = {row["username"] for row in holders} - {username, former}
     if others:
         await database.execute(RELEASE_LOOKS, {"username": username})
-        raise Invalid("confusable_username", f"{username!r} looks like the existing user {min(others)!r}; "
-                      "choose another name")
+        raise Invalid("confusable_username", f"{username!r} looks like the existing user {min(others)!r}"
+                      f"{unlike(username, min(others))}; choose another name")
+
+
+ASCII = set(map(chr, range(128)))
+
+
+def unlike(name: str, other: str) -> str:
+    """What tells two look-alikes apart that no screen shows: the letters outside ASCII that one
+    has and the other has not, by their Unicode names ("" if there are none)."""
+    said = [f"{whose} has {' and '.join(unicodedata.name(c, hex(ord(c))) for c in odd[:2])}"
+            for whose, odd in (("theirs", sorted(set(other) - set(name) - ASCII)),
+                               ("yours", sorted(set(name) - set(other) - ASCII))) if odd]
+    return f" ({'; '.join(said)})" if said else ""
 
 
 async def claim_looks(database) -> None:

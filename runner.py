@@ -769,7 +769,7 @@ async def moderate(chat, command: str, *args: str) -> str:
             await chat.check_lookalike(database, new, former=old)  # "Bella" may become "bella"
             if not await database.fetch_val(chat.RENAME_USER, {"old": old, "new": new}):
                 await database.execute(chat.RELEASE_LOOKS, {"username": new})
-                raise chat.Invalid("no_user", f"there is no user {old!r}")
+                raise chat.Invalid("no_user", await no_user(chat, database, old))
             for look in set(chat.looks(new).values()) & set(chat.looks(old).values()):
                 await database.execute(chat.HAND_OVER_LOOK, {"look": look, "old": old, "new": new})
             await database.execute(chat.RELEASE_LOOKS, {"username": old})  # the rest of the old name is free
@@ -778,7 +778,7 @@ async def moderate(chat, command: str, *args: str) -> str:
         if command == "delete-user":
             user_id = await database.fetch_val(chat.FIND_USER, {"username": args[0]})
             if user_id is None:
-                raise chat.Invalid("no_user", f"there is no user {args[0]!r}")
+                raise chat.Invalid("no_user", await no_user(chat, database, args[0]))
             deleted = 0
             while True:  # in batches, so that the server's writes go in between
                 while rows := await database.fetch_all(chat.DELETE_USERS_MESSAGES,
@@ -804,6 +804,14 @@ async def moderate(chat, command: str, *args: str) -> str:
         return f"deleted {await chat.prune(database, days, keep, pause=0.05)} messages"
     finally:
         await database.disconnect()
+
+
+async def no_user(chat, database, name: str) -> str:
+    """There is no such user: but perhaps one that looks like it, whose name can be copied from here."""
+    holders = {row["username"] for look in set(chat.looks(name).values())
+               for row in await database.fetch_all(chat.LOOK_HOLDER, {"look": look})}
+    return f"there is no user {name!r}" + "".join(f"; {holder!r} looks like it{chat.unlike(name, holder)}"
+                                                  for holder in sorted(holders)[:3])
 
 
 EXAMPLES = {"--host": "0.0.0.0", "--port": "8000", "--workers": "2"}

@@ -461,9 +461,19 @@ def test_rename_user_may_change_only_a_names_case_and_the_new_name_keeps_its_loo
         0, "renamed 'Bella' to 'bella'; their sockets are closed, saying so\n")
     with TestClient(chat.create_app(database_url)) as client:
         assert [m["username"] for m in client.get("/messages").json()] == ["bella"]
-        for name in ("Bella", "BELLA", "bеlla"):  # the last with a Cyrillic е
+        for name, unlike in (("Bella", ""), ("BELLA", ""), ("bеlla", " (yours has CYRILLIC SMALL LETTER IE)")):
             assert client.post("/users", json={"username": name}).json() == {
-                "detail": f"{name!r} looks like the existing user 'bella'; choose another name"}
+                "detail": f"{name!r} looks like the existing user 'bella'{unlike}; choose another name"}
+
+
+def test_a_command_on_a_missing_user_names_the_look_alike_that_is_stored_and_what_tells_them_apart(database_url):
+    with TestClient(chat.create_app(database_url)) as client:
+        post(client, "\u0410yu", "hi")  # a Cyrillic А
+        assert client.post("/users", json={"username": "Ayu"}).json() == {"detail": (
+            "'Ayu' looks like the existing user '\u0410yu' (theirs has CYRILLIC CAPITAL LETTER A); choose another name")}
+    said = "there is no user 'Ayu'; '\u0410yu' looks like it (theirs has CYRILLIC CAPITAL LETTER A)\n"
+    assert chat_command(database_url, "delete-user", "Ayu") == (1, said)
+    assert chat_command(database_url, "rename-user", "Ayu", "Ayu2") == (1, said)
 
 
 def test_rename_user_refuses_a_missing_user_and_a_name_that_is_taken(database_url):
@@ -487,7 +497,7 @@ def test_delete_user_deletes_them_their_messages_and_their_looks(database_url):
     with TestClient(chat.create_app(database_url)) as client:
         assert [(m["id"], m["username"]) for m in client.get("/messages").json()] == [(2, "bob")]
         assert client.post("/users", json={"username": "ALICE"}).status_code == 201  # its looks went too
-    assert chat_command(database_url, "delete-user", "alice") == (1, "there is no user 'alice'\n")
+    assert chat_command(database_url, "delete-user", "alice") == (1, "there is no user 'alice'; 'ALICE' looks like it\n")
 
 
 @pytest.mark.parametrize("count", [chat.PRUNE_BATCH, chat.PRUNE_BATCH + 1])
@@ -1113,7 +1123,8 @@ def test_a_cyrillic_capital_among_latin_capitals_is_a_lookalike(client):
     assert client.post("/users", json={"username": "Budi Santoso"}).status_code == 201
     response = client.post("/users", json={"username": "\u0412UDI SANTOSO"})  # Cyrillic В, then Latin capitals
     assert (response.status_code, response.json()) == (409, {"detail": (
-        "'\u0412UDI SANTOSO' looks like the existing user 'Budi Santoso'; choose another name")})
+        "'\u0412UDI SANTOSO' looks like the existing user 'Budi Santoso' (yours has CYRILLIC CAPITAL LETTER VE); "
+        "choose another name")})
 
 
 def test_a_user_stored_before_looks_in_capitals_has_that_look_claimed_at_start(database_url):
@@ -1145,7 +1156,8 @@ def test_a_lookalike_is_told_whose_name_it_looks_like(client):
         ws.send_json({"type": "join", "username": "\u0430lice"})
         assert ws.receive_json() == {
             "type": "error", "code": "confusable_username",
-            "content": "'\u0430lice' looks like the existing user 'alice'; choose another name"}
+            "content": "'\u0430lice' looks like the existing user 'alice' (yours has CYRILLIC SMALL LETTER A); "
+                       "choose another name"}
 
 
 def test_the_decomposed_and_composed_forms_of_a_name_are_one_user(client):
