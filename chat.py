@@ -1344,6 +1344,7 @@ class MessageWriter:
         self.leavers: set[str] = set()  # users whose last_seen to record
         self.behind = False  # after a failure: messages may be stored that were never published
         self.failed_at = -math.inf  # when a batch last failed, if none has been stored since (readiness)
+        self.storing_since: float | None = None  # when the batch being stored was sent (readiness)
         self.last_published: int | None = None  # the highest id published here
         self.stopping = False
         self.work = asyncio.Event()  # set when any of the above has something to do
@@ -1423,7 +1424,11 @@ class MessageWriter:
         unique = [post for post in batch if post.client_id is None or firsts[post.user_id, post.client_id] is post]
         rows = json.dumps([{"room": p.room, "user_id": p.user_id, "content": p.content, "client_id": p.client_id}
                            for p in unique])
-        stored = await self.insert(rows, now)
+        self.storing_since = time.monotonic()
+        try:
+            stored = await self.insert(rows, now)
+        finally:
+            self.storing_since = None
         self.failed_at = -math.inf
         self.outage.back()
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
@@ -2111,6 +2116,9 @@ async def livez(request):
     return JSONResponse({"status": "alive"})
 
 
+SLOW_STORE = 2  # seconds a batch may wait for the database before /readyz says 503
+
+
 async def readyz(request):
     """For a load balancer: 200 while messages can be stored, 503 saying why not; each change logged once."""
     state, why = request.app.state, None
@@ -2126,6 +2134,8 @@ async def readyz(request):
         why = "the disk holding the database is full"
     if why is None and time.monotonic() - state.writer.failed_at < 10:
         why = "storing messages failed in the last 10 s"
+    if why is None and time.monotonic() - (state.writer.storing_since or math.inf) > SLOW_STORE:
+        why = f"storing messages has waited over {SLOW_STORE} s (another process may hold a lock on the database)"
     if why != state.unready:
         log.warning("not ready: %s", why) if why else log.info("ready again")
         state.unready = why

@@ -3800,6 +3800,20 @@ def test_on_sqlite_a_message_that_finds_the_file_locked_longer_than_lock_wait_an
         assert query(client, "SELECT content FROM messages") == [{"content": "let in"}]
 
 
+def test_while_another_process_holds_a_lock_that_storing_waits_for_readyz_says_503_and_why(database_url):
+    with TestClient(chat.create_app(database_url)) as client, client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        with messages_locked(client, database_url):
+            ws.send_json({"type": "message", "content": "held up"})
+            started = time.monotonic()
+            wait_until(lambda: client.get("/readyz").status_code == 503, seconds=5)
+            assert time.monotonic() - started > chat.SLOW_STORE
+            assert client.get("/readyz").json() == {"detail": "storing messages has waited over 2 s (another process "
+                                                              "may hold a lock on the database)"}
+        assert untimed(ws.receive_json()) == message(1, "alice", "held up")
+        assert client.get("/readyz").json() == {"status": "ok"}
+
+
 def test_on_sqlite_stored_messages_reach_the_database_file_itself_within_seconds(tmp_path):
     url = f"sqlite:///{tmp_path}/chat.db"
     with TestClient(chat.create_app(url)) as client:
