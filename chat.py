@@ -207,9 +207,9 @@ class UserDeleted(HTTPException):
 
 
 # What a failing database raises; callers turn these into an "unavailable" error, never a 500.
-# (asyncpg raises InternalClientError when a connection is terminated mid-operation.)
-DATABASE_ERRORS = (OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError,
-                   asyncpg.InternalClientError, Unavailable)
+# (asyncpg raises these three when the server ends a connection mid-operation.)
+LOST_CONNECTION = (asyncpg.InterfaceError, asyncpg.InternalClientError, asyncpg.ConnectionDoesNotExistError)
+DATABASE_ERRORS = (OSError, sqlite3.Error, asyncpg.PostgresError, *LOST_CONNECTION, Unavailable)
 
 
 WAL_KEPT = 4 * 1024 * 1024  # bytes of SQLite's write-ahead log kept on disk once checkpointed
@@ -1275,8 +1275,10 @@ class Outage:
         self.failures += 1
         if self.since is None:
             self.since = time.monotonic()
-            log.warning("lost the database: %s failed (%s: %s); retrying, and a line will say when it is back",
-                        what, type(exc).__name__, str(exc)[:200] or "no detail")
+            detail = f"{type(exc).__name__}: {str(exc)[:200] or 'no detail'}"
+            if isinstance(exc, LOST_CONNECTION):  # asyncpg's own words for it name its internals
+                detail = "its connection was lost: the database server ended it, or the network dropped it"
+            log.warning("lost the database: %s failed (%s); retrying, and a line will say when it is back", what, detail)
 
     def back(self) -> None:
         if self.since is not None:

@@ -4109,6 +4109,19 @@ def terminate_backends(url: str) -> None:
                           f"WHERE datname = '{name}' AND pid <> pg_backend_pid()")
 
 
+def test_a_terminated_backend_is_logged_as_the_server_ending_the_connection(postgres_url):
+    postgres_execute(postgres_url, "DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    with running_server(postgres_url, runner=True, env=FAST) as base, ws_connect(base) as ws:
+        ws_join(ws, "alice")
+        terminate_backends(postgres_url)
+        ws.send(json.dumps({"type": "message", "content": "after"}))
+        assert json.loads(ws.recv(timeout=10))["code"] == "unavailable"
+        wait_until(lambda: "lost the database" in server_log().decode(), 5)
+        lost = re.search(r"lost the database: .*", server_log().decode())[0]
+    assert lost == ("lost the database: the message writer failed (its connection was lost: the database server "
+                    "ended it, or the network dropped it); retrying, and a line will say when it is back")
+
+
 def test_terminating_the_backends_repeatedly_loses_no_acknowledged_message_and_leaves_no_sender_waiting(shared_url):
     answers = {"ws": [], "rest": []}  # (content, stored?) for every message sent
     stop = threading.Event()
