@@ -946,22 +946,40 @@ def reader_identity(request) -> None:
 
 class FrameBudget:
     """A connection's frames, as a token bucket: RATE_BURST at once, RATE_PER_SECOND on average, a
-    join taking JOIN_COST. (Checked on every frame, so it is eight lines here rather than the
-    `limits` library, whose in-memory storage hops to a thread to expire each key.)"""
+    join taking JOIN_COST. (Checked on every frame, so it is a few lines here rather than the
+    `limits` library, whose in-memory storage hops to a thread to expire each key.) Frames sent
+    while the server was held up arrive at once when it reads again: the time it was held up
+    (Lag) may be spent beyond the burst, so that they are not refused for coming together."""
 
-    __slots__ = ("tokens", "refilled")
+    __slots__ = ("tokens", "refilled", "lagged")
 
     def __init__(self):
-        self.tokens, self.refilled = RATE_BURST, time.monotonic()
+        self.tokens, self.refilled, self.lagged = RATE_BURST, time.monotonic(), Lag.total
 
     def take(self, cost: int = 1) -> bool:
-        now = time.monotonic()
-        self.tokens = min(RATE_BURST, self.tokens + (now - self.refilled) * RATE_PER_SECOND)
-        self.refilled = now
+        now, lag = time.monotonic(), Lag.total
+        most = max(self.tokens, RATE_BURST + (lag - self.lagged) * RATE_PER_SECOND)
+        self.tokens = min(most, self.tokens + (now - self.refilled) * RATE_PER_SECOND)
+        self.refilled, self.lagged = now, lag
         if self.tokens < cost:
             return False
         self.tokens -= cost
         return True
+
+
+class Lag:
+    """How long, in all, the event loop has been held up past a tick (`total` seconds): the time
+    in which this process read nothing."""
+
+    TICK = 0.1
+    total = 0.0
+
+    @classmethod
+    async def measure(cls) -> None:
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(cls.TICK)
+            cls.total += max(0.0, time.monotonic() - started - cls.TICK)
 
 
 class AddressLimits:
@@ -2290,6 +2308,7 @@ async def lifespan(app):
     retention = asyncio.create_task(supervise("retention", lambda: retain(app), app.state.writer.outage)) if (
         RETAIN_DAYS or RETAIN_MESSAGES_PER_ROOM) else None
     moderation = asyncio.create_task(supervise("moderation", lambda: moderated(app), app.state.writer.outage))
+    lag = asyncio.create_task(Lag.measure())
     app.state.cluster = app.state.cluster_class(app)
     await app.state.cluster.start()
     gauges = asyncio.create_task(supervise("the metrics", app.state.metrics.refreshing, app.state.writer.outage)) \
@@ -2300,7 +2319,7 @@ async def lifespan(app):
         yield
     finally:
         await asyncio.gather(*app.state.tasks)
-        for task in (retention, moderation, gauges, checkpoints):
+        for task in (retention, moderation, lag, gauges, checkpoints):
             if task:
                 task.cancel()
         if Metrics.SHARED:

@@ -2693,6 +2693,31 @@ def test_frames_over_the_rate_limit_get_rate_limited_and_are_not_stored(client, 
     assert query(client, "SELECT content FROM messages ORDER BY id") == [{"content": "one"}, {"content": "two"}]
 
 
+@pytest.mark.parametrize("held_up, accepted", [(0, 10), (3, 25)])
+def test_frames_sent_while_the_server_was_held_up_may_arrive_together_up_to_what_the_rate_allowed(
+        monkeypatch, held_up, accepted):
+    clock = [1000.0]
+    monkeypatch.setattr(chat.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(chat.Lag, "total", 0.0)
+    budget = chat.FrameBudget()  # 10 at once, 5 a second
+    clock[0] += 3
+    chat.Lag.total += held_up  # for that long, this process read nothing
+    assert [budget.take() for _ in range(accepted + 1)] == [True] * accepted + [False]
+
+
+def test_the_loop_held_up_is_counted_as_lag():
+    async def held_up() -> float:
+        measuring = asyncio.create_task(chat.Lag.measure())
+        await asyncio.sleep(0.15)
+        before = chat.Lag.total
+        time.sleep(0.5)  # the loop reads nothing
+        await asyncio.sleep(0.15)
+        measuring.cancel()
+        return chat.Lag.total - before
+
+    assert 0.35 < asyncio.run(held_up()) < 0.6
+
+
 def test_a_sustained_flood_is_closed_with_1008(client, monkeypatch):
     monkeypatch.setattr(chat, "RATE_BURST", chat.JOIN_COST)
     monkeypatch.setattr(chat, "RATE_PER_SECOND", 0.001)
