@@ -33,6 +33,9 @@ joined.
 Besides the message loads: `idle` opens 10,000 connections and holds them (time, server CPU per
 connection, memory per connection), `storm` has 2,000 (`--storm N`) connected clients join one room
 at once (time until all are in, join latency, joins not welcomed within 60 s, CPU per join).
+Asked for by name only (`--only replays`, chat against chat: the tutorial app has no `since`),
+`replays` has 90 clients rejoin a room of 400 messages at once with since=0 while a client in it
+sends a message every 10 ms (time until all are replayed, the longest round trip of those messages).
 
 --reconnect N restarts `python chat.py` (SIGTERM, then a new process on the same database and port)
 under N clients joined in rooms of ten, one talker in each saying a message a second; each client
@@ -55,6 +58,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import itertools
 import json
 import os
 import pathlib
@@ -550,6 +554,55 @@ async def join_storm(urls, pids, s: Scenario) -> dict:
             "kb_each": (after - before) / s.clients / 1024 if pids else None}
 
 
+async def replay_storm(urls, pids, s: Scenario) -> dict:
+    """Clients that come back all rejoin one room at once with since=0, each replayed the room's
+    REPLAYED messages, while a client in the room sends a message every 10 ms and times each one's
+    return: do replays hold live messages up? The time until the last replay is in (its newest
+    message reached), replays not in within 60 s, the longest round trip of a live message
+    meanwhile, and the server's CPU per replay. (Only chat replays: the tutorial app has no since.)"""
+    loop, url = asyncio.get_running_loop(), urls[0] + "/replays"
+    seeder, seeded, last = await join(url, "seeder"), loop.create_future(), b'"content":"history %d ' % (REPLAYED - 1)
+    seeder.on_text = lambda payload: last in payload and not seeded.done() and seeded.set_result(None)
+    for n in range(REPLAYED):
+        seeder.send('{"type":"message","username":"seeder","content":"history %d %s"}' % (n, "h" * 60))
+    await asyncio.wait_for(seeded, 60)
+    probe, sockets = await join(url, "probe"), await open_clients(urls[:1], ["/replays"] * s.clients, None)
+    waits = []
+    for sock in sockets:
+        replayed = loop.create_future()
+        sock.on_text = lambda payload, replayed=replayed: last in payload and not replayed.done() and replayed.set_result(None)
+        waits.append(replayed)
+    stop, round_trips = asyncio.Event(), []
+
+    async def probing():
+        for n in itertools.count():
+            echoed, marker = loop.create_future(), b'"content":"probe %d"' % n
+            probe.on_text = lambda payload, echoed=echoed, marker=marker: (
+                marker in payload and not echoed.done() and echoed.set_result(None))
+            sent = time.perf_counter()
+            probe.send('{"type":"message","username":"probe","content":"probe %d"}' % n)
+            await asyncio.wait_for(echoed, 60)
+            round_trips.append(time.perf_counter() - sent)
+            if stop.is_set():
+                return
+            await asyncio.sleep(0.01)
+
+    probing_task = asyncio.create_task(probing())
+    await asyncio.sleep(0.2)
+    cpu, started = cpu_seconds(pids), time.perf_counter()
+    for n, sock in enumerate(sockets):
+        sock.send('{"type":"join","username":"r%d","since":0}' % n)
+    await asyncio.wait(waits, timeout=60)
+    seconds, cpu = time.perf_counter() - started, cpu_seconds(pids) - cpu
+    await asyncio.sleep(0.2)
+    stop.set()
+    await probing_task
+    await asyncio.gather(*(sock.close() for sock in [seeder, probe, *sockets]))
+    return {"seconds": seconds, "not_in": sum(not wait.done() for wait in waits), "probe_max_ms": 1000 * max(round_trips),
+            "cpu_us": cpu / s.clients * 1e6 if pids else None}
+
+
+REPLAYED = 400  # messages in the room the replay storm's clients come back to
 ONLY: set[str] = set()  # --only: the kinds of scenario to run (all if empty)
 STORM = [2000]  # --storm: clients in the join storm
 
@@ -572,6 +625,10 @@ async def measure(urls, pids, quick: bool, rooms: bool, writes: bool) -> list[tu
     storm = Scenario("storm", f"{size} clients join one room at once", size)
     if wanted("storm"):
         rows.append((storm, await join_storm(urls, pids, storm)))
+    if "replays" in ONLY:
+        replays = Scenario("replays", f"{10 if quick else 90} clients rejoin with since=0 at once, "
+                                      f"{REPLAYED} messages each", 10 if quick else 90)
+        rows.append((replays, await replay_storm(urls, pids, replays)))
     if writes and wanted("write-heavy"):
         s = write_heavy(quick)
         rows.append((s, await run_load(urls, pids, s, "")))
@@ -603,7 +660,9 @@ ARRIVAL_FIGURES = {  # (result key, label) of the scenarios that measure arrivin
              ("kb_each", "kB server memory each")],
     "storm": [("seconds", "s until all joined"), ("p50_ms", "join p50 ms"), ("p99_ms", "join p99 ms"),
               ("timed_out", "joins timed out"), ("cpu_us", "server CPU µs per join"),
-              ("kb_each", "kB server memory each")]}
+              ("kb_each", "kB server memory each")],
+    "replays": [("seconds", "s until all replayed"), ("not_in", "replays not in within 60 s"),
+                ("probe_max_ms", "longest live round trip ms"), ("cpu_us", "server CPU µs per replay")]}
 
 
 def figures(rows: list[tuple[Scenario, dict]]) -> dict[tuple[str, str], float | None]:
@@ -943,7 +1002,8 @@ def main() -> None:
     parser.add_argument("--pid", type=int, help="with --url: its process, for CPU and memory figures")
     parser.add_argument("--runs", type=int, default=3, help="--compare, --scaling: runs each (default 3)")
     parser.add_argument("--only", default="", help="only these kinds of scenario, comma-separated: "
-                                                   "latency, flat, idle, storm, write-heavy (default: all)")
+                                                   "latency, flat, idle, storm, write-heavy (default: all), "
+                                                   "and replays (chat only: asked for, never by default)")
     parser.add_argument("--storm", type=int, default=2000, metavar="N", help="clients in the join storm (default 2000)")
     args = parser.parse_args()
     STORM[0] = args.storm

@@ -4726,6 +4726,13 @@ def test_the_benchmark_runs_on_sqlite_and_loses_nothing():
                         r"kB server memory each [\d,.]+", lines[5]), lines[5]
 
 
+def test_the_benchmarks_replay_storm_runs_when_asked_for_and_every_replay_comes_in():
+    lines = run_benchmark("--only", "replays")
+    assert re.fullmatch(r"  replays: 10 clients rejoin with since=0 at once, 400 messages each +s until all replayed "
+                        r"[\d.]+, replays not in within 60 s 0, longest live round trip ms [\d,.]+, server CPU µs "
+                        r"per replay [\d,.]+", lines[2]), lines[2]
+
+
 def test_the_benchmark_runs_on_two_postgresql_processes_and_loses_nothing(postgres_url):
     lines = run_benchmark("--database", POSTGRES_URL, "--workers", "2")
     assert lines[0].startswith("chat.py, PostgreSQL, 2 process(es); ")
