@@ -1306,25 +1306,39 @@ class Outage:
 
 
 class Said:
-    """What an operator reads once a minute per kind, with how many more came, not once per
-    event: a flood of refusals writes a line a minute."""
+    """What an operator reads: a line per kind a minute at most, not one per event (a flood of
+    refusals writes a line a minute); what came meanwhile is said within the minute after, as the
+    last of it, with how many more."""
 
     def __init__(self):
         self.last: dict[str, float] = {}
-        self.unsaid: Counter[str] = Counter()
+        self.held: dict[str, tuple[int, str, tuple, int]] = {}  # (level, message, args) of the last held back; how many
 
     def info(self, kind: str, message: str, *args, level: int = logging.INFO) -> None:
         now = time.monotonic()
         if now - self.last.get(kind, -60.0) < 60:
-            self.unsaid[kind] += 1
+            self.held[kind] = (level, message, args, self.held.get(kind, (0, "", (), 0))[3] + 1)
             return
         if len(self.last) > 1000:  # kinds carry what clients send: keep the last minute's only
-            self.last = {k: t for k, t in self.last.items() if now - t < 60}
-        self.last[kind], more = now, self.unsaid.pop(kind, 0)
-        log.log(level, message + (f" ({more} more like it since the last such line)" if more else ""), *args)
+            self.last = {k: t for k, t in self.last.items() if now - t < 60 or k in self.held}
+        self.last[kind], more = now, self.held.pop(kind, (0, "", (), 0))[3]
+        log.log(level, message + (f" ({more} more like it in the minute before)" if more else ""), *args)
 
     def warning(self, kind: str, message: str, *args) -> None:
         self.info(kind, message, *args, level=logging.WARNING)
+
+    def flush(self) -> None:
+        """Say what was held back of each kind whose minute is over."""
+        now = time.monotonic()
+        for kind in [kind for kind in self.held if now - self.last[kind] >= 60]:
+            level, message, args, count = self.held.pop(kind)
+            self.last[kind] = now
+            log.log(level, message + (f" ({count - 1} more like it in the minute before)" if count > 1 else ""), *args)
+
+    async def flushing(self) -> None:
+        while True:
+            await asyncio.sleep(1)
+            self.flush()
 
 
 async def supervise(name: str, work, outage: Outage, on_failure=lambda: None, delay: float = 0.5) -> None:
@@ -2309,6 +2323,7 @@ async def lifespan(app):
         RETAIN_DAYS or RETAIN_MESSAGES_PER_ROOM) else None
     moderation = asyncio.create_task(supervise("moderation", lambda: moderated(app), app.state.writer.outage))
     lag = asyncio.create_task(Lag.measure())
+    said = asyncio.create_task(app.state.said.flushing())
     app.state.cluster = app.state.cluster_class(app)
     await app.state.cluster.start()
     gauges = asyncio.create_task(supervise("the metrics", app.state.metrics.refreshing, app.state.writer.outage)) \
@@ -2319,7 +2334,7 @@ async def lifespan(app):
         yield
     finally:
         await asyncio.gather(*app.state.tasks)
-        for task in (retention, moderation, lag, gauges, checkpoints):
+        for task in (retention, moderation, lag, said, gauges, checkpoints):
             if task:
                 task.cancel()
         if Metrics.SHARED:

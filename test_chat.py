@@ -3201,7 +3201,23 @@ def test_a_refusal_repeated_within_a_minute_is_one_line_and_the_next_says_how_ma
     client.app.state.said.warning("k", "refused %s", "x")
     clock[0] += 0.1
     client.app.state.said.warning("k", "refused %s", "x")
-    assert said == ["refused x", "refused x (5 more like it since the last such line)"]
+    assert said == ["refused x", "refused x (5 more like it in the minute before)"]
+
+
+def test_refusals_held_back_are_said_once_their_minute_is_over_as_the_last_of_them(client, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(chat.time, "monotonic", lambda: clock[0])
+    said = []
+    monkeypatch.setattr(chat.log, "log", lambda level, message, *args: said.append(message % args))
+    for name in ("Ayu", "AYU", "bella"):
+        client.app.state.said.info("k", "refused %s", name)
+    clock[0] += 59.9
+    client.app.state.said.flush()
+    assert said == ["refused Ayu"]
+    clock[0] += 0.1
+    client.app.state.said.flush()
+    client.app.state.said.flush()
+    assert said == ["refused Ayu", "refused bella (1 more like it in the minute before)"]
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
