@@ -1073,7 +1073,8 @@ async def chat_socket(websocket: WebSocket):
             frame = None
             try:
                 if not client.budget.take():
-                    raise Invalid("rate_limited", f"over {RATE_PER_SECOND:g} frames a second; this one was dropped")
+                    raise Invalid("rate_limited", f"over {RATE_PER_SECOND:g} frames a second; this one was dropped: "
+                                  "send it again in a second")
                 frame = parse_frame(message)
                 if frame["type"] == "join" and not client.budget.take(JOIN_COST - 1):
                     raise Invalid("rate_limited", f"too many frames: a join counts as {JOIN_COST}, and a socket may "

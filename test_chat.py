@@ -2689,7 +2689,8 @@ def test_frames_over_the_rate_limit_get_rate_limited_and_are_not_stored(client, 
         frames = [ws.receive_json() for _ in range(3)]  # the refusal may come before the copies
         assert [frame["content"] for frame in frames if frame["type"] == "message"] == ["one", "two"]
         assert [frame for frame in frames if frame["type"] == "error"] == [{
-            "type": "error", "code": "rate_limited", "content": "over 0 frames a second; this one was dropped"}]
+            "type": "error", "code": "rate_limited",
+            "content": "over 0 frames a second; this one was dropped: send it again in a second"}]
     assert query(client, "SELECT content FROM messages ORDER BY id") == [{"content": "one"}, {"content": "two"}]
 
 
