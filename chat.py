@@ -2319,6 +2319,7 @@ async def lifespan(app):
         if isinstance(exc, sqlite3.OperationalError):  # a full disk, a read-only folder: say so in one line
             raise Refusal(disk_refusal(database.url.database, exc)) from None
         raise
+    app.state.replaying = asyncio.Lock()  # this loop's: see on_join
     writer = asyncio.create_task(app.state.writer.run())
     retention = asyncio.create_task(supervise("retention", lambda: retain(app), app.state.writer.outage)) if (
         RETAIN_DAYS or RETAIN_MESSAGES_PER_ROOM) else None
@@ -2528,7 +2529,6 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
     app.state.tasks = set()
     app.state.unready = None  # why /readyz said 503 last, to log each change once
     app.state.said = Said()
-    app.state.replaying = asyncio.Lock()
     # The one place that asks which database this is: on PostgreSQL, other processes may store and
     # serve (storey 2); the handlers call the writer and the cluster the same way either way.
     several = app.state.database.url.dialect == "postgresql"
