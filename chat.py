@@ -958,7 +958,7 @@ class FrameBudget:
 
     def take(self, cost: int = 1) -> bool:
         now, lag = time.monotonic(), Lag.total
-        most = max(self.tokens, RATE_BURST + (lag - self.lagged) * RATE_PER_SECOND)
+        most = max(self.tokens, RATE_BURST + min(RATE_BURST, (lag - self.lagged) * RATE_PER_SECOND))
         self.tokens = min(most, self.tokens + (now - self.refilled) * RATE_PER_SECOND)
         self.refilled, self.lagged = now, lag
         if self.tokens < cost:
@@ -968,10 +968,10 @@ class FrameBudget:
 
 
 class Lag:
-    """How long, in all, the event loop has been held up past a tick (`total` seconds): the time
-    in which this process read nothing."""
+    """How long, in all, the event loop has been held up (`total` seconds, counting only ticks
+    late by more than a timer's jitter): the time in which this process read nothing."""
 
-    TICK = 0.1
+    TICK, JITTER = 0.1, 0.02
     total = 0.0
 
     @classmethod
@@ -979,7 +979,8 @@ class Lag:
         while True:
             started = time.monotonic()
             await asyncio.sleep(cls.TICK)
-            cls.total += max(0.0, time.monotonic() - started - cls.TICK)
+            if (late := time.monotonic() - started - cls.TICK) > cls.JITTER:
+                cls.total += late
 
 
 class AddressLimits:
@@ -1174,6 +1175,8 @@ async def on_join(app, client: Client, frame: dict) -> None:
                 notices.append(system_frame(
                     room, "More messages were missed than are replayed; load older ones with "
                     "GET /messages?before=<id>", code="history_truncated", before=history[1][0]))
+        if client.stopped:  # closed meanwhile (its user renamed or deleted): it has left already
+            return
         if first_here and await app.state.cluster.arrive(room, username):
             await app.state.cluster.announce(system_frame(room, f"{username} joined the chat"), exclude=client)
     except DATABASE_ERRORS:
@@ -2214,8 +2217,9 @@ PRUNE_ROOM = """DELETE FROM messages WHERE id IN (
     SELECT id FROM messages WHERE room = :room AND id <= :upto ORDER BY id LIMIT :batch) RETURNING id"""
 SILENT_USERS = """SELECT id, username FROM users WHERE last_seen < :cutoff
     AND NOT EXISTS (SELECT 1 FROM messages WHERE user_id = users.id) ORDER BY id LIMIT :batch"""
-# rename-user and delete-user mark the users changed; each server then reads its joined users' names.
-CHANGE_USERS = """INSERT INTO meta (key, value) VALUES ('users_changed', :stamp)
+# rename-user and delete-user mark the users changed (a JSON object: "closing", the ids of users
+# being deleted); each server then closes those users' sockets and reads its joined users' names.
+CHANGE_USERS = """INSERT INTO meta (key, value) VALUES ('users_changed', :mark)
                   ON CONFLICT (key) DO UPDATE SET value = excluded.value"""
 USERS_CHANGED = "SELECT value FROM meta WHERE key = 'users_changed'"
 NAMES = {  # of a JSON array of user ids
@@ -2270,24 +2274,28 @@ async def retain(app) -> None:
 
 async def moderated(app) -> None:
     """Within a second of an operator's rename-user or delete-user, the user's sockets here are
-    closed, saying so: they would go on speaking under a name that is no longer theirs."""
-    database, seen = app.state.database, await app.state.database.fetch_val(USERS_CHANGED)
+    closed, saying so: they would go on speaking under a name that is no longer theirs. (A mark
+    seen before a failure is handled again after it.)"""
+    database = app.state.database
     while True:
         await asyncio.sleep(1)
-        if (stamp := await database.fetch_val(USERS_CHANGED)) == seen:
+        if (mark := await database.fetch_val(USERS_CHANGED)) == app.state.users_mark:
             continue
-        seen, joined = stamp, [client for client in app.state.rooms.connections if client.username is not None]
-        ids = json.dumps(sorted({client.user_id for client in joined}))
+        joined = [(client, client.user_id, client.username) for client in app.state.rooms.connections
+                  if client.username is not None]
+        ids = json.dumps(sorted({user_id for _, user_id, _ in joined}))
         names = {row["id"]: row["username"] for row in await database.fetch_all(NAMES[database.url.dialect], {"ids": ids})}
-        for client in joined:
-            name = names.get(client.user_id)
-            if name != client.username:
+        closing = set(json.loads(mark or "{}").get("closing", ()))
+        for client, user_id, username in joined:
+            name = None if user_id in closing else names.get(user_id)
+            if name != username and (client.user_id, client.username) == (user_id, username):  # still as it was
                 reason = "your user was deleted" if name is None else f"you were renamed {name!r}: join as that"
                 if len(reason.encode()) > 123:  # a close frame's reason holds no more
                     reason = "you were renamed: join with your new name"
                 client.stop_sending()  # nothing more reaches it, or of it is stored; the room sees it go
                 background(app, leave(app, client))
                 background(app, client.close(status.WS_1008_POLICY_VIOLATION, reason))
+        app.state.users_mark = mark
 
 
 # --- Lifespan, routes, app -----------------------------------------------------------------------
@@ -2323,6 +2331,7 @@ async def lifespan(app):
     writer = asyncio.create_task(app.state.writer.run())
     retention = asyncio.create_task(supervise("retention", lambda: retain(app), app.state.writer.outage)) if (
         RETAIN_DAYS or RETAIN_MESSAGES_PER_ROOM) else None
+    app.state.users_mark = await database.fetch_val(USERS_CHANGED)
     moderation = asyncio.create_task(supervise("moderation", lambda: moderated(app), app.state.writer.outage))
     lag = asyncio.create_task(Lag.measure())
     said = asyncio.create_task(app.state.said.flushing())

@@ -44,6 +44,7 @@ try:
 except ImportError:  # Windows
     resource = None
 
+import asyncpg
 import psutil
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -773,22 +774,27 @@ async def moderate(chat, command: str, *args: str) -> str:
             for look in set(chat.looks(new).values()) & set(chat.looks(old).values()):
                 await database.execute(chat.HAND_OVER_LOOK, {"look": look, "old": old, "new": new})
             await database.execute(chat.RELEASE_LOOKS, {"username": old})  # the rest of the old name is free
-            await database.execute(chat.CHANGE_USERS, {"stamp": uuid.uuid4().hex})
+            await database.execute(chat.CHANGE_USERS, {"mark": json.dumps({"closing": [], "at": uuid.uuid4().hex})})
             return f"renamed {old!r} to {new!r}; their sockets are closed, saying so"
         if command == "delete-user":
             user_id = await database.fetch_val(chat.FIND_USER, {"username": args[0]})
             if user_id is None:
                 raise chat.Invalid("no_user", await no_user(chat, database, args[0]))
+            # Their sockets are closed first (within a second), so that they stop sending.
+            await database.execute(chat.CHANGE_USERS, {"mark": json.dumps({"closing": [user_id], "at": uuid.uuid4().hex})})
             deleted = 0
             while True:  # in batches, so that the server's writes go in between
                 while rows := await database.fetch_all(chat.DELETE_USERS_MESSAGES,
                                                        {"user_id": user_id, "batch": chat.PRUNE_BATCH}):
                     deleted += len(rows)
                     await asyncio.sleep(0.05)
-                if await database.fetch_val(chat.DELETE_SILENT_USER, {"id": user_id}):
-                    break
+                try:
+                    if await database.fetch_val(chat.DELETE_SILENT_USER, {"id": user_id}):
+                        break
+                except (sqlite3.IntegrityError, asyncpg.ForeignKeyViolationError):  # one stored meanwhile
+                    pass
+                await asyncio.sleep(0.05)
             await database.execute(chat.RELEASE_LOOKS, {"username": args[0]})
-            await database.execute(chat.CHANGE_USERS, {"stamp": uuid.uuid4().hex})
             return f"deleted the user {args[0]!r} and their {deleted} messages"
         if command == "delete-message":
             number = int(args[0]) if args[0].isascii() and args[0].isdigit() else args[0]

@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import gc
+import itertools
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ import urllib.request
 from collections import Counter
 from urllib.parse import urlsplit
 
+import anyio
 import asyncpg
 import hypothesis.strategies as st
 import jwt
@@ -2694,7 +2696,7 @@ def test_frames_over_the_rate_limit_get_rate_limited_and_are_not_stored(client, 
     assert query(client, "SELECT content FROM messages ORDER BY id") == [{"content": "one"}, {"content": "two"}]
 
 
-@pytest.mark.parametrize("held_up, accepted", [(0, 10), (3, 25)])
+@pytest.mark.parametrize("held_up, accepted", [(0, 10), (1, 15), (2, 20), (3, 20)])  # twice the burst at most
 def test_frames_sent_while_the_server_was_held_up_may_arrive_together_up_to_what_the_rate_allowed(
         monkeypatch, held_up, accepted):
     clock = [1000.0]
@@ -4050,6 +4052,80 @@ def test_an_operators_command_closes_that_users_sockets_within_seconds_saying_wh
             assert untimed(alice.receive_json()) == {"type": "system", "room": "general", "content": "bob left the chat"}
             alice.send_json({"type": "message", "content": "still here"})
             assert alice.receive_json()["content"] == "still here"
+
+
+def test_delete_user_ends_while_that_user_keeps_sending_and_leaves_none_of_their_messages(database_url, unlimited):
+    with TestClient(chat.create_app(database_url)) as client, client.websocket_connect("/ws") as spammer:
+        join(spammer, "spammer")
+        sending = threading.Event()
+
+        def spam():  # until the server closes the socket
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError, anyio.ClosedResourceError):
+                for n in itertools.count():
+                    spammer.send_json({"type": "message", "content": f"spam {n}"})
+                    sending.set()
+                    time.sleep(0.01)
+
+        threading.Thread(target=spam, daemon=True).start()
+        sending.wait(5)
+        started = time.monotonic()
+        code, said = chat_command(database_url, "delete-user", "spammer")
+        assert code == 0 and said.startswith("deleted the user 'spammer' and their "), said
+        assert time.monotonic() - started < 10
+        assert query(client, "SELECT count(*) AS n FROM messages") == [{"n": 0}]
+        assert query(client, "SELECT count(*) AS n FROM users") == [{"n": 0}]
+
+
+def test_a_mark_that_a_database_error_kept_from_being_handled_is_handled_after_it(database_url, monkeypatch):
+    with TestClient(chat.create_app(database_url)) as client, client.websocket_connect("/ws") as bob:
+        join(bob, "bob")
+        database, failed = client.app.state.database, []
+        fetch_all = database.fetch_all
+
+        async def failing_once(query, values=None):
+            if query in chat.NAMES.values() and not failed:
+                failed.append(query)
+                raise chat.Unavailable()
+            return await fetch_all(query, values)
+
+        monkeypatch.setattr(database, "fetch_all", failing_once)
+        assert chat_command(database_url, "rename-user", "bob", "Bobby")[0] == 0
+        assert closed_with(bob) == (1008, "you were renamed 'Bobby': join as that")
+        assert len(failed) == 1
+
+
+def test_a_socket_that_left_and_joined_as_another_meanwhile_is_not_closed_for_the_first(database_url, monkeypatch):
+    with TestClient(chat.create_app(database_url)) as client, client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        database, fetch_all = client.app.state.database, client.app.state.database.fetch_all
+
+        async def rejoining_meanwhile(query, values=None):
+            if query in chat.NAMES.values():  # as if, while it is read, the socket left and joined as carol
+                (connection,) = client.app.state.rooms.connections
+                connection.username = "carol"
+            return await fetch_all(query, values)
+
+        monkeypatch.setattr(database, "fetch_all", rejoining_meanwhile)
+        assert chat_command(database_url, "delete-user", "alice")[0] == 0
+        time.sleep(2)  # the server reads the mark within a second
+        (connection,) = client.app.state.rooms.connections
+        assert (connection.username, connection.stopped, connection.closed_with) == ("carol", False, None)
+
+
+def test_a_join_whose_socket_is_closed_while_it_reads_the_history_is_not_left_present(database_url, monkeypatch):
+    app, reading = chat.create_app(database_url), chat.recent_messages
+
+    async def closed_meanwhile(database, *args, **kwargs):  # as moderated() closes it
+        (joining,) = app.state.rooms.connections
+        joining.stop_sending()
+        await chat.leave(app, joining)
+        return await reading(database, *args, **kwargs)
+
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        monkeypatch.setattr(chat, "recent_messages", closed_meanwhile)
+        ws.send_json({"type": "join", "username": "alice"})
+        time.sleep(0.5)
+        assert client.get("/users/active").json() == []
 
 
 def test_a_rest_message_of_a_user_deleted_after_it_was_checked_is_404(client, monkeypatch):
