@@ -1316,28 +1316,29 @@ class Said:
 
     def __init__(self):
         self.last: dict[str, float] = {}
-        self.held: dict[str, tuple[int, str, tuple, int]] = {}  # (level, message, args) of the last held back; how many
+        self.held: dict[str, tuple] = {}  # the last held back of each kind: (level, message, args, how many before it)
 
     def info(self, kind: str, message: str, *args, level: int = logging.INFO) -> None:
-        now = time.monotonic()
-        if now - self.last.get(kind, -60.0) < 60:
-            self.held[kind] = (level, message, args, self.held.get(kind, (0, "", (), 0))[3] + 1)
-            return
-        if len(self.last) > 1000:  # kinds carry what clients send: keep the last minute's only
-            self.last = {k: t for k, t in self.last.items() if now - t < 60 or k in self.held}
-        self.last[kind], more = now, self.held.pop(kind, (0, "", (), 0))[3]
-        log.log(level, message + (f" ({more} more like it in the minute before)" if more else ""), *args)
+        held = self.held.pop(kind, None)
+        if time.monotonic() - self.last.get(kind, -60.0) < 60:
+            self.held[kind] = (level, message, args, held[3] + 1 if held else 0)
+        else:
+            self.say(kind, level, message, args, held[3] + 1 if held else 0)
 
     def warning(self, kind: str, message: str, *args) -> None:
         self.info(kind, message, *args, level=logging.WARNING)
 
     def flush(self) -> None:
         """Say what was held back of each kind whose minute is over."""
+        for kind in [kind for kind in self.held if time.monotonic() - self.last[kind] >= 60]:
+            self.say(kind, *self.held.pop(kind))
+
+    def say(self, kind: str, level: int, message: str, args: tuple, more: int) -> None:
         now = time.monotonic()
-        for kind in [kind for kind in self.held if now - self.last[kind] >= 60]:
-            level, message, args, count = self.held.pop(kind)
-            self.last[kind] = now
-            log.log(level, message + (f" ({count - 1} more like it in the minute before)" if count > 1 else ""), *args)
+        if len(self.last) > 1000:  # kinds carry what clients send: keep the last minute's only
+            self.last = {k: t for k, t in self.last.items() if now - t < 60 or k in self.held}
+        self.last[kind] = now
+        log.log(level, message + (f" ({more} more like it in the minute before)" if more else ""), *args)
 
     async def flushing(self) -> None:
         while True:
