@@ -290,6 +290,17 @@ class SQLiteDatabase(Direct):
                     raise
             await asyncio.sleep(0.01)
 
+    @contextlib.asynccontextmanager
+    async def transaction(self):
+        """Begun on the connection statements run on (python chat.py's commands: nothing runs beside them)."""
+        await self.run("BEGIN IMMEDIATE", {})
+        try:
+            yield
+        except BaseException:
+            self.direct.execute("ROLLBACK")
+            raise
+        await self.run("COMMIT", {})
+
     async def checkpoints(self) -> None:
         """Every second, copy what the write-ahead log holds into the database file, off the loop."""
         while True:
@@ -2208,8 +2219,19 @@ PRUNE_BATCH = 500
 PRUNE_EVERY = 3600  # seconds between the server's prunes
 RENAME_USER = "UPDATE users SET username = :new WHERE username = :old RETURNING id"
 DELETE_USERS_MESSAGES = """DELETE FROM messages WHERE id IN (
-    SELECT id FROM messages WHERE user_id = :user_id ORDER BY id LIMIT :batch) RETURNING id"""
-DELETE_MESSAGE = "DELETE FROM messages WHERE id = :id RETURNING id"
+    SELECT id FROM messages WHERE user_id = :user_id ORDER BY id LIMIT :batch) RETURNING id, room"""
+DELETE_MESSAGE = "DELETE FROM messages WHERE id = :id RETURNING id, room"
+# What an operator deleted, for the screens showing it (see told_deleted); the newest DELETIONS_KEPT.
+DELETIONS_KEPT = 10_000
+RECORD_DELETIONS = {  # a JSON array of {"id", "room"}
+    "sqlite": """INSERT INTO deletions (message_id, room)
+                 SELECT json_extract(value, '$.id'), json_extract(value, '$.room') FROM json_each(:rows)""",
+    "postgresql": """INSERT INTO deletions (message_id, room)
+                     SELECT id, room FROM json_to_recordset(CAST(:rows AS JSON)) AS d(id BIGINT, room TEXT)""",
+}
+FORGET_DELETIONS = "DELETE FROM deletions WHERE id <= (SELECT MAX(id) FROM deletions) - :kept"
+DELETIONS_AFTER = "SELECT id, message_id, room FROM deletions WHERE id > :seen ORDER BY id LIMIT 1000"
+LAST_DELETION = "SELECT COALESCE(MAX(id), 0) FROM deletions"
 PRUNE_OLD = """DELETE FROM messages WHERE id IN (
     SELECT id FROM messages WHERE created_at < :cutoff ORDER BY id LIMIT :batch) RETURNING id"""
 ROOMS_OVER = "SELECT DISTINCT room FROM messages"
@@ -2253,6 +2275,35 @@ async def prune(database: Database, days: float = 0, keep: int = 0, pause: float
     return deleted
 
 
+async def delete_messages(database: Database, statement: str, values: dict) -> int:
+    """Delete messages (delete-message, a batch of delete-user's), and record them for the screens
+    showing them, in one transaction; how many went."""
+    async with database.transaction():
+        rows = await database.fetch_all(statement, values)
+        if rows:
+            gone = json.dumps([{"id": row["id"], "room": row["room"]} for row in rows])
+            await database.execute(RECORD_DELETIONS[database.url.dialect], {"rows": gone})
+            await database.execute(FORGET_DELETIONS, {"kept": DELETIONS_KEPT})
+    return len(rows)
+
+
+async def told_deleted(app) -> None:
+    """Tell each client here of the messages deleted in its room since last time: {"type": "deleted",
+    "room", "ids"}, so that they leave its screen. (Not prune's: old messages, kept by no screen.)"""
+    rows = await app.state.database.fetch_all(DELETIONS_AFTER, {"seen": app.state.deletions_seen})
+    by_room: dict[str, list[int]] = {}
+    for row in rows:
+        by_room.setdefault(row["room"], []).append(row["message_id"])
+    rooms = app.state.rooms
+    for room, ids in by_room.items():
+        text = encode({"type": "deleted", "room": room, "ids": ids})
+        for connections in rooms.rooms.get(room, {}).values():
+            for client in connections:
+                client.send_messages([text], None, rooms.frame and rooms.frame(text))
+    if rows:
+        app.state.deletions_seen = rows[-1]["id"]
+
+
 async def retain(app) -> None:
     """The server's retention: prune, then forget users with no message left, not here and not
     seen for RETAIN_DAYS (their looks too); every PRUNE_EVERY seconds."""
@@ -2276,10 +2327,11 @@ async def retain(app) -> None:
 async def moderated(app) -> None:
     """Within a second of an operator's rename-user or delete-user, the user's sockets here are
     closed, saying so: they would go on speaking under a name that is no longer theirs. (A mark
-    seen before a failure is handled again after it.)"""
+    seen before a failure is handled again after it.) Deleted messages are told, too."""
     database = app.state.database
     while True:
         await asyncio.sleep(1)
+        await told_deleted(app)
         if (mark := await database.fetch_val(USERS_CHANGED)) == app.state.users_mark:
             continue
         joined = [(client, client.user_id, client.username) for client in app.state.rooms.connections
@@ -2333,6 +2385,7 @@ async def lifespan(app):
     retention = asyncio.create_task(supervise("retention", lambda: retain(app), app.state.writer.outage)) if (
         RETAIN_DAYS or RETAIN_MESSAGES_PER_ROOM) else None
     app.state.users_mark = await database.fetch_val(USERS_CHANGED)
+    app.state.deletions_seen = await database.fetch_val(LAST_DELETION)
     moderation = asyncio.create_task(supervise("moderation", lambda: moderated(app), app.state.writer.outage))
     lag = asyncio.create_task(Lag.measure())
     said = asyncio.create_task(app.state.said.flushing())

@@ -784,9 +784,9 @@ async def moderate(chat, command: str, *args: str) -> str:
             await database.execute(chat.CHANGE_USERS, {"mark": json.dumps({"closing": [user_id], "at": uuid.uuid4().hex})})
             deleted = 0
             while True:  # in batches, so that the server's writes go in between
-                while rows := await database.fetch_all(chat.DELETE_USERS_MESSAGES,
-                                                       {"user_id": user_id, "batch": chat.PRUNE_BATCH}):
-                    deleted += len(rows)
+                while batch := await chat.delete_messages(database, chat.DELETE_USERS_MESSAGES,
+                                                          {"user_id": user_id, "batch": chat.PRUNE_BATCH}):
+                    deleted += batch
                     await asyncio.sleep(0.05)
                 try:
                     if await database.fetch_val(chat.DELETE_SILENT_USER, {"id": user_id}):
@@ -798,7 +798,7 @@ async def moderate(chat, command: str, *args: str) -> str:
             return f"deleted the user {args[0]!r} and their {deleted} messages"
         if command == "delete-message":
             number = int(args[0]) if args[0].isascii() and args[0].isdigit() else args[0]
-            if not await database.fetch_val(chat.DELETE_MESSAGE, {"id": chat.check_id(number, "id")}):
+            if not await chat.delete_messages(database, chat.DELETE_MESSAGE, {"id": chat.check_id(number, "id")}):
                 raise chat.Invalid("no_message", f"there is no message {args[0]}")
             return f"deleted the message {args[0]}"
         try:

@@ -47,6 +47,15 @@ CREATE TABLE IF NOT EXISTS looks (
 );
 CREATE INDEX IF NOT EXISTS looks_username ON looks (username);
 
+-- Messages an operator deleted (python chat.py delete-message, delete-user): every process reads
+-- the new ones each second and tells the clients in their room, so that the message leaves the
+-- screens already showing it. The newest 10,000 are kept (chat.py's DELETIONS_KEPT).
+CREATE TABLE IF NOT EXISTS deletions (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id BIGINT NOT NULL,
+    room       TEXT NOT NULL
+);
+
 -- Several processes on one PostgreSQL (see Cluster in chat.py): who is connected where. A process
 -- renews its heartbeat every few seconds; one that stops is reaped by the others, with its users.
 -- Unused, and harmless, on SQLite, which serves one process.

@@ -751,17 +751,19 @@ def test_a_database_from_before_client_ids_gains_the_column_and_keeps_its_messag
 
 EARLIER_SCHEMAS = sorted(path.stem for path in (HERE / "fixtures" / "schema").glob("*.sql"))
 UPGRADE_LINES = [
-    "upgraded the database, step 1 of 6: dropped the table skeletons, if any (look-alike records of a9fad39; "
+    "upgraded the database, step 1 of 7: dropped the table skeletons, if any (look-alike records of a9fad39; "
     "its users' looks are claimed again at start)",
-    "upgraded the database, step 2 of 6: messages.room compares byte by byte, as schema.sql declares (a table "
+    "upgraded the database, step 2 of 7: messages.room compares byte by byte, as schema.sql declares (a table "
     "from before 7605b59 kept the database's locale)",
-    "upgraded the database, step 3 of 6: added the column messages.client_id (62eee87)",
-    "upgraded the database, step 4 of 6: the index messages_client_id leaves out messages without one (dbc93da); "
+    "upgraded the database, step 3 of 7: added the column messages.client_id (62eee87)",
+    "upgraded the database, step 4 of 7: the index messages_client_id leaves out messages without one (dbc93da); "
     "schema.sql makes it again",
-    "upgraded the database, step 5 of 6: message ids are never given again, even after the newest are deleted "
+    "upgraded the database, step 5 of 7: message ids are never given again, even after the newest are deleted "
     "(SQLite: AUTOINCREMENT)",
-    "upgraded the database, step 6 of 6: every user's looks are claimed again at start, a look in capitals among "
-    "them (\"ВUDI SANTOSO\" with a Cyrillic В)"]
+    "upgraded the database, step 6 of 7: every user's looks are claimed again at start, a look in capitals among "
+    "them (\"ВUDI SANTOSO\" with a Cyrillic В)",
+    "upgraded the database, step 7 of 7: added the table deletions, which tells open screens of deleted messages "
+    "(schema.sql makes it)"]
 
 
 def old_database(database_url: str, commit: str, rows: str = "") -> None:
@@ -772,7 +774,7 @@ def old_database(database_url: str, commit: str, rows: str = "") -> None:
             db.executescript(sql)
     else:
         postgres_execute(database_url, 'CREATE COLLATION IF NOT EXISTS "binary" FROM "C";'
-                         + sql.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY"))
+                         + re.sub("INTEGER PRIMARY KEY( AUTOINCREMENT)?", "BIGSERIAL PRIMARY KEY", sql))
 
 
 def upgrade_lines(caplog) -> list[str]:
@@ -788,7 +790,7 @@ def test_a_database_of_each_earlier_schema_is_upgraded_in_place_saying_each_step
         assert [m["content"] for m in client.get("/messages").json()] == ["old"]
         assert post(client, "alice", "new", client_id="c-1")["client_id"] == "c-1"
         columns = query(client, chat.COLUMNS[client.app.state.database.url.dialect])
-        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "6"}]
+        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "7"}]
     recorded = re.search(r"'schema_version', '(\d+)'", (HERE / "fixtures" / "schema" / f"{commit}.sql").read_text())
     assert upgrade_lines(caplog) == UPGRADE_LINES[int(recorded[1]) if recorded else 0:]  # those past its version
     assert {(row["table"], row["column"]) for row in columns} == {
@@ -815,11 +817,11 @@ def test_a_database_at_the_current_version_starts_without_a_step(database_url, c
         pass
     caplog.set_level(logging.INFO, chat.log.name)
     with TestClient(chat.create_app(database_url)) as client:
-        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "6"}]
+        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "7"}]
     assert upgrade_lines(caplog) == []
 
 
-@pytest.mark.parametrize("version, refused", [("6", False), ("7", True), ("x", True)])
+@pytest.mark.parametrize("version, refused", [("7", False), ("8", True), ("x", True)])
 def test_a_database_newer_than_the_code_is_refused_in_one_line(database_url, version, refused):
     with TestClient(chat.create_app(database_url)) as client:
         client.portal.call(client.app.state.database.execute,
@@ -831,7 +833,7 @@ def test_a_database_newer_than_the_code_is_refused_in_one_line(database_url, ver
     with pytest.raises(chat.Refusal) as refusal:
         with TestClient(chat.create_app(database_url)):
             pass
-    assert str(refusal.value) == (f"the database is at schema version {version}, which this chat (version 6) does "
+    assert str(refusal.value) == (f"the database is at schema version {version}, which this chat (version 7) does "
                                   "not know: serve it with the version of chat that last served it, or a newer one")
 
 
@@ -2041,6 +2043,17 @@ def test_two_tester_pages_chat_with_each_other(browser, server):
     assert bob.locator(".msg b").all_text_contents() == ["alice"]
 
 
+def test_a_message_an_operator_deletes_leaves_the_tester_page(browser, database_url):
+    with running_server(database_url) as base:
+        alice = open_tester(browser, base, "alice")
+        say_in(alice, "rude")
+        say_in(alice, "kind")
+        alice.wait_for_selector(".msg .text:text-is('kind')")
+        assert chat_command(database_url, "delete-message", "1")[0] == 0
+        alice.wait_for_selector(".msg .text:text-is('rude')", state="detached", timeout=5000)
+        assert alice.locator(".msg .text").all_text_contents() == ["kind"]
+
+
 def test_the_tester_page_shows_html_in_a_message_as_text(browser, server):
     alice, bob = open_tester(browser, server, "alice"), open_tester(browser, server, "bob")
     attack = '<img src=x onerror="document.title=\'pwned\'">'
@@ -2091,7 +2104,7 @@ def test_with_a_secret_the_tester_page_joins_with_the_token_in_its_url(browser, 
     with running_server(database_url, env={"CHAT_SECRET": SECRET32}) as base:
         page = browser.new_page()
         page.goto(f"{base}/test?token={secret_token('alice')}")
-        assert page.locator("#token-field").is_visible()
+        page.wait_for_selector("#token-field", state="visible")  # once /ws-info has answered
         assert page.input_value("#username") == "alice"  # the name the token is for
         page.click("#join")
         page.wait_for_selector("#status:text('joined general as alice')")
@@ -4074,6 +4087,51 @@ def test_delete_user_ends_while_that_user_keeps_sending_and_leaves_none_of_their
         assert time.monotonic() - started < 10
         assert query(client, "SELECT count(*) AS n FROM messages") == [{"n": 0}]
         assert query(client, "SELECT count(*) AS n FROM users") == [{"n": 0}]
+
+
+def test_delete_message_takes_it_off_the_screens_in_its_room_within_seconds(database_url):
+    with TestClient(chat.create_app(database_url)) as client:
+        with client.websocket_connect("/ws") as alice, client.websocket_connect("/ws/den") as carol:
+            join(alice, "alice")
+            join(carol, "carol")
+            post(client, "bob", "rude")
+            post(client, "bob", "elsewhere", room="den")
+            assert alice.receive_json()["id"] == 1 and carol.receive_json()["id"] == 2
+            started = time.monotonic()
+            assert chat_command(database_url, "delete-message", "1") == (0, "deleted the message 1\n")
+            assert alice.receive_json() == {"type": "deleted", "room": "general", "ids": [1]}
+            assert time.monotonic() - started < 3
+            carol.send_json({"type": "message", "content": "still here"})
+            assert carol.receive_json()["content"] == "still here"  # den was told nothing
+
+
+def test_delete_user_takes_their_messages_off_the_screens_in_each_room(database_url):
+    with TestClient(chat.create_app(database_url)) as client, client.websocket_connect("/ws") as alice:
+        join(alice, "alice")
+        for content, room in [("one", "general"), ("two", "den"), ("three", "general")]:
+            post(client, "bob", content, room=room)
+        assert [alice.receive_json()["id"] for _ in range(2)] == [1, 3]
+        assert chat_command(database_url, "delete-user", "bob") == (0, "deleted the user 'bob' and their 3 messages\n")
+        assert alice.receive_json() == {"type": "deleted", "room": "general", "ids": [1, 3]}
+
+
+@pytest.mark.parametrize("deleted, kept", [(2, [1, 2]), (3, [2, 3])])
+def test_the_newest_deletions_kept_are_deletions_kept_and_no_more(client, monkeypatch, deleted, kept):
+    monkeypatch.setattr(chat, "DELETIONS_KEPT", 2)
+    for n in range(deleted):
+        post(client, "alice", f"m{n}")
+    for id in range(1, deleted + 1):
+        assert client.portal.call(chat.delete_messages, client.app.state.database, chat.DELETE_MESSAGE, {"id": id}) == 1
+    assert query(client, "SELECT message_id FROM deletions ORDER BY id") == [{"message_id": id} for id in kept]
+
+
+def test_a_message_whose_deletion_cannot_be_recorded_is_not_deleted(client, monkeypatch):
+    post(client, "alice", "hi")
+    monkeypatch.setitem(chat.RECORD_DELETIONS, client.app.state.database.url.dialect, "INSERT INTO nowhere VALUES (1)")
+    with pytest.raises(chat.DATABASE_ERRORS):
+        client.portal.call(chat.delete_messages, client.app.state.database, chat.DELETE_MESSAGE, {"id": 1})
+    assert [m["content"] for m in client.get("/messages").json()] == ["hi"]
+    assert query(client, "SELECT count(*) AS n FROM deletions") == [{"n": 0}]
 
 
 def test_a_mark_that_a_database_error_kept_from_being_handled_is_handled_after_it(database_url, monkeypatch):

@@ -28,3 +28,5 @@ ALTER TABLE messages_numbered RENAME TO messages;  -- sqlite only
 
 -- step 6: every user's looks are claimed again at start, a look in capitals among them ("ВUDI SANTOSO" with a Cyrillic В)
 DROP TABLE IF EXISTS looks;
+
+-- step 7: added the table deletions, which tells open screens of deleted messages (schema.sql makes it)
