@@ -121,7 +121,8 @@ def listed(value: str) -> list[str]:
 DATABASE_URL = setting("DATABASE_URL", "sqlite:///chat.db",
                        "where messages are stored: sqlite:///FILE, or postgresql://USER:PASSWORD@HOST/DB")
 # Against DNS rebinding; by default loopback names, and this machine's own name and addresses.
-ALLOWED_HOSTS = setting("ALLOWED_HOSTS", "", "Host names the server answers to (others: 400); * for any", listed)
+ALLOWED_HOSTS = setting("ALLOWED_HOSTS", "", "Host names the server answers to besides this machine's own "
+                        "(others: 400); * for any", listed)
 ALLOWED_ORIGINS = setting("ALLOWED_ORIGINS", "", "other sites' pages that may use the API and the socket, "
                           "comma-separated; * for any", listed)
 SECRET = setting("CHAT_SECRET", "", "32 bytes or more: sockets and writes need a signed token "
@@ -2435,11 +2436,12 @@ def shown_url(url: str) -> str:
 
 
 def local_hosts() -> list[str]:
-    """The names this machine is reached by: loopback, and its own name and addresses (a DNS
-    rebinding attack needs a name of the attacker's). An IPv6 address in a Host header is in brackets."""
+    """The names this machine is reached by: loopback, and its own name (on the local network too,
+    NAME.local) and addresses (a DNS rebinding attack needs a name of the attacker's). An IPv6
+    address in a Host header is in brackets."""
     hosts, name = {"127.0.0.1", "localhost", "::1"}, socket.gethostname()
     with contextlib.suppress(OSError):
-        hosts |= {name, socket.getfqdn(), *(info[4][0] for info in socket.getaddrinfo(name, None))}
+        hosts |= {name, f"{name}.local", socket.getfqdn(), *(info[4][0] for info in socket.getaddrinfo(name, None))}
     return sorted({f"[{host}]" if ":" in host else host for host in hosts - {""}})
 
 
@@ -2470,8 +2472,8 @@ class CORS(CORSMiddleware):
 
 class HostCheck:
     """The Host check (against DNS rebinding; "*.example.org" matches its subdomains), which also
-    lets in this machine's own IP addresses, whichever it has now, unless ALLOWED_HOSTS names the
-    hosts itself. A refused host is told, and logged once, with the setting that would let it in."""
+    lets in this machine's own IP addresses, whichever it has now. A refused host is told, and
+    logged once, with the setting that would let it in."""
 
     def __init__(self, app, allowed_hosts: list[str]):
         self.app, self.allowed_hosts = app, list(allowed_hosts)
@@ -2492,7 +2494,7 @@ class HostCheck:
         bracketed = f"[{host}]" if ":" in host else host
         if bracketed in self.own or self.allowed(bracketed):
             return self.app(scope, receive, send)
-        if not ALLOWED_HOSTS and own_address(host):  # 127.0.0.0/8 alone holds millions: keep a few
+        if own_address(host):  # 127.0.0.0/8 alone holds millions: keep a few
             if len(self.own) < 256:
                 self.own.add(bracketed)
             return self.app(scope, receive, send)
@@ -2579,7 +2581,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
         Route("/ws/{room}", upgrade_required),
     ]
     middleware = [Middleware(StartUp),
-                  Middleware(HostCheck, allowed_hosts=ALLOWED_HOSTS or local_hosts()),
+                  Middleware(HostCheck, allowed_hosts=[*local_hosts(), *ALLOWED_HOSTS]),
                   Middleware(CORS, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
                              allow_headers=["Content-Type", "Authorization"])]
     handlers = {HTTPException: http_error, ClientDisconnect: client_gone,

@@ -708,7 +708,7 @@ def usage(chat) -> str:
     values = {**{name: getattr(chat, name, None) for name in chat.SETTINGS}, **{name: globals()[name] for name in SETTINGS}}
     values.update({"CHAT_SECRET": "(set)" if chat.SECRET else "(not set)",
                    "METRICS_TOKEN": "(set)" if chat.METRICS_TOKEN else "(not set)",
-                   "ALLOWED_HOSTS": chat.ALLOWED_HOSTS or chat.local_hosts(),
+                   "ALLOWED_HOSTS": [*chat.ALLOWED_HOSTS, *chat.local_hosts()],
                    "DATABASE_URL": chat.shown_url(chat.DATABASE_URL), "PUBLIC_READS": "1" if chat.PUBLIC_READS else "0"})
     shown = {name: ",".join(v) if isinstance(v, list) else v for name, v in values.items()}
     shown = {name: f"{'(empty)' if value in ('', None) else value}{'' if name in os.environ else ' (default)'}"

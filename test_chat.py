@@ -1593,6 +1593,14 @@ def test_an_ip_address_of_this_machine_is_one_of_its_names_and_another_is_refuse
         "this server does not answer to the host '203.0.113.9'; if it should, start it with ALLOWED_HOSTS=203.0.113.9")})
 
 
+def test_allowed_hosts_adds_to_this_machines_own_names_and_addresses(database_url, monkeypatch):
+    monkeypatch.setattr(chat, "ALLOWED_HOSTS", ["vm.example"])
+    with TestClient(chat.create_app(database_url)) as client:
+        answers = [client.get("/livez", headers={"host": host}).status_code for host in (
+            "vm.example", "127.0.0.1:8000", "127.0.0.2", "localhost", f"{socket.gethostname()}.local", "evil.example")]
+    assert answers == [200, 200, 200, 200, 200, 400]
+
+
 def test_served_on_every_interface_it_says_the_address_to_open(tmp_path):
     port = free_port()
     server = subprocess.Popen([sys.executable, "chat.py", "--host", "0.0.0.0", "--port", str(port)], cwd=HERE,
@@ -2052,6 +2060,45 @@ def test_a_message_an_operator_deletes_leaves_the_tester_page(browser, database_
         assert chat_command(database_url, "delete-message", "1")[0] == 0
         alice.wait_for_selector(".msg .text:text-is('rude')", state="detached", timeout=5000)
         assert alice.locator(".msg .text").all_text_contents() == ["kind"]
+
+
+def test_the_tester_page_asks_who_is_here_at_most_once_a_second(browser, server):
+    page = browser.new_page()
+    page.goto(server + "/test")
+    asked = page.evaluate("""async () => {
+        const times = [];
+        refreshUsers = () => times.push(Date.now());
+        for (let i = 0; i < 10; i++) refreshUsersSoon();  // ten notices at once: asked at once
+        await new Promise((done) => setTimeout(done, 100));
+        for (let i = 0; i < 10; i++) refreshUsersSoon();  // ten more: asked once, a second after
+        await new Promise((done) => setTimeout(done, 1500));
+        return times;
+    }""")
+    assert len(asked) == 2 and asked[1] - asked[0] > 990, asked
+
+
+def test_leaving_in_the_tester_page_shows_the_goodbye_and_forgets_who_is_here(browser, server):
+    page = open_tester(browser, server, "alice")
+    page.wait_for_selector("#users:text-is('here: alice')")
+    page.click("#leave")
+    page.wait_for_selector("#status:text-is('disconnected')")
+    assert page.locator("#messages .system").all_text_contents()[-1] == "Goodbye alice!"
+    assert (page.text_content("#users"), page.is_enabled("#username")) == ("", True)
+
+
+def test_a_message_refused_for_its_length_goes_back_to_the_tester_pages_box(browser, server):
+    page = open_tester(browser, server, "alice")
+    say_in(page, "x" * (chat.MAX_CONTENT_LENGTH + 1))
+    page.wait_for_selector(".error")
+    assert page.input_value("#content") == "x" * (chat.MAX_CONTENT_LENGTH + 1)
+
+
+def test_a_tester_page_renamed_by_the_operator_holds_the_new_name(browser, database_url):
+    with running_server(database_url) as base:
+        page = open_tester(browser, base, "Kevin")
+        assert chat_command(database_url, "rename-user", "Kevin", "Kevin O'Brien")[0] == 0
+        page.wait_for_selector("#status:text('you were renamed')")
+        assert page.input_value("#username") == "Kevin O'Brien"
 
 
 def test_the_tester_page_shows_html_in_a_message_as_text(browser, server):
