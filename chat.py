@@ -109,7 +109,7 @@ def setting(name: str, default: str, what: str, kind=str, least: float = -math.i
     except ValueError:
         raise SystemExit(f"{name}={raw!r}: use {number}, e.g. {name}={default}") from None
     if kind in (int, float) and not least <= value <= most:  # nan is neither
-        span = f"from {least:g} to {most:g}" if most < math.inf else f"of {least:g} or more"
+        span = f"from {least:.15g} to {most:.15g}" if most < math.inf else f"of {least:.15g} or more"
         raise SystemExit(f"{name}={raw!r}: use {number} {span}, e.g. {name}={default}")
     return value
 
@@ -146,8 +146,9 @@ MAX_BODY_BYTES = setting("MAX_BODY_BYTES", "16384", "bytes in a REST body", int,
 SEND_QUEUE_FRAMES = setting("SEND_QUEUE_FRAMES", "1000", "frames queued for a client that reads slowly; "
                             "past it, 1013", int, 1)
 RETAIN_DAYS = setting("RETAIN_DAYS", "0", "delete messages older than this, hourly (0: keep them)", float, 0, 36500)
+MOST_KEPT = 10**9  # messages a room keeps, at most, if any limit is set (a database's integers stop at 2**63)
 RETAIN_MESSAGES_PER_ROOM = setting("RETAIN_MESSAGES_PER_ROOM", "0",
-                                   "keep only this many newest messages of each room (0: all)", int, 0)
+                                   "keep only this many newest messages of each room (0: all)", int, 0, MOST_KEPT)
 DATABASE_WAIT = setting("DATABASE_WAIT", "30", "seconds to wait at start for a database that does not answer", float, 0)
 PRESENCE_TIMEOUT = setting("PRESENCE_TIMEOUT", "15", "PostgreSQL: seconds before a silent process's users "
                            "count as gone", float, 1)
@@ -640,6 +641,8 @@ def check_username(value) -> str:
                       f"{unicodedata.name(char, '(unnamed)')} ({exc.reason})") from None
     if len(name) > MAX_USERNAME_LENGTH:
         raise Invalid("invalid_username", f"username is longer than {MAX_USERNAME_LENGTH} characters")
+    if all(unicodedata.category(char).startswith("M") or char == " " for char in name):  # all but invisible
+        raise Invalid("invalid_username", "username must have a letter, digit or symbol, not only accents and marks")
     return name
 
 
@@ -687,7 +690,7 @@ async def check_lookalike(database, username: str, former: str | None = None) ->
     if others:
         await database.execute(RELEASE_LOOKS, {"username": username})
         raise Invalid("confusable_username", f"{username!r} looks like the existing user {min(others)!r}"
-                      f"{unlike(username, min(others))}; choose another name")
+                      f"{unlike(username, min(others))}; if that is you, write it the same way, else choose another name")
 
 
 ASCII = set(map(chr, range(128)))
@@ -747,10 +750,13 @@ def check_client_id(value) -> str | None:
 
 
 def check_room(value) -> str:
-    if not isinstance(value, str) or not ROOM_PATTERN.fullmatch(value):
-        raise Invalid("invalid_room", "room must be 1-32 of a-z, 0-9, '-' and '_', "
-                      "starting with a letter or digit")
-    return value
+    """A room's name in lower case ("Kelas-7A" on the board is the room kelas-7a); a bad one is
+    refused with one that would do ("Kelas 7A": try 'kelas-7a')."""
+    if isinstance(value, str) and ROOM_PATTERN.fullmatch(value.lower()):
+        return value.lower()
+    try_this = re.sub(r"[^a-z0-9_]+", "-", value.lower()).strip("-_")[:32] if isinstance(value, str) else ""
+    raise Invalid("invalid_room", "room must be 1-32 of a-z, 0-9, '-' and '_', starting with a letter or digit"
+                  + (f": try {try_this!r}" if ROOM_PATTERN.fullmatch(try_this) else ""))
 
 
 def check_id(value, field: str) -> int:
@@ -932,9 +938,12 @@ def handshake_refusal(connection: HTTPConnection) -> tuple[int, str] | None:
 def address_key(ip: str) -> str:
     """What a per-address limit counts: an IPv4 address (also as a dual-stack socket shows it,
     ::ffff:a.b.c.d), or an IPv6 /64 (a host may take any address of its /64 at will)."""
-    if ":" not in ip:
+    try:
+        address = ipaddress.IPv6Address(ip) if ":" in ip else None
+    except ValueError:  # plain uvicorn believes any X-Forwarded-For from 127.0.0.1: "a:b:c" counts as itself
+        return ip[:64]
+    if address is None:
         return ip
-    address = ipaddress.IPv6Address(ip)
     return str(address.ipv4_mapped or ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
 
 
@@ -2469,6 +2478,17 @@ class CORS(CORSMiddleware):
     def __call__(self, scope, receive, send):
         return (super().__call__ if scope["type"] == "http" else self.app)(scope, receive, send)
 
+    def preflight_response(self, request_headers: Headers) -> Response:
+        """A refused preflight says why in JSON, naming the setting, as every refusal here does."""
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        origin, failures = request_headers["origin"], response.body.decode().removeprefix("Disallowed CORS ")
+        detail = f"this API does not allow the {failures} asked for" + (
+            f"; if pages of {origin[:100]} should use it, start the server with ALLOWED_ORIGINS={origin[:100]}"
+            if "origin" in failures else "")
+        return JSONResponse({"detail": detail}, status_code=400)
+
 
 class HostCheck:
     """The Host check (against DNS rebinding; "*.example.org" matches its subdomains), which also
@@ -2491,6 +2511,9 @@ class HostCheck:
             host = urllib.parse.urlsplit("//" + Headers(scope=scope).get("host", "")).hostname or ""
         except ValueError:  # "[", "[::1": no host at all
             return JSONResponse({"detail": "the Host header is not a host name"}, status_code=400)(scope, receive, send)
+        if not host:
+            return JSONResponse({"detail": "the request names no host: send a Host header"},
+                                status_code=400)(scope, receive, send)
         bracketed = f"[{host}]" if ":" in host else host
         if bracketed in self.own or self.allowed(bracketed):
             return self.app(scope, receive, send)

@@ -728,6 +728,11 @@ def usage(chat) -> str:
         *lines])
 
 
+def no_database(path: str) -> str:
+    return (f"there is no database at {os.path.abspath(path)}: run the command where the server runs, "
+            "or set DATABASE_URL as it has it")
+
+
 def backup(chat, target: str) -> str | None:
     """SQLite's online backup: a consistent copy while the server writes (its lock is flock, which
     SQLite's own locks never meet). The copy gets an identity of its own, so that clients of a server
@@ -736,9 +741,13 @@ def backup(chat, target: str) -> str | None:
     if url.dialect != "sqlite":
         return "PostgreSQL is backed up with pg_dump and pg_restore: see README.md, Running it for others"
     if not os.path.isfile(url.database):
-        return f"there is no database at {url.database}: check DATABASE_URL"
+        return no_database(url.database)
+    if not target.strip():
+        return "name the file to copy to, e.g. python chat.py backup chat-copy.db"
     if os.path.exists(target):
         return f"{target} exists: name a new file (a backup never overwrites one)"
+    if not os.path.isdir(folder := os.path.dirname(os.path.abspath(target))):
+        return f"there is no folder {folder}: make it first (mkdir -p {folder}), or name a file in another"
     with contextlib.closing(sqlite3.connect(f"file:{url.database}?mode=ro", uri=True)) as source:
         if not source.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages'").fetchone():
             return f"{url.database} is not chat's database (no messages table): check DATABASE_URL"
@@ -758,8 +767,7 @@ async def moderate(chat, command: str, *args: str) -> str:
     """One moderation command on the database DATABASE_URL names, beside a running server; what it did."""
     database = chat.open_database(chat.DATABASE_URL)
     if database.url.dialect == "sqlite" and not os.path.isfile(database.url.database):
-        raise chat.Invalid("no_database", f"there is no database at {os.path.abspath(database.url.database)}: run the "
-                           "command where the server runs, or set DATABASE_URL as it has it")
+        raise chat.Invalid("no_database", no_database(database.url.database))
     await database.connect()
     try:
         if command == "rename-user":
@@ -795,7 +803,8 @@ async def moderate(chat, command: str, *args: str) -> str:
                     pass
                 await asyncio.sleep(0.05)
             await database.execute(chat.RELEASE_LOOKS, {"username": args[0]})
-            return f"deleted the user {args[0]!r} and their {deleted} messages"
+            return f"deleted the user {args[0]!r} and their {deleted} message{'' if deleted == 1 else 's'}" + (
+                "" if chat.SECRET else "; without CHAT_SECRET, anyone may join again under any name, theirs too")
         if command == "delete-message":
             number = int(args[0]) if args[0].isascii() and args[0].isdigit() else args[0]
             if not await chat.delete_messages(database, chat.DELETE_MESSAGE, {"id": chat.check_id(number, "id")}):
@@ -805,8 +814,8 @@ async def moderate(chat, command: str, *args: str) -> str:
             days, keep = float(args[0]), int(args[1])
         except ValueError:
             raise chat.Invalid("bad_prune", "DAYS and KEEP are numbers, e.g. python chat.py prune 30 1000") from None
-        if not (0 <= days <= 36500 and keep >= 0):  # nan is neither
-            raise chat.Invalid("bad_prune", "DAYS is from 0 to 36500 (a hundred years), KEEP 0 or more")
+        if not (0 <= days <= 36500 and 0 <= keep <= chat.MOST_KEPT):  # nan is neither
+            raise chat.Invalid("bad_prune", f"DAYS is from 0 to 36500 (a hundred years), KEEP from 0 to {chat.MOST_KEPT}")
         return f"deleted {await chat.prune(database, days, keep, pause=0.05)} messages"
     finally:
         await database.disconnect()

@@ -439,10 +439,10 @@ def test_on_sqlite_every_query_shares_the_loops_connection_and_the_schema_and_ch
     assert len(opened) == 2
 
 
-def chat_command(database_url: str, *args: str) -> tuple[int, str]:
+def chat_command(database_url: str, *args: str, cwd: pathlib.Path = HERE) -> tuple[int, str]:
     """python chat.py with a command, as an operator runs it: (exit code, what it printed)."""
-    result = subprocess.run([sys.executable, "chat.py", *args], cwd=HERE, capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "DATABASE_URL": database_url})
+    result = subprocess.run([sys.executable, HERE / "chat.py", *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "DATABASE_URL": database_url})
     return result.returncode, result.stdout + result.stderr
 
 
@@ -465,14 +465,14 @@ def test_rename_user_may_change_only_a_names_case_and_the_new_name_keeps_its_loo
         assert [m["username"] for m in client.get("/messages").json()] == ["bella"]
         for name, unlike in (("Bella", ""), ("BELLA", ""), ("bеlla", " (yours has CYRILLIC SMALL LETTER IE)")):
             assert client.post("/users", json={"username": name}).json() == {
-                "detail": f"{name!r} looks like the existing user 'bella'{unlike}; choose another name"}
+                "detail": f"{name!r} looks like the existing user 'bella'{unlike}; if that is you, write it the same way, else choose another name"}
 
 
 def test_a_command_on_a_missing_user_names_the_look_alike_that_is_stored_and_what_tells_them_apart(database_url):
     with TestClient(chat.create_app(database_url)) as client:
         post(client, "\u0410yu", "hi")  # a Cyrillic А
         assert client.post("/users", json={"username": "Ayu"}).json() == {"detail": (
-            "'Ayu' looks like the existing user '\u0410yu' (theirs has CYRILLIC CAPITAL LETTER A); choose another name")}
+            "'Ayu' looks like the existing user '\u0410yu' (theirs has CYRILLIC CAPITAL LETTER A); if that is you, write it the same way, else choose another name")}
     said = "there is no user 'Ayu'; '\u0410yu' looks like it (theirs has CYRILLIC CAPITAL LETTER A)\n"
     assert chat_command(database_url, "delete-user", "Ayu") == (1, said)
     assert chat_command(database_url, "rename-user", "Ayu", "Ayu2") == (1, said)
@@ -490,16 +490,27 @@ def test_rename_user_refuses_a_missing_user_and_a_name_that_is_taken(database_ur
         assert client.post("/users", json={"username": "dave"}).status_code == 201  # not claimed by the refusal
 
 
+ANYONE_MAY_JOIN = "; without CHAT_SECRET, anyone may join again under any name, theirs too"
+
+
 def test_delete_user_deletes_them_their_messages_and_their_looks(database_url):
     with TestClient(chat.create_app(database_url)) as client:
         post(client, "alice", "one")
         post(client, "bob", "two")
         post(client, "alice", "three")
-    assert chat_command(database_url, "delete-user", "alice") == (0, "deleted the user 'alice' and their 2 messages\n")
+    assert chat_command(database_url, "delete-user", "alice") == (0, "deleted the user 'alice' and their 2 messages"
+                                                                    f"{ANYONE_MAY_JOIN}\n")
     with TestClient(chat.create_app(database_url)) as client:
         assert [(m["id"], m["username"]) for m in client.get("/messages").json()] == [(2, "bob")]
         assert client.post("/users", json={"username": "ALICE"}).status_code == 201  # its looks went too
     assert chat_command(database_url, "delete-user", "alice") == (1, "there is no user 'alice'; 'ALICE' looks like it\n")
+
+
+def test_delete_user_with_a_secret_set_says_nothing_of_joining_again(database_url, monkeypatch):
+    with TestClient(chat.create_app(database_url)) as client:
+        post(client, "alice", "one")
+    monkeypatch.setenv("CHAT_SECRET", SECRET32)
+    assert chat_command(database_url, "delete-user", "alice") == (0, "deleted the user 'alice' and their 1 message\n")
 
 
 @pytest.mark.parametrize("count", [chat.PRUNE_BATCH, chat.PRUNE_BATCH + 1])
@@ -510,7 +521,7 @@ def test_delete_user_deletes_their_messages_a_batch_at_a_time_to_the_last(databa
             WITH RECURSIVE n (i) AS (SELECT 2 UNION ALL SELECT i + 1 FROM n WHERE i < :count)
             INSERT INTO messages (user_id, content) SELECT 1, 'more' FROM n""", {"count": count})
     assert chat_command(database_url, "delete-user", "alice") == (
-        0, f"deleted the user 'alice' and their {count} messages\n")
+        0, f"deleted the user 'alice' and their {count} messages{ANYONE_MAY_JOIN}\n")
     with TestClient(chat.create_app(database_url)) as client:
         assert query(client, "SELECT count(*) AS n FROM messages") == [{"n": 0}]
 
@@ -535,16 +546,31 @@ def test_prune_deletes_messages_older_than_the_days_given_and_all_but_the_newest
     with TestClient(chat.create_app(database_url)) as client:
         assert [row["id"] for row in query(client, "SELECT id FROM messages ORDER BY id")] == [2, 4, 5, 6]
     assert chat_command(database_url, "prune", "-1", "0") == (
-        1, "DAYS is from 0 to 36500 (a hundred years), KEEP 0 or more\n")
+        1, f"DAYS is from 0 to 36500 (a hundred years), KEEP from 0 to {10**9}\n")
 
 
 @pytest.mark.parametrize("days, said", [("36500", (0, "deleted 0 messages\n")),
-                                         ("36501", (1, "DAYS is from 0 to 36500 (a hundred years), KEEP 0 or more\n")),
-                                         ("nan", (1, "DAYS is from 0 to 36500 (a hundred years), KEEP 0 or more\n"))])
+                                         ("36501", (1, f"DAYS is from 0 to 36500 (a hundred years), KEEP from 0 to {10**9}\n")),
+                                         ("nan", (1, f"DAYS is from 0 to 36500 (a hundred years), KEEP from 0 to {10**9}\n"))])
 def test_prune_takes_up_to_a_hundred_years_of_days(database_url, days, said):
     with TestClient(chat.create_app(database_url)):
         pass
     assert chat_command(database_url, "prune", days, "0") == said
+
+
+@pytest.mark.parametrize("keep, said", [(str(10**9), (0, "deleted 0 messages\n")), (str(10**9 + 1), (
+    1, f"DAYS is from 0 to 36500 (a hundred years), KEEP from 0 to {10**9}\n"))])
+def test_prune_keeps_at_most_a_billion_messages_a_room(database_url, keep, said):
+    with TestClient(chat.create_app(database_url)):
+        pass
+    assert chat_command(database_url, "prune", "0", keep) == said
+
+
+def test_a_backup_to_no_file_name_says_to_name_one(tmp_path):
+    with TestClient(chat.create_app(f"sqlite:///{tmp_path}/chat.db")):
+        pass
+    assert chat_command(f"sqlite:///{tmp_path}/chat.db", "backup", " ") == (
+        1, "name the file to copy to, e.g. python chat.py backup chat-copy.db\n")
 
 
 def test_delete_message_of_a_digit_that_is_not_a_number_says_what_an_id_is(database_url):
@@ -1123,12 +1149,21 @@ def test_a_lookalike_is_refused_as_written_whatever_its_case_and_both(client):
         {"look": "bill", "username": "bill"}, {"look": "bob", "username": "bob"}]
 
 
+@pytest.mark.parametrize("name, welcomed", [("\u0345\u0345", False), ("\u0345 \u0301", False), ("a\u0345", True)])
+def test_a_name_of_marks_alone_is_refused_and_a_letter_with_marks_is_not(client, name, welcomed):
+    with client.websocket_connect("/ws") as ws:
+        said = join(ws, name) if welcomed else ws.send_json({"type": "join", "username": name}) or ws.receive_json()
+    assert said == (welcome(chat.check_username(name)) if welcomed else {
+        "type": "error", "code": "invalid_username",
+        "content": "username must have a letter, digit or symbol, not only accents and marks"})
+
+
 def test_a_cyrillic_capital_among_latin_capitals_is_a_lookalike(client):
     assert client.post("/users", json={"username": "Budi Santoso"}).status_code == 201
     response = client.post("/users", json={"username": "\u0412UDI SANTOSO"})  # Cyrillic В, then Latin capitals
     assert (response.status_code, response.json()) == (409, {"detail": (
         "'\u0412UDI SANTOSO' looks like the existing user 'Budi Santoso' (yours has CYRILLIC CAPITAL LETTER VE); "
-        "choose another name")})
+        "if that is you, write it the same way, else choose another name")})
 
 
 def test_a_user_stored_before_looks_in_capitals_has_that_look_claimed_at_start(database_url):
@@ -1161,7 +1196,7 @@ def test_a_lookalike_is_told_whose_name_it_looks_like(client):
         assert ws.receive_json() == {
             "type": "error", "code": "confusable_username",
             "content": "'\u0430lice' looks like the existing user 'alice' (yours has CYRILLIC SMALL LETTER A); "
-                       "choose another name"}
+                       "if that is you, write it the same way, else choose another name"}
 
 
 def test_the_decomposed_and_composed_forms_of_a_name_are_one_user(client):
@@ -1179,7 +1214,7 @@ def test_rest_refuses_a_lookalike_user_with_409(client):
     assert client.post("/users", json={"username": "alice"}).status_code == 201
     response = client.post("/users", json={"username": "ALICE"})
     assert (response.status_code, response.json()) == (
-        409, {"detail": "'ALICE' looks like the existing user 'alice'; choose another name"})
+        409, {"detail": "'ALICE' looks like the existing user 'alice'; if that is you, write it the same way, else choose another name"})
     assert query(client, "SELECT username FROM users") == [{"username": "alice"}]
 
 
@@ -1230,7 +1265,7 @@ def test_a_new_lookalike_of_a_name_stored_before_is_still_refused(database_url):
     with TestClient(chat.create_app(database_url)) as client:
         response = client.post("/users", json={"username": "Alice"})
     assert (response.status_code, response.json()) == (
-        409, {"detail": "'Alice' looks like the existing user 'alice'; choose another name"})
+        409, {"detail": "'Alice' looks like the existing user 'alice'; if that is you, write it the same way, else choose another name"})
 
 
 def test_the_looks_of_a_thousand_users_stored_before_are_claimed_in_a_statement_per_batch(client, monkeypatch, caplog):
@@ -1579,6 +1614,14 @@ def test_the_servers_own_loopback_addresses_are_remembered_up_to_256(database_ur
     assert (answers, len(middleware.own)) == ({200}, 256)
 
 
+def test_a_forwarded_address_that_is_no_address_counts_as_itself_under_plain_uvicorn(database_url):
+    with running_server(database_url) as base:  # uvicorn believes X-Forwarded-For from 127.0.0.1
+        request = urllib.request.Request(base + "/users", data=b'{"username": "x"}', method="POST", headers={
+            "Content-Type": "application/json", "X-Forwarded-For": "a:b:c"})
+        assert urllib.request.urlopen(request).status == 201
+    assert chat.address_key("a:b:c") == "a:b:c"
+
+
 def test_an_ipv4_address_through_a_dual_stack_socket_counts_as_that_address():
     assert [module.address_key(ip) for module in (chat, runner) for ip in ("::ffff:127.0.0.2", "2001:db8::5:6")] == [
         "127.0.0.2", "2001:db8::/64"] * 2
@@ -1686,11 +1729,10 @@ def test_readiness_fails_on_a_full_disk_and_recovers_by_itself_when_there_is_roo
     with TestClient(chat.create_app(f"sqlite:///{small_disk}/chat.db")) as client, \
             client.websocket_connect("/ws") as ws:
         join(ws, "alice")
-        with open(small_disk / "ballast", "wb") as ballast:
+        with open(small_disk / "ballast", "wb", buffering=0) as ballast:  # nothing left to write on close
             with contextlib.suppress(OSError):  # until the disk is full
                 while True:
                     ballast.write(b"x" * 65536)
-                    ballast.flush()
         assert (client.get("/readyz").status_code, client.get("/readyz").json()) == (
             503, {"detail": "the disk holding the database is full"})
         (small_disk / "ballast").unlink()
@@ -1764,11 +1806,27 @@ def test_a_join_frame_may_name_the_room(client):
         assert client.get("/users/active?room=general").json() == []
 
 
-def test_a_bad_room_in_the_url_closes_with_1008(client):
-    with client.websocket_connect("/ws/Bad%20Room") as ws:
-        with pytest.raises(WebSocketDisconnect) as closed:
-            ws.receive_json()
-    assert closed.value.code == 1008
+def test_a_bad_room_in_the_url_closes_with_1008_naming_one_that_would_do(client):
+    with client.websocket_connect("/ws/Kelas%207A") as ws:
+        assert closed_with(ws) == (1008, "room must be 1-32 of a-z, 0-9, '-' and '_', starting with a letter or "
+                                         "digit: try 'kelas-7a'")
+
+
+@pytest.mark.parametrize("room, said", [("!!", "room must be 1-32 of a-z, 0-9, '-' and '_', starting with a letter "
+                                               "or digit"), (42, "room must be 1-32 of a-z, 0-9, '-' and '_', "
+                                                                 "starting with a letter or digit")])
+def test_a_room_with_nothing_to_keep_is_refused_without_a_suggestion(room, said):
+    with pytest.raises(chat.Invalid) as refused:
+        chat.check_room(room)
+    assert refused.value.detail == said
+
+
+def test_a_room_written_with_capitals_is_that_room_in_lower_case(client):
+    with client.websocket_connect("/ws/Kelas-7A") as ws:
+        assert join(ws, "alice") == welcome("alice", "kelas-7a")
+        post(client, "bob", "hi", room="KELAS-7a")
+        assert ws.receive_json()["room"] == "kelas-7a"
+    assert [m["content"] for m in client.get("/messages?room=Kelas-7A").json()] == ["hi"]
 
 
 def test_rooms_lists_active_users_the_last_message_id_and_last_activity(client):
@@ -2542,6 +2600,29 @@ def test_a_star_on_the_allow_list_accepts_any_origin(client, monkeypatch):
         assert join(ws, "alice") == welcome("alice")
 
 
+def test_a_preflight_from_another_sites_page_is_refused_naming_the_setting(client):
+    response = client.options("/messages", headers={"Origin": "http://evil.example",
+                                                    "Access-Control-Request-Method": "POST"})
+    assert (response.status_code, response.json()) == (400, {"detail": (
+        "this API does not allow the origin asked for; if pages of http://evil.example should use it, start the "
+        "server with ALLOWED_ORIGINS=http://evil.example")})
+
+
+def test_a_preflight_from_an_allowed_origin_for_a_method_not_taken_says_which(database_url):
+    with TestClient(chat.create_app(database_url, allowed_origins=["http://friend.example"])) as client:
+        response = client.options("/messages", headers={"Origin": "http://friend.example",
+                                                        "Access-Control-Request-Method": "DELETE"})
+    assert (response.status_code, response.json()) == (400, {"detail": "this API does not allow the method asked for"})
+
+
+def test_a_request_with_no_host_is_told_to_send_one(server):
+    with socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1]))) as raw:
+        raw.sendall(b"GET /livez HTTP/1.0\r\n\r\n")
+        answer = b"".join(iter(lambda: raw.recv(65536), b""))
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.endswith(
+        b'{"detail":"the request names no host: send a Host header"}'), answer
+
+
 def test_a_real_server_answers_a_cross_site_handshake_with_403(server):
     with pytest.raises(InvalidStatus) as refused:
         ws_connect(server, origin="http://evil.example")
@@ -3109,7 +3190,7 @@ def test_the_log_has_one_line_per_socket_event_each_with_its_time(tmp_path):
         "Budi Santoso left general",
         f'127.0.0.1:PORT - "WebSocket /ws/{"r" * 65}" [accepted]',
         "closed a WebSocket from 127.0.0.1 with 1008: room must be 1-32 of a-z, 0-9, '-' and '_', starting with a "
-        "letter or digit"]
+        f"letter or digit: try {'r' * 32!r}"]
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING): ", line)
                for line in log.decode().splitlines())
 
@@ -3159,7 +3240,7 @@ SETTING_LIMITS = {  # each setting's lowest (or highest) value, one past it, the
     "MAX_BODY_BYTES": ("512", "511", "a whole number of 512 or more", "16384"),
     "SEND_QUEUE_FRAMES": ("1", "0", "a whole number of 1 or more", "1000"),
     "RETAIN_DAYS": ("36500", "36501", "a number from 0 to 36500", "0"),
-    "RETAIN_MESSAGES_PER_ROOM": ("0", "-1", "a whole number of 0 or more", "0"),
+    "RETAIN_MESSAGES_PER_ROOM": ("0", "-1", "a whole number from 0 to 1000000000", "0"),
     "DATABASE_WAIT": ("0", "-1", "a number of 0 or more", "30"),
     "PRESENCE_TIMEOUT": ("1", "0.9", "a number of 1 or more", "15"),
     "REQUEST_TIMEOUT": ("0.1", "0.09", "a number of 0.1 or more", "10"),
@@ -3179,6 +3260,13 @@ def help_with(env: dict) -> tuple[int, str]:
 
 def test_every_setting_at_its_limit_is_taken():
     assert help_with({name: least for name, (least, *_) in SETTING_LIMITS.items()}) == (0, "")
+
+
+@pytest.mark.parametrize("name, most, rule", [("RETAIN_DAYS", "36500", "a number from 0 to 36500"),
+                                              ("RETAIN_MESSAGES_PER_ROOM", "1000000000", "a whole number from 0 to 1000000000")])
+def test_a_setting_with_a_most_takes_it_and_refuses_one_more(name, most, rule):
+    assert help_with({name: most}) == (0, "")
+    assert help_with({name: str(int(most) + 1)}) == (1, f"{name}='{int(most) + 1}': use {rule}, e.g. {name}=0\n")
 
 
 @pytest.mark.parametrize("name", SETTING_LIMITS)
@@ -3213,11 +3301,19 @@ def test_a_file_that_is_not_a_database_stops_the_start_in_one_line(tmp_path):
             "made ready), or move that file away\n") in done.stderr
 
 
-def test_a_command_where_there_is_no_database_says_so_and_makes_none(tmp_path):
-    assert chat_command(f"sqlite:///{tmp_path}/chat.db", "delete-message", "1") == (1, (
+@pytest.mark.parametrize("command", [("delete-message", "1"), ("backup", "copy.db")])
+def test_a_command_where_there_is_no_database_says_so_and_makes_none(tmp_path, command):
+    assert chat_command("sqlite:///chat.db", *command, cwd=tmp_path) == (1, (
         f"there is no database at {tmp_path}/chat.db: run the command where the server runs, or set DATABASE_URL as "
         "it has it\n"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_backup_into_a_folder_that_does_not_exist_names_the_folder(tmp_path):
+    with TestClient(chat.create_app(f"sqlite:///{tmp_path}/chat.db")):
+        pass
+    assert chat_command(f"sqlite:///{tmp_path}/chat.db", "backup", str(tmp_path / "backups" / "copy.db")) == (1, (
+        f"there is no folder {tmp_path}/backups: make it first (mkdir -p {tmp_path}/backups), or name a file in another\n"))
 
 
 def test_a_backup_of_a_file_that_is_not_chats_database_is_refused(tmp_path):
@@ -4158,7 +4254,8 @@ def test_delete_user_takes_their_messages_off_the_screens_in_each_room(database_
         for content, room in [("one", "general"), ("two", "den"), ("three", "general")]:
             post(client, "bob", content, room=room)
         assert [alice.receive_json()["id"] for _ in range(2)] == [1, 3]
-        assert chat_command(database_url, "delete-user", "bob") == (0, "deleted the user 'bob' and their 3 messages\n")
+        assert chat_command(database_url, "delete-user", "bob") == (0, "deleted the user 'bob' and their 3 messages"
+                                                                                   f"{ANYONE_MAY_JOIN}\n")
         assert alice.receive_json() == {"type": "deleted", "room": "general", "ids": [1, 3]}
 
 
