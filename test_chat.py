@@ -3619,6 +3619,28 @@ class StalledClient:
         return messages, self.protocol.close_rcvd.code, self.protocol.close_rcvd.reason
 
 
+def kernel_send_buffers(port: int) -> list[int]:
+    """The kernel's send buffer of each socket the server on this port has accepted (ss's tb)."""
+    shown = subprocess.run(["ss", "-tmnH", "state", "established", f"( sport = :{port} )"], capture_output=True,
+                           text=True, check=True).stdout
+    return [int(size) for size in re.findall(r"\btb(\d+)", shown)]
+
+
+def test_a_socket_that_stops_reading_holds_at_most_twice_send_buffer_bytes_of_the_kernel(tmp_path):
+    if not shutil.which("ss"):
+        missing("ss is not installed (apt-get install iproute2)")
+    with bounded_server("python chat.py", tmp_path, env={"REST_WRITES_PER_MINUTE": "1000"}) as (base, port):
+        sleeper = StalledClient(base, "sleeper")
+        post_user(base, "bob")
+        for n in range(100):  # 800 kB, all of which the server writes at once
+            request = urllib.request.Request(base + "/messages", method="POST", headers={
+                "Content-Type": "application/json"}, data=json.dumps({"username": "bob", "content": "🙂" * 2000}, ensure_ascii=False).encode())
+            urllib.request.urlopen(request, timeout=5)
+        buffers = kernel_send_buffers(port)
+        sleeper.sock.close()
+    assert len(buffers) == 1 and buffers[0] <= 2 * runner.SEND_BUFFER_BYTES, buffers
+
+
 def test_a_client_that_stops_reading_does_not_delay_the_others_and_is_dropped(database_url):
     env = {**FAST, "SEND_QUEUE_FRAMES": "20", "PING_INTERVAL": "60"}
     with running_server(database_url, runner=True, env=env) as base:
