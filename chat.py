@@ -2070,8 +2070,10 @@ async def http_error(request, exc: HTTPException):
 
 
 async def client_gone(request, exc):
-    """The client hung up in the middle of sending its request: one line in the log is enough."""
-    log.info("%s %s: the client went away before its request was read", request.method, request.url.path)
+    """The client hung up in the middle of sending its request (or, under python chat.py, was too
+    slow: REQUEST_TIMEOUT): one line in the log is enough."""
+    log.info("%s %s: the request did not all come: the client went away, or took too long",
+             request.method, request.url.path)
     return Response(status_code=400)
 
 

@@ -227,10 +227,11 @@ class BoundedHttpTools(HttpToolsProtocol):
         self.deadline = None
         if self.flow.read_paused:  # our own back-pressure (pipelining, an unread body): not the client's
             self.deadline = self.loop.call_later(REQUEST_TIMEOUT, self.expired)
-        elif self.cycle is None or self.cycle.response_complete:
+        elif self.cycle is None or not self.cycle.response_started or self.cycle.response_complete:
+            # The app, waiting for a body that does not come, gets a disconnect.
             self.refuse(408, b"Request Timeout", f"send a whole request within {REQUEST_TIMEOUT:g} s")
         else:
-            self.transport.close()  # the app waits for a body that does not come: it gets a disconnect
+            self.transport.close()  # it answered without reading the body, and the answer is under way
 
     def refuse(self, status_code: int, phrase: bytes, detail: str = ""):
         """Answer, saying why as the app's errors do, and close: nothing more of it is read."""
