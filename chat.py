@@ -1198,8 +1198,8 @@ async def on_join(app, client: Client, frame: dict) -> None:
                     "GET /messages?before=<id>", code="history_truncated", before=history[1][0]))
         if client.stopped:  # closed meanwhile (its user renamed or deleted): it has left already
             return
-        if first_here and await app.state.cluster.arrive(room, username):
-            await app.state.cluster.announce(system_frame(room, f"{username} joined the chat"), exclude=client)
+        if first_here:
+            await app.state.cluster.arrive(room, username, system_frame(room, f"{username} joined the chat"), client)
     except DATABASE_ERRORS:
         app.state.rooms.unsubscribe(client)  # not joined after all: the client may try again
         client.username, client.held = None, None
@@ -1282,8 +1282,8 @@ async def leave(app, client: Client) -> None:
     app.state.writer.record_leaving(username)
     log.info("%s left %s", username, room)
     try:
-        if last_here and await app.state.cluster.depart(room, username):
-            await app.state.cluster.announce(system_frame(room, f"{username} left the chat"))
+        if last_here:
+            await app.state.cluster.depart(room, username, system_frame(room, f"{username} left the chat"))
     except DATABASE_ERRORS as exc:  # gone from this process already; the rest is best effort
         app.state.writer.outage.lost("recording a leave", exc)
 
@@ -1716,13 +1716,13 @@ class OneProcess:
     async def stop(self) -> None:
         pass
 
-    async def arrive(self, room: str, username: str) -> bool:
-        """Called on a user's first connection in a room here; True: announce them."""
-        return True
+    async def arrive(self, room: str, username: str, notice: dict, exclude: Client) -> None:
+        """A user's first connection in a room here: announce them (`notice`) but to `exclude`."""
+        await self.announce(notice, exclude)
 
-    async def depart(self, room: str, username: str) -> bool:
-        """Called when a user's last connection in a room here goes; True: announce it."""
-        return True
+    async def depart(self, room: str, username: str, notice: dict) -> None:
+        """A user's last connection in a room here went: announce it."""
+        await self.announce(notice)
 
     async def announce(self, frame: dict, exclude: Client | None = None) -> None:
         """A notice (joined, left) for everyone in its room."""
@@ -2749,9 +2749,16 @@ class PostgresCluster(OneProcess):
         SELECT COUNT(*) FROM presence JOIN processes ON processes.id = presence.process
         WHERE room = :room AND username = :username AND process <> :me
           AND heartbeat > CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'"""
+    # Arriving and departing, each one statement: record it, and tell the other processes (the
+    # notice) if none of them has the user in the room; the count says whether to tell this one's.
+    TELL_UNLESS_ELSEWHERE = """
+        SELECT n, CASE WHEN n = 0 THEN pg_notify('chat_events', :payload) END FROM (""" + PRESENT_ELSEWHERE + """) AS c (n)"""
     ARRIVE = """
         WITH here AS (INSERT INTO presence (process, room, username) VALUES (:me, :room, :username)
-                      ON CONFLICT DO NOTHING)""" + PRESENT_ELSEWHERE
+                      ON CONFLICT DO NOTHING)""" + TELL_UNLESS_ELSEWHERE
+    DEPART = """
+        WITH gone AS (DELETE FROM presence WHERE process = :me AND room = :room AND username = :username)
+        """ + TELL_UNLESS_ELSEWHERE
     PRESENT = """
         SELECT DISTINCT room, username FROM presence JOIN processes ON processes.id = presence.process
         WHERE heartbeat > CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'
@@ -2785,17 +2792,20 @@ class PostgresCluster(OneProcess):
         with contextlib.suppress(*DATABASE_ERRORS):
             await self.database.execute("DELETE FROM processes WHERE id = :me", {"me": self.me})
 
-    async def arrive(self, room: str, username: str) -> bool:
-        """Record the user here; True if no other process has them in the room (so: announce)."""
-        return not await self.database.fetch_val(self.ARRIVE, {
-            "me": self.me, "timeout": PRESENCE_TIMEOUT, "room": room, "username": username})
+    async def arrive(self, room: str, username: str, notice: dict, exclude: Client | None = None) -> None:
+        """Record the user here; unless another process has them in the room, announce them."""
+        await self.tell_unless_elsewhere(self.ARRIVE, room, username, notice, exclude)
 
-    async def depart(self, room: str, username: str) -> bool:
-        """Forget the user here; True if no other process has them in the room (so: announce)."""
-        await self.database.execute(
-            "DELETE FROM presence WHERE process = :me AND room = :room AND username = :username",
-            {"me": self.me, "room": room, "username": username})
-        return not await self.present_elsewhere(room, username)
+    async def depart(self, room: str, username: str, notice: dict) -> None:
+        """Forget the user here; unless another process has them in the room, announce it."""
+        await self.tell_unless_elsewhere(self.DEPART, room, username, notice)
+
+    async def tell_unless_elsewhere(self, statement: str, room: str, username: str, notice: dict,
+                                    exclude: Client | None = None) -> None:
+        payload = json.dumps({"from": self.me, "frame": notice})
+        if not await self.database.fetch_val(statement, {
+                "me": self.me, "timeout": PRESENCE_TIMEOUT, "room": room, "username": username, "payload": payload}):
+            self.rooms.publish(room, notice, exclude=exclude)  # the other processes were told by the statement
 
     async def announce(self, frame: dict, exclude: Client | None = None) -> None:
         """To this process's clients now, and to the other processes' through PostgreSQL."""
@@ -2848,11 +2858,12 @@ class PostgresCluster(OneProcess):
         while True:
             await asyncio.sleep(PRESENCE_TIMEOUT / 3)
             if await self.database.fetch_val(self.RENEW, {"me": self.me}) is None:
-                # Reaped while cut off from the database: register again, with our users.
+                # Reaped while cut off from the database (the others said our users left): register
+                # again, with our users, who are announced again.
                 await self.database.execute(self.REGISTER, {"me": self.me})
                 for room, users in self.rooms.present().items():
                     for username in users:
-                        await self.arrive(room, username)
+                        await self.arrive(room, username, system_frame(room, f"{username} joined the chat"))
             gone = {(row["room"], row["username"])
                     for row in await self.database.fetch_all(self.REAP, {"timeout": PRESENCE_TIMEOUT})}
             if dead := await self.database.fetch_all(self.FORGET_DEAD, {"timeout": PRESENCE_TIMEOUT}):

@@ -4890,6 +4890,19 @@ def test_a_user_who_moved_to_the_surviving_process_is_not_announced_as_gone(shar
                 assert active(b) == ["alice", "bob"]
 
 
+def test_a_process_reaped_while_cut_off_registers_again_and_announces_its_users_again(shared_url, monkeypatch):
+    monkeypatch.setattr(chat, "PRESENCE_TIMEOUT", 0.3)  # a heartbeat every 0.1 s
+    with TestClient(chat.create_app(shared_url)) as client, client.websocket_connect("/ws") as alice, \
+            client.websocket_connect("/ws") as bob:
+        join(alice, "alice")
+        join(bob, "bob")
+        alice.receive_json()  # bob joined
+        postgres_execute(shared_url, "DELETE FROM processes")  # as another process reaps one gone silent
+        assert {untimed(alice.receive_json())["content"] for _ in range(2)} == {"alice joined the chat",
+                                                                               "bob joined the chat"}
+        assert client.get("/users/active").json() == ["alice", "bob"]
+
+
 def query_processes(url: str, process: subprocess.Popen) -> int:
     """How many processes of the chat are registered (the killed one, until it is reaped, and the other)."""
     async def count():
