@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import contextvars
 import datetime
 import errno
 import functools
@@ -50,6 +51,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import types
 import unicodedata
 import urllib.parse
 import uuid
@@ -2652,7 +2654,14 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
 
 
 class PostgresDatabase(Direct):
-    """Queries as on SQLite, their :names numbered as asyncpg's $1, $2, ... (once per statement)."""
+    """Queries as on SQLite, their :names numbered as asyncpg's $1, $2, ... (once per statement),
+    on asyncpg's own pool: `databases` checks a connection of its own out and back for each
+    statement, which py-spy showed costing about as much as the statement in a storm of joins. A
+    task may hold one connection for a while (the writer's session, the schema, a transaction):
+    its statements go there."""
+
+    pool: asyncpg.Pool | None = None
+    held: contextvars.ContextVar = contextvars.ContextVar("held", default=None)  # (task, connection)
 
     @staticmethod
     @functools.cache
@@ -2660,10 +2669,38 @@ class PostgresDatabase(Direct):
         names: dict[str, int] = {}
         return re.sub(r"(?<![:\w]):(\w+)", lambda m: f"${names.setdefault(m[1], len(names) + 1)}", query), tuple(names)
 
+    async def connect(self) -> None:
+        self.pool = await asyncpg.create_pool(str(self.url), **self.options)
+
+    async def disconnect(self) -> None:
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            await pool.close()
+
+    def holding(self) -> asyncpg.Connection | None:
+        """This task's connection, if it holds one (a task it started does not share it)."""
+        held = self.held.get()
+        return held[1] if held is not None and held[0] is asyncio.current_task() else None
+
+    @contextlib.asynccontextmanager
+    async def connection(self):
+        """Hold a connection in this task: as `databases`' Connection, for what reads its raw_connection."""
+        async with contextlib.AsyncExitStack() as stack:
+            if (raw := self.holding()) is None:
+                raw = await stack.enter_async_context(self.pool.acquire())
+                stack.callback(self.held.reset, self.held.set((asyncio.current_task(), raw)))
+            yield types.SimpleNamespace(raw_connection=raw, fetch_all=self.fetch_all, fetch_val=self.fetch_val,
+                                        execute=self.execute)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self):
+        async with self.connection() as connection, connection.raw_connection.transaction():
+            yield
+
     async def run(self, query: str, values: dict) -> list[asyncpg.Record]:
         sql, names = self.numbered(query)
-        async with self.connection() as connection:  # this task's, or one from the pool
-            return await connection.raw_connection.fetch(sql, *(values[name] for name in names))
+        raw = self.holding() if self.held.get() is not None else None
+        return await (raw or self.pool).fetch(sql, *(values[name] for name in names))
 
 
 class PostgresWriter(MessageWriter):
