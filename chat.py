@@ -2961,7 +2961,7 @@ _USERNAME = {"type": "string", "minLength": 1, "maxLength": MAX_USERNAME_LENGTH,
              "example": "alice"}
 _ROOM_QUERY = {**_query("room", {"type": "string", "pattern": ROOM_PATTERN.pattern}, "Room name"),
                "example": DEFAULT_ROOM}
-_SECURITY = [{}, {"bearer": []}]  # a token is needed only when CHAT_SECRET is set
+_SECURITY = [{}, {"bearer": []}] if SECRET else []  # a token is needed only when CHAT_SECRET is set
 _MSG_REF, _USER_REF = {"$ref": "#/components/schemas/Message"}, {"$ref": "#/components/schemas/User"}
 
 OPENAPI = {
@@ -3018,7 +3018,7 @@ OPENAPI = {
         },
         "/rooms": {
             "get": {"tags": ["Rooms"], "operationId": "listRooms",
-                    "summary": "Rooms by name, a page at a time: active users, message count, last activity",
+                    "summary": "Rooms by name, a page at a time: active users, newest message id, last activity",
                     "security": _SECURITY,
                     "parameters": [
                         _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 100},

@@ -1561,6 +1561,15 @@ def test_a_wrong_method_is_a_json_405(client):
     assert (response.status_code, response.json()) == (405, {"detail": "Method Not Allowed"})
 
 
+@pytest.mark.parametrize("secret, security", [("", [[]] * 5), (SECRET32, [[{}, {"bearer": []}]] * 5)])
+def test_swagger_shows_a_token_as_wanted_only_when_chat_secret_is_set(secret, security):
+    done = subprocess.run([sys.executable, "-c", "import chat, json; print(json.dumps([operation.get('security') "
+                           "for path in chat.OPENAPI['paths'].values() for operation in path.values() "
+                           "if 'security' in operation]))"], cwd=HERE, env={**os.environ, "CHAT_SECRET": secret},
+                          capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == security
+
+
 def test_openapi_is_a_valid_openapi_3_document_covering_every_endpoint(client):
     spec = client.get("/openapi.json").json()
     validate(spec)
