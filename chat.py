@@ -1339,12 +1339,12 @@ class Said:
 
     def __init__(self):
         self.last: dict[str, float] = {}
-        self.held: dict[str, tuple] = {}  # the last held back of each kind: (level, message, args, how many before it)
+        self.held: dict[str, tuple] = {}  # the last held back of each kind: (level, message, args, how many before it, when)
 
     def info(self, kind: str, message: str, *args, level: int = logging.INFO) -> None:
         held = self.held.pop(kind, None)
         if time.monotonic() - self.last.get(kind, -60.0) < 60:
-            self.held[kind] = (level, message, args, held[3] + 1 if held else 0)
+            self.held[kind] = (level, message, args, held[3] + 1 if held else 0, time.strftime("%H:%M:%S"))
         else:
             self.say(kind, level, message, args, held[3] + 1 if held else 0)
 
@@ -1356,12 +1356,14 @@ class Said:
         for kind in [kind for kind in self.held if time.monotonic() - self.last[kind] >= 60]:
             self.say(kind, *self.held.pop(kind))
 
-    def say(self, kind: str, level: int, message: str, args: tuple, more: int) -> None:
+    def say(self, kind: str, level: int, message: str, args: tuple, more: int, at: str | None = None) -> None:
+        """Say a line now; `at`: when it happened, if that was a while ago (its minute was not over)."""
         now = time.monotonic()
         if len(self.last) > 1000:  # kinds carry what clients send: keep the last minute's only
             self.last = {k: t for k, t in self.last.items() if now - t < 60 or k in self.held}
         self.last[kind] = now
-        log.log(level, message + (f" ({more} more like it in the minute before)" if more else ""), *args)
+        said = [*([f"at {at}"] if at else []), *([f"{more} more like it in the minute before"] if more else [])]
+        log.log(level, message + (f" ({'; '.join(said)})" if said else ""), *args)
 
     async def flushing(self) -> None:
         while True:

@@ -3374,9 +3374,10 @@ def test_a_refusal_repeated_within_a_minute_is_one_line_and_the_next_says_how_ma
     assert said == ["refused x", "refused x (5 more like it in the minute before)"]
 
 
-def test_refusals_held_back_are_said_once_their_minute_is_over_as_the_last_of_them(client, monkeypatch):
+def test_refusals_held_back_are_said_once_their_minute_is_over_as_the_last_of_them_and_when(client, monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(chat.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(chat.time, "strftime", lambda format: "19:52:33")
     said = []
     monkeypatch.setattr(chat.log, "log", lambda level, message, *args: said.append(message % args))
     for name in ("Ayu", "AYU", "bella"):
@@ -3387,7 +3388,7 @@ def test_refusals_held_back_are_said_once_their_minute_is_over_as_the_last_of_th
     clock[0] += 0.1
     client.app.state.said.flush()
     client.app.state.said.flush()
-    assert said == ["refused Ayu", "refused bella (1 more like it in the minute before)"]
+    assert said == ["refused Ayu", "refused bella (at 19:52:33; 1 more like it in the minute before)"]
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
