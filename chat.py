@@ -815,7 +815,7 @@ def parse_frame(message: dict) -> dict:
     try:
         frame = json.loads(text)
     except (ValueError, RecursionError):
-        raise Invalid("invalid_json", "the frame is not valid JSON") from None
+        raise Invalid("invalid_json", "the frame is not valid JSON (one JSON object a frame: in websocat, one a line)") from None
     if not isinstance(frame, dict):
         raise Invalid("not_object", "the frame must be a JSON object")
     if frame.get("type") not in ("join", "message", "leave"):

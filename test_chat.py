@@ -3099,8 +3099,8 @@ def test_a_message_may_come_in_at_most_64_fragments(runner, frames, closed, tmp_
         first, more, last = b"\x01\x81\x00\x00\x00\x00h", b"\x00\x81\x00\x00\x00\x00i", b"\x80\x80\x00\x00\x00\x00"
         ws.socket.sendall(first + more * (frames - 2) + last)
         if closed is None:
-            assert json.loads(ws.recv(timeout=5)) == {"type": "error", "code": "invalid_json",
-                                                      "content": "the frame is not valid JSON"}
+            assert json.loads(ws.recv(timeout=5)) == {"type": "error", "code": "invalid_json", "content": (
+                "the frame is not valid JSON (one JSON object a frame: in websocat, one a line)")}
         else:
             with pytest.raises(ConnectionClosed) as cut:
                 ws.recv(timeout=5)
