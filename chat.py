@@ -2242,8 +2242,11 @@ DELETIONS_KEPT = 10_000
 RECORD_DELETIONS = {  # a JSON array of {"id", "room"}
     "sqlite": """INSERT INTO deletions (message_id, room)
                  SELECT json_extract(value, '$.id'), json_extract(value, '$.room') FROM json_each(:rows)""",
-    "postgresql": """INSERT INTO deletions (message_id, room)
-                     SELECT id, room FROM json_to_recordset(CAST(:rows AS JSON)) AS d(id BIGINT, room TEXT)""",
+    # Under a lock held until commit, as messages are stored: ids become visible in order, and
+    # a reader's `seen` never passes one still to come.
+    "postgresql": """WITH locked AS (SELECT pg_advisory_xact_lock(hashtext('chat.deletions')))
+                     INSERT INTO deletions (message_id, room) SELECT d.id, d.room
+                     FROM locked, json_to_recordset(CAST(:rows AS JSON)) AS d(id BIGINT, room TEXT)""",
 }
 FORGET_DELETIONS = "DELETE FROM deletions WHERE id <= (SELECT MAX(id) FROM deletions) - :kept"
 DELETIONS_AFTER = "SELECT id, message_id, room FROM deletions WHERE id > :seen ORDER BY id LIMIT 1000"

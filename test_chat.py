@@ -4303,6 +4303,30 @@ def test_the_newest_deletions_kept_are_deletions_kept_and_no_more(client, monkey
     assert query(client, "SELECT message_id FROM deletions ORDER BY id") == [{"message_id": id} for id in kept]
 
 
+def test_on_postgresql_a_deletion_waits_for_one_before_it_to_commit_so_ids_show_in_order(postgres_url):
+    with TestClient(chat.create_app(postgres_url)):  # the tables
+        pass
+    sql, _ = chat.PostgresDatabase.numbered(chat.RECORD_DELETIONS["postgresql"])
+    rows = json.dumps([{"id": 1, "room": "general"}])
+
+    async def second_waits() -> bool:
+        first, second = await asyncpg.connect(postgres_url), await asyncpg.connect(postgres_url)
+        try:
+            async with first.transaction():
+                await first.execute(sql, rows)
+                waiting = asyncio.ensure_future(second.execute(sql, rows))
+                await asyncio.sleep(0.5)
+                waited = not waiting.done()
+            await waiting
+            return waited
+        finally:
+            await first.close()
+            await second.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # Playwright's loop may run in this thread
+        assert pool.submit(asyncio.run, second_waits()).result() is True
+
+
 def test_a_message_whose_deletion_cannot_be_recorded_is_not_deleted(client, monkeypatch):
     post(client, "alice", "hi")
     monkeypatch.setitem(chat.RECORD_DELETIONS, client.app.state.database.url.dialect, "INSERT INTO nowhere VALUES (1)")
