@@ -643,8 +643,8 @@ def check_username(value) -> str:
                       f"{unicodedata.name(char, '(unnamed)')} ({exc.reason})") from None
     if len(name) > MAX_USERNAME_LENGTH:
         raise Invalid("invalid_username", f"username is longer than {MAX_USERNAME_LENGTH} characters")
-    if all(unicodedata.category(char).startswith("M") or char == " " for char in name):  # all but invisible
-        raise Invalid("invalid_username", "username must have a letter, digit or symbol, not only accents and marks")
+    if unicodedata.category(name[0]).startswith("M"):  # it would sit on what comes before it, or on nothing
+        raise Invalid("invalid_username", "username must start with a letter, digit or symbol, not an accent or mark")
     return name
 
 
@@ -756,7 +756,9 @@ def check_room(value) -> str:
     refused with one that would do ("Kelas 7A": try 'kelas-7a')."""
     if isinstance(value, str) and ROOM_PATTERN.fullmatch(value.lower()):
         return value.lower()
-    try_this = re.sub(r"[^a-z0-9_]+", "-", value.lower()).strip("-_")[:32] if isinstance(value, str) else ""
+    plain = "".join(char for char in unicodedata.normalize("NFKD", value).casefold() if not unicodedata.combining(char)) \
+        if isinstance(value, str) else ""  # "İstanbul", "straße", "ＫＥＬＡＳ": istanbul, strasse, kelas
+    try_this = re.sub(r"[^a-z0-9_]+", "-", plain).strip("-_")[:32]
     raise Invalid("invalid_room", "room must be 1-32 of a-z, 0-9, '-' and '_', starting with a letter or digit"
                   + (f": try {try_this!r}" if ROOM_PATTERN.fullmatch(try_this) else ""))
 
@@ -2309,17 +2311,16 @@ async def delete_messages(database: Database, statement: str, values: dict) -> i
 async def told_deleted(app) -> None:
     """Tell each client here of the messages deleted in its room since last time: {"type": "deleted",
     "room", "ids"}, so that they leave its screen. (Not prune's: old messages, kept by no screen.)"""
-    rows = await app.state.database.fetch_all(DELETIONS_AFTER, {"seen": app.state.deletions_seen})
-    by_room: dict[str, list[int]] = {}
-    for row in rows:
-        by_room.setdefault(row["room"], []).append(row["message_id"])
-    rooms = app.state.rooms
-    for room, ids in by_room.items():
-        text = encode({"type": "deleted", "room": room, "ids": ids})
-        for connections in rooms.rooms.get(room, {}).values():
-            for client in connections:
-                client.send_messages([text], None, rooms.frame and rooms.frame(text))
-    if rows:
+    while rows := await app.state.database.fetch_all(DELETIONS_AFTER, {"seen": app.state.deletions_seen}):
+        by_room: dict[str, list[int]] = {}
+        for row in rows:
+            by_room.setdefault(row["room"], []).append(row["message_id"])
+        rooms = app.state.rooms
+        for room, ids in by_room.items():
+            text = encode({"type": "deleted", "room": room, "ids": ids})
+            for connections in rooms.rooms.get(room, {}).values():
+                for client in connections:
+                    client.send_messages([text], None, rooms.frame and rooms.frame(text))
         app.state.deletions_seen = rows[-1]["id"]
 
 
@@ -2493,9 +2494,11 @@ class CORS(CORSMiddleware):
         if response.status_code != 400:
             return response
         origin, failures = request_headers["origin"], response.body.decode().removeprefix("Disallowed CORS ")
-        detail = f"this API does not allow the {failures} asked for" + (
-            f"; if pages of {origin[:100]} should use it, start the server with ALLOWED_ORIGINS={origin[:100]}"
-            if "origin" in failures else "")
+        detail = f"this API does not allow the {failures} asked for" + "".join(
+            f"; {advice}" for failure, advice in (
+                ("origin", f"if pages of {origin[:100]} should use it, start the server with ALLOWED_ORIGINS={origin[:100]}"),
+                ("method", f"it takes {', '.join(sorted(self.allow_methods))}"),
+                ("headers", f"it takes the headers {', '.join(sorted(self.allow_headers))}")) if failure in failures)
         return JSONResponse({"detail": detail}, status_code=400)
 
 
@@ -2519,10 +2522,10 @@ class HostCheck:
         try:
             host = urllib.parse.urlsplit("//" + Headers(scope=scope).get("host", "")).hostname or ""
         except ValueError:  # "[", "[::1": no host at all
-            return JSONResponse({"detail": "the Host header is not a host name"}, status_code=400)(scope, receive, send)
+            return self.refuse(scope, receive, send, "the Host header is not a host name")
         if not host:
-            return JSONResponse({"detail": "the request names no host: send a Host header"},
-                                status_code=400)(scope, receive, send)
+            return self.refuse(scope, receive, send, "the request names no host: send a Host header")
+        host = host.removesuffix(".")  # "localhost." is localhost, fully qualified
         bracketed = f"[{host}]" if ":" in host else host
         if bracketed in self.own or self.allowed(bracketed):
             return self.app(scope, receive, send)
@@ -2535,6 +2538,15 @@ class HostCheck:
         if len(self.refused) < 100 and host not in self.refused:
             self.refused.add(host)
             log.warning("refused a request: %s", detail)
+        return self.refuse(scope, receive, send, detail)
+
+    @staticmethod
+    def refuse(scope, receive, send, detail: str):
+        """400 saying why; a WebSocket handshake gets 403, as every refused handshake here (uvicorn
+        logs an error for each denial with a body: anyone could fill the log), and plain HTTP to
+        the same URL says why."""
+        if scope["type"] == "websocket":
+            return send({"type": "websocket.close", "code": status.WS_1008_POLICY_VIOLATION})
         return JSONResponse({"detail": detail}, status_code=400)(scope, receive, send)
 
 
@@ -2814,6 +2826,11 @@ class PostgresCluster(OneProcess):
         DELETE FROM processes
         WHERE heartbeat < CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'
         RETURNING id"""
+    FORGET_GONE = """
+        DELETE FROM presence WHERE process = :me AND NOT EXISTS (
+            SELECT 1 FROM json_to_recordset(CAST(:here AS JSON)) AS h(room TEXT, username TEXT)
+            WHERE h.room = presence.room AND h.username = presence.username)
+        RETURNING room, username"""
     REGISTER = "INSERT INTO processes (id, heartbeat) VALUES (:me, CURRENT_TIMESTAMP)"
     RENEW = "UPDATE processes SET heartbeat = CURRENT_TIMESTAMP WHERE id = :me RETURNING id"
 
@@ -2822,6 +2839,7 @@ class PostgresCluster(OneProcess):
         self.app, self.database, self.writer = app, app.state.database, app.state.writer
         self.me = uuid.uuid4().hex[:12]
         self.tasks: list[asyncio.Task] = []
+        self.stale = False  # a departure failed to be recorded: the heartbeat forgets whoever is not here
 
     async def start(self) -> None:
         await self.database.execute(self.REGISTER, {"me": self.me})
@@ -2840,7 +2858,11 @@ class PostgresCluster(OneProcess):
 
     async def depart(self, room: str, username: str, notice: dict) -> None:
         """Forget the user here; unless another process has them in the room, announce it."""
-        await self.tell_unless_elsewhere(self.DEPART, room, username, notice)
+        try:
+            await self.tell_unless_elsewhere(self.DEPART, room, username, notice)
+        except DATABASE_ERRORS:
+            self.stale = True
+            raise
 
     async def tell_unless_elsewhere(self, statement: str, room: str, username: str, notice: dict,
                                     exclude: Client | None = None) -> None:
@@ -2911,6 +2933,12 @@ class PostgresCluster(OneProcess):
             if dead := await self.database.fetch_all(self.FORGET_DEAD, {"timeout": PRESENCE_TIMEOUT}):
                 log.warning("%d other process(es) gave no heartbeat for %g s (stopped, or cut off from the "
                             "database): their %d users count as gone", len(dead), PRESENCE_TIMEOUT, len(gone))
+            if self.stale:  # and those who left here while the database failed
+                here = json.dumps([{"room": room, "username": name} for room, names in self.rooms.present().items()
+                                   for name in names])
+                gone |= {(row["room"], row["username"])
+                         for row in await self.database.fetch_all(self.FORGET_GONE, {"me": self.me, "here": here})}
+                self.stale = False
             for room, username in sorted(gone):
                 if username in self.rooms.rooms.get(room, ()):  # back already, on this process
                     continue

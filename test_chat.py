@@ -1149,13 +1149,13 @@ def test_a_lookalike_is_refused_as_written_whatever_its_case_and_both(client):
         {"look": "bill", "username": "bill"}, {"look": "bob", "username": "bob"}]
 
 
-@pytest.mark.parametrize("name, welcomed", [("\u0345\u0345", False), ("\u0345 \u0301", False), ("a\u0345", True)])
-def test_a_name_of_marks_alone_is_refused_and_a_letter_with_marks_is_not(client, name, welcomed):
+@pytest.mark.parametrize("name, welcomed", [("\u0345\u0345", False), ("\u0301a", False), ("a\u0345", True)])
+def test_a_name_starting_with_a_mark_is_refused_and_a_letter_with_marks_is_not(client, name, welcomed):
     with client.websocket_connect("/ws") as ws:
         said = join(ws, name) if welcomed else ws.send_json({"type": "join", "username": name}) or ws.receive_json()
     assert said == (welcome(chat.check_username(name)) if welcomed else {
         "type": "error", "code": "invalid_username",
-        "content": "username must have a letter, digit or symbol, not only accents and marks"})
+        "content": "username must start with a letter, digit or symbol, not an accent or mark"})
 
 
 def test_a_cyrillic_capital_among_latin_capitals_is_a_lookalike(client):
@@ -1828,6 +1828,14 @@ def test_a_room_with_nothing_to_keep_is_refused_without_a_suggestion(room, said)
     with pytest.raises(chat.Invalid) as refused:
         chat.check_room(room)
     assert refused.value.detail == said
+
+
+@pytest.mark.parametrize("room, suggested", [("İstanbul 1", "istanbul-1"), ("straße", "strasse"), ("ＫＥＬＡＳ ７", "kelas-7")])
+def test_a_room_in_letters_outside_ascii_is_refused_with_the_plain_letters_suggested(room, suggested):
+    with pytest.raises(chat.Invalid) as refused:
+        chat.check_room(room)
+    assert refused.value.detail == ("room must be 1-32 of a-z, 0-9, '-' and '_', starting with a letter or digit: "
+                                    f"try {suggested!r}")
 
 
 def test_a_room_written_with_capitals_is_that_room_in_lower_case(client):
@@ -2621,7 +2629,22 @@ def test_a_preflight_from_an_allowed_origin_for_a_method_not_taken_says_which(da
     with TestClient(chat.create_app(database_url, allowed_origins=["http://friend.example"])) as client:
         response = client.options("/messages", headers={"Origin": "http://friend.example",
                                                         "Access-Control-Request-Method": "DELETE"})
-    assert (response.status_code, response.json()) == (400, {"detail": "this API does not allow the method asked for"})
+    assert (response.status_code, response.json()) == (400, {"detail": "this API does not allow the method asked "
+                                                                       "for; it takes GET, POST"})
+
+
+def test_a_preflight_asking_for_a_header_not_taken_says_which_are(database_url):
+    with TestClient(chat.create_app(database_url, allowed_origins=["http://friend.example"])) as client:
+        response = client.options("/messages", headers={"Origin": "http://friend.example",
+                                                        "Access-Control-Request-Method": "POST",
+                                                        "Access-Control-Request-Headers": "x-evil"})
+    assert (response.status_code, response.json()) == (400, {"detail": (
+        "this API does not allow the headers asked for; it takes the headers accept, accept-language, authorization, "
+        "content-language, content-type")})
+
+
+def test_a_host_written_fully_qualified_with_a_final_dot_is_that_host(client):
+    assert client.get("/livez", headers={"host": "localhost.:8000"}).status_code == 200
 
 
 def test_a_request_with_no_host_is_told_to_send_one(server):
@@ -3412,9 +3435,11 @@ def test_a_page_from_a_rebound_dns_name_is_refused(runner, tmp_path):
         upgrade, _ = raw_answer(port, f"GET /ws HTTP/1.1\r\nHost: evil.example:{port}\r\nUpgrade: websocket\r\n"
                                       "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                                       f"Sec-WebSocket-Version: 13\r\nOrigin: http://evil.example:{port}\r\n\r\n".encode())
+        logged = server_log()
     said = b'{"detail":"this server does not answer to the host \'evil.example\'; if it should, start it with ALLOWED_HOSTS=evil.example"}'
     assert answer.startswith(b"HTTP/1.1 400 ") and answer.endswith(said)
-    assert upgrade.startswith(b"HTTP/1.1 400 ") and upgrade.endswith(said)
+    assert upgrade.startswith(b"HTTP/1.1 403 ")  # as any refused handshake; the log says why
+    assert b"ERROR" not in logged
 
 
 @pytest.mark.parametrize("args", [(), ("--http", "h11", "--ws", "websockets")], ids=["defaults", "h11 and websockets"])
@@ -4327,6 +4352,16 @@ def test_on_postgresql_a_deletion_waits_for_one_before_it_to_commit_so_ids_show_
         assert pool.submit(asyncio.run, second_waits()).result() is True
 
 
+def test_every_deletion_not_yet_told_is_told_at_once_however_many(client, monkeypatch):
+    monkeypatch.setattr(chat, "DELETIONS_AFTER", chat.DELETIONS_AFTER.replace("LIMIT 1000", "LIMIT 2"))
+    for n in range(5):
+        post(client, "alice", f"m{n}")
+    assert client.portal.call(chat.delete_messages, client.app.state.database, chat.DELETE_USERS_MESSAGES,
+                              {"user_id": 1, "batch": 5}) == 5
+    client.portal.call(chat.told_deleted, client.app)
+    assert query(client, "SELECT MAX(id) AS id FROM deletions") == [{"id": client.app.state.deletions_seen}]
+
+
 def test_a_message_whose_deletion_cannot_be_recorded_is_not_deleted(client, monkeypatch):
     post(client, "alice", "hi")
     monkeypatch.setitem(chat.RECORD_DELETIONS, client.app.state.database.url.dialect, "INSERT INTO nowhere VALUES (1)")
@@ -4935,6 +4970,27 @@ def test_a_process_reaped_while_cut_off_registers_again_and_announces_its_users_
         assert {untimed(alice.receive_json())["content"] for _ in range(2)} == {"alice joined the chat",
                                                                                "bob joined the chat"}
         assert client.get("/users/active").json() == ["alice", "bob"]
+
+
+def test_a_leave_the_database_failed_to_record_is_recorded_by_the_next_heartbeat(shared_url, monkeypatch):
+    monkeypatch.setattr(chat, "PRESENCE_TIMEOUT", 0.3)  # a heartbeat every 0.1 s
+    app, failed = chat.create_app(shared_url), []
+    with TestClient(app) as client, client.websocket_connect("/ws") as alice:
+        fetch_val = app.state.database.fetch_val
+
+        async def failing_once(query, values=None):
+            if query == chat.PostgresCluster.DEPART and not failed:
+                failed.append(query)
+                raise asyncpg.ConnectionDoesNotExistError("the connection was closed")
+            return await fetch_val(query, values)
+
+        monkeypatch.setattr(app.state.database, "fetch_val", failing_once)
+        join(alice, "alice")
+        with client.websocket_connect("/ws") as bob:
+            join(bob, "bob")
+            alice.receive_json()  # bob joined
+        assert untimed(alice.receive_json()) == {"type": "system", "room": "general", "content": "bob left the chat"}
+        assert (client.get("/users/active").json(), failed) == (["alice"], [chat.PostgresCluster.DEPART])
 
 
 def query_processes(url: str, process: subprocess.Popen) -> int:
