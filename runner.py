@@ -125,9 +125,9 @@ PINGS_PER_SECOND, PINGS_BURST = 1.0, 10.0  # pings and pongs a peer may send (br
 # sees them. So fragments are budgeted here, per message and per second.
 MAX_FRAGMENTS = 64  # frames one message may come in
 FRAGMENTS_PER_SECOND, FRAGMENTS_BURST = 64.0, 256.0
-# The kernel's buffer for what a socket sends grows, by itself, to 4 MB (tcp_wmem) for a peer that
-# stops reading; fixed at this (Linux keeps twice it), a hundred such sockets from one address hold
-# 12.8 MB of the kernel's memory, not 280 MB. What does not fit waits in the app's outbox, counted.
+# The kernel's buffer for what a socket sends grows, by itself, up to tcp_wmem's most (4 MB here)
+# for a peer that stops reading, outside every limit of ours; fixed at this (Linux keeps twice it),
+# such a socket holds 128 kB of the kernel's memory. What does not fit waits in the app's outbox.
 SEND_BUFFER_BYTES = 65536
 try:
     TRUSTED = [ipaddress.ip_network(proxy, strict=False) for proxy in TRUSTED_PROXIES]
