@@ -1701,6 +1701,14 @@ class Rooms:
                     sent += 1
             self.metrics.deliveries.inc(sent * len(texts))
 
+    def tell(self, room: str, frame: dict) -> None:
+        """A frame for every client in the room now, encoded once: not a notice (never held back or counted)."""
+        text = encode(frame)
+        frames = self.frame and self.frame(text)
+        for connections in self.rooms.get(room, {}).values():
+            for client in connections:
+                client.send_messages([text], None, frames)
+
     def present(self) -> dict[str, list[str]]:
         """Who is here, room by room."""
         return {room: sorted(users) for room, users in self.rooms.items()}
@@ -2315,12 +2323,8 @@ async def told_deleted(app) -> None:
         by_room: dict[str, list[int]] = {}
         for row in rows:
             by_room.setdefault(row["room"], []).append(row["message_id"])
-        rooms = app.state.rooms
         for room, ids in by_room.items():
-            text = encode({"type": "deleted", "room": room, "ids": ids})
-            for connections in rooms.rooms.get(room, {}).values():
-                for client in connections:
-                    client.send_messages([text], None, rooms.frame and rooms.frame(text))
+            app.state.rooms.tell(room, {"type": "deleted", "room": room, "ids": ids})
         app.state.deletions_seen = rows[-1]["id"]
 
 
@@ -2716,8 +2720,7 @@ class PostgresDatabase(Direct):
 
     async def run(self, query: str, values: dict) -> list[asyncpg.Record]:
         sql, names = self.numbered(query)
-        raw = self.holding() if self.held.get() is not None else None
-        return await (raw or self.pool).fetch(sql, *(values[name] for name in names))
+        return await (self.holding() or self.pool).fetch(sql, *(values[name] for name in names))
 
 
 class PostgresWriter(MessageWriter):
