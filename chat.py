@@ -39,6 +39,7 @@ import functools
 import hmac
 import importlib.util
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -2806,16 +2807,22 @@ class PostgresCluster(OneProcess):
         SELECT COUNT(*) FROM presence JOIN processes ON processes.id = presence.process
         WHERE room = :room AND username = :username AND process <> :me
           AND heartbeat > CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'"""
-    # Arriving and departing, each one statement: record it, and tell the other processes (the
-    # notice) if none of them has the user in the room; the count says whether to tell this one's.
-    TELL_UNLESS_ELSEWHERE = """
-        SELECT n, CASE WHEN n = 0 THEN pg_notify('chat_events', :payload) END FROM (""" + PRESENT_ELSEWHERE + """) AS c (n)"""
-    ARRIVE = """
-        WITH here AS (INSERT INTO presence (process, room, username) VALUES (:me, :room, :username)
-                      ON CONFLICT DO NOTHING)""" + TELL_UNLESS_ELSEWHERE
-    DEPART = """
-        WITH gone AS (DELETE FROM presence WHERE process = :me AND room = :room AND username = :username)
-        """ + TELL_UNLESS_ELSEWHERE
+    # Arriving and departing: what comes of either while the last was being recorded is one
+    # statement (a run of arrivals, then one of departures, in order): recorded, and the other
+    # processes told (the notice) of each user none of them has in the room; `elsewhere` says
+    # whether to tell this one's. In a storm of joins, a round trip for many, not one each.
+    MOVES = """
+        WITH moves AS (SELECT * FROM json_to_recordset(CAST(:moves AS JSON)) AS m(n INT, room TEXT, username TEXT, payload TEXT)),"""
+    TOLD = """
+        SELECT m.n, c.elsewhere, CASE WHEN c.elsewhere = 0 THEN pg_notify('chat_events', m.payload) END
+        FROM moves AS m, LATERAL (""" + PRESENT_ELSEWHERE.replace(":room", "m.room").replace(":username", "m.username") + """
+        ) AS c (elsewhere) ORDER BY m.n"""
+    ARRIVE = MOVES + """
+        here AS (INSERT INTO presence (process, room, username) SELECT :me, room, username FROM moves
+                 ON CONFLICT DO NOTHING)""" + TOLD
+    DEPART = MOVES + """
+        gone AS (DELETE FROM presence AS p USING moves AS m
+                 WHERE p.process = :me AND p.room = m.room AND p.username = m.username)""" + TOLD
     PRESENT = """
         SELECT DISTINCT room, username FROM presence JOIN processes ON processes.id = presence.process
         WHERE heartbeat > CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'
@@ -2834,6 +2841,7 @@ class PostgresCluster(OneProcess):
             SELECT 1 FROM json_to_recordset(CAST(:here AS JSON)) AS h(room TEXT, username TEXT)
             WHERE h.room = presence.room AND h.username = presence.username)
         RETURNING room, username"""
+    MOVES_AT_ONCE = 1000
     REGISTER = "INSERT INTO processes (id, heartbeat) VALUES (:me, CURRENT_TIMESTAMP)"
     RENEW = "UPDATE processes SET heartbeat = CURRENT_TIMESTAMP WHERE id = :me RETURNING id"
 
@@ -2843,6 +2851,8 @@ class PostgresCluster(OneProcess):
         self.me = uuid.uuid4().hex[:12]
         self.tasks: list[asyncio.Task] = []
         self.stale = False  # a departure failed to be recorded: the heartbeat forgets whoever is not here
+        self.moves: list[tuple[bool, dict, asyncio.Future]] = []  # arrivals and departures to record, in order
+        self.recording: asyncio.Task | None = None
 
     async def start(self) -> None:
         await self.database.execute(self.REGISTER, {"me": self.me})
@@ -2857,22 +2867,56 @@ class PostgresCluster(OneProcess):
 
     async def arrive(self, room: str, username: str, notice: dict, exclude: Client | None = None) -> None:
         """Record the user here; unless another process has them in the room, announce them."""
-        await self.tell_unless_elsewhere(self.ARRIVE, room, username, notice, exclude)
+        if not await self.moved(True, room, username, notice):
+            self.rooms.publish(room, notice, exclude=exclude)  # the other processes were told by the statement
 
     async def depart(self, room: str, username: str, notice: dict) -> None:
         """Forget the user here; unless another process has them in the room, announce it."""
         try:
-            await self.tell_unless_elsewhere(self.DEPART, room, username, notice)
+            if not await self.moved(False, room, username, notice):
+                self.rooms.publish(room, notice)
         except DATABASE_ERRORS:
             self.stale = True
             raise
 
-    async def tell_unless_elsewhere(self, statement: str, room: str, username: str, notice: dict,
-                                    exclude: Client | None = None) -> None:
-        payload = json.dumps({"from": self.me, "frame": notice})
-        if not await self.database.fetch_val(statement, {
-                "me": self.me, "timeout": PRESENCE_TIMEOUT, "room": room, "username": username, "payload": payload}):
-            self.rooms.publish(room, notice, exclude=exclude)  # the other processes were told by the statement
+    def moved(self, arriving: bool, room: str, username: str, notice: dict) -> asyncio.Future:
+        """Queue an arrival or a departure for the next statement; the future says how many other
+        processes have the user in the room."""
+        done = asyncio.get_running_loop().create_future()
+        self.moves.append((arriving, {"room": room, "username": username,
+                                      "payload": json.dumps({"from": self.me, "frame": notice})}, done))
+        if self.recording is None:
+            self.recording = asyncio.create_task(self.record_moves())
+        return done
+
+    async def record_moves(self) -> None:
+        """Record what is queued, a run of one kind a statement, until nothing is; whoever waits
+        for a run that failed hears why."""
+        run = []
+        try:
+            while self.moves:
+                arriving = self.moves[0][0]
+                run = list(itertools.takewhile(lambda move: move[0] == arriving,
+                                               itertools.islice(self.moves, self.MOVES_AT_ONCE)))
+                del self.moves[:len(run)]
+                moves = json.dumps([{"n": n, **move} for n, (_, move, _) in enumerate(run)])
+                try:
+                    rows = await self.database.fetch_all(self.ARRIVE if arriving else self.DEPART, {
+                        "me": self.me, "timeout": PRESENCE_TIMEOUT, "moves": moves})
+                except DATABASE_ERRORS as exc:
+                    for _, _, done in run:
+                        if not done.done():
+                            done.set_exception(exc)
+                    continue
+                for (_, _, done), row in zip(run, rows, strict=True):
+                    if not done.done():
+                        done.set_result(row["elsewhere"])
+        finally:  # cancelled at shutdown, or a bug: nobody waits for good
+            self.recording = None
+            for _, _, done in [*run, *self.moves]:
+                if not done.done():
+                    done.set_exception(Unavailable())
+            self.moves.clear()
 
     async def announce(self, frame: dict, exclude: Client | None = None) -> None:
         """To this process's clients now, and to the other processes' through PostgreSQL."""

@@ -4976,21 +4976,64 @@ def test_a_leave_the_database_failed_to_record_is_recorded_by_the_next_heartbeat
     monkeypatch.setattr(chat, "PRESENCE_TIMEOUT", 0.3)  # a heartbeat every 0.1 s
     app, failed = chat.create_app(shared_url), []
     with TestClient(app) as client, client.websocket_connect("/ws") as alice:
-        fetch_val = app.state.database.fetch_val
+        fetch_all = app.state.database.fetch_all
 
         async def failing_once(query, values=None):
             if query == chat.PostgresCluster.DEPART and not failed:
                 failed.append(query)
                 raise asyncpg.ConnectionDoesNotExistError("the connection was closed")
-            return await fetch_val(query, values)
+            return await fetch_all(query, values)
 
-        monkeypatch.setattr(app.state.database, "fetch_val", failing_once)
+        monkeypatch.setattr(app.state.database, "fetch_all", failing_once)
         join(alice, "alice")
         with client.websocket_connect("/ws") as bob:
             join(bob, "bob")
             alice.receive_json()  # bob joined
         assert untimed(alice.receive_json()) == {"type": "system", "room": "general", "content": "bob left the chat"}
         assert (client.get("/users/active").json(), failed) == (["alice"], [chat.PostgresCluster.DEPART])
+
+
+def recorded_moves(app, monkeypatch) -> list[str]:
+    """The arrival and departure statements the app runs, as ARRIVE or DEPART, in order."""
+    statements, fetch_all = [], app.state.database.fetch_all
+    names = {chat.PostgresCluster.ARRIVE: "ARRIVE", chat.PostgresCluster.DEPART: "DEPART"}
+
+    async def recording(query, values=None):
+        if query in names:
+            statements.append((names[query], [move["username"] for move in json.loads(values["moves"])]))
+        return await fetch_all(query, values)
+
+    monkeypatch.setattr(app.state.database, "fetch_all", recording)
+    return statements
+
+
+def test_arrivals_queued_together_on_postgresql_are_recorded_in_one_statement(shared_url, monkeypatch):
+    app = chat.create_app(shared_url)
+    with TestClient(app) as client:
+        statements, cluster = recorded_moves(app, monkeypatch), app.state.cluster
+
+        async def three_arrive():
+            await asyncio.gather(*(cluster.arrive("general", name, chat.system_frame("general", f"{name} joined the chat"))
+                                   for name in ("alice", "bob", "carol")))
+
+        client.portal.call(three_arrive)
+        assert (statements, client.get("/users/active").json()) == ([("ARRIVE", ["alice", "bob", "carol"])],
+                                                                     ["alice", "bob", "carol"])
+
+
+def test_arrivals_and_departures_queued_together_on_postgresql_are_recorded_in_their_order(shared_url, monkeypatch):
+    app = chat.create_app(shared_url)
+    with TestClient(app) as client:
+        statements, cluster = recorded_moves(app, monkeypatch), app.state.cluster
+        notice = chat.system_frame("general", "a notice")
+
+        async def come_and_go():
+            await asyncio.gather(cluster.arrive("general", "alice", notice), cluster.depart("general", "alice", notice),
+                                 cluster.arrive("general", "bob", notice), cluster.arrive("general", "alice", notice))
+
+        client.portal.call(come_and_go)
+        assert (statements, client.get("/users/active").json()) == (
+            [("ARRIVE", ["alice"]), ("DEPART", ["alice"]), ("ARRIVE", ["bob", "alice"])], ["alice", "bob"])
 
 
 def query_processes(url: str, process: subprocess.Popen) -> int:
