@@ -1191,7 +1191,7 @@ async def on_join(app, client: Client, frame: dict) -> None:
     notices = [system_frame(room, f"Welcome {username}!", database=app.state.identity)]
     try:
         if since is None:
-            history = newest_within(await recent_messages(app.state.database, room, HISTORY_ON_JOIN), REPLAY_BYTES)
+            history = await newest_history(app, room)
         else:  # one more than the limit: if it comes back, some were left out
             async with app.state.replaying:  # one a turn of the loop: in a storm of them, live frames go between
                 missed = await recent_messages(app.state.database, room, REPLAY_LIMIT + 1, since=since)
@@ -1211,6 +1211,21 @@ async def on_join(app, client: Client, frame: dict) -> None:
         raise
     log.info("%s joined %s from %s", username, room, client.ip)
     client.release(notices, history)
+
+
+async def newest_history(app, room: str) -> tuple[list[str], list[int]]:
+    """A room's newest messages for a join, read once for every join of the room that subscribed
+    before the read began (in a storm of joins, one read for many); shielded, so that a joiner who
+    goes does not cancel the others' read."""
+    reads = app.state.history_reads
+    if room not in reads:
+        reads[room] = asyncio.create_task(read_history(app, room))
+    return await asyncio.shield(reads[room])
+
+
+async def read_history(app, room: str) -> tuple[list[str], list[int]]:
+    del app.state.history_reads[room]  # who joins from now on subscribed after this read began: the next one
+    return newest_within(await recent_messages(app.state.database, room, HISTORY_ON_JOIN), REPLAY_BYTES)
 
 
 def newest_within(messages: list[dict], budget: int) -> tuple[list[str], list[int]]:
@@ -2641,6 +2656,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
     app.state.rooms = Rooms(app.state.metrics)
     app.state.limits = AddressLimits()
     app.state.tasks = set()
+    app.state.history_reads = {}  # room -> the read of its newest messages that joins wait for
     app.state.unready = None  # why /readyz said 503 last, to log each change once
     app.state.said = Said()
     # The one place that asks which database this is: on PostgreSQL, other processes may store and

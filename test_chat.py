@@ -191,6 +191,38 @@ def test_a_joiners_notice_reaches_the_others_before_its_first_message(client):
             {"type": "system", "room": "general", "content": "bob joined the chat"}, message(1, "bob", "hi")]
 
 
+def test_joins_waiting_together_share_one_read_of_the_history_and_a_later_join_reads_again(database_url, monkeypatch):
+    app, reads = chat.create_app(database_url), []
+    with TestClient(app) as client:
+        post(client, "alice", "first")
+        fetch_all, read = app.state.database.fetch_all, None
+
+        async def reading(query, values=None):
+            rows = await fetch_all(query, values)
+            if query == chat.RECENT_MESSAGES:
+                reads.append(values["room"])
+                if len(reads) == 1:
+                    read.set()  # the first read is done; its joiners wait until "second" is stored
+                    await stored.wait()
+            return rows
+
+        monkeypatch.setattr(app.state.database, "fetch_all", reading)
+
+        async def joins():
+            nonlocal read, stored
+            read, stored = asyncio.Event(), asyncio.Event()
+            together = asyncio.gather(*(chat.newest_history(app, "general") for _ in range(3)))
+            await read.wait()
+            user_id = (await fetch_all(chat.FIND_USER, {"username": "alice"}))[0]["id"]
+            await app.state.writer.post("general", user_id, "alice", "second")
+            later = asyncio.create_task(chat.newest_history(app, "general"))
+            stored.set()
+            return [ids for _, ids in await together], (await later)[1]
+
+        stored = None
+        assert (client.portal.call(joins), reads) == (([[1], [1], [1]], [1, 2]), ["general", "general"])
+
+
 def test_a_storm_of_replays_lets_the_loop_serve_other_sockets_between_any_two(database_url, monkeypatch, unlimited):
     events, reading = [], chat.recent_messages
 
