@@ -39,7 +39,6 @@ import functools
 import hmac
 import importlib.util
 import ipaddress
-import itertools
 import json
 import logging
 import math
@@ -504,7 +503,11 @@ CREATE_USER = """
     INSERT INTO users (username, last_seen) VALUES (:username, :now)
     ON CONFLICT (username) DO NOTHING RETURNING id, username, last_seen"""
 FIND_USER = "SELECT id, username, last_seen FROM users WHERE username = :username"
-TOUCH_USER = "UPDATE users SET last_seen = :now WHERE username = :username RETURNING id, username"
+TOUCH_USERS = {  # of a JSON array of names: users who come back, seen now
+    "sqlite": "UPDATE users SET last_seen = :now WHERE username IN (SELECT value FROM json_each(:names)) RETURNING id, username",
+    "postgresql": """UPDATE users SET last_seen = :now WHERE username IN (SELECT json_array_elements_text(CAST(:names AS JSON)))
+                     RETURNING id, username""",
+}
 # The first name to claim a look (see check_lookalike) keeps it; a claim answers with whoever
 # holds each of its looks now.
 UNCLAIMED_USERS = "SELECT username FROM users WHERE username NOT IN (SELECT username FROM looks) ORDER BY id"
@@ -518,6 +521,22 @@ CLAIM_LOOKS = {  # a JSON array of {"look", "username"}
                      ON CONFLICT (look) DO UPDATE SET look = excluded.look RETURNING look, username""",
 }
 RELEASE_LOOKS = "DELETE FROM looks WHERE username = :username"
+# New users of a batch of joins (JSON: n, username, its looks; no look twice), on PostgreSQL in one
+# statement: their looks claimed, and each whose looks are all its own stored; each its id, or the
+# other name that holds one of its looks.
+STORE_NEW_USERS = """
+    WITH asked AS (SELECT * FROM json_to_recordset(CAST(:asked AS JSON)) AS a(n INT, username TEXT, looks JSON)),
+    claimed AS (INSERT INTO looks (look, username)
+                SELECT l.look, a.username FROM asked AS a, json_array_elements_text(a.looks) AS l(look)
+                ON CONFLICT (look) DO UPDATE SET look = excluded.look RETURNING look, username),
+    refused AS (SELECT a.n, MIN(c.username) AS other
+                FROM asked AS a, json_array_elements_text(a.looks) AS l(look), claimed AS c
+                WHERE c.look = l.look AND c.username <> a.username GROUP BY a.n),
+    stored AS (INSERT INTO users (username, last_seen) SELECT username, :now FROM asked
+               WHERE n NOT IN (SELECT n FROM refused)
+               ON CONFLICT (username) DO UPDATE SET last_seen = excluded.last_seen RETURNING id, username)
+    SELECT a.n, s.id, r.other FROM asked AS a LEFT JOIN stored AS s USING (username) LEFT JOIN refused AS r USING (n)
+    ORDER BY a.n"""
 LOOK_HOLDER = "SELECT username FROM looks WHERE look = :look"
 HAND_OVER_LOOK = "UPDATE looks SET username = :new WHERE look = :look AND username = :old"
 CLAIMS_PER_STATEMENT = 5000
@@ -673,6 +692,7 @@ def skeleton(name: str, fold: bool) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=4096)  # a batch of joins asks twice; callers only read it
 def looks(name: str) -> dict[str, str]:
     """What a name looks like: as written ("aIice", with a capital I, looks like "alice"), whatever
     its case ("ALICE" is "alice"), as written then whatever its case ("ВОВ" in Cyrillic capitals
@@ -692,8 +712,12 @@ async def check_lookalike(database, username: str, former: str | None = None) ->
     others = {row["username"] for row in holders} - {username, former}
     if others:
         await database.execute(RELEASE_LOOKS, {"username": username})
-        raise Invalid("confusable_username", f"{username!r} looks like the existing user {min(others)!r}"
-                      f"{unlike(username, min(others))}; if that is you, write it the same way, else choose another name")
+        raise confusable(username, min(others))
+
+
+def confusable(username: str, other: str) -> Invalid:
+    return Invalid("confusable_username", f"{username!r} looks like the existing user {other!r}{unlike(username, other)}; "
+                   "if that is you, write it the same way, else choose another name")
 
 
 ASCII = set(map(chr, range(128)))
@@ -733,13 +757,53 @@ async def grandfathered(database, value):
         return await database.fetch_one(FIND_USER, {"username": check_text(value, "username", MAX_USERNAME_LENGTH)})
 
 
-async def returning(database, value, identity: str | None):
+async def returning(app, value, identity: str | None):
     """The user stored under exactly this name, as grandfathered() finds it, seen now: a user who
-    comes back joins in one statement. Never a user other than the token's holder."""
+    comes back joins in one statement (shared with the joins beside it). Never a user other than
+    the token's holder."""
     with contextlib.suppress(Invalid):
         name = check_text(value, "username", MAX_USERNAME_LENGTH)
         if identity is None or name == identity:
-            return await database.fetch_one(TOUCH_USER, {"username": name, "now": utcnow()})
+            return await app.state.touches(name)
+
+
+async def touch_users(database, names: list[str]) -> list:
+    """Users who come back (a batch of joins), seen now: each name's stored user, or None."""
+    rows = await database.fetch_all(TOUCH_USERS[database.url.dialect], {"names": json.dumps(names), "now": utcnow()})
+    found = {row["username"]: row for row in rows}
+    return [found.get(name) for name in names]
+
+
+def distinct_looks(names: list[str]) -> int:
+    """How many of the first names a statement may store at once: none looks like an earlier one
+    (STORE_NEW_USERS claims each look once; the next statement refuses the later one)."""
+    taken: set[str] = set()
+    for count, name in enumerate(names):
+        if taken & (mine := set(looks(name).values())):
+            return count
+        taken |= mine
+    return len(names)
+
+
+async def store_new_users(database, names: list[str]) -> list:
+    """New users of a batch of joins, their looks claimed: each one's id, or Invalid if it looks
+    like an existing user's."""
+    if database.url.dialect == "sqlite":  # statements on the loop's own thread: one by one costs little
+        stored = []
+        for name in names:
+            try:
+                await check_lookalike(database, name)
+                stored.append(await database.fetch_val(UPSERT_USER, {"username": name, "now": utcnow()}))
+            except Invalid as exc:
+                stored.append(exc)
+        return stored
+    asked = json.dumps([{"n": n, "username": name, "looks": sorted(set(looks(name).values()))}
+                        for n, name in enumerate(names)])
+    rows = await database.fetch_all(STORE_NEW_USERS, {"asked": asked, "now": utcnow()})
+    for row, name in zip(rows, names, strict=True):
+        if row["other"]:  # it holds nothing a later name might need
+            await database.execute(RELEASE_LOOKS, {"username": name})
+    return [confusable(name, row["other"]) if row["other"] else row["id"] for row, name in zip(rows, names)]
 
 
 def check_content(value) -> str:
@@ -1175,16 +1239,13 @@ async def on_join(app, client: Client, frame: dict) -> None:
     """
     if client.username is not None:
         raise Invalid("already_joined", f"already joined as {client.username!r}; leave first")
-    stored = await returning(app.state.database, frame.get("username", client.identity), client.identity)
+    stored = await returning(app, frame.get("username", client.identity), client.identity)
     username = stored["username"] if stored else check_username(frame.get("username", client.identity))
     if client.identity and username != client.identity:
         raise Invalid("wrong_user", f"your token is for {client.identity!r}")
     room = check_room(frame.get("room", client.room))
     since = check_id(frame["since"], "since") if frame.get("since") is not None else None
-    if not stored:
-        await check_lookalike(app.state.database, username)
-    client.user_id = stored["id"] if stored else await app.state.database.fetch_val(
-        UPSERT_USER, {"username": username, "now": utcnow()})
+    client.user_id = stored["id"] if stored else await app.state.new_users(username)
     client.username, client.room = username, room
     client.hold()
     first_here = app.state.rooms.subscribe(client)
@@ -1401,6 +1462,50 @@ async def supervise(name: str, work, outage: Outage, on_failure=lambda: None, de
             log.exception("%s failed; again in %g s", name, delay)
         on_failure()
         await asyncio.sleep(delay)
+
+
+class Batches:
+    """Calls that come while the last batch is being run wait, and then go together in one call of
+    `run` (their items, in order, to a result each, which may be an exception; if it raises, they
+    all fail): in a storm of joins, a statement for many, not one each. `take` says how many of
+    those waiting may go at once."""
+
+    MOST = 1000
+
+    def __init__(self, run: Callable, take: Callable[[list], int] = len):
+        self.run, self.take = run, take
+        self.waiting: list[tuple[object, asyncio.Future]] = []
+        self.running: asyncio.Task | None = None
+
+    def __call__(self, item) -> asyncio.Future:
+        done = asyncio.get_running_loop().create_future()
+        self.waiting.append((item, done))
+        if self.running is None:
+            self.running = asyncio.create_task(self.drain())
+        return done
+
+    async def drain(self) -> None:
+        batch = []
+        try:
+            while self.waiting:
+                batch = self.waiting[:max(1, self.take([item for item, _ in self.waiting[:self.MOST]]))]
+                del self.waiting[:len(batch)]
+                try:
+                    results = await self.run([item for item, _ in batch])
+                except DATABASE_ERRORS as exc:
+                    results = [exc] * len(batch)
+                for (_, done), result in zip(batch, results, strict=True):
+                    if not done.done():
+                        if isinstance(result, Exception):
+                            done.set_exception(result)
+                        else:
+                            done.set_result(result)
+        finally:  # cancelled at shutdown, or a bug: nobody waits for good
+            self.running = None
+            for _, done in [*batch, *self.waiting]:
+                if not done.done():
+                    done.set_exception(Unavailable())
+            self.waiting.clear()
 
 
 class MessageWriter:
@@ -2657,6 +2762,8 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
     app.state.limits = AddressLimits()
     app.state.tasks = set()
     app.state.history_reads = {}  # room -> the read of its newest messages that joins wait for
+    app.state.touches = Batches(lambda names: touch_users(app.state.database, names))
+    app.state.new_users = Batches(lambda names: store_new_users(app.state.database, names), take=distinct_looks)
     app.state.unready = None  # why /readyz said 503 last, to log each change once
     app.state.said = Said()
     # The one place that asks which database this is: on PostgreSQL, other processes may store and
@@ -2857,7 +2964,6 @@ class PostgresCluster(OneProcess):
             SELECT 1 FROM json_to_recordset(CAST(:here AS JSON)) AS h(room TEXT, username TEXT)
             WHERE h.room = presence.room AND h.username = presence.username)
         RETURNING room, username"""
-    MOVES_AT_ONCE = 1000
     REGISTER = "INSERT INTO processes (id, heartbeat) VALUES (:me, CURRENT_TIMESTAMP)"
     RENEW = "UPDATE processes SET heartbeat = CURRENT_TIMESTAMP WHERE id = :me RETURNING id"
 
@@ -2867,8 +2973,7 @@ class PostgresCluster(OneProcess):
         self.me = uuid.uuid4().hex[:12]
         self.tasks: list[asyncio.Task] = []
         self.stale = False  # a departure failed to be recorded: the heartbeat forgets whoever is not here
-        self.moves: list[tuple[bool, dict, asyncio.Future]] = []  # arrivals and departures to record, in order
-        self.recording: asyncio.Task | None = None
+        self.moves = Batches(self.record_moves, take=self.one_kind)  # arrivals and departures, in order
 
     async def start(self) -> None:
         await self.database.execute(self.REGISTER, {"me": self.me})
@@ -2898,41 +3003,19 @@ class PostgresCluster(OneProcess):
     def moved(self, arriving: bool, room: str, username: str, notice: dict) -> asyncio.Future:
         """Queue an arrival or a departure for the next statement; the future says how many other
         processes have the user in the room."""
-        done = asyncio.get_running_loop().create_future()
-        self.moves.append((arriving, {"room": room, "username": username,
-                                      "payload": json.dumps({"from": self.me, "frame": notice})}, done))
-        if self.recording is None:
-            self.recording = asyncio.create_task(self.record_moves())
-        return done
+        return self.moves((arriving, {"room": room, "username": username,
+                                      "payload": json.dumps({"from": self.me, "frame": notice})}))
 
-    async def record_moves(self) -> None:
-        """Record what is queued, a run of one kind a statement, until nothing is; whoever waits
-        for a run that failed hears why."""
-        run = []
-        try:
-            while self.moves:
-                arriving = self.moves[0][0]
-                run = list(itertools.takewhile(lambda move: move[0] == arriving,
-                                               itertools.islice(self.moves, self.MOVES_AT_ONCE)))
-                del self.moves[:len(run)]
-                moves = json.dumps([{"n": n, **move} for n, (_, move, _) in enumerate(run)])
-                try:
-                    rows = await self.database.fetch_all(self.ARRIVE if arriving else self.DEPART, {
-                        "me": self.me, "timeout": PRESENCE_TIMEOUT, "moves": moves})
-                except DATABASE_ERRORS as exc:
-                    for _, _, done in run:
-                        if not done.done():
-                            done.set_exception(exc)
-                    continue
-                for (_, _, done), row in zip(run, rows, strict=True):
-                    if not done.done():
-                        done.set_result(row["elsewhere"])
-        finally:  # cancelled at shutdown, or a bug: nobody waits for good
-            self.recording = None
-            for _, _, done in [*run, *self.moves]:
-                if not done.done():
-                    done.set_exception(Unavailable())
-            self.moves.clear()
+    @staticmethod
+    def one_kind(moves: list[tuple[bool, dict]]) -> int:
+        """How many of the first moves are of the first one's kind: a statement records one kind."""
+        return next((n for n, (arriving, _) in enumerate(moves) if arriving != moves[0][0]), len(moves))
+
+    async def record_moves(self, moves: list[tuple[bool, dict]]) -> list[int]:
+        rows = await self.database.fetch_all(self.ARRIVE if moves[0][0] else self.DEPART, {
+            "me": self.me, "timeout": PRESENCE_TIMEOUT,
+            "moves": json.dumps([{"n": n, **move} for n, (_, move) in enumerate(moves)])})
+        return [row["elsewhere"] for row in rows]
 
     async def announce(self, frame: dict, exclude: Client | None = None) -> None:
         """To this process's clients now, and to the other processes' through PostgreSQL."""

@@ -4148,9 +4148,43 @@ def test_a_user_who_comes_back_is_found_and_seen_in_one_statement(database_url, 
             ws.send_json({"type": "leave"})
             ws.receive_json()  # Goodbye alice!
             join(ws, "alice")
-        about_users = [" ".join(s.split()[:2]) for s in statements  # but last_seen recorded on leaving
-                       if re.search(r"\b(INTO|UPDATE|FROM) (users|looks)\b", s) and " IN (" not in s]
+        about_users = [" ".join(s.split()[:2]) for s in statements  # but last_seen recorded on leaving (no RETURNING)
+                       if re.search(r"\b(INTO|UPDATE|FROM) (users|looks)\b", s)
+                       and not (s.lstrip().startswith("UPDATE users") and "RETURNING" not in s)]
     assert about_users == ["UPDATE users"]
+
+
+def test_users_coming_back_together_are_found_and_seen_in_one_statement(database_url, statements):
+    with TestClient(chat.create_app(database_url)) as client:
+        alice = client.post("/users", json={"username": "alice"}).json()["id"]
+        del statements[:]
+
+        async def together():
+            return [row and row["id"] for row in await asyncio.gather(
+                *(client.app.state.touches(name) for name in ("alice", "zed", "alice")))]
+
+        assert client.portal.call(together) == [alice, None, alice]
+        assert len([s for s in statements if s.lstrip().startswith("UPDATE users")]) == 1
+
+
+def test_new_users_joining_together_are_stored_together_and_a_look_alike_among_them_is_refused(database_url, statements):
+    with TestClient(chat.create_app(database_url)) as client:
+        del statements[:]
+
+        async def together():
+            return await asyncio.gather(*(client.app.state.new_users(name) for name in ("alice", "bob", "\u0430lice")),
+                                        return_exceptions=True)
+
+        alice, bob, refused = client.portal.call(together)
+        assert (refused.code, refused.detail) == ("confusable_username", "'\u0430lice' looks like the existing user 'alice' "
+                                                  "(yours has CYRILLIC SMALL LETTER A); if that is you, write it the same "
+                                                  "way, else choose another name")
+        assert [(row["id"], row["username"]) for row in query(client, "SELECT id, username FROM users ORDER BY id")] == [
+            (alice, "alice"), (bob, "bob")]
+        assert query(client, "SELECT look FROM looks WHERE username = :name", {"name": "\u0430lice"}) == []
+        # On PostgreSQL, alice and bob in one statement; the look-alike, which claims alice's looks too, in the next.
+        stored_together = [s for s in statements if "refused AS" in s]
+        assert len(stored_together) == (2 if database_url.startswith("postgresql") else 0)
 
 
 def test_a_batch_of_messages_costs_one_statement_whatever_its_size(database_url, statements):
