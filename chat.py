@@ -2964,6 +2964,7 @@ class PostgresCluster(OneProcess):
             SELECT 1 FROM json_to_recordset(CAST(:here AS JSON)) AS h(room TEXT, username TEXT)
             WHERE h.room = presence.room AND h.username = presence.username)
         RETURNING room, username"""
+    RECORDED_HERE = "SELECT room, username FROM presence WHERE process = :me"
     REGISTER = "INSERT INTO processes (id, heartbeat) VALUES (:me, CURRENT_TIMESTAMP)"
     RENEW = "UPDATE processes SET heartbeat = CURRENT_TIMESTAMP WHERE id = :me RETURNING id"
 
@@ -2972,7 +2973,7 @@ class PostgresCluster(OneProcess):
         self.app, self.database, self.writer = app, app.state.database, app.state.writer
         self.me = uuid.uuid4().hex[:12]
         self.tasks: list[asyncio.Task] = []
-        self.stale = False  # a departure failed to be recorded: the heartbeat forgets whoever is not here
+        self.stale = False  # an arrival or departure failed to be recorded: the heartbeat sets presence right
         self.moves = Batches(self.record_moves, take=self.one_kind)  # arrivals and departures, in order
 
     async def start(self) -> None:
@@ -2988,15 +2989,18 @@ class PostgresCluster(OneProcess):
 
     async def arrive(self, room: str, username: str, notice: dict, exclude: Client | None = None) -> None:
         """Record the user here; unless another process has them in the room, announce them."""
-        if not await self.moved(True, room, username, notice):
-            self.rooms.publish(room, notice, exclude=exclude)  # the other processes were told by the statement
+        await self.move(True, room, username, notice, exclude)
 
     async def depart(self, room: str, username: str, notice: dict) -> None:
         """Forget the user here; unless another process has them in the room, announce it."""
+        await self.move(False, room, username, notice)
+
+    async def move(self, arriving: bool, room: str, username: str, notice: dict, exclude: Client | None = None) -> None:
+        """Record the move; then, unless another process has the user in the room, tell this one's clients."""
         try:
-            if not await self.moved(False, room, username, notice):
-                self.rooms.publish(room, notice)
-        except DATABASE_ERRORS:
+            if not await self.moved(arriving, room, username, notice):
+                self.rooms.publish(room, notice, exclude=exclude)  # the other processes were told by the statement
+        except DATABASE_ERRORS:  # the user's other tabs here may have joined meanwhile, or left
             self.stale = True
             raise
 
@@ -3079,11 +3083,14 @@ class PostgresCluster(OneProcess):
             if dead := await self.database.fetch_all(self.FORGET_DEAD, {"timeout": PRESENCE_TIMEOUT}):
                 log.warning("%d other process(es) gave no heartbeat for %g s (stopped, or cut off from the "
                             "database): their %d users count as gone", len(dead), PRESENCE_TIMEOUT, len(gone))
-            if self.stale:  # and those who left here while the database failed
-                here = json.dumps([{"room": room, "username": name} for room, names in self.rooms.present().items()
-                                   for name in names])
-                gone |= {(row["room"], row["username"])
-                         for row in await self.database.fetch_all(self.FORGET_GONE, {"me": self.me, "here": here})}
+            if self.stale:  # and those who left, or came, here while the database failed
+                here = {(room, name) for room, names in self.rooms.present().items() for name in names}
+                gone |= {(row["room"], row["username"]) for row in await self.database.fetch_all(
+                    self.FORGET_GONE, {"me": self.me, "here": json.dumps([{"room": r, "username": u} for r, u in here])})}
+                recorded = {(row["room"], row["username"])
+                            for row in await self.database.fetch_all(self.RECORDED_HERE, {"me": self.me})}
+                await asyncio.gather(*(self.arrive(room, name, system_frame(room, f"{name} joined the chat"))
+                                       for room, name in sorted(here - recorded)))
                 self.stale = False
             for room, username in sorted(gone):
                 if username in self.rooms.rooms.get(room, ()):  # back already, on this process

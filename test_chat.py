@@ -5059,6 +5059,35 @@ def test_a_leave_the_database_failed_to_record_is_recorded_by_the_next_heartbeat
         assert (client.get("/users/active").json(), failed) == (["alice"], [chat.PostgresCluster.DEPART])
 
 
+def test_an_arrival_the_database_failed_to_record_leaves_presence_for_the_next_heartbeat_to_set_right(
+        shared_url, monkeypatch):
+    app = chat.create_app(shared_url)
+    with TestClient(app) as client, client.websocket_connect("/ws") as alice:
+        fetch_all = app.state.database.fetch_all
+
+        async def failing(query, values=None):
+            if query == chat.PostgresCluster.ARRIVE:
+                raise asyncpg.ConnectionDoesNotExistError("the connection was closed")
+            return await fetch_all(query, values)
+
+        monkeypatch.setattr(app.state.database, "fetch_all", failing)
+        alice.send_json({"type": "join", "username": "alice"})
+        assert (alice.receive_json()["code"], app.state.cluster.stale) == ("unavailable", True)
+
+
+def test_the_heartbeat_records_and_announces_users_here_whom_presence_lost(shared_url, monkeypatch):
+    monkeypatch.setattr(chat, "PRESENCE_TIMEOUT", 0.3)  # a heartbeat every 0.1 s
+    app = chat.create_app(shared_url)
+    with TestClient(app) as client, client.websocket_connect("/ws") as alice, client.websocket_connect("/ws") as bob:
+        join(alice, "alice")
+        join(bob, "bob")
+        alice.receive_json()  # bob joined
+        postgres_execute(shared_url, "DELETE FROM presence WHERE username = 'bob'")  # as if bob's arrival had failed
+        app.state.cluster.stale = True
+        assert untimed(alice.receive_json()) == {"type": "system", "room": "general", "content": "bob joined the chat"}
+        assert (client.get("/users/active").json(), app.state.cluster.stale) == (["alice", "bob"], False)
+
+
 def recorded_moves(app, monkeypatch) -> list[str]:
     """The arrival and departure statements the app runs, as ARRIVE or DEPART, in order."""
     statements, fetch_all = [], app.state.database.fetch_all
