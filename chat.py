@@ -505,7 +505,9 @@ CREATE_USER = """
 FIND_USER = "SELECT id, username, last_seen FROM users WHERE username = :username"
 TOUCH_USERS = {  # of a JSON array of names: users who come back, seen now
     "sqlite": "UPDATE users SET last_seen = :now WHERE username IN (SELECT value FROM json_each(:names)) RETURNING id, username",
-    "postgresql": """UPDATE users SET last_seen = :now WHERE username IN (SELECT json_array_elements_text(CAST(:names AS JSON)))
+    "postgresql": """UPDATE users SET last_seen = :now WHERE id IN (
+                         SELECT id FROM users WHERE username IN (SELECT json_array_elements_text(CAST(:names AS JSON)))
+                         ORDER BY username FOR UPDATE)
                      RETURNING id, username""",
 }
 # The first name to claim a look (see check_lookalike) keeps it; a claim answers with whoever
@@ -523,17 +525,19 @@ CLAIM_LOOKS = {  # a JSON array of {"look", "username"}
 RELEASE_LOOKS = "DELETE FROM looks WHERE username = :username"
 # New users of a batch of joins (JSON: n, username, its looks; no look twice), on PostgreSQL in one
 # statement: their looks claimed, and each whose looks are all its own stored; each its id, or the
-# other name that holds one of its looks.
+# other name that holds one of its looks. Rows are locked in one order (looks by look, users by
+# name, as every statement that changes several users does), so that two processes storing the
+# same names in other orders wait for each other rather than deadlock.
 STORE_NEW_USERS = """
     WITH asked AS (SELECT * FROM json_to_recordset(CAST(:asked AS JSON)) AS a(n INT, username TEXT, looks JSON)),
     claimed AS (INSERT INTO looks (look, username)
-                SELECT l.look, a.username FROM asked AS a, json_array_elements_text(a.looks) AS l(look)
+                SELECT l.look, a.username FROM asked AS a, json_array_elements_text(a.looks) AS l(look) ORDER BY l.look
                 ON CONFLICT (look) DO UPDATE SET look = excluded.look RETURNING look, username),
     refused AS (SELECT a.n, MIN(c.username) AS other
                 FROM asked AS a, json_array_elements_text(a.looks) AS l(look), claimed AS c
                 WHERE c.look = l.look AND c.username <> a.username GROUP BY a.n),
     stored AS (INSERT INTO users (username, last_seen) SELECT username, :now FROM asked
-               WHERE n NOT IN (SELECT n FROM refused)
+               WHERE n NOT IN (SELECT n FROM refused) ORDER BY username
                ON CONFLICT (username) DO UPDATE SET last_seen = excluded.last_seen RETURNING id, username)
     SELECT a.n, s.id, r.other FROM asked AS a LEFT JOIN stored AS s USING (username) LEFT JOIN refused AS r USING (n)
     ORDER BY a.n"""
@@ -558,8 +562,9 @@ INSERT_MESSAGES = """
     RETURNING id, user_id, client_id"""
 RECORD_LAST_SEEN = {
     "sqlite": "UPDATE users SET last_seen = :now WHERE username IN (SELECT value FROM json_each(:usernames))",
-    "postgresql": """UPDATE users SET last_seen = :now
-                     WHERE username IN (SELECT json_array_elements_text(CAST(:usernames AS JSON)))""",
+    "postgresql": """UPDATE users SET last_seen = :now WHERE id IN (
+                         SELECT id FROM users WHERE username IN (SELECT json_array_elements_text(CAST(:usernames AS JSON)))
+                         ORDER BY username FOR UPDATE)""",
 }
 SELECT_MESSAGES = """
     SELECT m.id, m.room, u.username, m.content, m.created_at, m.client_id
@@ -3067,6 +3072,20 @@ class PostgresCluster(OneProcess):
         finally:
             connection.terminate()
 
+    async def set_presence_right(self, gone: set[tuple[str, str]]) -> None:
+        """Forget (adding them to `gone`) the users recorded here who are not, then record and
+        announce those here who are not recorded and still here (a later departure comes after)."""
+        here = [{"room": room, "username": name} for room, names in self.rooms.present().items() for name in names]
+        gone |= {(row["room"], row["username"])
+                 for row in await self.database.fetch_all(self.FORGET_GONE, {"me": self.me, "here": json.dumps(here)})}
+        recorded = {(row["room"], row["username"]) for row in await self.database.fetch_all(self.RECORDED_HERE, {"me": self.me})}
+        missing = sorted({(room, name) for room, names in self.rooms.present().items() for name in names} - recorded)
+        notices = [system_frame(room, f"{name} joined the chat") for room, name in missing]
+        queued = [self.moved(True, room, name, notice) for (room, name), notice in zip(missing, notices)]  # now
+        for notice, elsewhere in zip(notices, await asyncio.gather(*queued)):
+            if not elsewhere:
+                self.rooms.publish(notice["room"], notice)
+
     async def beat(self) -> None:
         """Renew our heartbeat; reap processes that stopped renewing theirs, and say their users left."""
         while True:
@@ -3084,14 +3103,12 @@ class PostgresCluster(OneProcess):
                 log.warning("%d other process(es) gave no heartbeat for %g s (stopped, or cut off from the "
                             "database): their %d users count as gone", len(dead), PRESENCE_TIMEOUT, len(gone))
             if self.stale:  # and those who left, or came, here while the database failed
-                here = {(room, name) for room, names in self.rooms.present().items() for name in names}
-                gone |= {(row["room"], row["username"]) for row in await self.database.fetch_all(
-                    self.FORGET_GONE, {"me": self.me, "here": json.dumps([{"room": r, "username": u} for r, u in here])})}
-                recorded = {(row["room"], row["username"])
-                            for row in await self.database.fetch_all(self.RECORDED_HERE, {"me": self.me})}
-                await asyncio.gather(*(self.arrive(room, name, system_frame(room, f"{name} joined the chat"))
-                                       for room, name in sorted(here - recorded)))
-                self.stale = False
+                self.stale = False  # a move that fails from now on marks it again
+                try:
+                    await self.set_presence_right(gone)
+                except DATABASE_ERRORS:
+                    self.stale = True
+                    raise
             for room, username in sorted(gone):
                 if username in self.rooms.rooms.get(room, ()):  # back already, on this process
                     continue

@@ -5088,6 +5088,51 @@ def test_the_heartbeat_records_and_announces_users_here_whom_presence_lost(share
         assert (client.get("/users/active").json(), app.state.cluster.stale) == (["alice", "bob"], False)
 
 
+def test_a_move_that_fails_while_the_heartbeat_sets_presence_right_is_set_right_by_the_next(shared_url, monkeypatch):
+    monkeypatch.setattr(chat, "PRESENCE_TIMEOUT", 0.3)  # a heartbeat every 0.1 s
+    app, forgets = chat.create_app(shared_url), []
+    with TestClient(app) as client:
+        fetch_all = app.state.database.fetch_all
+
+        async def failing_meanwhile(query, values=None):
+            if query == chat.PostgresCluster.FORGET_GONE:
+                forgets.append(query)
+                if len(forgets) == 1:
+                    app.state.cluster.stale = True  # as a move failing now marks it
+            return await fetch_all(query, values)
+
+        monkeypatch.setattr(app.state.database, "fetch_all", failing_meanwhile)
+        app.state.cluster.stale = True
+        wait_until(lambda: len(forgets) == 2, seconds=5)
+
+
+def test_two_processes_storing_the_same_new_users_in_opposite_orders_do_not_deadlock(shared_url):
+    with TestClient(chat.create_app(shared_url)):
+        pass  # the schema
+    sql, names = chat.PostgresDatabase.numbered(chat.STORE_NEW_USERS)
+
+    async def store(connection, usernames):
+        asked = json.dumps([{"n": n, "username": name, "looks": sorted(set(chat.looks(name).values()))}
+                            for n, name in enumerate(usernames)])
+        values = {"asked": asked, "now": chat.utcnow()}
+        return len(await connection.fetch(sql, *(values[name] for name in names)))
+
+    async def rounds():
+        a, b = await asyncpg.connect(shared_url), await asyncpg.connect(shared_url)
+        try:
+            stored = []
+            for round in range(3):
+                usernames = [f"r{round}u{n:04d}" for n in range(1000)]
+                stored += await asyncio.gather(store(a, usernames), store(b, usernames[::-1]))
+            return stored
+        finally:
+            await a.close()
+            await b.close()
+
+    with concurrent.futures.ThreadPoolExecutor() as pool:
+        assert pool.submit(asyncio.run, rounds()).result() == [1000] * 6
+
+
 def recorded_moves(app, monkeypatch) -> list[str]:
     """The arrival and departure statements the app runs, as ARRIVE or DEPART, in order."""
     statements, fetch_all = [], app.state.database.fetch_all
