@@ -3074,14 +3074,19 @@ class PostgresCluster(OneProcess):
 
     async def set_presence_right(self, gone: set[tuple[str, str]]) -> None:
         """Forget (adding them to `gone`) the users recorded here who are not, then record and
-        announce those here who are not recorded and still here (a later departure comes after)."""
+        announce those here who are not recorded."""
         here = [{"room": room, "username": name} for room, names in self.rooms.present().items() for name in names]
         gone |= {(row["room"], row["username"])
                  for row in await self.database.fetch_all(self.FORGET_GONE, {"me": self.me, "here": json.dumps(here)})}
         recorded = {(row["room"], row["username"]) for row in await self.database.fetch_all(self.RECORDED_HERE, {"me": self.me})}
+        await self.arrive_again(recorded)
+
+    async def arrive_again(self, recorded: set[tuple[str, str]] = frozenset()) -> None:
+        """Record and announce the users here but those `recorded`, their arrivals queued at once
+        (so that a later departure comes after), in one statement."""
         missing = sorted({(room, name) for room, names in self.rooms.present().items() for name in names} - recorded)
         notices = [system_frame(room, f"{name} joined the chat") for room, name in missing]
-        queued = [self.moved(True, room, name, notice) for (room, name), notice in zip(missing, notices)]  # now
+        queued = [self.moved(True, room, name, notice) for (room, name), notice in zip(missing, notices)]
         for notice, elsewhere in zip(notices, await asyncio.gather(*queued)):
             if not elsewhere:
                 self.rooms.publish(notice["room"], notice)
@@ -3094,9 +3099,7 @@ class PostgresCluster(OneProcess):
                 # Reaped while cut off from the database (the others said our users left): register
                 # again, with our users, who are announced again.
                 await self.database.execute(self.REGISTER, {"me": self.me})
-                for room, users in self.rooms.present().items():
-                    for username in users:
-                        await self.arrive(room, username, system_frame(room, f"{username} joined the chat"))
+                await self.arrive_again()
             gone = {(row["room"], row["username"])
                     for row in await self.database.fetch_all(self.REAP, {"timeout": PRESENCE_TIMEOUT})}
             if dead := await self.database.fetch_all(self.FORGET_DEAD, {"timeout": PRESENCE_TIMEOUT}):
