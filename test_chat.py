@@ -5106,6 +5106,18 @@ def test_a_move_that_fails_while_the_heartbeat_sets_presence_right_is_set_right_
         wait_until(lambda: len(forgets) == 2, seconds=5)
 
 
+def test_arriving_and_departing_find_the_users_other_processes_have_by_index_not_by_reading_everyone(shared_url):
+    app = chat.create_app(shared_url)
+    with TestClient(app) as client:
+        me = app.state.cluster.me
+        postgres_execute(shared_url, f"INSERT INTO presence SELECT '{me}', 'r' || n / 10, 'u' || n FROM generate_series(1, 10000) AS n")
+        moves = json.dumps([{"n": n, "room": f"r{n // 10}", "username": f"u{n}", "payload": "{}"} for n in range(1000)])
+        for statement in (chat.PostgresCluster.ARRIVE, chat.PostgresCluster.DEPART):
+            plan = "\n".join(row["QUERY PLAN"] for row in query(client, "EXPLAIN " + statement, {
+                "me": me, "timeout": 15.0, "moves": moves}))
+            assert ("presence_room_username" in plan, "Seq Scan on presence" in plan) == (True, False), plan
+
+
 def test_two_processes_storing_the_same_new_users_in_opposite_orders_do_not_deadlock(shared_url):
     with TestClient(chat.create_app(shared_url)):
         pass  # the schema
