@@ -170,6 +170,7 @@ NOTICE_SECONDS = 0.05  # joins and leaves within this go out together: in a stor
 NOTICES_TOLD = 20  # of those, each client is told this many one by one, then one notice counts the rest
 REPLAY_LIMIT = 500  # most messages replayed after a reconnect; older ones are left to GET /messages
 REPLAY_BYTES = 256 * 1024  # and at most this much of them
+REPLAYS_AT_ONCE = 10  # replays read at once (PostgreSQL's pool has 10 connections); others wait their turn
 MAX_USERNAME_LENGTH = 32
 MAX_CLIENT_ID_LENGTH = 64
 DEFAULT_ROOM = "general"
@@ -1257,9 +1258,9 @@ async def on_join(app, client: Client, frame: dict) -> None:
     notices = [system_frame(room, f"Welcome {username}!", database=app.state.identity)]
     try:
         if since is None:
-            history = await newest_history(app, room)
+            history = await app.state.histories(room)  # read after it subscribed, so nothing is missed
         else:  # one more than the limit: if it comes back, some were left out
-            async with app.state.replaying:  # one a turn of the loop: in a storm of them, live frames go between
+            async with app.state.replaying:  # a few a turn of the loop: in a storm of them, live frames go between
                 missed = await recent_messages(app.state.database, room, REPLAY_LIMIT + 1, since=since)
                 history = newest_within(missed[-REPLAY_LIMIT:], REPLAY_BYTES)
                 await asyncio.sleep(0)
@@ -1279,19 +1280,13 @@ async def on_join(app, client: Client, frame: dict) -> None:
     client.release(notices, history)
 
 
-async def newest_history(app, room: str) -> tuple[list[str], list[int]]:
-    """A room's newest messages for a join, read once for every join of the room that subscribed
-    before the read began (in a storm of joins, one read for many); shielded, so that a joiner who
-    goes does not cancel the others' read."""
-    reads = app.state.history_reads
-    if room not in reads:
-        reads[room] = asyncio.create_task(read_history(app, room))
-    return await asyncio.shield(reads[room])
-
-
-async def read_history(app, room: str) -> tuple[list[str], list[int]]:
-    del app.state.history_reads[room]  # who joins from now on subscribed after this read began: the next one
-    return newest_within(await recent_messages(app.state.database, room, HISTORY_ON_JOIN), REPLAY_BYTES)
+async def read_histories(database, rooms: list[str]) -> list[tuple[list[str], list[int]]]:
+    """The newest messages of the rooms of a batch of joins (app.state.histories), each room read
+    once for all of its joins, the rooms at once: as (their frames, their ids)."""
+    distinct = list(dict.fromkeys(rooms))
+    read = await asyncio.gather(*(recent_messages(database, room, HISTORY_ON_JOIN) for room in distinct))
+    histories = {room: newest_within(messages, REPLAY_BYTES) for room, messages in zip(distinct, read)}
+    return [histories[room] for room in rooms]
 
 
 def newest_within(messages: list[dict], budget: int) -> tuple[list[str], list[int]]:
@@ -2530,7 +2525,7 @@ async def lifespan(app):
         if isinstance(exc, sqlite3.OperationalError):  # a full disk, a read-only folder: say so in one line
             raise Refusal(disk_refusal(database.url.database, exc)) from None
         raise
-    app.state.replaying = asyncio.Lock()  # this loop's: see on_join
+    app.state.replaying = asyncio.Semaphore(REPLAYS_AT_ONCE)  # this loop's: see on_join
     writer = asyncio.create_task(app.state.writer.run())
     retention = asyncio.create_task(supervise("retention", lambda: retain(app), app.state.writer.outage)) if (
         RETAIN_DAYS or RETAIN_MESSAGES_PER_ROOM) else None
@@ -2766,7 +2761,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
     app.state.rooms = Rooms(app.state.metrics)
     app.state.limits = AddressLimits()
     app.state.tasks = set()
-    app.state.history_reads = {}  # room -> the read of its newest messages that joins wait for
+    app.state.histories = Batches(lambda rooms: read_histories(app.state.database, rooms))
     app.state.touches = Batches(lambda names: touch_users(app.state.database, names))
     app.state.new_users = Batches(lambda names: store_new_users(app.state.database, names), take=distinct_looks)
     app.state.unready = None  # why /readyz said 503 last, to log each change once
