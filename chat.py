@@ -1258,7 +1258,7 @@ async def on_join(app, client: Client, frame: dict) -> None:
     notices = [system_frame(room, f"Welcome {username}!", database=app.state.identity)]
     try:
         if since is None:
-            history = await app.state.histories(room)  # read after it subscribed, so nothing is missed
+            history = await newest_history(app, room)
         else:  # one more than the limit: if it comes back, some were left out
             async with app.state.replaying:  # a few a turn of the loop: in a storm of them, live frames go between
                 missed = await recent_messages(app.state.database, room, REPLAY_LIMIT + 1, since=since)
@@ -1280,13 +1280,19 @@ async def on_join(app, client: Client, frame: dict) -> None:
     client.release(notices, history)
 
 
-async def read_histories(database, rooms: list[str]) -> list[tuple[list[str], list[int]]]:
-    """The newest messages of the rooms of a batch of joins (app.state.histories), each room read
-    once for all of its joins, the rooms at once: as (their frames, their ids)."""
-    distinct = list(dict.fromkeys(rooms))
-    read = await asyncio.gather(*(recent_messages(database, room, HISTORY_ON_JOIN) for room in distinct))
-    histories = {room: newest_within(messages, REPLAY_BYTES) for room, messages in zip(distinct, read)}
-    return [histories[room] for room in rooms]
+async def newest_history(app, room: str) -> tuple[list[str], list[int]]:
+    """A room's newest messages for a join, read once for every join of the room that subscribed
+    before the read began (in a storm of joins, one read for many); shielded, so that a joiner who
+    goes does not cancel the others' read."""
+    reads = app.state.history_reads
+    if room not in reads:
+        reads[room] = asyncio.create_task(read_history(app, room))
+    return await asyncio.shield(reads[room])
+
+
+async def read_history(app, room: str) -> tuple[list[str], list[int]]:
+    del app.state.history_reads[room]  # who joins from now on subscribed after this read began: the next one
+    return newest_within(await recent_messages(app.state.database, room, HISTORY_ON_JOIN), REPLAY_BYTES)
 
 
 def newest_within(messages: list[dict], budget: int) -> tuple[list[str], list[int]]:
@@ -2761,7 +2767,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
     app.state.rooms = Rooms(app.state.metrics)
     app.state.limits = AddressLimits()
     app.state.tasks = set()
-    app.state.histories = Batches(lambda rooms: read_histories(app.state.database, rooms))
+    app.state.history_reads = {}  # room -> the read of its newest messages that joins wait for
     app.state.touches = Batches(lambda names: touch_users(app.state.database, names))
     app.state.new_users = Batches(lambda names: store_new_users(app.state.database, names), take=distinct_looks)
     app.state.unready = None  # why /readyz said 503 last, to log each change once

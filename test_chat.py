@@ -211,11 +211,11 @@ def test_joins_waiting_together_share_one_read_of_the_history_and_a_later_join_r
         async def joins():
             nonlocal read, stored
             read, stored = asyncio.Event(), asyncio.Event()
-            together = asyncio.gather(*(app.state.histories("general") for _ in range(3)))
+            together = asyncio.gather(*(chat.newest_history(app, "general") for _ in range(3)))
             await read.wait()
             user_id = (await fetch_all(chat.FIND_USER, {"username": "alice"}))[0]["id"]
             await app.state.writer.post("general", user_id, "alice", "second")
-            later = asyncio.ensure_future(app.state.histories("general"))
+            later = asyncio.create_task(chat.newest_history(app, "general"))
             stored.set()
             return [ids for _, ids in await together], (await later)[1]
 
