@@ -264,11 +264,13 @@ class SQLiteDatabase(Direct):
 
     async def connect(self) -> None:
         await super().connect()
-        self.shared = super().connection()  # `databases`' own, in aiosqlite's thread: the schema, checkpoints
-        await self.shared.__aenter__()
+        # First, so that a file that is no database fails here: aiosqlite, failing to open one, would
+        # answer its thread's last call after the loop has closed (a traceback at exit).
         self.direct = sqlite3.connect(self.url.database, factory=self.options["factory"], isolation_level=None)
         self.direct.execute("PRAGMA busy_timeout = 0")  # not on the loop: run() waits for locks instead
         self.direct.execute("PRAGMA wal_autocheckpoint = 0")
+        self.shared = super().connection()  # `databases`' own, in aiosqlite's thread: the schema, checkpoints
+        await self.shared.__aenter__()
 
     async def disconnect(self) -> None:
         if self.direct is not None:
