@@ -1263,6 +1263,8 @@ async def on_join(app, client: Client, frame: dict) -> None:
             history = await newest_history(app, room)
         else:  # one more than the limit: if it comes back, some were left out
             async with app.state.replaying:  # a few a turn of the loop: in a storm of them, live frames go between
+                if client.stopped:  # it went while it waited for its turn: it has left already
+                    return
                 missed = await recent_messages(app.state.database, room, REPLAY_LIMIT + 1, since=since)
                 history = newest_within(missed[-REPLAY_LIMIT:], REPLAY_BYTES)
                 await asyncio.sleep(0)

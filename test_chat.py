@@ -255,6 +255,31 @@ def test_a_storm_of_replays_reads_ten_at_a_time_and_lets_the_loop_serve_other_so
     assert (sum(runs), max(runs)) == (25, chat.REPLAYS_AT_ONCE) == (25, 10)
 
 
+def test_a_replay_whose_client_went_while_it_waited_for_its_turn_is_not_read(database_url, monkeypatch, unlimited):
+    reads, reading = [], chat.recent_messages
+
+    async def recent_messages(*args, **kwargs):
+        reads.append(kwargs["since"])
+        clients[-1].stopped = True  # the last one goes while the first ten are read
+        return await reading(*args, **kwargs)
+
+    def joining() -> chat.Client:
+        write = {"write": lambda data: True, "frame": runner.text_frame}
+        return chat.Client(types.SimpleNamespace(scope={"extensions": {"chat.write_now": write}}), "127.0.0.1",
+                           "general", None)
+
+    async def storm(app):
+        await asyncio.gather(*(chat.on_join(app, client, {"type": "join", "username": f"u{n}", "since": 0})
+                               for n, client in enumerate(clients)))
+
+    clients = [joining() for _ in range(chat.REPLAYS_AT_ONCE + 1)]
+    with TestClient(chat.create_app(database_url)) as client:
+        post(client, "alice", "hi")
+        monkeypatch.setattr(chat, "recent_messages", recent_messages)
+        client.portal.call(storm, client.app)
+    assert (len(reads), clients[-1].held) == (10, [])
+
+
 def test_the_notices_of_many_joins_reach_each_client_in_one_write_from_its_own_join_on(tmp_path):
     rooms, writes = chat.create_app(f"sqlite:///{tmp_path}/chat.db").state.rooms, {}
     notices = [chat.system_frame("general", f"u{n} joined the chat") for n in range(3)]
