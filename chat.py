@@ -3077,10 +3077,14 @@ class PostgresCluster(OneProcess):
         finally:
             connection.terminate()
 
+    def here(self) -> set[tuple[str, str]]:
+        """(room, username) of each user joined on this process."""
+        return {(room, name) for room, names in self.rooms.present().items() for name in names}
+
     async def set_presence_right(self, gone: set[tuple[str, str]]) -> None:
         """Forget (adding them to `gone`) the users recorded here who are not, then record and
         announce those here who are not recorded."""
-        here = [{"room": room, "username": name} for room, names in self.rooms.present().items() for name in names]
+        here = [{"room": room, "username": name} for room, name in sorted(self.here())]
         gone |= {(row["room"], row["username"])
                  for row in await self.database.fetch_all(self.FORGET_GONE, {"me": self.me, "here": json.dumps(here)})}
         recorded = {(row["room"], row["username"]) for row in await self.database.fetch_all(self.RECORDED_HERE, {"me": self.me})}
@@ -3089,7 +3093,7 @@ class PostgresCluster(OneProcess):
     async def arrive_again(self, recorded: set[tuple[str, str]] = frozenset()) -> None:
         """Record and announce the users here but those `recorded`, their arrivals queued at once
         (so that a later departure comes after), in one statement."""
-        missing = sorted({(room, name) for room, names in self.rooms.present().items() for name in names} - recorded)
+        missing = sorted(self.here() - recorded)
         notices = [system_frame(room, f"{name} joined the chat") for room, name in missing]
         queued = [self.moved(True, room, name, notice) for (room, name), notice in zip(missing, notices)]
         for notice, elsewhere in zip(notices, await asyncio.gather(*queued)):
