@@ -1209,6 +1209,14 @@ async def chat_socket(websocket: WebSocket):
             await client.closing
 
 
+class ChatSocket:
+    """chat_socket as an ASGI app, which Starlette routes to as it is: a function would be wrapped
+    in three more coroutines, which every waiting socket would keep."""
+
+    def __call__(self, scope, receive, send):
+        return chat_socket(WebSocket(scope, receive, send))
+
+
 def stalled(client: Client) -> None:
     """It stopped reading: it leaves its room at once, so the others see it go."""
     app = client.websocket.app
@@ -2754,8 +2762,8 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
         Route("/healthz", readyz),  # its first name
         Route("/metrics", metrics),
         Route("/favicon.ico", favicon),
-        WebSocketRoute("/ws", chat_socket),
-        WebSocketRoute("/ws/{room}", chat_socket),
+        WebSocketRoute("/ws", ChatSocket()),
+        WebSocketRoute("/ws/{room}", ChatSocket()),
         Route("/ws", upgrade_required),
         Route("/ws/{room}", upgrade_required),
     ]

@@ -349,8 +349,8 @@ def text_frame(text: str) -> bytes:
 
 
 class Inbox:
-    """What uvicorn's protocol uses of asyncio.Queue (put_nowait, get, empty) for the frames the
-    app has yet to receive, in a fraction of its memory: a waiting connection holds one list."""
+    """What uvicorn's protocol uses of asyncio.Queue (put_nowait) for the frames the app has yet to
+    receive (BoundedWebSockets.receive), in a fraction of its memory: a waiting connection holds one list."""
 
     __slots__ = ("items", "waiter")
 
@@ -361,15 +361,6 @@ class Inbox:
         self.items.append(item)
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
-
-    async def get(self):
-        while not self.items:  # one receiver: the app's receive()
-            self.waiter = asyncio.get_running_loop().create_future()
-            await self.waiter
-        return self.items.pop(0)
-
-    def empty(self) -> bool:
-        return not self.items
 
 
 class Gate:
@@ -423,9 +414,20 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
         self.fragments = Bucket(FRAGMENTS_PER_SECOND, FRAGMENTS_BURST, self.loop.time())
         self.message_fragments = 0  # frames of the message being received
 
-    async def run_asgi(self):
+    def run_asgi(self):  # not a coroutine itself: a waiting connection keeps one frame fewer
         self.scope["extensions"]["chat.write_now"] = {"write": self.write_now, "frame": text_frame}
-        await super().run_asgi()
+        return super().run_asgi()
+
+    async def receive(self):
+        """uvicorn's receive, with the inbox's wait in its own frame rather than one more coroutine's."""
+        while not self.queue.items:  # one receiver: the app
+            self.queue.waiter = self.loop.create_future()
+            await self.queue.waiter
+        message = self.queue.items.pop(0)
+        if self.read_paused and not self.queue.items:
+            self.read_paused = False
+            self.transport.resume_reading()
+        return message
 
     async def send(self, message):
         """uvicorn's send, except that a send after uvicorn closed the connection itself is a

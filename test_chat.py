@@ -2399,6 +2399,26 @@ def test_a_frame_for_a_client_with_nothing_queued_is_written_at_once_without_a_t
         assert (client.sender, list(client.outbox)) == (None, [])
 
 
+def test_a_waiting_socket_keeps_one_coroutine_for_each_layer_between_the_server_and_chat(database_url):
+    with server_in_this_process(database_url) as (base, app), ws_connect(base) as ws:
+        ws_join(ws, "alice")
+        (client,) = app.state.rooms.connections
+        protocol = client.write_now.__self__
+
+        async def awaiting() -> list[str]:
+            (task,) = protocol.tasks
+            coroutine, names = task.get_coro(), []
+            while asyncio.iscoroutine(coroutine):
+                names.append(coroutine.cr_code.co_qualname)
+                coroutine = coroutine.cr_await
+            return names
+
+        assert asyncio.run_coroutine_threadsafe(awaiting(), protocol.loop).result(5) == [
+            "WebSocketsSansIOProtocol.run_asgi", "Starlette.__call__", "ServerErrorMiddleware.__call__",
+            "ExceptionMiddleware.__call__", "wrap_app_handling_exceptions.<locals>.wrapped_app", "Router.__call__",
+            "Router.app", "WebSocketRoute.handle", "chat_socket", "WebSocket.receive", "BoundedWebSockets.receive"]
+
+
 def stored_messages(*ids: int) -> list[dict]:
     return [{"id": n, "room": "general", "username": "alice", "content": f"m{n}",
              "timestamp": "2026-12-02T00:00:00.000Z"} for n in ids]
