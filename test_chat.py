@@ -2365,9 +2365,12 @@ def test_the_tester_page_starts_over_on_a_server_restored_from_a_backup(browser,
 
 
 def ws_connect(base: str, path: str = "/ws", **options):
-    """A real WebSocket client (the websockets library), no proxy, no compression."""
+    """A real WebSocket client (the websockets library), no proxy, no compression. It stops reading
+    when 16 frames wait unread, so the server's answer to its close may never be read: it waits 2 s
+    for it, not 10."""
     url = base.replace("http", "ws", 1) + path
-    return websockets.sync.client.connect(url, proxy=None, compression=None, open_timeout=5, **options)
+    return websockets.sync.client.connect(url, proxy=None, compression=None, open_timeout=5,
+                                          **{"close_timeout": 2, **options})
 
 
 def ws_join(ws, username: str, **extra) -> dict:
@@ -4954,12 +4957,12 @@ def test_clients_on_two_processes_see_every_message_once_in_order(shared_url):
             senders = [threading.Thread(target=send_many, args=(ws, tag, 150)) for ws, tag in ((s1, "a"), (s2, "b"))]
             for thread in senders:
                 thread.start()
-            seen_a, seen_b = collect(on_a, 300), collect(on_b, 300)
+            seen = [collect(ws, 300) for ws in (on_a, on_b, s1, s2)]  # each read to the end: a close is not kept waiting
             for thread in senders:
                 thread.join()
         stored = stored_ids(a)
     assert len(stored) == 300
-    assert seen_a == stored and seen_b == stored
+    assert seen == [stored] * 4
 
 
 def catch_up_reads(base: str) -> float:
@@ -5009,6 +5012,7 @@ def test_joining_a_room_no_one_on_this_process_was_in_replays_then_goes_live_wit
                 reader.send(json.dumps({"type": "join", "username": "rita", "since": 0}))
                 seen = collect(reader, 200)
             thread.join()
+            assert collect(sender, 180) == list(range(21, 201))  # read to the end: its close is not kept waiting
     assert seen == list(range(1, 201))
 
 
@@ -5256,6 +5260,7 @@ def test_cutting_the_listener_connection_loses_nothing(shared_url):
                                          "application_name = 'chat-listener' AND datname = current_database()")
             rest = collect(reader, 250)
             thread.join()
+            assert collect(sender, 300) == list(range(1, 301))  # read to the end: its close is not kept waiting
         assert first + rest == stored_ids(a) == list(range(1, 301))
 
 
