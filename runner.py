@@ -134,9 +134,12 @@ try:
 except ValueError as exc:
     raise SystemExit(f"TRUSTED_PROXIES: {exc}; give addresses or networks, e.g. TRUSTED_PROXIES=127.0.0.1,10.0.0.0/8") from None
 log = logging.getLogger("uvicorn.error")
-PEERS = logging.getLogger("uvicorn.error.websockets")  # websockets' own lines: warnings and errors only
+# Each socket's own lines from uvicorn ("[accepted]", "403") and websockets ("connection open",
+# "closed"): warnings and errors only. The app's lines tell each socket's story already, naming the
+# user, the room and the address, and a refusal once a minute however many come.
+PEERS = logging.getLogger("uvicorn.error.websockets")
 # Every log record is cheaper, as the logging HOWTO's "Optimization" says: no format here shows the
-# caller's file and line, the thread or the process, so they are not looked up (two lines a socket).
+# caller's file and line, the thread or the process, so they are not looked up.
 logging._srcfile = None
 logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
@@ -403,7 +406,7 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.queue, self.writable = Inbox(), Gate()
-        self.conn.logger = PEERS  # its "connection open" and "closed" repeat uvicorn's line and the app's
+        self.logger = self.conn.logger = PEERS
 
     def connection_made(self, transport):
         super().connection_made(transport)

@@ -3292,18 +3292,20 @@ def test_the_log_has_one_line_per_socket_event_each_with_its_time(tmp_path):
             ws.recv(timeout=5)
         with ws_connect(base, "/ws/" + "r" * 65) as ws, pytest.raises(ConnectionClosed):
             ws.recv(timeout=5)
-        wait_until(lambda: b"closed a WebSocket" in server_log())
+        with pytest.raises(InvalidStatus):
+            ws_connect(base, origin="http://evil.example")
+        wait_until(lambda: b"refused a WebSocket" in server_log())
         time.sleep(0.2)
         log = server_log()
     assert log_events(log) == [
-        '127.0.0.1:PORT - "WebSocket /ws" [accepted]',
         "Budi Santoso joined general from 127.0.0.1",
         "refused a frame from Budi Santoso at 127.0.0.1: content must be a non-empty string",
         "socket from 127.0.0.1 closed with 1000 (Budi Santoso)",
         "Budi Santoso left general",
-        f'127.0.0.1:PORT - "WebSocket /ws/{"r" * 65}" [accepted]',
         "closed a WebSocket from 127.0.0.1 with 1008: room must be 1-32 of a-z, 0-9, '-' and '_', starting with a "
-        f"letter or digit: try {'r' * 32!r}"]
+        f"letter or digit: try {'r' * 32!r}",
+        "refused a WebSocket from 127.0.0.1: pages from http://evil.example may not open a socket here; to let them, "
+        "start the server with ALLOWED_ORIGINS=http://evil.example"]
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING): ", line)
                for line in log.decode().splitlines())
 
