@@ -167,6 +167,7 @@ MESSAGES_IN_FLIGHT = 64  # a connection's messages being stored at once; past th
 # are runner.py's: they hold under python chat.py.
 HISTORY_ON_JOIN = 10
 NOTICE_SECONDS = 0.05  # joins and leaves within this go out together: in a storm, one write a client
+NOTICE_CLIENTS = 1000  # a flush that wrote to more clients than this makes the next wait longer, up to 1 s
 NOTICES_TOLD = 20  # of those, each client is told this many one by one, then one notice counts the rest
 REPLAY_LIMIT = 500  # most messages replayed after a reconnect; older ones are left to GET /messages
 REPLAY_BYTES = 256 * 1024  # and at most this much of them
@@ -1733,6 +1734,7 @@ class Rooms:
         self.frame: Callable[[str], bytes] | None = None  # the runner's, once a client has brought it
         self.notices: dict[str, list[tuple[int, str, Client | None]]] = {}  # room -> queued (number, text, exclude)
         self.numbered = 0  # notices queued so far: a client hears those queued after it subscribed
+        self.notice_wait = NOTICE_SECONDS  # until the queued notices go out
 
     def refusal(self, ip: str) -> tuple[int, str] | None:
         """Why a new connection from this address may not stay, as (close code, reason); None if it may."""
@@ -1784,15 +1786,19 @@ class Rooms:
         NOTICE_SECONDS go out together (flush_notices): in a storm of joins, each client gets one
         write each time, not one for each of thousands of notices."""
         if not self.notices:
-            asyncio.get_running_loop().call_later(NOTICE_SECONDS, self.flush_notices)
+            asyncio.get_running_loop().call_later(self.notice_wait, self.flush_notices)
         self.numbered += 1
         self.notices.setdefault(room, []).append((self.numbered, encode(frame), exclude))
 
     def flush_notices(self) -> None:
-        """Each client in a room gets the notices queued since it subscribed, but its own, in one write."""
-        notices, self.notices = self.notices, {}
+        """Each client in a room gets the notices queued since it subscribed, but its own, in one write.
+        A write is a system call: after writing to n > NOTICE_CLIENTS clients, the next notices wait
+        n / NOTICE_CLIENTS times as long (at most 1 s), so that a storm of joins in a room of
+        thousands takes fewer rounds of them."""
+        notices, self.notices, written = self.notices, {}, 0
         for room, queued in notices.items():
             numbers, texts = [number for number, _, _ in queued], [text for _, text, _ in queued]
+            frames = self.frame and [self.frame(text) for text in texts]  # each framed once
             own = {exclude: n for n, (_, _, exclude) in enumerate(queued) if exclude}  # its own join's notice
             told: dict[tuple[int, int], tuple[list[str], bytes | None]] = {}  # by (first, left out)
             sent = 0
@@ -1802,23 +1808,29 @@ class Rooms:
                     start = bisect.bisect_right(numbers, client.hears_after)  # those queued after it subscribed
                     skip = own.get(client, -1) if own.get(client, -1) >= start else -1
                     if (start, skip) not in told:
-                        told[start, skip] = self.told(room, texts[start:] if skip < 0 else
-                                                      texts[start:skip] + texts[skip + 1:])
-                    mine, frames = told[start, skip]
+                        told[start, skip] = self.told(room, texts, frames, start, skip)
+                    mine, framed = told[start, skip]
                     if mine:
-                        client.send_messages(mine, None, frames)
-                        sent += len(mine)
+                        client.send_messages(mine, None, framed)
+                        sent, written = sent + len(mine), written + 1
             self.metrics.deliveries.inc(sent)
+        self.notice_wait = min(1.0, NOTICE_SECONDS * max(1.0, written / NOTICE_CLIENTS))
 
-    def told(self, room: str, texts: list[str]) -> tuple[list[str], bytes | None]:
-        """What a client hears of these notices: the first NOTICES_TOLD, then one that counts the
-        rest (in a storm of thousands, nobody reads each name); and, with the runner, its frames."""
-        if len(texts) > NOTICES_TOLD:
-            more = len(texts) - NOTICES_TOLD
-            texts = texts[:NOTICES_TOLD] + [encode(system_frame(
-                room, f"and {more:,} more joined or left (GET /users/active?room=... says who is here)",
-                code="notices_counted", more=more))]
-        return texts, self.frame and b"".join(map(self.frame, texts))
+    def told(self, room: str, texts: list[str], frames: list[bytes] | None, start: int,
+             skip: int) -> tuple[list[str], bytes | None]:
+        """What a client hears of the notices from `start` on but `skip` (its own join, or -1): the
+        first NOTICES_TOLD, then one that counts the rest (in a storm of thousands, nobody reads each
+        name); and, with the runner, their frames. Each client that joined in a storm has a `start`
+        of its own: only what it is told is picked out, not the thousands it is not."""
+        picked = [n for n in range(start, min(len(texts), start + NOTICES_TOLD + 2)) if n != skip]
+        more = len(texts) - start - (skip >= 0) - NOTICES_TOLD
+        picked = picked[:NOTICES_TOLD] if more > 0 else picked
+        mine, framed = [texts[n] for n in picked], frames and b"".join([frames[n] for n in picked])
+        if more > 0:
+            mine.append(encode(system_frame(room, f"and {more:,} more joined or left (GET /users/active?room=... "
+                                            "says who is here)", code="notices_counted", more=more)))
+            framed = framed and framed + self.frame(mine[-1])
+        return mine, framed
 
     def publish_messages(self, messages: list[dict]) -> None:
         """Stored messages, in id order: a room's are encoded once and reach each of its clients in

@@ -306,8 +306,9 @@ def test_the_notices_of_many_joins_reach_each_client_in_one_write_from_its_own_j
     assert writes == {"early": [b"".join(frames)], "late": [frames[2]]}
 
 
-def notices_heard(tmp_path, joins: int) -> list[list[dict]]:
-    """What a client in the room is sent when `joins` others join at once, write by write."""
+def notices_heard(tmp_path, joins: int, own: int = -1) -> list[list[dict]]:
+    """What a client in the room is sent when `joins` others join at once (the `own`th is its own
+    join, which it is not told of), write by write."""
     rooms, heard = chat.create_app(f"sqlite:///{tmp_path}/chat.db").state.rooms, []
 
     class Heard(chat.Client):
@@ -321,7 +322,7 @@ def notices_heard(tmp_path, joins: int) -> list[list[dict]]:
 
     async def storm():
         for n in range(joins):
-            rooms.publish("general", chat.system_frame("general", f"u{n} joined the chat"))
+            rooms.publish("general", chat.system_frame("general", f"u{n} joined the chat"), exclude=client if n == own else None)
         await asyncio.sleep(chat.NOTICE_SECONDS * 4)
 
     asyncio.run(storm())
@@ -338,6 +339,48 @@ def test_past_twenty_notices_at_once_the_rest_are_counted_in_one(tmp_path):
         [{"type": "system", "room": "general", "content": f"u{n} joined the chat"} for n in range(20)]
         + [{"type": "system", "room": "general", "code": "notices_counted", "more": 1,
             "content": "and 1 more joined or left (GET /users/active?room=... says who is here)"}]]
+
+
+def test_a_clients_own_join_past_the_twentieth_notice_is_left_out_of_the_count(tmp_path):
+    assert notices_heard(tmp_path, 25, own=22) == [
+        [{"type": "system", "room": "general", "content": f"u{n} joined the chat"} for n in range(20)]
+        + [{"type": "system", "room": "general", "code": "notices_counted", "more": 4,
+            "content": "and 4 more joined or left (GET /users/active?room=... says who is here)"}]]
+
+
+def wait_after_notices_to(tmp_path, clients: int) -> float:
+    """How long notices wait after one went out to this many clients."""
+    rooms = chat.create_app(f"sqlite:///{tmp_path}/chat.db").state.rooms
+
+    class Told(chat.Client):
+        def send_messages(self, texts, message_ids, frames):
+            pass
+
+    for n in range(clients):
+        client = Told(types.SimpleNamespace(scope={"extensions": {}}), "127.0.0.1", "general", None)
+        client.username = f"u{n}"
+        rooms.connect(client)
+        rooms.subscribe(client)
+
+    async def notice():
+        rooms.publish("general", chat.system_frame("general", "ann joined the chat"))
+        rooms.flush_notices()
+
+    asyncio.run(notice())
+    return rooms.notice_wait
+
+
+def test_notices_to_a_thousand_clients_leave_the_next_their_usual_wait(tmp_path):
+    assert wait_after_notices_to(tmp_path, chat.NOTICE_CLIENTS) == chat.NOTICE_SECONDS == 0.05
+
+
+def test_notices_to_more_than_a_thousand_clients_make_the_next_wait_longer(tmp_path):
+    assert round(wait_after_notices_to(tmp_path, chat.NOTICE_CLIENTS + 1), 9) == 0.05005
+
+
+def test_notices_to_twenty_thousand_clients_make_the_next_wait_a_second_and_no_more_past_that(tmp_path):
+    assert wait_after_notices_to(tmp_path, 20_000) == 1.0
+    assert wait_after_notices_to(tmp_path, 20_001) == 1.0
 
 
 def test_a_second_join_on_one_connection_is_refused(client):
