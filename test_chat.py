@@ -4888,7 +4888,7 @@ schema = schemathesis.pytest.from_fixture("api_schema").exclude(path="/ws")
 
 
 @schema.parametrize()
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 def test_the_rest_api_gives_no_5xx_and_keeps_to_its_schema(case):
     # Not negative_data_rejection: for a custom format (rfc8266-nickname) schemathesis cannot make
     # a value that breaks it, and calls any string it makes one (such as "!", which is a fine name).
