@@ -5,8 +5,9 @@
 Seen under attack with those defaults: idle and half-sent requests held for ever (21,000 of them
 used up every file descriptor), a 64 MB header answered, a peer that pings and never reads growing
 memory by 16 MB/s, a message sent as millions of empty fragments freezing every other client,
-compressed frames inflating to 16 MiB each, tokens in the access log, and X-Forwarded-For believed
-from any local process.
+compressed frames inflating to 16 MiB each, tokens in the access log, X-Forwarded-For believed
+from any local process, and a peer that floods frames after the app closed its socket keeping the
+loop busy for the 10 s uvicorn waits for its close.
 
 So this module builds uvicorn's Config itself and installs its bounds through uvicorn's supported
 hooks: `Config(http=..., ws=...)` takes the protocol subclasses below, and the other bounds are
@@ -125,6 +126,10 @@ PINGS_PER_SECOND, PINGS_BURST = 1.0, 10.0  # pings and pongs a peer may send (br
 # sees them. So fragments are budgeted here, per message and per second.
 MAX_FRAGMENTS = 64  # frames one message may come in
 FRAGMENTS_PER_SECOND, FRAGMENTS_BURST = 64.0, 256.0
+# Once the app has closed a socket, uvicorn reads on for up to 10 s for the peer's close, parsing
+# whatever comes: a peer that floods frames then keeps the loop busy. Its close and what was on its
+# way fit in this; past it, the connection is dropped.
+AFTER_CLOSE_BYTES = 65536
 # The kernel's buffer for what a socket sends grows, by itself, up to tcp_wmem's most (4 MB here)
 # for a peer that stops reading, outside every limit of ours; fixed at this (Linux keeps twice it),
 # such a socket holds 128 kB of the kernel's memory. What does not fit waits in the app's outbox.
@@ -416,6 +421,7 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
         self.pings = Bucket(PINGS_PER_SECOND, PINGS_BURST, self.loop.time())
         self.fragments = Bucket(FRAGMENTS_PER_SECOND, FRAGMENTS_BURST, self.loop.time())
         self.message_fragments = 0  # frames of the message being received
+        self.after_close = 0  # bytes received since the app closed the socket
 
     def run_asgi(self):  # not a coroutine itself: a waiting connection keeps one frame fewer
         self.scope["extensions"]["chat.write_now"] = {"write": self.write_now, "frame": text_frame}
@@ -461,6 +467,11 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data):
+        if self.close_timer is not None:  # the app closed it: only the peer's close is awaited
+            self.after_close += len(data)
+            if self.after_close > AFTER_CLOSE_BYTES:
+                self.transport.close()
+                return
         super().data_received(data)
         # websockets queues its 4xx for a bad handshake (a header line over 8 KiB, say) but raises
         # no event, so uvicorn would hold the connection without answering: answer, and close.

@@ -3252,6 +3252,27 @@ def test_a_message_may_come_in_at_most_64_fragments(runner, frames, closed, tmp_
             assert (cut.value.rcvd.code, cut.value.rcvd.reason) == closed
 
 
+@pytest.mark.parametrize("sent, hung_up", [(runner.AFTER_CLOSE_BYTES, False), (runner.AFTER_CLOSE_BYTES + 1, True)])
+def test_a_peer_that_sends_on_after_the_apps_close_is_dropped_past_64_kib(sent, hung_up, tmp_path):
+    with bounded_server("python chat.py", tmp_path) as (base, port), socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"GET /ws/{'r' * 65} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: "
+                     "Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        answer = b""
+        while b"\r\n\r\n\x88" not in answer:  # the handshake's answer, then the app's close (a bad room)
+            answer += sock.recv(4096)
+        sock.sendall((b"\x81\x80\x00\x00\x00\x00" * 11_000)[:sent])  # empty text frames, and no close
+        sock.settimeout(1.5)
+        try:
+            while sock.recv(4096):
+                pass
+            closed = True
+        except ConnectionResetError:
+            closed = True
+        except TimeoutError:
+            closed = False
+    assert closed is hung_up  # else the server reads on until its close_timeout, 10 s
+
+
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_fragments_over_their_rate_are_cut_with_1008(runner, tmp_path):
     with bounded_server(runner, tmp_path) as (base, port), ws_connect(base) as ws:
