@@ -1147,13 +1147,13 @@ async def chat_socket(websocket: WebSocket):
     await websocket.accept()
     # Refused after accept, so that the client can read the close code and the reason.
     try:
-        room = check_room(websocket.path_params.get("room", DEFAULT_ROOM))
+        room, kind = check_room(websocket.path_params.get("room", DEFAULT_ROOM)), None
         refusal = app.state.rooms.refusal(ip)
-    except Invalid as exc:
-        refusal = status.WS_1008_POLICY_VIOLATION, exc.detail[:120]
+    except Invalid as exc:  # one kind, whatever room it suggests instead
+        refusal, kind = (status.WS_1008_POLICY_VIOLATION, exc.detail[:120]), exc.code
     if refusal:
         proxy = untrusted_proxy(handshake)
-        app.state.said.warning(refusal[1], "closed a WebSocket from %s with %d: %s%s", ip, *refusal, proxy and (
+        app.state.said.warning(kind or refusal[1], "closed a WebSocket from %s with %d: %s%s", ip, *refusal, proxy and (
             f"; it came through a proxy at {proxy}: if it is yours, start the server with TRUSTED_PROXIES={proxy}, "
             "so that each client behind it counts on its own") or "")
         await websocket.close(*refusal)

@@ -3374,6 +3374,18 @@ def test_the_log_has_one_line_per_socket_event_each_with_its_time(tmp_path):
                for line in log.decode().splitlines())
 
 
+def test_refusals_of_different_bad_rooms_are_one_kind_said_once_a_minute(tmp_path):
+    with bounded_server("python chat.py", tmp_path) as (base, port):
+        for room in ("r" * 65, "s" * 65, "t" * 65):
+            with ws_connect(base, "/ws/" + room) as ws, pytest.raises(ConnectionClosed):
+                ws.recv(timeout=5)
+        wait_until(lambda: b"closed a WebSocket" in server_log())
+        time.sleep(0.5)  # the server answered all three: a line of the others would be written by now
+        lines = [line for line in log_events(server_log()) if "closed a WebSocket" in line]
+    assert lines == ["closed a WebSocket from 127.0.0.1 with 1008: room must be 1-32 of a-z, 0-9, '-' and '_', "
+                     f"starting with a letter or digit: try {'r' * 32!r}"]
+
+
 def test_the_start_says_where_messages_are_kept_and_whether_that_database_was_new(tmp_path):
     def started() -> list[str]:
         with bounded_server("python chat.py", tmp_path):
