@@ -2660,12 +2660,11 @@ class CORS(CORSMiddleware):
 class HostCheck:
     """The Host check (against DNS rebinding; "*.example.org" matches its subdomains), which also
     lets in this machine's own IP addresses, whichever it has now. A refused host is told, and
-    logged once, with the setting that would let it in."""
+    logged once a minute (any host could be named), with the setting that would let it in."""
 
-    def __init__(self, app, allowed_hosts: list[str]):
-        self.app, self.allowed_hosts = app, list(allowed_hosts)
+    def __init__(self, app, allowed_hosts: list[str], said: Said):
+        self.app, self.allowed_hosts, self.said = app, list(allowed_hosts), said
         self.own: set[str] = set()  # this machine's addresses seen so far (a few hundred at most kept)
-        self.refused: set[str] = set()  # hosts logged already
 
     def allowed(self, host: str) -> bool:
         return "*" in self.allowed_hosts or any(
@@ -2690,9 +2689,7 @@ class HostCheck:
             return self.app(scope, receive, send)
         detail = (f"this server does not answer to the host {host[:100]!r}; if it should, start it with "
                   f"ALLOWED_HOSTS={','.join([*ALLOWED_HOSTS, bracketed][:10])[:300]}")
-        if len(self.refused) < 100 and host not in self.refused:
-            self.refused.add(host)
-            log.warning("refused a request: %s", detail)
+        self.said.warning("refused_host", "refused a request: %s", detail)
         return self.refuse(scope, receive, send, detail)
 
     @staticmethod
@@ -2779,8 +2776,9 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
         Route("/ws", upgrade_required),
         Route("/ws/{room}", upgrade_required),
     ]
+    said = Said()
     middleware = [Middleware(StartUp),
-                  Middleware(HostCheck, allowed_hosts=[*local_hosts(), *ALLOWED_HOSTS]),
+                  Middleware(HostCheck, allowed_hosts=[*local_hosts(), *ALLOWED_HOSTS], said=said),
                   Middleware(CORS, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
                              allow_headers=["Content-Type", "Authorization"])]
     handlers = {HTTPException: http_error, ClientDisconnect: client_gone,
@@ -2795,7 +2793,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
     app.state.touches = Batches(lambda names: touch_users(app.state.database, names))
     app.state.new_users = Batches(lambda names: store_new_users(app.state.database, names), take=distinct_looks)
     app.state.unready = None  # why /readyz said 503 last, to log each change once
-    app.state.said = Said()
+    app.state.said = said
     # The one place that asks which database this is: on PostgreSQL, other processes may store and
     # serve (storey 2); the handlers call the writer and the cluster the same way either way.
     several = app.state.database.url.dialect == "postgresql"

@@ -1744,6 +1744,24 @@ def test_an_ip_address_of_this_machine_is_one_of_its_names_and_another_is_refuse
         "this server does not answer to the host '203.0.113.9'; if it should, start it with ALLOWED_HOSTS=203.0.113.9")})
 
 
+def test_refused_hosts_are_one_kind_said_once_a_minute_however_many_hosts_came_before(database_url, monkeypatch):
+    monkeypatch.setattr(chat, "ALLOWED_HOSTS", [])
+    clock = [1000.0]
+    monkeypatch.setattr(chat.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(chat.time, "strftime", lambda format: "19:52:33")
+    said = []
+    monkeypatch.setattr(chat.log, "log", lambda level, message, *args: said.append(message % args))
+    with TestClient(chat.create_app(database_url)) as client:
+        for n in range(150):
+            assert client.get("/livez", headers={"host": f"h{n}.example"}).status_code == 400
+        clock[0] += 60
+        client.app.state.said.flush()
+    refusal = "refused a request: this server does not answer to the host {!r}; if it should, start it with ALLOWED_HOSTS="
+    assert [line for line in said if line.startswith("refused")] == [
+        refusal.format("h0.example") + "h0.example",
+        refusal.format("h149.example") + "h149.example (at 19:52:33; 148 more like it in the minute before)"]
+
+
 def test_allowed_hosts_adds_to_this_machines_own_names_and_addresses(database_url, monkeypatch):
     monkeypatch.setattr(chat, "ALLOWED_HOSTS", ["vm.example"])
     with TestClient(chat.create_app(database_url)) as client:
