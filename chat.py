@@ -1173,6 +1173,8 @@ async def chat_socket(websocket: WebSocket):
             frame = None
             try:
                 if not client.budget.take():
+                    with contextlib.suppress(Invalid):  # read only to name its client_id in the refusal
+                        frame = parse_frame(message)
                     raise Invalid("rate_limited", f"over {RATE_PER_SECOND:g} frames a second; this one was dropped: "
                                   "send it again in a second")
                 frame = parse_frame(message)

@@ -3009,6 +3009,19 @@ def test_frames_over_the_rate_limit_get_rate_limited_and_are_not_stored(client, 
     assert query(client, "SELECT content FROM messages ORDER BY id") == [{"content": "one"}, {"content": "two"}]
 
 
+def test_a_frame_over_the_rate_limit_is_refused_naming_its_client_id(client, monkeypatch):
+    monkeypatch.setattr(chat, "RATE_BURST", chat.JOIN_COST + 1)
+    monkeypatch.setattr(chat, "RATE_PER_SECOND", 0)
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        ws.send_json({"type": "message", "content": "one", "client_id": "c1"})
+        ws.send_json({"type": "message", "content": "two", "client_id": "c2"})
+        frames = sorted((ws.receive_json() for _ in range(2)), key=lambda frame: frame["client_id"])
+    assert [frame["type"] for frame in frames] == ["message", "error"]
+    assert frames[1] == {"type": "error", "code": "rate_limited", "client_id": "c2",
+                         "content": "over 0 frames a second; this one was dropped: send it again in a second"}
+
+
 @pytest.mark.parametrize("held_up, accepted", [(0, 10), (1, 15), (2, 20), (3, 20)])  # twice the burst at most
 def test_frames_sent_while_the_server_was_held_up_may_arrive_together_up_to_what_the_rate_allowed(
         monkeypatch, held_up, accepted):
