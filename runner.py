@@ -569,9 +569,11 @@ def log_config() -> dict:
 
 
 class RedactTokens(logging.Filter):
-    """A `token` in a logged query string (uvicorn's access log, its WebSocket lines) becomes [redacted]."""
+    """A `token` in a logged query string (uvicorn's access log, its WebSocket lines) becomes [redacted],
+    and so does anything shaped like one of chat's tokens (a JWT) elsewhere, as pasted into a path."""
 
     PARAMETER = re.compile(r"([?&])([^=&#\s\"]*)=([^&#\s\"]*)")
+    TOKEN = re.compile(r"eyJ[\w-]*\.[\w-]+\.[\w-]+")
 
     def redact(self, match):
         if unquote_plus(match.group(2)).lower() == "token":
@@ -579,9 +581,9 @@ class RedactTokens(logging.Filter):
         return match.group(0)
 
     def filter(self, record):
-        if isinstance(record.args, tuple) and any(isinstance(a, str) and "=" in a for a in record.args):
-            record.args = tuple(self.PARAMETER.sub(self.redact, a) if isinstance(a, str) else a
-                                for a in record.args)
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and ("=" in a or "eyJ" in a) for a in record.args):
+            record.args = tuple(self.TOKEN.sub("[redacted]", self.PARAMETER.sub(self.redact, a)) if isinstance(a, str)
+                                else a for a in record.args)
         return True
 
 
