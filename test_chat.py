@@ -2215,6 +2215,27 @@ def test_forty_quick_enters_in_the_tester_page_are_all_stored_once_in_the_order_
     assert [message["content"] for message in stored] == [f"line {n}" for n in range(40)]
 
 
+def test_the_tester_page_shows_counted_notices_without_the_rest_api_they_name(browser, server):
+    page = browser.new_page()
+    page.goto(server + "/test")
+    page.evaluate("""() => show({type: "system", room: "general", code: "notices_counted", more: 1234,
+                                 content: "and 1,234 more joined or left (GET /users/active?room=... says who is here)",
+                                 timestamp: "2026-12-06T05:50:00.000Z"})""")
+    assert page.locator("#messages .system").all_text_contents() == ["and 1,234 more joined or left"]
+
+
+@pytest.mark.parametrize("width, columns", [(390, 1), (640, 1), (641, 2)])  # a phone; past 40em (640 px), two columns
+def test_on_a_phone_the_tester_page_shows_messages_above_a_strip_of_frames(browser, server, width, columns):
+    page = browser.new_page(viewport={"width": width, "height": 800})
+    page.goto(server + "/test")
+    messages, frames = page.locator("#messages").bounding_box(), page.locator("#log").bounding_box()
+    if columns == 1:
+        assert (messages["width"], frames["width"], frames["y"] > messages["y"]) == (width, width, True)
+        assert messages["height"] > 6 * frames["height"]
+    else:
+        assert (messages["width"] + frames["width"], frames["y"]) == (width, messages["y"])
+
+
 def test_the_tester_page_says_why_it_sends_slower_where_the_student_types(browser, server):
     page = open_tester(browser, server, "alice")
     for n in range(20):
