@@ -742,7 +742,8 @@ def usage(chat) -> str:
     return "\n".join([
         "usage: python chat.py [--host HOST] [--port PORT] [--workers N]   serve the chat (Ctrl+C stops it)",
         "                                   (several workers need PostgreSQL)",
-        "       python chat.py token NAME   print a token for NAME (needs CHAT_SECRET)",
+        "       python chat.py token NAME   print a token for NAME (needs CHAT_SECRET); for several, NAME<TAB>TOKEN",
+        "                                   a line (token - reads the names from stdin, one a line)",
         "       python chat.py backup FILE  copy the SQLite database to FILE, while it serves",
         "       python chat.py rename-user OLD NEW, delete-user NAME (and their messages), delete-message ID,",
         "       python chat.py prune DAYS KEEP   delete messages older than DAYS and all but the KEEP newest",
@@ -751,6 +752,25 @@ def usage(chat) -> str:
         "",
         "Settings are environment variables (README.md, Configuration, says more): name, value now, what it does",
         *lines])
+
+
+def tokens(chat, names: list[str]) -> str | None:
+    """python chat.py token NAME...: a token for each name (for a class, NAME<TAB>TOKEN a line); all or none."""
+    names = [name for name in names if name.strip()]
+    if not names:
+        return "usage: python chat.py token NAME [NAME...], or token - to read one name a line from stdin"
+    if not chat.SECRET:
+        return ("tokens are signed with CHAT_SECRET, which is not set. Set it (to the same value for the server), "
+                "e.g.: export CHAT_SECRET=$(python -c \"import secrets; print(secrets.token_hex(32))\")")
+    made = []
+    for name in names:
+        try:
+            chat.check_secret()
+            made.append(chat.make_token(name))
+        except (chat.Refusal, chat.Invalid) as exc:
+            return f"{name[:100]!r}: {exc}; no token was printed" if len(names) > 1 else str(exc)
+    print("\n".join(made if len(names) == 1 else [f"{chat.check_username(n)}\t{t}" for n, t in zip(names, made)]))
+    return None
 
 
 def no_database(path: str) -> str:
@@ -865,18 +885,8 @@ def main(chat, argv: list[str]) -> None:
         print(usage(chat))
         return
     if argv[:1] == ["token"]:
-        if len(argv) != 2:
-            sys.exit("usage: python chat.py token USERNAME")
-        if not chat.SECRET:
-            sys.exit("tokens are signed with CHAT_SECRET, which is not set. Set it (to the same value "
-                     "for the server), e.g.: export CHAT_SECRET=$(python -c \"import secrets; "
-                     "print(secrets.token_hex(32))\")")
-        try:
-            chat.check_secret()
-            print(chat.make_token(argv[1]))
-        except (chat.Refusal, chat.Invalid) as exc:
-            sys.exit(str(exc))
-        return
+        names = argv[1:] if argv[1:] != ["-"] else sys.stdin.read().lstrip("\ufeff").splitlines()  # a BOM: Notepad
+        return sys.exit(tokens(chat, names))
     if argv[:1] and argv[0] in MODERATION:
         if len(argv) != 1 + len(MODERATION[argv[0]].split()):
             sys.exit(f"usage: python chat.py {argv[0]} {MODERATION[argv[0]]}")

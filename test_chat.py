@@ -2711,6 +2711,39 @@ def test_python_chat_py_token_prints_a_token_for_that_user():
     assert 86000 < claims["exp"] - time.time() <= 86401  # rounded up to a whole second
 
 
+def chat_token(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "chat.py", "token", *args], cwd=HERE, input=stdin, capture_output=True,
+                          text=True, timeout=30, env={**os.environ, "CHAT_SECRET": SECRET32})
+
+
+def named(lines: str) -> list[tuple[str, str]]:
+    """(name, the name its token is for) of each NAME<TAB>TOKEN line."""
+    return [(name, jwt.decode(token, SECRET32, algorithms=["HS256"])["sub"])
+            for name, token in (line.split("\t") for line in lines.splitlines())]
+
+
+def test_token_with_several_names_prints_each_name_and_its_token_a_line():
+    result = chat_token("Budi Santoso", "Ayu")
+    assert (result.returncode, named(result.stdout)) == (0, [("Budi Santoso", "Budi Santoso"), ("Ayu", "Ayu")])
+
+
+def test_token_dash_reads_a_class_list_from_stdin_as_notepad_saves_it():
+    result = chat_token("-", stdin="\ufeffBudi  Santoso\r\n\r\nAyu\r\n")
+    assert (result.returncode, named(result.stdout)) == (0, [("Budi Santoso", "Budi Santoso"), ("Ayu", "Ayu")])
+
+
+def test_token_with_one_bad_name_among_several_prints_no_token_and_names_the_bad_one():
+    result = chat_token("-", stdin="Budi Santoso\nBad\x01Name\n")
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", (
+        "'Bad\\x01Name': username may not contain U+0001 (unnamed) (DISALLOWED/controls); no token was printed\n"))
+
+
+def test_token_without_a_name_says_how_to_give_them():
+    result = chat_token("-", stdin="\n")
+    assert (result.returncode, result.stderr) == (1, "usage: python chat.py token NAME [NAME...], or token - to read "
+                                                     "one name a line from stdin\n")
+
+
 def test_a_real_server_with_a_secret_answers_a_tokenless_handshake_with_403(database_url):
     with running_server(database_url, env={"CHAT_SECRET": SECRET32}) as base:
         with pytest.raises(InvalidStatus) as refused:
