@@ -46,6 +46,7 @@ except ImportError:  # Windows
     resource = None
 
 import asyncpg
+import httptools
 import psutil
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -253,7 +254,9 @@ class BoundedHttpTools(HttpToolsProtocol):
     def data_received(self, data):
         if self.refused:
             return
+        self.unparsed = data  # until the parser says where the head ended (handle_websocket_upgrade)
         super().data_received(data)
+        self.unparsed = b""
         # httptools gathers a long header line before it calls on_header: count the raw bytes too.
         if self.head_bytes is not None and not self.refused:
             self.head_bytes += len(data)
@@ -294,8 +297,14 @@ class BoundedHttpTools(HttpToolsProtocol):
         super().on_message_complete()
 
     def handle_websocket_upgrade(self):
+        """The WebSocket takes over the connection, and with it what came after the head in the same
+        read (a client that sent its first frames at once), which uvicorn would drop."""
         self.cancel_deadline()
+        upgrade = sys.exc_info()[1]  # uvicorn calls this while it handles httptools' HttpParserUpgrade
         super().handle_websocket_upgrade()
+        rest = self.unparsed[upgrade.args[0]:] if isinstance(upgrade, httptools.HttpParserUpgrade) else b""
+        if rest:
+            self.transport.get_protocol().data_received(rest)
 
 
 class HeadTooLarge(Exception):

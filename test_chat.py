@@ -3844,6 +3844,23 @@ def server_frames(data: bytes) -> list[tuple[int, bytes]]:
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
+def test_frames_sent_in_the_same_write_as_the_handshake_are_read(runner, tmp_path):
+    join = json.dumps({"type": "join", "username": "alice"}).encode()
+    with bounded_server(runner, tmp_path) as (base, port), socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+                     + b"\x81" + bytes([0x80 | len(join)]) + b"\x00" * 4 + join)  # masked with zeros
+        sock.settimeout(5)
+        answer = b""
+        while b"Welcome" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+    head, _, frames = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert [(opcode, untimed(json.loads(payload))) for opcode, payload in server_frames(frames)] == [
+        (1, welcome("alice"))]
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
 def test_no_frame_follows_the_servers_close_frame_not_even_a_pong(runner, tmp_path):
     with bounded_server(runner, tmp_path) as (base, port):
         peer = StalledClient(base, "flooder")
