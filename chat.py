@@ -1736,7 +1736,7 @@ class Rooms:
         self.frame: Callable[[str], bytes] | None = None  # the runner's, once a client has brought it
         self.notices: dict[str, list[tuple[int, str, Client | None]]] = {}  # room -> queued (number, text, exclude)
         self.numbered = 0  # notices queued so far: a client hears those queued after it subscribed
-        self.notice_wait = NOTICE_SECONDS  # until the queued notices go out
+        self.notice_waits: dict[str, float] = {}  # room -> how long its notices wait, where longer than NOTICE_SECONDS
 
     def refusal(self, ip: str) -> tuple[int, str] | None:
         """Why a new connection from this address may not stay, as (close code, reason); None if it may."""
@@ -1787,18 +1787,20 @@ class Rooms:
         """A notice (joined, left) for every client in the room but `exclude`. Those of the next
         NOTICE_SECONDS go out together (flush_notices): in a storm of joins, each client gets one
         write each time, not one for each of thousands of notices."""
-        if not self.notices:
-            asyncio.get_running_loop().call_later(self.notice_wait, self.flush_notices)
+        if room not in self.notices:
+            asyncio.get_running_loop().call_later(self.notice_waits.get(room, NOTICE_SECONDS), self.flush_notices, room)
         self.numbered += 1
         self.notices.setdefault(room, []).append((self.numbered, encode(frame), exclude))
 
-    def flush_notices(self) -> None:
-        """Each client in a room gets the notices queued since it subscribed, but its own, in one write.
-        A write is a system call: after writing to n > NOTICE_CLIENTS clients, the next notices wait
-        n / NOTICE_CLIENTS times as long (at most 1 s), so that a storm of joins in a room of
-        thousands takes fewer rounds of them."""
-        notices, self.notices, written = self.notices, {}, 0
-        for room, queued in notices.items():
+    def flush_notices(self, *rooms: str) -> None:
+        """Each client in these rooms gets the notices queued since it subscribed, but its own, in one
+        write. A write is a system call: after writing to n > NOTICE_CLIENTS clients of a room, its
+        next notices wait n / NOTICE_CLIENTS times as long (at most 1 s), so that a storm of joins in
+        a room of thousands takes fewer rounds of them; other rooms' notices wait as they did."""
+        for room in rooms:
+            queued, written = self.notices.pop(room, None), 0
+            if queued is None:  # they went out already, before a stored message
+                continue
             numbers, texts = [number for number, _, _ in queued], [text for _, text, _ in queued]
             frames = self.frame and [self.frame(text) for text in texts]  # each framed once
             own = {exclude: n for n, (_, _, exclude) in enumerate(queued) if exclude}  # its own join's notice
@@ -1816,7 +1818,10 @@ class Rooms:
                         client.send_messages(mine, None, framed)
                         sent, written = sent + len(mine), written + 1
             self.metrics.deliveries.inc(sent)
-        self.notice_wait = min(1.0, NOTICE_SECONDS * max(1.0, written / NOTICE_CLIENTS))
+            if written > NOTICE_CLIENTS:
+                self.notice_waits[room] = min(1.0, NOTICE_SECONDS * written / NOTICE_CLIENTS)
+            else:
+                self.notice_waits.pop(room, None)
 
     def told(self, room: str, texts: list[str], frames: list[bytes] | None, start: int,
              skip: int) -> tuple[list[str], bytes | None]:
@@ -1838,11 +1843,11 @@ class Rooms:
         """Stored messages, in id order: a room's are encoded once and reach each of its clients in
         one write where they can (Client.send_messages), not a write, a system call, per frame.
         Notices queued before them go first."""
-        if self.notices:
-            self.flush_notices()
         by_room: dict[str, list[dict]] = {}
         for message in messages:
             by_room.setdefault(message["room"], []).append(message)
+        if self.notices:
+            self.flush_notices(*by_room)
         for room, stored in by_room.items():
             texts = [encode({"type": "message", **message}) for message in stored]
             message_ids = [message["id"] for message in stored]

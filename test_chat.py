@@ -364,10 +364,10 @@ def wait_after_notices_to(tmp_path, clients: int) -> float:
 
     async def notice():
         rooms.publish("general", chat.system_frame("general", "ann joined the chat"))
-        rooms.flush_notices()
+        rooms.flush_notices("general")
 
     asyncio.run(notice())
-    return rooms.notice_wait
+    return rooms.notice_waits.get("general", chat.NOTICE_SECONDS)
 
 
 def test_notices_to_a_thousand_clients_leave_the_next_their_usual_wait(tmp_path):
@@ -381,6 +381,32 @@ def test_notices_to_more_than_a_thousand_clients_make_the_next_wait_longer(tmp_p
 def test_notices_to_twenty_thousand_clients_make_the_next_wait_a_second_and_no_more_past_that(tmp_path):
     assert wait_after_notices_to(tmp_path, 20_000) == 1.0
     assert wait_after_notices_to(tmp_path, 20_001) == 1.0
+
+
+def test_a_round_to_thousands_in_one_room_leaves_another_rooms_notices_their_usual_wait(tmp_path):
+    rooms, heard = chat.create_app(f"sqlite:///{tmp_path}/chat.db").state.rooms, []
+
+    class Told(chat.Client):
+        def send_messages(self, texts, message_ids, frames):
+            if self.room == "small":
+                heard.append(time.monotonic())
+
+    for n, room in enumerate(["big"] * 20_000 + ["small"]):
+        client = Told(types.SimpleNamespace(scope={"extensions": {}}), "127.0.0.1", room, None)
+        client.username = f"u{n}"
+        rooms.connect(client)
+        rooms.subscribe(client)
+
+    async def notices() -> float:
+        rooms.publish("big", chat.system_frame("big", "ann joined the chat"))
+        await asyncio.sleep(chat.NOTICE_SECONDS * 3)  # out to 20,000: the big room's next notices wait 1 s
+        started = time.monotonic()
+        rooms.publish("small", chat.system_frame("small", "bob joined the chat"))
+        rooms.publish("big", chat.system_frame("big", "cy joined the chat"))
+        await asyncio.sleep(0.5)
+        return heard[0] - started if heard else math.inf
+
+    assert asyncio.run(notices()) < 0.25  # 0.05 s and the loop's slack; the big room's 1 s is not its
 
 
 def test_a_second_join_on_one_connection_is_refused(client):
