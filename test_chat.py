@@ -2262,6 +2262,35 @@ def test_on_a_phone_the_tester_page_shows_messages_above_a_strip_of_frames(brows
         assert (messages["width"] + frames["width"], frames["y"]) == (width, messages["y"])
 
 
+def test_on_a_phone_a_long_link_in_a_message_wraps_inside_the_screen(browser, server):
+    page = browser.new_page(viewport={"width": 390, "height": 800})
+    page.goto(server + "/test")
+    page.fill("#username", "Budi Santoso")
+    page.click("#join")
+    page.wait_for_selector("#status:text('joined general as Budi Santoso')")
+    say_in(page, "https://contoh.sekolah.sch.id/" + "x" * 80)
+    page.wait_for_selector(".msg .text")
+    assert page.evaluate("() => [$('messages').scrollWidth, $('messages').clientWidth]") == [390, 390]
+
+
+def test_on_a_phone_the_tester_pages_fields_and_buttons_are_40_px_tall_to_tap(browser, server):
+    page = browser.new_page(viewport={"width": 390, "height": 800})
+    page.goto(server + "/test")
+    heights = page.evaluate("() => [...document.querySelectorAll('input, button')].filter((e) => e.offsetParent)"
+                            ".map((e) => e.getBoundingClientRect().height)")
+    assert len(heights) == 6 and min(heights) >= 40, heights  # room, name, join, leave, message, send
+
+
+def test_on_a_phone_the_newest_message_stays_in_sight_when_the_keyboard_takes_half_the_screen(browser, server):
+    page = browser.new_page(viewport={"width": 390, "height": 800})
+    page.goto(server + "/test")
+    page.evaluate("""() => { for (let id = 1; id <= 60; id++) show({type: "message", id, room: "general",
+        username: "Ayu", content: `line ${id}`, timestamp: "2026-12-06T06:00:00.000Z"}); }""")
+    page.set_viewport_size({"width": 390, "height": 400})
+    page.wait_for_timeout(200)
+    assert page.evaluate("() => { const m = $('messages'); return m.scrollHeight - m.scrollTop - m.clientHeight; }") < 8
+
+
 def test_the_tester_page_says_why_it_sends_slower_where_the_student_types(browser, server):
     page = open_tester(browser, server, "alice")
     for n in range(20):
@@ -2270,6 +2299,17 @@ def test_the_tester_page_says_why_it_sends_slower_where_the_student_types(browse
     page.wait_for_selector("#status:text('sending slower: the server takes 5 messages a second')")
     page.wait_for_selector(".msg .text:text-is('line 19')", timeout=30000)
     page.wait_for_selector("#status:text-is('joined general as alice')")
+
+
+def test_connect_and_join_clicked_while_the_tester_page_waits_to_retry_leaves_one_socket(browser, server):
+    page = open_tester(browser, server, "alice")
+    page.evaluate("() => socket.close(4000)")  # lost: it retries in 0.25-0.5 s
+    page.wait_for_selector("#status:text('retrying in')")
+    page.click("#join")
+    page.wait_for_selector("#status:text-is('joined general as alice')")
+    page.wait_for_timeout(1000)  # past the retry it had waited for
+    scraped = urllib.request.urlopen(server + "/metrics").read().decode()
+    assert re.search(r"^chat_connections(\{[^}]*\})? (\S+)$", scraped, re.M).group(2) == "1.0"
 
 
 def test_the_tester_page_waits_longer_after_each_failed_reconnect_and_by_a_random_part(browser, server):
@@ -2406,7 +2446,8 @@ def test_the_tester_page_shows_why_a_handshake_was_refused_and_stops_trying(brow
         page.click("#join")
         page.wait_for_selector("#status.refused")
         assert page.inner_text("#status") == (
-            "refused 401: a token is required (in the URL's query: token=<token>); python chat.py token NAME makes one")
+            "refused 401: a token is required (in the URL's query: token=<token>); python chat.py token NAME makes one: "
+            "if you were given a link, open all of it again; else ask whoever runs this chat for yours")
         page.wait_for_timeout(1500)
         assert page.locator("#log .out").count() == 0  # no join was sent, and no retry
         assert page.inner_text("#status").startswith("refused 401")
