@@ -298,7 +298,8 @@ class BoundedHttpTools(HttpToolsProtocol):
 
     def handle_websocket_upgrade(self):
         """The WebSocket takes over the connection, and with it what came after the head in the same
-        read (a client that sent its first frames at once), which uvicorn would drop."""
+        read (a client that sent its first frames at once), which uvicorn would drop: the WebSocket
+        reads it once the app has accepted."""
         self.cancel_deadline()
         upgrade = sys.exc_info()[1]  # uvicorn calls this while it handles httptools' HttpParserUpgrade
         super().handle_websocket_upgrade()
@@ -417,6 +418,8 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
     "chat.write_now" extension for the app's broadcasts. And a waiting connection keeps less
     than stock uvicorn's: a lighter inbox and write gate, and not the handshake's headers."""
 
+    early = b""  # what the peer sent before the app accepted
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.queue, self.writable = Inbox(), Gate()
@@ -459,6 +462,10 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
             # The handshake's headers (the scope has the request's): websockets' parser would keep them.
             self.request.headers.clear()
             self.request = self.response = None
+            if self.early and self.handshake_complete:
+                early, self.early = self.early, b""
+                self.transport.resume_reading()
+                self.data_received(early)
 
     def write_now(self, frame: bytes) -> bool:
         """Write whole text frames' bytes (text_frame()) now, as uvicorn's send would (websockets
@@ -476,6 +483,12 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data):
+        if self.handshake_initiated and not self.handshake_complete:
+            # Sent before the app accepted: read once it has (frames before the 101 would be answered
+            # before it, and uvicorn's errors expect an open socket); the rest waits in the kernel.
+            self.early += data
+            self.transport.pause_reading()
+            return
         if self.close_timer is not None:  # the app closed it: only the peer's close is awaited
             self.after_close += len(data)
             if self.after_close > AFTER_CLOSE_BYTES:

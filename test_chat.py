@@ -3928,6 +3928,24 @@ def test_frames_sent_in_the_same_write_as_the_handshake_are_read(runner, tmp_pat
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("sent, answered", [
+    (b"\x89\x81\x00\x00\x00\x00p", [(10, b"p")]),  # a ping: its pong, after the 101
+    (b"\x83\x81\x00\x00\x00\x00x", [(8, b"\x03\xeainvalid opcode")])])  # closed with 1002, after the 101
+def test_control_and_bad_frames_sent_with_the_handshake_are_answered_after_the_101(runner, tmp_path, sent, answered):
+    with bounded_server(runner, tmp_path) as (base, port), socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode() + sent)
+        sock.settimeout(5)
+        answer = b""
+        while not server_frames(answer.partition(b"\r\n\r\n")[2]) and (chunk := sock.recv(65536)):
+            answer += chunk
+        logged = server_log()
+    head, _, frames = answer.partition(b"\r\n\r\n")
+    assert (head[:13], server_frames(frames)) == (b"HTTP/1.1 101 ", answered)
+    assert b"Traceback" not in logged and b"ERROR" not in logged
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
 def test_no_frame_follows_the_servers_close_frame_not_even_a_pong(runner, tmp_path):
     with bounded_server(runner, tmp_path) as (base, port):
         peer = StalledClient(base, "flooder")
