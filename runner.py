@@ -595,7 +595,8 @@ class RedactTokens(logging.Filter):
     and so does anything shaped like one of chat's tokens (a JWT) elsewhere, as pasted into a path."""
 
     PARAMETER = re.compile(r"([?&])([^=&#\s\"]*)=([^&#\s\"]*)")
-    TOKEN = re.compile(r"eyJ[\w-]*\.[\w-]+\.[\w-]+")
+    # Possessive, and only where a word starts: linear in any input ("eyJeyJ..." would be quadratic).
+    TOKEN = re.compile(r"(?<![\w-])eyJ[\w-]*+(?:\.|%2[Ee])[\w-]++(?:\.|%2[Ee])[\w-]++")
 
     def redact(self, match):
         if unquote_plus(match.group(2)).lower() == "token":

@@ -3738,6 +3738,23 @@ def test_a_token_in_the_url_is_never_written_to_the_log(runner, tmp_path):
         assert token.encode() not in server_log()  # each request's line has it redacted; no socket's line has a URL
 
 
+def redacted(line: str) -> str:
+    record = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, "%s", (line,), None)
+    runner.RedactTokens().filter(record)
+    return record.getMessage()
+
+
+def test_a_token_with_percent_encoded_dots_in_a_query_is_redacted_from_the_log():
+    token = jwt.encode({"sub": "alice", "exp": 2**31}, SECRET32, algorithm="HS256")
+    assert redacted("GET /messages?q=" + token.replace(".", "%2E") + " HTTP/1.1") == "GET /messages?q=[redacted] HTTP/1.1"
+
+
+def test_the_log_filter_reads_a_64_kb_run_of_token_starts_in_linear_time():
+    started = time.process_time()
+    assert redacted("/" + "eyJ" * 21_800) == "/" + "eyJ" * 21_800
+    assert time.process_time() - started < 0.1  # quadratic, as first written: 1.5 s
+
+
 @pytest.mark.parametrize("runner", BOTH)
 def test_a_page_from_a_rebound_dns_name_is_refused(runner, tmp_path):
     with bounded_server(runner, tmp_path) as (base, port):
