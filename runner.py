@@ -778,21 +778,38 @@ def usage(chat) -> str:
 
 
 def tokens(chat, names: list[str]) -> str | None:
-    """python chat.py token NAME...: a token for each name (for a class, NAME<TAB>TOKEN a line); all or none."""
+    """python chat.py token NAME...: a token for each name (for a class, NAME<TAB>TOKEN a line); all
+    or none, so that a class is never handed half a list, or two names a reader cannot tell apart."""
     names = [name for name in names if name.strip()]
     if not names:
         return "usage: python chat.py token NAME [NAME...], or token - to read one name a line from stdin"
     if not chat.SECRET:
         return ("tokens are signed with CHAT_SECRET, which is not set. Set it (to the same value for the server), "
                 "e.g.: export CHAT_SECRET=$(python -c \"import secrets; print(secrets.token_hex(32))\")")
-    made = []
+    try:
+        chat.check_secret()
+    except chat.Refusal as exc:
+        return str(exc)
+    canonical, problems, held = [], [], {}  # problems: (name, what is wrong); held: each look -> its name
     for name in names:
         try:
-            chat.check_secret()
-            made.append(chat.make_token(name))
-        except (chat.Refusal, chat.Invalid) as exc:
-            return f"{name[:100]!r}: {exc}; no token was printed" if len(names) > 1 else str(exc)
-    print("\n".join(made if len(names) == 1 else [f"{chat.check_username(n)}\t{t}" for n, t in zip(names, made)]))
+            if "\t" in name:
+                raise chat.Invalid("invalid_username", "it has a tab: one name a line, and nothing else on it")
+            canonical.append(chat.check_username(name))
+        except chat.Invalid as exc:
+            problems.append((name, str(exc)))
+            continue
+        looks = set(chat.looks(canonical[-1]).values())
+        if other := next((held[look] for look in looks if look in held), None):
+            problems.append((name, f"looks like {other!r}, also on the list: two people cannot have names that look "
+                                   "alike; tell them apart (a surname, an initial)"))
+        held.update(dict.fromkeys(looks, canonical[-1]))
+    if problems:
+        if len(names) == 1:
+            return problems[0][1]
+        return "\n".join([f"{name[:100]!r}: {why}" for name, why in problems] + ["no token was printed"])
+    print("\n".join([chat.make_token(name) for name in canonical] if len(names) == 1 else
+                    [f"{name}\t{chat.make_token(name)}" for name in canonical]))
     return None
 
 
@@ -908,7 +925,7 @@ def main(chat, argv: list[str]) -> None:
         print(usage(chat))
         return
     if argv[:1] == ["token"]:
-        names = argv[1:] if argv[1:] != ["-"] else sys.stdin.read().lstrip("\ufeff").splitlines()  # a BOM: Notepad
+        names = argv[1:] if argv[1:] != ["-"] else sys.stdin.read().lstrip("\ufeff").replace("\r\n", "\n").split("\n")
         return sys.exit(tokens(chat, names))
     if argv[:1] and argv[0] in MODERATION:
         if len(argv) != 1 + len(MODERATION[argv[0]].split()):

@@ -2799,10 +2799,21 @@ def test_token_dash_reads_a_class_list_from_stdin_as_notepad_saves_it():
     assert (result.returncode, named(result.stdout)) == (0, [("Budi Santoso", "Budi Santoso"), ("Ayu", "Ayu")])
 
 
-def test_token_with_one_bad_name_among_several_prints_no_token_and_names_the_bad_one():
-    result = chat_token("-", stdin="Budi Santoso\nBad\x01Name\n")
-    assert (result.returncode, result.stdout, result.stderr) == (1, "", (
-        "'Bad\\x01Name': username may not contain U+0001 (unnamed) (DISALLOWED/controls); no token was printed\n"))
+def test_token_with_bad_names_among_several_prints_no_token_and_names_each_bad_one():
+    result = chat_token("-", stdin="Budi Santoso\nBad\x01Name\nAyu\t12\n" + "M" * 33 + "\n")
+    assert (result.returncode, result.stdout, result.stderr.splitlines()) == (1, "", [
+        "'Bad\\x01Name': username may not contain U+0001 (unnamed) (DISALLOWED/controls)",
+        "'Ayu\\t12': it has a tab: one name a line, and nothing else on it",
+        f"'{'M' * 33}': username is longer than 32 characters", "no token was printed"])
+
+
+def test_token_refuses_a_class_list_with_two_names_that_look_alike():
+    result = chat_token("Putri", "Budi Santoso", "putri", "Budi  Santoso")
+    assert (result.returncode, result.stdout, result.stderr.splitlines()) == (1, "", [
+        "'putri': looks like 'Putri', also on the list: two people cannot have names that look alike; tell them "
+        "apart (a surname, an initial)",
+        "'Budi  Santoso': looks like 'Budi Santoso', also on the list: two people cannot have names that look alike; "
+        "tell them apart (a surname, an initial)", "no token was printed"])
 
 
 def test_token_without_a_name_says_how_to_give_them():
