@@ -36,6 +36,8 @@ import anyio
 import asyncpg
 import hypothesis.strategies as st
 import jwt
+import limits.aio.storage.memory
+import limits.aio.strategies
 import pytest
 import schemathesis
 import starlette.status
@@ -3205,7 +3207,16 @@ def test_a_join_counts_as_several_frames_and_leaving_does_not_pay_them_back(clie
             "too many frames: a join counts as 5, and a socket may send 0.001 a second; join again in a second")}
 
 
-def test_joins_from_one_address_are_limited_across_its_sockets(client, monkeypatch):
+@pytest.fixture
+def still_minute(monkeypatch):
+    """The address limits' sliding window, held still within one minute: their tests then do not
+    depend on where in a minute they run (`limits` reads time.time)."""
+    clock = types.SimpleNamespace(time=lambda: 1_800_000_000.0)
+    monkeypatch.setattr(limits.aio.storage.memory, "time", clock)
+    monkeypatch.setattr(limits.aio.strategies, "time", clock)
+
+
+def test_joins_from_one_address_are_limited_across_its_sockets(client, monkeypatch, still_minute):
     monkeypatch.setattr(chat, "JOINS_PER_MINUTE", 3)
     codes = []
     for n in range(5):
@@ -3218,7 +3229,7 @@ def test_joins_from_one_address_are_limited_across_its_sockets(client, monkeypat
     assert len(query(client, "SELECT id FROM users")) == 3
 
 
-def test_rest_writes_from_one_address_are_limited_with_429(client, monkeypatch):
+def test_rest_writes_from_one_address_are_limited_with_429(client, monkeypatch, still_minute):
     monkeypatch.setattr(chat, "REST_WRITES_PER_MINUTE", 3)
     statuses = [client.post("/users", json={"username": f"user{n}"}).status_code for n in range(3)]
     response = client.post("/messages", json={"username": "user0", "content": "hi"})
