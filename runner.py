@@ -204,6 +204,7 @@ class BoundedHttpTools(HttpToolsProtocol):
     to send each request (head and body), and a cap on the request head (bytes and fields)."""
 
     max_sockets = 1 << 20  # config() sets it from the file-descriptor limit
+    upgraded = False  # the WebSocket has taken the connection over
     per_ip: Counter[str] = Counter()  # open TCP connections per address, HTTP and WebSocket
 
     def connection_made(self, transport):
@@ -296,11 +297,17 @@ class BoundedHttpTools(HttpToolsProtocol):
         self.cancel_deadline()
         super().on_message_complete()
 
+    def on_response_complete(self):
+        if self.upgraded:  # a request pipelined before the upgrade: the connection is the WebSocket's now,
+            return  # and uvicorn's keep-alive timer would close it
+        super().on_response_complete()
+
     def handle_websocket_upgrade(self):
         """The WebSocket takes over the connection, and with it what came after the head in the same
         read (a client that sent its first frames at once), which uvicorn would drop: the WebSocket
         reads it once the app has accepted."""
         self.cancel_deadline()
+        self.upgraded = True
         upgrade = sys.exc_info()[1]  # uvicorn calls this while it handles httptools' HttpParserUpgrade
         super().handle_websocket_upgrade()
         rest = self.unparsed[upgrade.args[0]:] if isinstance(upgrade, httptools.HttpParserUpgrade) else b""
@@ -456,6 +463,8 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
         waits for room in its buffer, and the ping timeout may close it first with 1011."""
         await self.writable.wait()
         if self.close_sent and self.handshake_complete:
+            if message["type"] == "websocket.close":  # closed already (the peer broke a rule): as the app wants
+                return
             raise ClientDisconnected()
         await super().send(message)
         if message["type"] == "websocket.accept" and self.response is not None:

@@ -3985,6 +3985,37 @@ def test_control_and_bad_frames_sent_with_the_handshake_are_answered_after_the_1
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
+def test_a_bad_frame_sent_with_a_handshake_for_a_bad_room_is_closed_without_a_traceback(runner, tmp_path):
+    with bounded_server(runner, tmp_path) as (base, port):
+        answer, _ = raw_answer(port, f"GET /ws/BAD.ROOM HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                     "Sec-WebSocket-Version: 13\r\n\r\n".encode() + b"\x83\x81\x00\x00\x00\x00x")
+        wait_until(lambda: b"closed a WebSocket" in server_log())
+        time.sleep(0.5)  # a traceback would follow the refusal's line at once
+        logged = server_log()
+    assert answer.startswith(b"HTTP/1.1 101 ") and b"invalid opcode" in answer
+    assert b"Traceback" not in logged and b"ERROR" not in logged
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_websocket_upgraded_behind_a_pipelined_request_outlives_the_keep_alive_timeout(runner, tmp_path):
+    join = json.dumps({"type": "join", "username": "alice"}).encode()
+    with bounded_server(runner, tmp_path) as (base, port), socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"GET /livez HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\nGET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                     "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n".encode() + b"\x81" + bytes([0x80 | len(join)]) + b"\x00" * 4 + join)
+        sock.settimeout(5)
+        answer = b""
+        while b"Welcome" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+        time.sleep(6)  # past uvicorn's keep-alive timeout (5 s), armed by the answer to /livez
+        ping = b"\x89\x81\x00\x00\x00\x00p"
+        sock.sendall(ping)
+        pong = sock.recv(65536)
+    assert (answer.count(b"HTTP/1.1 200 "), answer.count(b"HTTP/1.1 101 "), pong) == (1, 1, b"\x8a\x01p")
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
 def test_no_frame_follows_the_servers_close_frame_not_even_a_pong(runner, tmp_path):
     with bounded_server(runner, tmp_path) as (base, port):
         peer = StalledClient(base, "flooder")
