@@ -601,21 +601,29 @@ def log_config() -> dict:
 
 class RedactTokens(logging.Filter):
     """A `token` in a logged query string (uvicorn's access log, its WebSocket lines) becomes [redacted],
-    and so does anything shaped like one of chat's tokens (a JWT) elsewhere, as pasted into a path."""
+    and so does any run of URL characters that holds one of chat's tokens (a JWT: "eyJ", then two
+    dots, which may be percent-encoded, once or twice), as pasted into a path or inside another
+    parameter (?next=%2Fws%3Ftoken%3DeyJ...)."""
 
     PARAMETER = re.compile(r"([?&])([^=&#\s\"]*)=([^&#\s\"]*)")
-    # Possessive, and only where a word starts: linear in any input ("eyJeyJ..." would be quadratic).
-    TOKEN = re.compile(r"(?<![\w-])eyJ[\w-]*+(?:\.|%2[Ee])[\w-]++(?:\.|%2[Ee])[\w-]++")
+    RUN = re.compile(r"[\w.%~-]+")  # one pass over the text: each run is looked at once
 
     def redact(self, match):
         if unquote_plus(match.group(2)).lower() == "token":
             return f"{match.group(1)}{match.group(2)}=[redacted]"
         return match.group(0)
 
+    @staticmethod
+    def tokens(match):
+        run = match.group(0)
+        after = run[run.find("eyJ"):].upper() if "eyJ" in run else ""
+        return "[redacted]" if after.count(".") + after.count("%2E") + after.count("%252E") >= 2 else run
+
     def filter(self, record):
         if isinstance(record.args, tuple) and any(isinstance(a, str) and ("=" in a or "eyJ" in a) for a in record.args):
-            record.args = tuple(self.TOKEN.sub("[redacted]", self.PARAMETER.sub(self.redact, a)) if isinstance(a, str)
-                                else a for a in record.args)
+            record.args = tuple(self.PARAMETER.sub(self.redact, a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(self.RUN.sub(self.tokens, a) if isinstance(a, str) and "eyJ" in a else a
+                                for a in record.args)
         return True
 
 

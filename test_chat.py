@@ -3766,9 +3766,17 @@ def redacted(line: str) -> str:
     return record.getMessage()
 
 
-def test_a_token_with_percent_encoded_dots_in_a_query_is_redacted_from_the_log():
+@pytest.mark.parametrize("written, logged", [
+    ("/messages?q={dots:%2E}", "/messages?q=[redacted]"),  # its dots percent-encoded
+    ("/messages?q={dots:%252e}", "/messages?q=[redacted]"),  # twice
+    ("/login?next=%2Fws%3Ftoken%3D{token}", "/login?next=[redacted]"),  # a URL inside a parameter
+    ("/ws/a{token}", "/ws/[redacted]"),  # right after a letter
+    ("/rooms?after=v1.2.3", "/rooms?after=v1.2.3")])  # dots alone are no token
+def test_a_token_written_any_way_in_a_url_is_redacted_from_the_log(written, logged):
     token = jwt.encode({"sub": "alice", "exp": 2**31}, SECRET32, algorithm="HS256")
-    assert redacted("GET /messages?q=" + token.replace(".", "%2E") + " HTTP/1.1") == "GET /messages?q=[redacted] HTTP/1.1"
+    line = written.replace("{token}", token).replace("{dots:%2E}", token.replace(".", "%2E")).replace(
+        "{dots:%252e}", token.replace(".", "%252e"))
+    assert redacted(f"GET {line} HTTP/1.1") == f"GET {logged} HTTP/1.1"
 
 
 def test_the_log_filter_reads_a_64_kb_run_of_token_starts_in_linear_time():
