@@ -672,6 +672,8 @@ def check_username(value) -> str:
                       f"{unicodedata.name(char, '(unnamed)')} ({exc.reason})") from None
     if len(name) > MAX_USERNAME_LENGTH:
         raise Invalid("invalid_username", f"username is longer than {MAX_USERNAME_LENGTH} characters")
+    if "\u2800" in name:  # a symbol to PRECIS, and in no confusables list, but it shows as nothing: "bob⠀" is "bob"
+        raise Invalid("invalid_username", "username may not contain U+2800 BRAILLE PATTERN BLANK (it shows as nothing)")
     if unicodedata.category(name[0]).startswith("M"):  # it would sit on what comes before it, or on nothing
         raise Invalid("invalid_username", "username must start with a letter, digit or symbol, not an accent or mark")
     return name

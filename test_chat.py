@@ -1226,6 +1226,7 @@ LOOKALIKES = {
     "a zero-width joiner": ("al\u200dice", "invalid_username"),
     "a byte-order mark": ("alice\ufeff", "invalid_username"),
     "a Hangul filler": ("alice\u3164", "invalid_username"),
+    "a braille pattern blank, which shows as nothing": ("alice\u2800", "invalid_username"),
     "a soft hyphen": ("ali\u00adce", "invalid_username"),
     "bidi overrides": ("\u202eecila :olleh\u202c", "invalid_username"),
 }
