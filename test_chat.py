@@ -2315,6 +2315,22 @@ def test_connect_and_join_clicked_while_the_tester_page_waits_to_retry_leaves_on
     assert re.search(r"^chat_connections(\{[^}]*\})? (\S+)$", scraped, re.M).group(2) == "1.0"
 
 
+def test_a_socket_that_failed_while_the_page_joined_again_does_not_retry_over_the_new_one(browser, server):
+    page = open_tester(browser, server, "alice")
+    page.evaluate("""() => {  // the page asks why a socket failed; that answer comes slowly here
+        const fetched = window.fetch;
+        window.fetch = (url, options) => String(url).startsWith("/ws/")
+            ? new Promise((done) => setTimeout(() => done(fetched(url, options)), 1000)) : fetched(url, options);
+        connect();
+        socket.close();  // fails before it opens: the page waits for the answer
+    }""")
+    page.click("#join")
+    page.wait_for_selector("#status:text-is('joined general as alice')")
+    page.wait_for_timeout(2000)  # past the slow answer, and a retry's wait
+    joins = [text for text in page.locator("#log .out").all_text_contents() if '"type":"join"' in text]
+    assert (len(joins), page.inner_text("#status")) == (2, "joined general as alice")
+
+
 def test_the_tester_page_waits_longer_after_each_failed_reconnect_and_by_a_random_part(browser, server):
     page = browser.new_page()
     page.goto(server + "/test")
