@@ -2294,6 +2294,17 @@ def test_on_a_phone_the_newest_message_stays_in_sight_when_the_keyboard_takes_ha
     assert page.evaluate("() => { const m = $('messages'); return m.scrollHeight - m.scrollTop - m.clientHeight; }") < 8
 
 
+def test_leave_clicked_while_typed_messages_wait_their_turn_sends_them_first(browser, server):
+    page = open_tester(browser, server, "alice")
+    for n in range(15):  # past the burst of 10: the last wait their turn at 5 a second
+        page.fill("#content", f"line {n}")
+        page.press("#content", "Enter")
+    page.click("#leave")
+    page.wait_for_selector(".system:text('Goodbye alice!')", timeout=10000)
+    stored = json.loads(urllib.request.urlopen(server + "/messages?limit=100").read())
+    assert [message["content"] for message in stored] == [f"line {n}" for n in range(15)]
+
+
 def test_the_tester_page_says_why_it_sends_slower_where_the_student_types(browser, server):
     page = open_tester(browser, server, "alice")
     for n in range(20):
