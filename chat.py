@@ -527,6 +527,7 @@ CLAIM_LOOKS = {  # a JSON array of {"look", "username"}
                      ON CONFLICT (look) DO UPDATE SET look = excluded.look RETURNING look, username""",
 }
 RELEASE_LOOKS = "DELETE FROM looks WHERE username = :username"
+LOOK_HOLDER = "SELECT username FROM looks WHERE look = :look"
 # New users of a batch of joins (JSON: n, username, its looks; no look twice), on PostgreSQL in one
 # statement: their looks claimed, and each whose looks are all its own stored; each its id, or the
 # other name that holds one of its looks. Rows are locked in one order (looks by look, users by

@@ -821,6 +821,13 @@ def tokens(chat, names: list[str]) -> str | None:
             problems.append((name, f"looks like {other!r}, also on the list: two people cannot have names that look "
                                    "alike; tell them apart (a surname, an initial)"))
         held.update(dict.fromkeys(looks, canonical[-1]))
+    if not problems:
+        try:
+            problems = [(name, f"looks like the existing user {holder!r}: a token for it could never join; if that is "
+                               f"them, make it for {holder!r}, else tell them apart")
+                        for name, holder in asyncio.run(holders(chat, canonical)).items()]
+        except chat.DATABASE_ERRORS as exc:
+            print(f"(the names were not checked against the database: {exc})", file=sys.stderr)
     if problems:
         if len(names) == 1:
             return problems[0][1]
@@ -828,6 +835,24 @@ def tokens(chat, names: list[str]) -> str | None:
     print("\n".join([chat.make_token(name) for name in canonical] if len(names) == 1 else
                     [f"{name}\t{chat.make_token(name)}" for name in canonical]))
     return None
+
+
+async def holders(chat, names: list[str]) -> dict[str, str]:
+    """The stored users that these names look like (but themselves), in the database DATABASE_URL
+    names; none where there is no database yet."""
+    database = chat.open_database(chat.DATABASE_URL)
+    if database.url.dialect == "sqlite" and not os.path.isfile(database.url.database):
+        return {}
+    await database.connect()
+    try:
+        held = {}
+        for name in names:
+            for look in set(chat.looks(name).values()):
+                if (holder := await database.fetch_val(chat.LOOK_HOLDER, {"look": look})) not in (None, name):
+                    held[name] = holder
+        return held
+    finally:
+        await database.disconnect()
 
 
 def no_database(path: str) -> str:

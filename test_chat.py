@@ -2808,9 +2808,19 @@ def test_python_chat_py_token_prints_a_token_for_that_user():
     assert 86000 < claims["exp"] - time.time() <= 86401  # rounded up to a whole second
 
 
-def chat_token(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+def chat_token(*args: str, stdin: str = "", database_url: str = "sqlite:////nowhere/chat.db") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "chat.py", "token", *args], cwd=HERE, input=stdin, capture_output=True,
-                          text=True, timeout=30, env={**os.environ, "CHAT_SECRET": SECRET32})
+                          text=True, timeout=30, env={**os.environ, "CHAT_SECRET": SECRET32, "DATABASE_URL": database_url})
+
+
+def test_token_refuses_a_name_that_looks_like_a_stored_users_and_not_that_users_own(database_url):
+    with TestClient(chat.create_app(database_url)) as client:
+        assert client.post("/users", json={"username": "Putri"}).status_code == 201
+    refused, own = chat_token("putri", "Ayu", database_url=database_url), chat_token("Putri", database_url=database_url)
+    assert (refused.returncode, refused.stdout, refused.stderr.splitlines()) == (1, "", [
+        "'putri': looks like the existing user 'Putri': a token for it could never join; if that is them, make it "
+        "for 'Putri', else tell them apart", "no token was printed"])
+    assert (own.returncode, jwt.decode(own.stdout.strip(), SECRET32, algorithms=["HS256"])["sub"]) == (0, "Putri")
 
 
 def named(lines: str) -> list[tuple[str, str]]:
