@@ -621,9 +621,8 @@ class RedactTokens(logging.Filter):
 
     def filter(self, record):
         if isinstance(record.args, tuple) and any(isinstance(a, str) and ("=" in a or "eyJ" in a) for a in record.args):
-            record.args = tuple(self.PARAMETER.sub(self.redact, a) if isinstance(a, str) else a for a in record.args)
-            record.args = tuple(self.RUN.sub(self.tokens, a) if isinstance(a, str) and "eyJ" in a else a
-                                for a in record.args)
+            record.args = tuple(self.RUN.sub(self.tokens, self.PARAMETER.sub(self.redact, a)) if isinstance(a, str)
+                                else a for a in record.args)
         return True
 
 

@@ -3464,11 +3464,21 @@ def test_a_message_may_come_in_at_most_64_fragments(runner, frames, closed, tmp_
             assert (cut.value.rcvd.code, cut.value.rcvd.reason) == closed
 
 
+def upgrade_head(port: int, path: str = "/ws", host: str = "127.0.0.1", extra: str = "") -> bytes:
+    """A WebSocket handshake's request, as a client writes it on a raw socket."""
+    return (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
+
+
+def masked(opcode: int, payload: bytes) -> bytes:
+    """A client's frame of under 126 bytes, masked with zeros (so its payload reads as it is)."""
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + b"\x00" * 4 + payload
+
+
 @pytest.mark.parametrize("sent, hung_up", [(runner.AFTER_CLOSE_BYTES, False), (runner.AFTER_CLOSE_BYTES + 1, True)])
 def test_a_peer_that_sends_on_after_the_apps_close_is_dropped_past_64_kib(sent, hung_up, tmp_path):
     with bounded_server("python chat.py", tmp_path) as (base, port), socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(f"GET /ws/{'r' * 65} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: "
-                     "Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        sock.sendall(upgrade_head(port, "/ws/" + "r" * 65))
         answer = b""
         while b"\r\n\r\n\x88" not in answer:  # the handshake's answer, then the app's close (a bad room)
             answer += sock.recv(4096)
@@ -3828,9 +3838,8 @@ def test_a_page_from_a_rebound_dns_name_is_refused(runner, tmp_path):
     with bounded_server(runner, tmp_path) as (base, port):
         answer, _ = raw_answer(port, f"GET /messages HTTP/1.1\r\nHost: evil.example:{port}\r\n"
                                      f"Origin: http://evil.example:{port}\r\nConnection: close\r\n\r\n".encode())
-        upgrade, _ = raw_answer(port, f"GET /ws HTTP/1.1\r\nHost: evil.example:{port}\r\nUpgrade: websocket\r\n"
-                                      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                                      f"Sec-WebSocket-Version: 13\r\nOrigin: http://evil.example:{port}\r\n\r\n".encode())
+        upgrade, _ = raw_answer(port, upgrade_head(port, host="evil.example",
+                                                   extra=f"Origin: http://evil.example:{port}\r\n"))
         logged = server_log()
     said = b'{"detail":"this server does not answer to the host \'evil.example\'; if it should, start it with ALLOWED_HOSTS=evil.example"}'
     assert answer.startswith(b"HTTP/1.1 400 ") and answer.endswith(said)
@@ -3999,9 +4008,7 @@ def server_frames(data: bytes) -> list[tuple[int, bytes]]:
 def test_frames_sent_in_the_same_write_as_the_handshake_are_read(runner, tmp_path):
     join = json.dumps({"type": "join", "username": "alice"}).encode()
     with bounded_server(runner, tmp_path) as (base, port), socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-                     + b"\x81" + bytes([0x80 | len(join)]) + b"\x00" * 4 + join)  # masked with zeros
+        sock.sendall(upgrade_head(port) + masked(1, join))
         sock.settimeout(5)
         answer = b""
         while b"Welcome" not in answer and (chunk := sock.recv(65536)):
@@ -4014,12 +4021,11 @@ def test_frames_sent_in_the_same_write_as_the_handshake_are_read(runner, tmp_pat
 
 @pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("sent, answered", [
-    (b"\x89\x81\x00\x00\x00\x00p", [(10, b"p")]),  # a ping: its pong, after the 101
-    (b"\x83\x81\x00\x00\x00\x00x", [(8, b"\x03\xeainvalid opcode")])])  # closed with 1002, after the 101
+    (masked(9, b"p"), [(10, b"p")]),  # a ping: its pong, after the 101
+    (masked(3, b"x"), [(8, b"\x03\xeainvalid opcode")])])  # closed with 1002, after the 101
 def test_control_and_bad_frames_sent_with_the_handshake_are_answered_after_the_101(runner, tmp_path, sent, answered):
     with bounded_server(runner, tmp_path) as (base, port), socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode() + sent)
+        sock.sendall(upgrade_head(port) + sent)
         sock.settimeout(5)
         answer = b""
         while not server_frames(answer.partition(b"\r\n\r\n")[2]) and (chunk := sock.recv(65536)):
@@ -4033,9 +4039,7 @@ def test_control_and_bad_frames_sent_with_the_handshake_are_answered_after_the_1
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_a_bad_frame_sent_with_a_handshake_for_a_bad_room_is_closed_without_a_traceback(runner, tmp_path):
     with bounded_server(runner, tmp_path) as (base, port):
-        answer, _ = raw_answer(port, f"GET /ws/BAD.ROOM HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                                     "Sec-WebSocket-Version: 13\r\n\r\n".encode() + b"\x83\x81\x00\x00\x00\x00x")
+        answer, _ = raw_answer(port, upgrade_head(port, "/ws/BAD.ROOM") + masked(3, b"x"))
         wait_until(lambda: b"closed a WebSocket" in server_log())
         time.sleep(0.5)  # a traceback would follow the refusal's line at once
         logged = server_log()
@@ -4047,16 +4051,13 @@ def test_a_bad_frame_sent_with_a_handshake_for_a_bad_room_is_closed_without_a_tr
 def test_a_websocket_upgraded_behind_a_pipelined_request_outlives_the_keep_alive_timeout(runner, tmp_path):
     join = json.dumps({"type": "join", "username": "alice"}).encode()
     with bounded_server(runner, tmp_path) as (base, port), socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(f"GET /livez HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\nGET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                     "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                     "Sec-WebSocket-Version: 13\r\n\r\n".encode() + b"\x81" + bytes([0x80 | len(join)]) + b"\x00" * 4 + join)
+        sock.sendall(f"GET /livez HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode() + upgrade_head(port) + masked(1, join))
         sock.settimeout(5)
         answer = b""
         while b"Welcome" not in answer and (chunk := sock.recv(65536)):
             answer += chunk
         time.sleep(6)  # past uvicorn's keep-alive timeout (5 s), armed by the answer to /livez
-        ping = b"\x89\x81\x00\x00\x00\x00p"
-        sock.sendall(ping)
+        sock.sendall(masked(9, b"p"))
         pong = sock.recv(65536)
     assert (answer.count(b"HTTP/1.1 200 "), answer.count(b"HTTP/1.1 101 "), pong) == (1, 1, b"\x8a\x01p")
 
