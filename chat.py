@@ -1197,7 +1197,7 @@ async def chat_socket(websocket: WebSocket):
                 app.state.metrics.refused.labels(exc.code).inc()
                 app.state.said.info(exc.code, "refused a frame from %s at %s: %s", client.username or "(not joined)",
                                     ip, exc.detail)
-                client.error(exc.code, exc.detail, echoed_client_id(frame))
+                client.error(exc.code, exc.detail, echoed_client_id(frame), after=client.in_flight)
             except DATABASE_ERRORS as exc:
                 app.state.writer.outage.lost("a WebSocket frame", exc)
                 unavailable(app, client)
@@ -1956,9 +1956,15 @@ class Client:
     def send(self, frame: dict) -> None:
         self.send_text(encode(frame))
 
-    def error(self, code: str, content: str, client_id: str | None = None) -> None:
-        """An error frame; one about a message that carried a client_id names it."""
-        self.send({"type": "error", "code": code, "content": content, **({"client_id": client_id} if client_id else {})})
+    def error(self, code: str, content: str, client_id: str | None = None, after: list[asyncio.Future] = ()) -> None:
+        """An error frame; one about a message that carried a client_id names it. It waits for the
+        answers to the messages `after` (sent before the frame it refuses, still being stored), so
+        that a client reads its answers in the order it sent its frames."""
+        frame = {"type": "error", "code": code, "content": content, **({"client_id": client_id} if client_id else {})}
+        if waiting := [stored for stored in after if not stored.done()]:
+            asyncio.gather(*waiting, return_exceptions=True).add_done_callback(lambda _: self.send(frame))
+        else:
+            self.send(frame)
 
     def send_text(self, text: str, message_id: int | None = None, frame_bytes: bytes | None = None) -> None:
         """Write an encoded frame at once (as `frame_bytes`, its frame() bytes, if the caller has
