@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from urllib.parse import unquote_plus
+from urllib.parse import unquote, unquote_plus
 
 try:
     import resource  # file-descriptor limits; Unix only
@@ -615,12 +615,12 @@ class RedactTokens(logging.Filter):
 
     @staticmethod
     def tokens(match):
-        run = match.group(0)
-        after = run[run.find("eyJ"):].upper() if "eyJ" in run else ""
-        return "[redacted]" if after.count(".") + after.count("%2E") + after.count("%252E") >= 2 else run
+        run = unquote(unquote(match.group(0)))  # any of its characters percent-encoded, once or twice
+        return "[redacted]" if "eyJ" in run and run[run.find("eyJ"):].count(".") >= 2 else match.group(0)
 
     def filter(self, record):
-        if isinstance(record.args, tuple) and any(isinstance(a, str) and ("=" in a or "eyJ" in a) for a in record.args):
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and ("=" in a or "eyJ" in a or "%" in a)
+                                                  for a in record.args):
             record.args = tuple(self.RUN.sub(self.tokens, self.PARAMETER.sub(self.redact, a)) if isinstance(a, str)
                                 else a for a in record.args)
         return True

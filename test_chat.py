@@ -3829,11 +3829,14 @@ def redacted(line: str) -> str:
     ("/messages?q={dots:%252e}", "/messages?q=[redacted]"),  # twice
     ("/login?next=%2Fws%3Ftoken%3D{token}", "/login?next=[redacted]"),  # a URL inside a parameter
     ("/ws/a{token}", "/ws/[redacted]"),  # right after a letter
+    ("/ws?t=%65{token:1}", "/ws?t=[redacted]"),  # a letter percent-encoded
+    ("/ws?t={every:%XX}", "/ws?t=[redacted]"),  # every character
     ("/rooms?after=v1.2.3", "/rooms?after=v1.2.3")])  # dots alone are no token
 def test_a_token_written_any_way_in_a_url_is_redacted_from_the_log(written, logged):
     token = jwt.encode({"sub": "alice", "exp": 2**31}, SECRET32, algorithm="HS256")
     line = written.replace("{token}", token).replace("{dots:%2E}", token.replace(".", "%2E")).replace(
-        "{dots:%252e}", token.replace(".", "%252e"))
+        "{dots:%252e}", token.replace(".", "%252e")).replace("{token:1}", token[1:]).replace(
+        "{every:%XX}", "".join(f"%{ord(char):02X}" for char in token))
     assert redacted(f"GET {line} HTTP/1.1") == f"GET {logged} HTTP/1.1"
 
 
