@@ -2413,6 +2413,16 @@ def test_a_message_refused_for_its_length_goes_back_to_the_tester_pages_box(brow
     assert page.input_value("#content") == "x" * (chat.MAX_CONTENT_LENGTH + 1)
 
 
+def test_a_join_refused_for_its_name_is_said_once_in_the_tester_pages_status(browser, server):
+    page = browser.new_page()
+    page.goto(server + "/test")
+    page.fill("#username", "x" * (chat.MAX_USERNAME_LENGTH + 1))
+    page.click("#join")
+    page.wait_for_selector("#status.refused")
+    assert page.inner_text("#status") == f"not joined: username is longer than {chat.MAX_USERNAME_LENGTH} characters"
+    assert page.locator("#messages > *").count() == 0
+
+
 def test_a_tester_page_renamed_by_the_operator_holds_the_new_name(browser, database_url):
     with running_server(database_url) as base:
         page = open_tester(browser, base, "Kevin")
