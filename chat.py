@@ -23,7 +23,7 @@ The tutorial's Elysia names, and ours:
     ws.publish(room, data)             Rooms.publish(room, frame), publish_messages(batch): to each subscriber
     ws.send(data)                      Client.send(frame)
     broadcastMessage (a notice)        cluster.announce(frame): this process's rooms, and the others'
-    chatService.saveMessage            MessageWriter.post(): stored in batches, then published
+    chatService.saveMessage            MessageWriter.submit(): stored in batches, then published
     message(ws, message) + switch      HANDLERS: on_join, on_message, on_leave
 """
 
@@ -546,7 +546,6 @@ STORE_NEW_USERS = """
                ON CONFLICT (username) DO UPDATE SET last_seen = excluded.last_seen RETURNING id, username)
     SELECT a.n, s.id, r.other FROM asked AS a LEFT JOIN stored AS s USING (username) LEFT JOIN refused AS r USING (n)
     ORDER BY a.n"""
-LOOK_HOLDER = "SELECT username FROM looks WHERE look = :look"
 HAND_OVER_LOOK = "UPDATE looks SET username = :new WHERE look = :look AND username = :old"
 CLAIMS_PER_STATEMENT = 5000
 # A whole batch of messages is one statement, its rows one JSON array: one round trip however
@@ -1560,14 +1559,10 @@ class MessageWriter:
         self.stopping = False
         self.work = asyncio.Event()  # set when any of the above has something to do
 
-    async def post(self, room: str, user_id: int, username: str, content: str,
-                   client_id: str | None = None) -> tuple[dict, bool]:
-        """Store and publish one message; raises Unavailable if the database fails first."""
-        return await self.submit(room, user_id, username, content, client_id)
-
     def submit(self, room: str, user_id: int, username: str, content: str,
                client_id: str | None = None) -> asyncio.Future:
-        """Queue one message; the future is (the stored message, stored now?), or Unavailable."""
+        """Queue one message; the future is (the stored message, stored now?), or Unavailable if the
+        database fails first."""
         post = Post(room, user_id, username, content, client_id)
         self.posts.append(post)
         self.work.set()
@@ -2130,7 +2125,7 @@ async def post_message(request):
     user = user or await request.app.state.database.fetch_one(FIND_USER, {"username": username})
     if user is None:
         raise HTTPException(404, f"no user named {username!r}; create it with POST /users")
-    message, stored_now = await request.app.state.writer.post(room, user["id"], username, content, client_id)
+    message, stored_now = await request.app.state.writer.submit(room, user["id"], username, content, client_id)
     return JSONResponse(message, status_code=201 if stored_now else 200)
 
 

@@ -216,7 +216,7 @@ def test_joins_waiting_together_share_one_read_of_the_history_and_a_later_join_r
             together = asyncio.gather(*(chat.newest_history(app, "general") for _ in range(3)))
             await read.wait()
             user_id = (await fetch_all(chat.FIND_USER, {"username": "alice"}))[0]["id"]
-            await app.state.writer.post("general", user_id, "alice", "second")
+            await app.state.writer.submit("general", user_id, "alice", "second")
             later = asyncio.create_task(chat.newest_history(app, "general"))
             stored.set()
             return [ids for _, ids in await together], (await later)[1]
@@ -4650,7 +4650,7 @@ def test_a_batch_of_messages_costs_one_statement_whatever_its_size(database_url,
             """Post `size` messages at once (they wait together, so they are one batch); the
             statements about messages that storing and publishing them took."""
             del statements[:]
-            await asyncio.gather(*(writer.post("general", alice, "alice", f"m{n}") for n in range(size)))
+            await asyncio.gather(*(writer.submit("general", alice, "alice", f"m{n}") for n in range(size)))
             await asyncio.sleep(0.2)  # whatever the batch set off (a NOTIFY, a catch-up) has run
             return [" ".join(s.split()[:2]) for s in statements if "messages" in s]
 
@@ -4750,7 +4750,7 @@ def test_a_batch_with_messages_of_a_user_deleted_meanwhile_stores_the_others_und
     async def one_batch():
         posts = [("alice", alice, "a1", None), ("bob", bob, "b1", None), ("alice", alice, "a2", "k"),
                  ("bob", bob, "b2", "k"), ("bob", bob, "b3", "k"), ("alice", alice, "a3", None)]
-        return await asyncio.gather(*(writer.post("general", user_id, name, content, client_id)
+        return await asyncio.gather(*(writer.submit("general", user_id, name, content, client_id)
                                       for name, user_id, content, client_id in posts), return_exceptions=True)
 
     results = client.portal.call(one_batch)
