@@ -1126,6 +1126,12 @@ def system_frame(room: str, content: str, **extra) -> dict:
     return {"type": "system", "room": room, "content": content, "timestamp": iso(utcnow()), **extra}
 
 
+def presence_notice(room: str, username: str, event: str) -> dict:
+    """A user "joined" or "left" the room: in words for people, and as a code and a name for
+    programs (a client keeps its list of who is here from these, without asking again)."""
+    return system_frame(room, f"{username} {event} the chat", code=event, username=username)
+
+
 def background(app, coroutine) -> None:
     """Run a coroutine in its own task, which shutdown waits for."""
     task = asyncio.create_task(coroutine)
@@ -1288,7 +1294,7 @@ async def on_join(app, client: Client, frame: dict) -> None:
         if client.stopped:  # closed meanwhile (its user renamed or deleted): it has left already
             return
         if first_here:
-            await app.state.cluster.arrive(room, username, system_frame(room, f"{username} joined the chat"), client)
+            await app.state.cluster.arrive(room, username, presence_notice(room, username, "joined"), client)
     except DATABASE_ERRORS:
         app.state.rooms.unsubscribe(client)  # not joined after all: the client may try again
         client.username, client.held = None, None
@@ -1387,7 +1393,7 @@ async def leave(app, client: Client) -> None:
     log.info("%s left %s", username, room)
     try:
         if last_here:
-            await app.state.cluster.depart(room, username, system_frame(room, f"{username} left the chat"))
+            await app.state.cluster.depart(room, username, presence_notice(room, username, "left"))
     except DATABASE_ERRORS as exc:  # gone from this process already; the rest is best effort
         app.state.writer.outage.lost("recording a leave", exc)
 
@@ -3123,7 +3129,7 @@ class PostgresCluster(OneProcess):
         """Record and announce the users here but those `recorded`, their arrivals queued at once
         (so that a later departure comes after), in one statement."""
         missing = sorted(self.here() - recorded)
-        notices = [system_frame(room, f"{name} joined the chat") for room, name in missing]
+        notices = [presence_notice(room, name, "joined") for room, name in missing]
         queued = [self.moved(True, room, name, notice) for (room, name), notice in zip(missing, notices)]
         for notice, elsewhere in zip(notices, await asyncio.gather(*queued)):
             if not elsewhere:
@@ -3154,7 +3160,7 @@ class PostgresCluster(OneProcess):
                 if username in self.rooms.rooms.get(room, ()):  # back already, on this process
                     continue
                 if not await self.present_elsewhere(room, username):
-                    await self.announce(system_frame(room, f"{username} left the chat"))
+                    await self.announce(presence_notice(room, username, "left"))
                 self.writer.record_leaving(username)
 
 
@@ -3286,7 +3292,8 @@ OPENAPI = {
                     "description": (
                         "Upgrade to a WebSocket; every frame is a JSON text frame with a `type`.\n\n"
                         "Client → server: `join` {username, room?, since?}, `message` {content}, `leave`.\n\n"
-                        "Server → client: `system` {room, content, timestamp, code?; the welcome: database, "
+                        "Server → client: `system` {room, content, timestamp, code?; `joined` and `left` also "
+                        "username; the welcome: database, "
                         "the database's identity: when it changes, forget the last id and start over}, "
                         "`message` {id, room, username, content, timestamp}, `error` {code, content}.\n\n"
                         "Error codes: " + "; ".join(f"`{k}`: {v}" for k, v in ERROR_CODES.items())),

@@ -147,6 +147,11 @@ def join(ws, username: str, **extra) -> dict:
     return untimed(ws.receive_json())
 
 
+def presence(username: str, event: str, room: str = "general") -> dict:
+    """A notice that `username` "joined" or "left" the room."""
+    return {"type": "system", "room": room, "content": f"{username} {event} the chat", "code": event, "username": username}
+
+
 def message(id: int, username: str, content: str, room: str = "general") -> dict:
     return {"type": "message", "id": id, "room": room, "username": username, "content": content}
 
@@ -180,8 +185,7 @@ def test_others_are_told_when_someone_joins(client):
     with client.websocket_connect("/ws") as a, client.websocket_connect("/ws") as b:
         join(a, "alice")
         join(b, "bob")
-        assert untimed(a.receive_json()) == {"type": "system", "room": "general",
-                                             "content": "bob joined the chat"}
+        assert untimed(a.receive_json()) == presence("bob", "joined")
 
 
 def test_a_joiners_notice_reaches_the_others_before_its_first_message(client):
@@ -190,7 +194,7 @@ def test_a_joiners_notice_reaches_the_others_before_its_first_message(client):
         join(b, "bob")
         b.send_json({"type": "message", "content": "hi"})
         assert [untimed(a.receive_json()) for _ in range(2)] == [
-            {"type": "system", "room": "general", "content": "bob joined the chat"}, message(1, "bob", "hi")]
+            presence("bob", "joined"), message(1, "bob", "hi")]
 
 
 def test_joins_waiting_together_share_one_read_of_the_history_and_a_later_join_reads_again(database_url, monkeypatch):
@@ -1043,8 +1047,7 @@ def test_leave_tells_the_others_and_updates_last_seen(client):
         before = query(client, "SELECT last_seen FROM users WHERE username = 'bob'")[0]["last_seen"]
         b.send_json({"type": "leave"})
         assert untimed(b.receive_json()) == {"type": "system", "room": "general", "content": "Goodbye bob!"}
-        assert untimed(a.receive_json()) == {"type": "system", "room": "general",
-                                             "content": "bob left the chat"}
+        assert untimed(a.receive_json()) == presence("bob", "left")
         assert client.get("/users/active").json() == ["alice"]
 
         def last_seen_moved():  # written with the next batch of the writer, not at once
@@ -1060,8 +1063,7 @@ def test_closing_the_socket_without_leave_counts_as_leaving(client):
         with client.websocket_connect("/ws") as b:
             join(b, "bob")
             a.receive_json()
-        assert untimed(a.receive_json()) == {"type": "system", "room": "general",
-                                             "content": "bob left the chat"}
+        assert untimed(a.receive_json()) == presence("bob", "left")
         assert client.get("/users/active").json() == ["alice"]
 
 
@@ -2395,6 +2397,30 @@ def test_the_tester_page_asks_who_is_here_at_most_once_a_second(browser, server)
         return times;
     }""")
     assert len(asked) == 2 and asked[1] - asked[0] > 990, asked
+
+
+def test_the_tester_page_asks_who_is_here_once_then_follows_the_joined_and_left_notices(browser, server):
+    alice = open_tester(browser, server, "alice")
+    alice.wait_for_selector("#users:text-is('here: alice')")
+    asked = []
+    alice.on("request", lambda request: asked.append(request.url) if "/users/active" in request.url else None)
+    bob = open_tester(browser, server, "bob")
+    alice.wait_for_selector("#users:text-is('here: alice, bob')")
+    bob.click("#leave")
+    alice.wait_for_selector("#users:text-is('here: alice')")
+    assert asked == []
+
+
+def test_a_join_notice_carries_its_code_and_username_and_so_does_a_leave(client):
+    with client.websocket_connect("/ws") as a, client.websocket_connect("/ws") as b:
+        join(a, "alice")
+        join(b, "Budi Santoso")
+        b.send_json({"type": "leave"})
+        assert [untimed(a.receive_json()) for _ in range(2)] == [
+            {"type": "system", "room": "general", "content": "Budi Santoso joined the chat", "code": "joined",
+             "username": "Budi Santoso"},
+            {"type": "system", "room": "general", "content": "Budi Santoso left the chat", "code": "left",
+             "username": "Budi Santoso"}]
 
 
 def test_leaving_in_the_tester_page_shows_the_goodbye_and_forgets_who_is_here(browser, server):
@@ -4249,8 +4275,7 @@ def test_a_peer_that_stops_answering_pings_is_dropped_and_leaves_presence(databa
         with ws_connect(base) as watcher:
             ws_join(watcher, "watcher")
             wait_until(lambda: active(base) == ["watcher"], seconds=5)
-            assert untimed(json.loads(watcher.recv(timeout=5))) == {
-                "type": "system", "room": "general", "content": "ghost left the chat"}
+            assert untimed(json.loads(watcher.recv(timeout=5))) == presence("ghost", "left")
         silent.sock.close()
 
 
@@ -4719,7 +4744,7 @@ def test_a_leave_waits_for_the_leavers_messages_so_the_room_sees_them_first(clie
             a.send_json({"type": "message", "content": "bye all"})
             a.send_json({"type": "leave"})
         assert untimed(b.receive_json()) == message(1, "alice", "bye all")
-        assert untimed(b.receive_json()) == {"type": "system", "room": "general", "content": "alice left the chat"}
+        assert untimed(b.receive_json()) == presence("alice", "left")
 
 
 def test_an_unexpected_error_in_the_writer_answers_unavailable_and_the_writer_carries_on(client, monkeypatch):
@@ -4785,7 +4810,7 @@ def test_an_operators_command_closes_that_users_sockets_within_seconds_saying_wh
             assert chat_command(database_url, *command)[0] == 0
             assert closed_with(bob) == (1008, reason)
             assert time.monotonic() - started < 3
-            assert untimed(alice.receive_json()) == {"type": "system", "room": "general", "content": "bob left the chat"}
+            assert untimed(alice.receive_json()) == presence("bob", "left")
             alice.send_json({"type": "message", "content": "still here"})
             assert alice.receive_json()["content"] == "still here"
 
@@ -5430,11 +5455,9 @@ def test_presence_and_notices_cross_processes(shared_url):
             ws_join(bob, "bob")
             with ws_connect(a) as alice:
                 ws_join(alice, "alice")
-                assert untimed(json.loads(bob.recv(timeout=5))) == {
-                    "type": "system", "room": "general", "content": "alice joined the chat"}
+                assert untimed(json.loads(bob.recv(timeout=5))) == presence("alice", "joined")
                 assert active(a) == active(b) == ["alice", "bob"]
-            assert untimed(json.loads(bob.recv(timeout=5))) == {
-                "type": "system", "room": "general", "content": "alice left the chat"}
+            assert untimed(json.loads(bob.recv(timeout=5))) == presence("alice", "left")
             assert active(a) == active(b) == ["bob"]
 
 
@@ -5456,8 +5479,7 @@ def test_killing_one_process_leaves_the_other_serving_and_its_users_gone(shared_
             ws_join(alice, "alice")
             json.loads(bob.recv(timeout=5))  # alice joined
             process_a.kill()
-            assert untimed(json.loads(bob.recv(timeout=10))) == {
-                "type": "system", "room": "general", "content": "alice left the chat"}
+            assert untimed(json.loads(bob.recv(timeout=10))) == presence("alice", "left")
             assert active(b) == ["bob"]
             assert server_log().count(b"1 other process(es) gave no heartbeat for 1.5 s (stopped, or cut off from the "
                                       b"database): their 1 users count as gone") == 1
@@ -5511,7 +5533,7 @@ def test_a_leave_the_database_failed_to_record_is_recorded_by_the_next_heartbeat
         with client.websocket_connect("/ws") as bob:
             join(bob, "bob")
             alice.receive_json()  # bob joined
-        assert untimed(alice.receive_json()) == {"type": "system", "room": "general", "content": "bob left the chat"}
+        assert untimed(alice.receive_json()) == presence("bob", "left")
         assert (client.get("/users/active").json(), failed) == (["alice"], [chat.PostgresCluster.DEPART])
 
 
@@ -5540,7 +5562,7 @@ def test_the_heartbeat_records_and_announces_users_here_whom_presence_lost(share
         alice.receive_json()  # bob joined
         postgres_execute(shared_url, "DELETE FROM presence WHERE username = 'bob'")  # as if bob's arrival had failed
         app.state.cluster.stale = True
-        assert untimed(alice.receive_json()) == {"type": "system", "room": "general", "content": "bob joined the chat"}
+        assert untimed(alice.receive_json()) == presence("bob", "joined")
         assert (client.get("/users/active").json(), app.state.cluster.stale) == (["alice", "bob"], False)
 
 
