@@ -1196,7 +1196,7 @@ async def chat_socket(websocket: WebSocket):
                 await HANDLERS[frame["type"]](app, client, frame)
             except Invalid as exc:
                 client.refused += exc.code == "rate_limited"
-                if client.refused > FLOOD_LIMIT:
+                if client.refused > FLOOD_LIMIT or len(client.errors_held) >= FLOOD_LIMIT:  # in a row, or held
                     await client.close(status.WS_1008_POLICY_VIOLATION, "flooding: too many frames")
                     break
                 app.state.metrics.refused.labels(exc.code).inc()
@@ -1928,7 +1928,7 @@ class Client:
 
     __slots__ = ("websocket", "ip", "room", "identity", "username", "user_id", "budget", "refused",
                  "outbox", "sender", "writing", "write_now", "frame", "idle", "held", "last_message_id",
-                 "in_flight", "stopped", "closing", "hears_after", "closed_with")  # thousands wait at once: no dict each
+                 "in_flight", "errors_held", "stopped", "closing", "hears_after", "closed_with")  # thousands wait at once: no dict each
 
     def __init__(self, websocket: WebSocket, ip: str, room: str, identity: str | None):
         self.websocket, self.ip, self.room, self.identity = websocket, ip, room, identity
@@ -1949,6 +1949,7 @@ class Client:
         self.held: list[tuple] | None = None  # live frames held while joining: send_messages' arguments
         self.last_message_id = 0  # the newest message it was sent
         self.in_flight: list[asyncio.Future] = []  # its messages being stored, oldest first
+        self.errors_held: list[tuple[dict, list]] = []  # errors waiting for those: each, and what it waits for
         self.stopped = False  # nothing more is sent to it: it stalled, or it went
         self.closing: asyncio.Task | None = None  # its 1013, once it stalled
         self.hears_after = 0  # Rooms.subscribe numbers it: the notices it hears come after
@@ -1959,12 +1960,24 @@ class Client:
 
     def error(self, code: str, content: str, client_id: str | None = None, after: list[asyncio.Future] = ()) -> None:
         """An error frame; one about a message that carried a client_id names it. It waits for the
-        answers to the messages `after` (sent before the frame it refuses, still being stored), so
-        that a client reads its answers in the order it sent its frames."""
+        answers to the messages `after` (sent before the frame it refuses, still being stored), and
+        for the errors before it, so that no answer overtakes the answer to an earlier frame."""
         frame = {"type": "error", "code": code, "content": content, **({"client_id": client_id} if client_id else {})}
-        if waiting := [stored for stored in after if not stored.done()]:
-            asyncio.gather(*waiting, return_exceptions=True).add_done_callback(lambda _: self.send(frame))
-        else:
+        waiting = [stored for stored in after if not stored.done()]
+        if not waiting and not self.errors_held:
+            return self.send(frame)
+        self.errors_held.append((frame, waiting))
+        if len(self.errors_held) == 1:
+            self.send_held_errors()
+
+    def send_held_errors(self, _=None) -> None:
+        """Send the held errors whose messages have been answered, in order; wait on the next one's."""
+        while self.errors_held:
+            frame, waiting = self.errors_held[0]
+            if pending := next((stored for stored in waiting if not stored.done()), None):
+                pending.add_done_callback(self.send_held_errors)  # after the answer's own callback
+                return
+            del self.errors_held[0]
             self.send(frame)
 
     def send_text(self, text: str, message_id: int | None = None, frame_bytes: bytes | None = None) -> None:

@@ -4720,6 +4720,24 @@ def test_a_socket_is_read_on_while_its_messages_wait_to_be_stored(client, databa
         {"id": n + 1, "content": f"m{n}"} for n in range(3)]
 
 
+@pytest.mark.parametrize("refused, closed", [(3, False), (4, True)])  # FLOOD_LIMIT errors held, and one past
+def test_a_socket_with_more_than_flood_limit_errors_held_behind_its_messages_is_closed(
+        client, database_url, monkeypatch, refused, closed):
+    monkeypatch.setattr(chat, "FLOOD_LIMIT", 3)
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        with messages_locked(client, database_url):
+            ws.send_json({"type": "message", "content": "m0"})
+            for _ in range(refused):
+                ws.send_json({"type": "message", "content": ""})
+            if closed:
+                assert closed_with(ws) == (1008, "flooding: too many frames")
+                return
+            wait_until(lambda: metric(client, 'chat_frames_refused_total{code="invalid_content"}') == refused)
+        assert untimed(ws.receive_json()) == message(1, "alice", "m0")
+        assert [ws.receive_json()["code"] for _ in range(refused)] == ["invalid_content"] * refused
+
+
 def test_a_socket_with_64_messages_waiting_to_be_stored_is_read_no_further_until_they_are(
         client, database_url, unlimited):
     writer = client.app.state.writer
