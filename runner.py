@@ -601,12 +601,13 @@ def log_config() -> dict:
 
 class RedactTokens(logging.Filter):
     """A `token` in a logged query string (uvicorn's access log, its WebSocket lines) becomes [redacted],
-    and so does any run of URL characters that holds one of chat's tokens (a JWT: "eyJ", then two
-    dots, which may be percent-encoded, once or twice), as pasted into a path or inside another
-    parameter (?next=%2Fws%3Ftoken%3DeyJ...)."""
+    and so does any run of URL characters that holds one of chat's tokens (a JWT: "eyJ" and at least
+    ten more characters, a dot, ten or more, a dot; any of them may be percent-encoded, once or
+    twice), as pasted into a path or inside another parameter (?next=%2Fws%3Ftoken%3DeyJ...). Both
+    passes are linear: a parameter's name stops at the next "?", a run at the next character outside it."""
 
-    PARAMETER = re.compile(r"([?&])([^=&#\s\"]*)=([^&#\s\"]*)")
-    RUN = re.compile(r"[\w.%~-]+")  # one pass over the text: each run is looked at once
+    PARAMETER = re.compile(r"([?&])([^=&#?\s\"]*)=([^&#\s\"]*)")
+    RUN = re.compile(r"[\w.%~-]+")
 
     def redact(self, match):
         if unquote_plus(match.group(2)).lower() == "token":
@@ -615,8 +616,13 @@ class RedactTokens(logging.Filter):
 
     @staticmethod
     def tokens(match):
-        run = unquote(unquote(match.group(0)))  # any of its characters percent-encoded, once or twice
-        return "[redacted]" if "eyJ" in run and run[run.find("eyJ"):].count(".") >= 2 else match.group(0)
+        run = unquote(unquote(match.group(0)))
+        if "eyJ" in run:
+            parts = run.split(".")  # a token's header, payload, signature: "monkeyJump.min.js" is none
+            for n, part in enumerate(parts[:-2]):
+                if "eyJ" in part and len(part) - part.find("eyJ") >= 13 and len(parts[n + 1]) >= 10:
+                    return "[redacted]"
+        return match.group(0)
 
     def filter(self, record):
         if isinstance(record.args, tuple) and any(isinstance(a, str) and ("=" in a or "eyJ" in a or "%" in a)
