@@ -2515,6 +2515,19 @@ def test_with_a_secret_the_tester_page_joins_with_the_token_in_its_url(browser, 
         page.wait_for_selector(".msg .text:text('with a token')")
 
 
+def test_the_tester_page_takes_a_token_from_its_fragment_and_puts_it_in_no_url_but_the_sockets(browser, database_url):
+    with running_server(database_url, env={"CHAT_SECRET": SECRET32}) as base:
+        token, urls = secret_token("alice"), []
+        page = browser.new_page()
+        page.on("request", lambda request: urls.append(request.url))
+        page.on("websocket", lambda socket: urls.append(socket.url))
+        page.goto(f"{base}/test#token={token}")
+        page.wait_for_selector("#token-field", state="visible")
+        page.click("#join")
+        page.wait_for_selector("#users:text-is('here: alice')")  # asked with the token as a header
+    assert [url for url in urls if token in url] == [f"{base.replace('http', 'ws')}/ws/general?token={token}"]
+
+
 def test_the_tester_page_shows_why_a_handshake_was_refused_and_stops_trying(browser, database_url):
     with running_server(database_url, env={"CHAT_SECRET": SECRET32}) as base:
         page = browser.new_page()
@@ -5241,12 +5254,17 @@ def readme_nginx(chat_ports: list[int], port: int, cert: pathlib.Path, key: path
     block = re.search(r"```nginx\n(.*?)```", (HERE / "README.md").read_text(), re.S).group(1)
     block = block.replace("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;")
     block = block.replace("/etc/ssl/certs/chat.pem", str(cert)).replace("/etc/ssl/private/chat.key", str(key))
-    block = block.replace("server 127.0.0.1:8001; server 127.0.0.1:8002;",
-                          " ".join(f"server 127.0.0.1:{p};" for p in chat_ports))
+    block = block.replace("server 127.0.0.1:8001 max_fails=0; server 127.0.0.1:8002 max_fails=0;",
+                          " ".join(f"server 127.0.0.1:{p} max_fails=0;" for p in chat_ports))
+    block = block.replace("/var/log/nginx/chat.log", f"{folder}/chat.log")
     assert all(f"127.0.0.1:{p}" in block for p in [*chat_ports, port]) and str(cert) in block  # all replaced
+    assert f"{folder}/chat.log" in block
     temp = " ".join(f"{kind}_temp_path {folder}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     return (f"daemon off; pid {folder}/nginx.pid; error_log {folder}/error.log;\nevents {{}}\n"
             f"http {{ access_log {folder}/access.log; {temp}\n{block}}}\n")
+
+
+TOKEN_LIKE = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"  # no CHAT_SECRET: not checked, only logged
 
 
 def test_two_processes_behind_debian_nginx_chat_over_wss_with_the_readmes_recipe(shared_url, tmp_path):
@@ -5268,8 +5286,8 @@ def test_two_processes_behind_debian_nginx_chat_over_wss_with_the_readmes_recipe
                 info = json.load(urllib.request.urlopen(base + "/ws-info", context=trust))
                 def browser(source: str):  # from an address of its own, which only X-Forwarded-For can tell
                     sock = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
-                    return websockets.sync.client.connect(info["websocketUrl"], sock=sock, origin=base, ssl=trust,
-                                                          server_hostname="localhost")
+                    return websockets.sync.client.connect(info["websocketUrl"] + "?token=" + TOKEN_LIKE, sock=sock,
+                                                          origin=base, ssl=trust, server_hostname="localhost")
 
                 with browser("127.0.0.5") as one, browser("127.0.0.6") as two:
                     ws_join(one, "one")
@@ -5285,6 +5303,8 @@ def test_two_processes_behind_debian_nginx_chat_over_wss_with_the_readmes_recipe
                 nginx.terminate()
                 nginx.wait(timeout=10)
     assert info["websocketUrl"] == f"wss://localhost:{port}/ws"
+    access = (tmp_path / "chat.log").read_text()
+    assert '"GET /ws" 101' in access and "token" not in access  # its log_format leaves the query out
     assert seen_one == seen_two == [1, 2]
     assert joined == [[(b"one", b"127.0.0.5")], [(b"two", b"127.0.0.6")]]  # one on each process
 
