@@ -906,8 +906,8 @@ def parse_frame(message: dict) -> dict:
 
 def make_token(username: str, ttl: int = TOKEN_TTL_SECONDS) -> str:
     """A signed token that lets its holder speak as `username` until it expires."""
-    now = time.time()  # a token's times are whole seconds: round its expiry up, so it lives at least `ttl`
-    claims = {"sub": check_username(username), "iat": int(now), "exp": math.ceil(now + ttl)}
+    now = time.time()  # its expiry is a whole second, rounded up: it lives at least `ttl`; its issue
+    claims = {"sub": check_username(username), "iat": now, "exp": math.ceil(now + ttl)}  # time is exact (revoked)
     return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
@@ -916,13 +916,15 @@ def decode_token(token: str) -> dict:
     return jwt.decode(token, SECRET, algorithms=["HS256"], options={"require": ["exp", "sub"]})
 
 
-def token_holder(token: str | None) -> tuple[str, float] | None:
-    """(username, expiry as a Unix time) of a valid, unexpired token of ours; None for anything else."""
+def token_holder(token: str | None, revoked: dict[str, float]) -> tuple[str, float] | None:
+    """(username, expiry as a Unix time) of a valid, unexpired token of ours, not made before its
+    user's tokens were `revoked` (name: Unix time); None for anything else."""
     try:
         claims = decode_token(token or "")
-        return check_username(claims["sub"]), claims["exp"]
+        name = check_username(claims["sub"])
     except (jwt.InvalidTokenError, Invalid):
         return None
+    return None if claims.get("iat", 0) < revoked.get(name, -math.inf) else (name, claims["exp"])
 
 
 def token_refusal(token: str | None, how: str) -> str:
@@ -930,12 +932,14 @@ def token_refusal(token: str | None, how: str) -> str:
     if not token:
         return f"a token is required ({how}); python chat.py token NAME makes one"
     try:
-        decode_token(token)
+        check_username(decode_token(token)["sub"])
     except jwt.ExpiredSignatureError:
         return "the token has expired; get a fresh one (python chat.py token NAME)"
     except jwt.InvalidTokenError:
         return "the token is not valid here: made with another CHAT_SECRET, cut short, or without an expiry"
-    return "the token names a username that is not allowed"
+    except Invalid:
+        return "the token names a username that is not allowed"
+    return "the token was taken back: its user was deleted or renamed; ask whoever runs this chat for a new one"
 
 
 def presented_token(connection: HTTPConnection) -> str | None:
@@ -961,7 +965,7 @@ def origin_allowed(connection: HTTPConnection) -> bool:
 
 def token_required(request) -> str:
     """With a secret set, the name the request's token is for; 401 without a valid one."""
-    holder = token_holder(token := presented_token(request))
+    holder = token_holder(token := presented_token(request), request.app.state.revoked)
     if holder is None:
         raise HTTPException(401, token_refusal(token, "Authorization: Bearer <token>"),
                             headers={"WWW-Authenticate": "Bearer"})
@@ -1010,7 +1014,7 @@ def handshake_refusal(connection: HTTPConnection) -> tuple[int, str] | None:
                          "browser's Host (nginx: proxy_set_header Host $http_host)")
         return 403, (f"pages from {origin} may not open a socket here; to let them, start the server with "
                      f"ALLOWED_ORIGINS={','.join([*ALLOWED_ORIGINS, origin])}")
-    if SECRET and token_holder(token := presented_token(connection)) is None:
+    if SECRET and token_holder(token := presented_token(connection), connection.app.state.revoked) is None:
         return 401, token_refusal(token, "in the URL's query: token=<token>")
     return None
 
@@ -1151,7 +1155,7 @@ async def chat_socket(websocket: WebSocket):
         app.state.said.warning(kind, "refused a WebSocket from %s: %s", ip, refusal[1])
         await websocket.close(status.WS_1008_POLICY_VIOLATION)
         return
-    identity, expires = token_holder(presented_token(handshake)) if SECRET else (None, None)
+    identity, expires = token_holder(presented_token(handshake), app.state.revoked) if SECRET else (None, None)
     await websocket.accept()
     # Refused after accept, so that the client can read the close code and the reason.
     try:
@@ -2450,11 +2454,15 @@ PRUNE_ROOM = """DELETE FROM messages WHERE id IN (
     SELECT id FROM messages WHERE room = :room AND id <= :upto ORDER BY id LIMIT :batch) RETURNING id"""
 SILENT_USERS = """SELECT id, username FROM users WHERE last_seen < :cutoff
     AND NOT EXISTS (SELECT 1 FROM messages WHERE user_id = users.id) ORDER BY id LIMIT :batch"""
-# rename-user and delete-user mark the users changed (a JSON object: "closing", the ids of users
-# being deleted); each server then closes those users' sockets and reads its joined users' names.
+# rename-user and delete-user take back the tokens of the name (REVOKE), then mark the users changed
+# (a JSON object: "closing", the ids of users being deleted); each server then reads what was taken
+# back, closes those users' sockets and reads its joined users' names.
 CHANGE_USERS = """INSERT INTO meta (key, value) VALUES ('users_changed', :mark)
                   ON CONFLICT (key) DO UPDATE SET value = excluded.value"""
 USERS_CHANGED = "SELECT value FROM meta WHERE key = 'users_changed'"
+REVOKE = """INSERT INTO revoked (username, before) VALUES (:username, :before)
+            ON CONFLICT (username) DO UPDATE SET before = excluded.before"""
+REVOKED = "SELECT username, before FROM revoked"
 NAMES = {  # of a JSON array of user ids
     "sqlite": "SELECT id, username FROM users WHERE id IN (SELECT value FROM json_each(:ids))",
     "postgresql": "SELECT id, username FROM users WHERE id IN (SELECT CAST(json_array_elements_text(CAST(:ids AS JSON)) AS BIGINT))",
@@ -2539,6 +2547,7 @@ async def moderated(app) -> None:
         await told_deleted(app)
         if (mark := await database.fetch_val(USERS_CHANGED)) == app.state.users_mark:
             continue
+        app.state.revoked = {row["username"]: row["before"] for row in await database.fetch_all(REVOKED)}
         joined = [(client, client.user_id, client.username) for client in app.state.rooms.connections
                   if client.username is not None]
         ids = json.dumps(sorted({user_id for _, user_id, _ in joined}))
@@ -2590,6 +2599,7 @@ async def lifespan(app):
     retention = asyncio.create_task(supervise("retention", lambda: retain(app), app.state.writer.outage)) if (
         RETAIN_DAYS or RETAIN_MESSAGES_PER_ROOM) else None
     app.state.users_mark = await database.fetch_val(USERS_CHANGED)
+    app.state.revoked = {row["username"]: row["before"] for row in await database.fetch_all(REVOKED)}
     app.state.deletions_seen = await database.fetch_val(LAST_DELETION)
     moderation = asyncio.create_task(supervise("moderation", lambda: moderated(app), app.state.writer.outage))
     lag = asyncio.create_task(Lag.measure())
@@ -2823,6 +2833,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
     app.state.touches = Batches(lambda names: touch_users(app.state.database, names))
     app.state.new_users = Batches(lambda names: store_new_users(app.state.database, names), take=distinct_looks)
     app.state.unready = None  # why /readyz said 503 last, to log each change once
+    app.state.revoked = {}  # username -> tokens made before this Unix time are refused (REVOKED)
     app.state.said = said
     # The one place that asks which database this is: on PostgreSQL, other processes may store and
     # serve (storey 2); the handlers call the writer and the cluster the same way either way.

@@ -914,13 +914,16 @@ async def moderate(chat, command: str, *args: str) -> str:
             for look in set(chat.looks(new).values()) & set(chat.looks(old).values()):
                 await database.execute(chat.HAND_OVER_LOOK, {"look": look, "old": old, "new": new})
             await database.execute(chat.RELEASE_LOOKS, {"username": old})  # the rest of the old name is free
+            await database.execute(chat.REVOKE, {"username": old, "before": time.time()})
             await database.execute(chat.CHANGE_USERS, {"mark": json.dumps({"closing": [], "at": uuid.uuid4().hex})})
-            return f"renamed {old!r} to {new!r}; their sockets are closed, saying so"
+            return f"renamed {old!r} to {new!r}; their sockets are closed, saying so" + (
+                f", and their tokens no longer work: give them one for {new!r}" if chat.SECRET else "")
         if command == "delete-user":
             user_id = await database.fetch_val(chat.FIND_USER, {"username": args[0]})
             if user_id is None:
                 raise chat.Invalid("no_user", await no_user(chat, database, args[0]))
-            # Their sockets are closed first (within a second), so that they stop sending.
+            # Their tokens are taken back and their sockets closed first (within a second): they stop sending.
+            await database.execute(chat.REVOKE, {"username": args[0], "before": time.time()})
             await database.execute(chat.CHANGE_USERS, {"mark": json.dumps({"closing": [user_id], "at": uuid.uuid4().hex})})
             deleted = 0
             while True:  # in batches, so that the server's writes go in between
@@ -936,7 +939,8 @@ async def moderate(chat, command: str, *args: str) -> str:
                 await asyncio.sleep(0.05)
             await database.execute(chat.RELEASE_LOOKS, {"username": args[0]})
             return f"deleted the user {args[0]!r} and their {deleted} message{'' if deleted == 1 else 's'}" + (
-                "" if chat.SECRET else "; without CHAT_SECRET, anyone may join again under any name, theirs too")
+                "; their tokens no longer work (a new one would let them back)" if chat.SECRET
+                else "; without CHAT_SECRET, anyone may join again under any name, theirs too")
         if command == "delete-message":
             number = int(args[0]) if args[0].isascii() and args[0].isdigit() else args[0]
             if not await chat.delete_messages(database, chat.DELETE_MESSAGE, {"id": chat.check_id(number, "id")}):

@@ -56,6 +56,13 @@ CREATE TABLE IF NOT EXISTS deletions (
     room       TEXT NOT NULL
 );
 
+-- Tokens an operator took back (python chat.py delete-user, rename-user): a token for `username`
+-- made before `before` (a Unix time) is refused, as an expired one is; a token made after works.
+CREATE TABLE IF NOT EXISTS revoked (
+    username TEXT PRIMARY KEY,
+    before   DOUBLE PRECISION NOT NULL
+);
+
 -- Several processes on one PostgreSQL (see Cluster in chat.py): who is connected where. A process
 -- renews its heartbeat every few seconds; one that stops is reaped by the others, with its users.
 -- Unused, and harmless, on SQLite, which serves one process.

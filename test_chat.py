@@ -637,11 +637,38 @@ def test_delete_user_deletes_them_their_messages_and_their_looks(database_url):
     assert chat_command(database_url, "delete-user", "alice") == (1, "there is no user 'alice'; 'ALICE' looks like it\n")
 
 
-def test_delete_user_with_a_secret_set_says_nothing_of_joining_again(database_url, monkeypatch):
+def test_delete_user_with_a_secret_set_says_their_tokens_no_longer_work(database_url, monkeypatch):
     with TestClient(chat.create_app(database_url)) as client:
         post(client, "alice", "one")
     monkeypatch.setenv("CHAT_SECRET", SECRET32)
-    assert chat_command(database_url, "delete-user", "alice") == (0, "deleted the user 'alice' and their 1 message\n")
+    assert chat_command(database_url, "delete-user", "alice") == (
+        0, "deleted the user 'alice' and their 1 message; their tokens no longer work (a new one would let them back)\n")
+
+
+TAKEN_BACK = "the token was taken back: its user was deleted or renamed; ask whoever runs this chat for a new one"
+
+
+@pytest.mark.parametrize("command, said, reason", [
+    (("delete-user", "alice"), "deleted the user 'alice' and their 0 messages; their tokens no longer work (a new "
+     "one would let them back)", "your user was deleted"),
+    (("rename-user", "alice", "Alicia"), "renamed 'alice' to 'Alicia'; their sockets are closed, saying so, and their "
+     "tokens no longer work: give them one for 'Alicia'", "you were renamed 'Alicia': join as that")])
+def test_a_token_made_before_its_user_was_deleted_or_renamed_is_refused_and_one_made_after_is_not(
+        database_url, monkeypatch, command, said, reason):
+    monkeypatch.setattr(chat, "SECRET", SECRET32)
+    monkeypatch.setenv("CHAT_SECRET", SECRET32)
+    old = chat.make_token("alice")
+    with TestClient(chat.create_app(database_url)) as client:
+        with client.websocket_connect(f"/ws?token={old}") as ws:
+            join(ws, "alice")
+            assert chat_command(database_url, *command) == (0, said + "\n")
+            assert closed_with(ws) == (1008, reason)
+        refused = client.get(f"/ws?token={old}")
+        assert (refused.status_code, refused.json()) == (401, {"detail": TAKEN_BACK})
+        written = client.post("/messages", json={"content": "hi"}, headers={"Authorization": f"Bearer {old}"})
+        assert (written.status_code, written.json()) == (401, {"detail": TAKEN_BACK})
+        with client.websocket_connect(f"/ws?token={chat.make_token('alice')}") as ws:
+            assert join(ws, "alice") == welcome("alice")
 
 
 @pytest.mark.parametrize("count", [chat.PRUNE_BATCH, chat.PRUNE_BATCH + 1])
@@ -919,19 +946,21 @@ def test_a_database_from_before_client_ids_gains_the_column_and_keeps_its_messag
 
 EARLIER_SCHEMAS = sorted(path.stem for path in (HERE / "fixtures" / "schema").glob("*.sql"))
 UPGRADE_LINES = [
-    "upgraded the database, step 1 of 7: dropped the table skeletons, if any (look-alike records of a9fad39; "
+    "upgraded the database, step 1 of 8: dropped the table skeletons, if any (look-alike records of a9fad39; "
     "its users' looks are claimed again at start)",
-    "upgraded the database, step 2 of 7: messages.room compares byte by byte, as schema.sql declares (a table "
+    "upgraded the database, step 2 of 8: messages.room compares byte by byte, as schema.sql declares (a table "
     "from before 7605b59 kept the database's locale)",
-    "upgraded the database, step 3 of 7: added the column messages.client_id (62eee87)",
-    "upgraded the database, step 4 of 7: the index messages_client_id leaves out messages without one (dbc93da); "
+    "upgraded the database, step 3 of 8: added the column messages.client_id (62eee87)",
+    "upgraded the database, step 4 of 8: the index messages_client_id leaves out messages without one (dbc93da); "
     "schema.sql makes it again",
-    "upgraded the database, step 5 of 7: message ids are never given again, even after the newest are deleted "
+    "upgraded the database, step 5 of 8: message ids are never given again, even after the newest are deleted "
     "(SQLite: AUTOINCREMENT)",
-    "upgraded the database, step 6 of 7: every user's looks are claimed again at start, a look in capitals among "
+    "upgraded the database, step 6 of 8: every user's looks are claimed again at start, a look in capitals among "
     "them (\"ВUDI SANTOSO\" with a Cyrillic В)",
-    "upgraded the database, step 7 of 7: added the table deletions, which tells open screens of deleted messages "
-    "(schema.sql makes it)"]
+    "upgraded the database, step 7 of 8: added the table deletions, which tells open screens of deleted messages "
+    "(schema.sql makes it)",
+    "upgraded the database, step 8 of 8: added the table revoked, which takes back the tokens of deleted and "
+    "renamed users (schema.sql makes it)"]
 
 
 def old_database(database_url: str, commit: str, rows: str = "") -> None:
@@ -958,7 +987,7 @@ def test_a_database_of_each_earlier_schema_is_upgraded_in_place_saying_each_step
         assert [m["content"] for m in client.get("/messages").json()] == ["old"]
         assert post(client, "alice", "new", client_id="c-1")["client_id"] == "c-1"
         columns = query(client, chat.COLUMNS[client.app.state.database.url.dialect])
-        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "7"}]
+        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "8"}]
     recorded = re.search(r"'schema_version', '(\d+)'", (HERE / "fixtures" / "schema" / f"{commit}.sql").read_text())
     assert upgrade_lines(caplog) == UPGRADE_LINES[int(recorded[1]) if recorded else 0:]  # those past its version
     assert {(row["table"], row["column"]) for row in columns} == {
@@ -985,11 +1014,11 @@ def test_a_database_at_the_current_version_starts_without_a_step(database_url, c
         pass
     caplog.set_level(logging.INFO, chat.log.name)
     with TestClient(chat.create_app(database_url)) as client:
-        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "7"}]
+        assert query(client, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "8"}]
     assert upgrade_lines(caplog) == []
 
 
-@pytest.mark.parametrize("version, refused", [("7", False), ("8", True), ("x", True)])
+@pytest.mark.parametrize("version, refused", [("8", False), ("9", True), ("x", True)])
 def test_a_database_newer_than_the_code_is_refused_in_one_line(database_url, version, refused):
     with TestClient(chat.create_app(database_url)) as client:
         client.portal.call(client.app.state.database.execute,
@@ -1001,7 +1030,7 @@ def test_a_database_newer_than_the_code_is_refused_in_one_line(database_url, ver
     with pytest.raises(chat.Refusal) as refusal:
         with TestClient(chat.create_app(database_url)):
             pass
-    assert str(refusal.value) == (f"the database is at schema version {version}, which this chat (version 7) does "
+    assert str(refusal.value) == (f"the database is at schema version {version}, which this chat (version 8) does "
                                   "not know: serve it with the version of chat that last served it, or a newer one")
 
 

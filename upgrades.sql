@@ -30,3 +30,5 @@ ALTER TABLE messages_numbered RENAME TO messages;  -- sqlite only
 DROP TABLE IF EXISTS looks;
 
 -- step 7: added the table deletions, which tells open screens of deleted messages (schema.sql makes it)
+
+-- step 8: added the table revoked, which takes back the tokens of deleted and renamed users (schema.sql makes it)
