@@ -2627,9 +2627,16 @@ def test_the_tester_page_starts_over_on_a_server_restored_from_a_backup(browser,
             page.wait_for_selector(f".msg .text:text('{text}')")
     with TestClient(chat.create_app(f"sqlite:///{tmp_path}/copy.db")) as client:  # restored; the server is down
         assert post(client, "bob", "after the restore")["id"] == 2
+    page.evaluate("""() => {
+        window.statuses = [];
+        new MutationObserver(() => statuses.push($("status").textContent)).observe($("status"), {childList: true});
+    }""")
     with running_server(f"sqlite:///{tmp_path}/copy.db", port):
         page.wait_for_selector(".msg .text:text('after the restore')", timeout=15000)
         assert page.locator(".msg .text").all_text_contents() == ["kept", "after the restore"]
+    changed = [text for text in page.evaluate("statuses") if "the database changed" in text]
+    assert len(changed) == 1 and re.fullmatch(r"connection lost \(1000 the database changed\); retrying in 0\.\d s",
+                                              changed[0]), changed  # at once, whatever the tries before
 
 
 def ws_connect(base: str, path: str = "/ws", **options):
