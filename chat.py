@@ -1153,6 +1153,7 @@ async def chat_socket(websocket: WebSocket):
     if refusal:
         kind = f"handshake {refusal[0]}" + (refusal[1] if refusal[0] == 401 else "")  # a 401's words are fixed
         app.state.said.warning(kind, "refused a WebSocket from %s: %s", ip, refusal[1])
+        app.state.metrics.handshakes_refused.labels("token" if refusal[0] == 401 else "origin").inc()
         await websocket.close(status.WS_1008_POLICY_VIOLATION)
         return
     identity, expires = token_holder(presented_token(handshake), app.state.revoked) if SECRET else (None, None)
@@ -1168,6 +1169,8 @@ async def chat_socket(websocket: WebSocket):
         app.state.said.warning(kind or refusal[1], "closed a WebSocket from %s with %d: %s%s", ip, *refusal, proxy and (
             f"; it came through a proxy at {proxy}: if it is yours, start the server with TRUSTED_PROXIES={proxy}, "
             "so that each client behind it counts on its own") or "")
+        app.state.metrics.handshakes_refused.labels(
+            "room" if kind else "full" if refusal[0] == status.WS_1013_TRY_AGAIN_LATER else "address").inc()
         await websocket.close(*refusal)
         return
     websocket.scope["headers"], handshake = [], None  # a waiting socket keeps none of the handshake's
@@ -2307,6 +2310,9 @@ class Metrics:
         self.deliveries = self.counter("chat_deliveries", "Frames put in clients' outboxes (messages, notices)")
         self.refused = self.counter("chat_frames_refused", "WebSocket frames answered with an error, by code",
                                     "code")
+        self.handshakes_refused = self.counter(
+            "chat_handshakes_refused", "WebSocket handshakes refused, by why: origin, token, host, room, full "
+            "(MAX_CONNECTIONS), address (MAX_CONNECTIONS_PER_IP)", "why")
         self.slow_readers_cut = self.counter("chat_slow_readers_cut", "Clients dropped: they stopped reading")
         self.database_errors = self.counter("chat_database_errors", "Database errors seen")
         self.catch_up_reads = self.counter(
@@ -2738,6 +2744,7 @@ class HostCheck:
         logs an error for each denial with a body: anyone could fill the log), and plain HTTP to
         the same URL says why."""
         if scope["type"] == "websocket":
+            scope["app"].state.metrics.handshakes_refused.labels("host").inc()
             return send({"type": "websocket.close", "code": status.WS_1008_POLICY_VIOLATION})
         return JSONResponse({"detail": detail}, status_code=400)(scope, receive, send)
 
@@ -3344,8 +3351,8 @@ OPENAPI = {
         "/metrics": {
             "get": {"tags": ["Operations"], "operationId": "metrics",
                     "summary": "Prometheus metrics of this process: connections, users, messages stored and "
-                               "delivered, frames refused by code, slow readers cut, database errors, "
-                               "the writer's batches",
+                               "delivered, frames refused by code, handshakes refused by why, slow readers cut, "
+                               "database errors, the writer's batches",
                     "responses": {"200": {"description": "Prometheus text format",
                                           "content": {"text/plain": {"schema": _STR}}}}},
         },

@@ -1945,6 +1945,27 @@ def metric(client, line_start: str) -> float:
     return float(lines[0].split()[-1])
 
 
+@pytest.mark.parametrize("why", ["origin", "token", "host", "room", "full", "address"])
+def test_metrics_count_each_refused_handshake_by_why(client, monkeypatch, why):
+    monkeypatch.setattr(chat, "SECRET", SECRET32 if why == "token" else "")
+    monkeypatch.setattr(chat, "MAX_CONNECTIONS", 1 if why == "full" else 10)
+    monkeypatch.setattr(chat, "MAX_CONNECTIONS_PER_IP", 1 if why == "address" else 10)
+    path, headers = {"room": "/ws/Kelas 7A"}.get(why, "/ws"), {
+        "origin": {"Origin": "http://evil.example"}, "host": {"Host": "evil.example"}}.get(why, {})
+    with contextlib.ExitStack() as stack:
+        if why in ("full", "address"):
+            stack.enter_context(client.websocket_connect("/ws"))
+        if why in ("origin", "token", "host"):  # before any socket opens
+            assert refused_code(client, path, headers=headers) == 1008
+        else:
+            with client.websocket_connect(path) as ws:
+                assert closed_with(ws)[0] == (1013 if why == "full" else 1008)
+    token = {"Authorization": f"Bearer {chat.make_token('alice')}"} if why == "token" else {}
+    samples = [line for line in client.get("/metrics", headers=token).text.splitlines()
+               if line.startswith("chat_handshakes_refused_total{")]
+    assert samples == [f'chat_handshakes_refused_total{{why="{why}"}} 1.0']
+
+
 def test_metrics_count_connections_messages_deliveries_and_refusals(client):
     assert metric(client, "chat_messages_stored_total") == 0
     with client.websocket_connect("/ws") as a, client.websocket_connect("/ws") as b:
