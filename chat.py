@@ -2733,10 +2733,10 @@ class HostCheck:
             if len(self.own) < 256:
                 self.own.add(bracketed)
             return self.app(scope, receive, send)
-        detail = (f"this server does not answer to the host {host[:100]!r}; if it should, start it with "
-                  f"ALLOWED_HOSTS={','.join([*ALLOWED_HOSTS, bracketed][:10])[:300]}")
-        self.said.warning("refused_host", "refused a request: %s", detail)
-        return self.refuse(scope, receive, send, detail)
+        detail = f"this server does not answer to the host {host[:100]!r}; if it should, start it with ALLOWED_HOSTS="
+        self.said.warning("refused_host", "refused a request: %s", detail + ",".join([*ALLOWED_HOSTS, bracketed][:10])[:300])
+        return self.refuse(scope, receive, send, detail + bracketed[:300] + (  # the hosts it has are the operator's
+            " added to those it has" if ALLOWED_HOSTS else ""))
 
     @staticmethod
     def refuse(scope, receive, send, detail: str):

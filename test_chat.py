@@ -1815,6 +1815,15 @@ def test_an_ip_address_of_this_machine_is_one_of_its_names_and_another_is_refuse
         "this server does not answer to the host '203.0.113.9'; if it should, start it with ALLOWED_HOSTS=203.0.113.9")})
 
 
+def test_a_refused_host_is_told_what_to_add_but_not_the_hosts_the_server_answers_to(database_url, monkeypatch):
+    monkeypatch.setattr(chat, "ALLOWED_HOSTS", ["intranet.example"])
+    with TestClient(chat.create_app(database_url)) as client:
+        refused = client.get("/ws-info", headers={"host": "evil.example"})
+    assert (refused.status_code, refused.json()) == (400, {"detail": (
+        "this server does not answer to the host 'evil.example'; if it should, start it with ALLOWED_HOSTS=evil.example "
+        "added to those it has")})
+
+
 def test_refused_hosts_are_one_kind_said_once_a_minute_however_many_hosts_came_before(database_url, monkeypatch):
     monkeypatch.setattr(chat, "ALLOWED_HOSTS", [])
     clock = [1000.0]
