@@ -2149,9 +2149,13 @@ async def post_message(request):
         raise HTTPException(422, exc.detail) from None
     check_writer(holder, username)
     user = user or await request.app.state.database.fetch_one(FIND_USER, {"username": username})
-    if user is None:
+    if user is None and holder is None:
         raise HTTPException(404, f"no user named {username!r}; create it with POST /users")
-    message, stored_now = await request.app.state.writer.submit(room, user["id"], username, content, client_id)
+    try:  # a token says who its holder is: their user is made as their first join would make it
+        user_id = user["id"] if user else await request.app.state.new_users(username)
+    except Invalid as exc:
+        raise HTTPException(409, exc.detail) from None
+    message, stored_now = await request.app.state.writer.submit(room, user_id, username, content, client_id)
     return JSONResponse(message, status_code=201 if stored_now else 200)
 
 
@@ -3263,7 +3267,8 @@ OPENAPI = {
                     "responses": {"200": _json({"type": "array", "items": _MSG_REF}, "Messages"),
                                   **_errors(401, 422, 503)}},
             "post": {"tags": ["Messages"], "operationId": "sendMessage",
-                     "summary": "Send a message (broadcast to the room's sockets); create its user first",
+                     "summary": "Send a message (broadcast to the room's sockets); create its user first, "
+                                "unless a token names it",
                      "requestBody": {"required": True, "content": {"application/json": {
                          "example": {"username": "alice", "content": "Hello!", "room": DEFAULT_ROOM},
                          "schema": _schema(
@@ -3278,7 +3283,7 @@ OPENAPI = {
                      "security": _SECURITY,
                      "responses": {"201": _json(_MSG_REF, "The stored message"),
                                    "200": _json(_MSG_REF, "A resend: the message as first stored"),
-                                   **_errors(401, 403, 404, 413, 415, 422, 429, 503)}},
+                                   **_errors(401, 403, 404, 409, 413, 415, 422, 429, 503)}},
         },
         "/users": {
             "post": {"tags": ["Users"], "operationId": "createUser",

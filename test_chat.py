@@ -3001,6 +3001,22 @@ def test_a_real_server_with_a_secret_answers_a_tokenless_handshake_with_403(data
             assert untimed(json.loads(ws.recv(timeout=5))) == welcome("alice")
 
 
+def test_with_a_secret_a_rest_message_from_a_token_whose_user_is_new_makes_the_user(client, secret):
+    headers = {"Authorization": f"Bearer {chat.make_token('Budi Santoso')}"}
+    response = client.post("/messages", json={"content": "halo"}, headers=headers)
+    assert (response.status_code, untimed(response.json())) == (
+        201, {"id": 1, "room": "general", "username": "Budi Santoso", "content": "halo"})
+    assert query(client, "SELECT username FROM users") == [{"username": "Budi Santoso"}]
+
+
+def test_with_a_secret_a_rest_message_from_a_token_for_a_look_alike_of_a_user_is_409(client, secret):
+    client.post("/users", json={"username": "alice"}, headers={"Authorization": f"Bearer {chat.make_token('alice')}"})
+    response = client.post("/messages", json={"content": "hi"},
+                           headers={"Authorization": f"Bearer {chat.make_token('аlice')}"})  # a Cyrillic а
+    assert (response.status_code, response.json()["detail"].split(";")[0]) == (
+        409, "'аlice' looks like the existing user 'alice' (yours has CYRILLIC SMALL LETTER A)")
+
+
 def test_with_a_secret_reading_the_chat_needs_a_token_too(client, secret):
     for path in ("/messages", "/rooms", "/users/active"):
         response = client.get(path)
