@@ -2482,6 +2482,18 @@ def test_a_join_notice_carries_its_code_and_username_and_so_does_a_leave(client)
              "username": "Budi Santoso"}]
 
 
+@pytest.mark.parametrize("name", ["Goodbye", "Welcome2"])
+def test_a_user_named_like_the_pages_own_notices_joining_is_only_someone_joining(browser, server, name):
+    page = open_tester(browser, server, "alice")
+    with ws_connect(server) as other:
+        ws_join(other, name)
+        page.wait_for_selector(f"#users:text-is('here: {name}, alice')")  # as JavaScript and Python sort
+    page.wait_for_selector("#users:text-is('here: alice')")
+    assert page.inner_text("#status") == "joined general as alice"
+    assert [line for line in page.locator("#log div").all_text_contents() if line.startswith("> ")] == [
+        '> {"type":"join","username":"alice"}']  # one join: the page never left and joined again
+
+
 def test_leaving_in_the_tester_page_shows_the_goodbye_and_forgets_who_is_here(browser, server):
     page = open_tester(browser, server, "alice")
     page.wait_for_selector("#users:text-is('here: alice')")
