@@ -913,18 +913,18 @@ def make_token(username: str, ttl: int = TOKEN_TTL_SECONDS) -> str:
 
 def decode_token(token: str) -> dict:
     """The claims of a token signed with our secret, unexpired and with an expiry; else jwt's error."""
-    return jwt.decode(token, SECRET, algorithms=["HS256"], options={"require": ["exp", "sub"]})
+    return jwt.decode(token, SECRET, algorithms=["HS256"], options={"require": ["exp", "sub"], "verify_iat": False})
 
 
-def token_holder(token: str | None, revoked: dict[str, float]) -> tuple[str, float] | None:
-    """(username, expiry as a Unix time) of a valid, unexpired token of ours, not made before its
+def token_holder(token: str | None, revoked: dict[str, float]) -> tuple[str, float, float] | None:
+    """(username, expiry, issue time) of a valid, unexpired token of ours, not made before its
     user's tokens were `revoked` (name: Unix time); None for anything else."""
     try:
         claims = decode_token(token or "")
-        name = check_username(claims["sub"])
-    except (jwt.InvalidTokenError, Invalid):
+        name, issued = check_username(claims["sub"]), float(claims.get("iat", 0))
+    except (jwt.InvalidTokenError, Invalid, TypeError, ValueError):
         return None
-    return None if claims.get("iat", 0) < revoked.get(name, -math.inf) else (name, claims["exp"])
+    return None if issued < revoked.get(name, -math.inf) else (name, claims["exp"], issued)
 
 
 def token_refusal(token: str | None, how: str) -> str:
@@ -1156,7 +1156,7 @@ async def chat_socket(websocket: WebSocket):
         app.state.metrics.handshakes_refused.labels("token" if refusal[0] == 401 else "origin").inc()
         await websocket.close(status.WS_1008_POLICY_VIOLATION)
         return
-    identity, expires = token_holder(presented_token(handshake), app.state.revoked) if SECRET else (None, None)
+    identity, expires, issued = token_holder(presented_token(handshake), app.state.revoked) if SECRET else [None] * 3
     await websocket.accept()
     # Refused after accept, so that the client can read the close code and the reason.
     try:
@@ -1174,7 +1174,7 @@ async def chat_socket(websocket: WebSocket):
         await websocket.close(*refusal)
         return
     websocket.scope["headers"], handshake = [], None  # a waiting socket keeps none of the handshake's
-    client, message = Client(websocket, ip, room, identity), None
+    client, message = Client(websocket, ip, room, identity, issued), None
     app.state.rooms.connect(client)
     # A socket lives no longer than its token.
     expiry = expires and asyncio.get_running_loop().call_later(
@@ -1273,6 +1273,8 @@ async def on_join(app, client: Client, frame: dict) -> None:
     """
     if client.username is not None:
         raise Invalid("already_joined", f"already joined as {client.username!r}; leave first")
+    if taken_back(app, client):  # since it opened (rename-user, delete-user): moderated() closes it too
+        return await client.close(status.WS_1008_POLICY_VIOLATION, TAKEN_BACK)
     stored = await returning(app, frame.get("username", client.identity), client.identity)
     username = stored["username"] if stored else check_username(frame.get("username", client.identity))
     if client.identity and username != client.identity:
@@ -1308,6 +1310,14 @@ async def on_join(app, client: Client, frame: dict) -> None:
         raise
     log.info("%s joined %s from %s", username, room, client.ip)
     client.release(notices, history)
+
+
+TAKEN_BACK = "your token was taken back: ask whoever runs this chat for a new one"
+
+
+def taken_back(app, client: Client) -> bool:
+    """Its token was made before its user's tokens were taken back (delete-user, rename-user)."""
+    return client.identity is not None and client.issued < app.state.revoked.get(client.identity, -math.inf)
 
 
 async def newest_history(app, room: str) -> tuple[list[str], list[int]]:
@@ -1933,12 +1943,13 @@ class Client:
     frames; the outbox and its task take over when the client falls behind.
     """
 
-    __slots__ = ("websocket", "ip", "room", "identity", "username", "user_id", "budget", "refused",
+    __slots__ = ("websocket", "ip", "room", "identity", "issued", "username", "user_id", "budget", "refused",
                  "outbox", "sender", "writing", "write_now", "frame", "idle", "held", "last_message_id",
                  "in_flight", "errors_held", "stopped", "closing", "hears_after", "closed_with")  # thousands wait at once: no dict each
 
-    def __init__(self, websocket: WebSocket, ip: str, room: str, identity: str | None):
+    def __init__(self, websocket: WebSocket, ip: str, room: str, identity: str | None, issued: float | None = None):
         self.websocket, self.ip, self.room, self.identity = websocket, ip, room, identity
+        self.issued = issued  # when its token was made (taken_back)
         self.username: str | None = None
         self.user_id: int | None = None
         self.budget = FrameBudget()
@@ -1968,7 +1979,8 @@ class Client:
     def error(self, code: str, content: str, client_id: str | None = None, after: list[asyncio.Future] = ()) -> None:
         """An error frame; one about a message that carried a client_id names it. It waits for the
         answers to the messages `after` (sent before the frame it refuses, still being stored), and
-        for the errors before it, so that no answer overtakes the answer to an earlier frame."""
+        for the errors before it: it comes after the answers to earlier frames (a later message
+        stored in the same batch may come before it)."""
         frame = {"type": "error", "code": code, "content": content, **({"client_id": client_id} if client_id else {})}
         waiting = [stored for stored in after if not stored.done()]
         if not waiting and not self.errors_held:
@@ -2572,6 +2584,11 @@ async def moderated(app) -> None:
                 client.stop_sending()  # nothing more reaches it, or of it is stored; the room sees it go
                 background(app, leave(app, client))
                 background(app, client.close(status.WS_1008_POLICY_VIOLATION, reason))
+        for client in app.state.rooms.connections:  # not joined, or joined again under the name, since
+            if taken_back(app, client) and not client.stopped:
+                client.stop_sending()
+                background(app, leave(app, client))
+                background(app, client.close(status.WS_1008_POLICY_VIOLATION, TAKEN_BACK))
         app.state.users_mark = mark
 
 
@@ -2754,8 +2771,8 @@ class HostCheck:
 
 
 UNBOUNDED = ("served without chat's runner, so the server's own bounds are off (request deadlines and "
-             "sizes, sockets per address, ping and fragment budgets, frame size, no compression): "
-             "to let others in, serve it with python chat.py")
+             "sizes, sockets per address, ping and fragment budgets, frame size, no compression) and "
+             "tokens in URLs are logged as sent: to let others in, serve it with python chat.py")
 
 
 class StartUp:

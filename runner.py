@@ -616,6 +616,8 @@ class RedactTokens(logging.Filter):
 
     @staticmethod
     def tokens(match):
+        if len(match.group(0)) < 25:  # shorter than any token: not decoded (16 kB of "=%" would be 8,000 runs)
+            return match.group(0)
         run = unquote(unquote(match.group(0)))
         if "eyJ" in run:
             parts = run.split(".")  # a token's header, payload, signature: "monkeyJump.min.js" is none
@@ -908,13 +910,18 @@ async def moderate(chat, command: str, *args: str) -> str:
             if await database.fetch_one(chat.FIND_USER, {"username": new}):
                 raise chat.Invalid("taken", f"{new!r} is another user's name: choose another")
             await chat.check_lookalike(database, new, former=old)  # "Bella" may become "bella"
-            if not await database.fetch_val(chat.RENAME_USER, {"old": old, "new": new}):
+            try:  # the tokens of both names are taken back in the same step: none made before speaks as NEW
+                async with database.transaction():
+                    if not await database.fetch_val(chat.RENAME_USER, {"old": old, "new": new}):
+                        raise LookupError
+                    for name in (old, new):
+                        await database.execute(chat.REVOKE, {"username": name, "before": time.time()})
+            except LookupError:
                 await database.execute(chat.RELEASE_LOOKS, {"username": new})
-                raise chat.Invalid("no_user", await no_user(chat, database, old))
+                raise chat.Invalid("no_user", await no_user(chat, database, old)) from None
             for look in set(chat.looks(new).values()) & set(chat.looks(old).values()):
                 await database.execute(chat.HAND_OVER_LOOK, {"look": look, "old": old, "new": new})
             await database.execute(chat.RELEASE_LOOKS, {"username": old})  # the rest of the old name is free
-            await database.execute(chat.REVOKE, {"username": old, "before": time.time()})
             await database.execute(chat.CHANGE_USERS, {"mark": json.dumps({"closing": [], "at": uuid.uuid4().hex})})
             return f"renamed {old!r} to {new!r}; their sockets are closed, saying so" + (
                 f", and their tokens no longer work: give them one for {new!r}" if chat.SECRET else "")
