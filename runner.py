@@ -790,7 +790,8 @@ def usage(chat) -> str:
         "usage: python chat.py [--host HOST] [--port PORT] [--workers N]   serve the chat (Ctrl+C stops it)",
         "                                   (several workers need PostgreSQL)",
         "       python chat.py token NAME   print a token for NAME (needs CHAT_SECRET); for several, NAME<TAB>TOKEN",
-        "                                   a line (token - reads the names from stdin, one a line)",
+        "                                   a line (token - reads the names from stdin, one a line; token --link",
+        "                                   http://HOST:PORT ... prints the page to open instead of the token)",
         "       python chat.py backup FILE  copy the SQLite database to FILE, while it serves",
         "       python chat.py rename-user OLD NEW, delete-user NAME (and their messages), delete-message ID,",
         "       python chat.py prune DAYS KEEP   delete messages older than DAYS and all but the KEEP newest",
@@ -801,12 +802,16 @@ def usage(chat) -> str:
         *lines])
 
 
-def tokens(chat, names: list[str]) -> str | None:
-    """python chat.py token NAME...: a token for each name (for a class, NAME<TAB>TOKEN a line); all
-    or none, so that a class is never handed half a list, or two names a reader cannot tell apart."""
+def tokens(chat, names: list[str], link: str | None = None) -> str | None:
+    """python chat.py token [--link URL] NAME...: a token for each name (for a class, NAME<TAB>TOKEN a
+    line), or with --link the page each student opens; all or none, so that a class is never handed
+    half a list, or two names a reader cannot tell apart."""
     names = [name for name in names if name.strip()]
     if not names:
-        return "usage: python chat.py token NAME [NAME...], or token - to read one name a line from stdin"
+        return "usage: python chat.py token [--link URL] NAME [NAME...], or token - to read one name a line from stdin"
+    if link is not None and not re.fullmatch(r"https?://[^/\s]+/?(test/?)?", link):
+        return (f"--link {link[:100]}: give the address the server printed at start, e.g. --link "
+                "http://192.168.1.5:8000")
     if not chat.SECRET:
         return ("tokens are signed with CHAT_SECRET, which is not set. Set it (to the same value for the server), "
                 "e.g.: export CHAT_SECRET=$(python -c \"import secrets; print(secrets.token_hex(32))\")")
@@ -839,8 +844,10 @@ def tokens(chat, names: list[str]) -> str | None:
         if len(names) == 1:
             return problems[0][1]
         return "\n".join([f"{name[:100]!r}: {why}" for name, why in problems] + ["no token was printed"])
-    print("\n".join([chat.make_token(name) for name in canonical] if len(names) == 1 else
-                    [f"{name}\t{chat.make_token(name)}" for name in canonical]))
+    shown = [(name, chat.make_token(name)) for name in canonical]
+    if link is not None:  # a fragment: the browser never sends it, so no log on the way has it
+        shown = [(name, f"{re.sub(r'/?(test/?)?$', '', link)}/test#token={token}") for name, token in shown]
+    print("\n".join([token for _, token in shown] if len(names) == 1 else [f"{name}\t{token}" for name, token in shown]))
     return None
 
 
@@ -904,6 +911,8 @@ async def moderate(chat, command: str, *args: str) -> str:
         raise chat.Invalid("no_database", no_database(database.url.database))
     await database.connect()
     try:
+        if command in ("rename-user", "delete-user"):  # "Siti  Rahma " pasted from a list is the stored "Siti Rahma"
+            args = (await as_stored(chat, database, args[0]), *args[1:])
         if command == "rename-user":
             old, new = args
             new = chat.check_username(new)
@@ -964,6 +973,15 @@ async def moderate(chat, command: str, *args: str) -> str:
         await database.disconnect()
 
 
+async def as_stored(chat, database, name: str) -> str:
+    """The name as stored: as written if a user has it (an earlier version's looser names), else its
+    canonical form, if it has one."""
+    if await database.fetch_one(chat.FIND_USER, {"username": name}) is None:
+        with contextlib.suppress(chat.Invalid):
+            return chat.check_username(name)
+    return name
+
+
 async def no_user(chat, database, name: str) -> str:
     """There is no such user: but perhaps one that looks like it, whose name can be copied from here."""
     holders = {row["username"] for look in set(chat.looks(name).values())
@@ -983,8 +1001,10 @@ def main(chat, argv: list[str]) -> None:
         print(usage(chat))
         return
     if argv[:1] == ["token"]:
-        names = argv[1:] if argv[1:] != ["-"] else sys.stdin.read().lstrip("\ufeff").replace("\r\n", "\n").split("\n")
-        return sys.exit(tokens(chat, names))
+        link = argv[2] if argv[1:2] == ["--link"] and len(argv) > 2 else None
+        names = argv[1 + 2 * (link is not None):]
+        names = names if names != ["-"] else sys.stdin.read().lstrip("\ufeff").replace("\r\n", "\n").split("\n")
+        return sys.exit(tokens(chat, names, link))
     if argv[:1] and argv[0] in MODERATION:
         if len(argv) != 1 + len(MODERATION[argv[0]].split()):
             sys.exit(f"usage: python chat.py {argv[0]} {MODERATION[argv[0]]}")

@@ -637,6 +637,13 @@ def test_delete_user_deletes_them_their_messages_and_their_looks(database_url):
     assert chat_command(database_url, "delete-user", "alice") == (1, "there is no user 'alice'; 'ALICE' looks like it\n")
 
 
+def test_delete_user_takes_a_name_pasted_with_extra_spaces_as_the_stored_one(database_url):
+    with TestClient(chat.create_app(database_url)) as client:
+        post(client, "Siti Rahma", "halo")
+    assert chat_command(database_url, "delete-user", "Siti  Rahma ") == (
+        0, f"deleted the user 'Siti Rahma' and their 1 message{ANYONE_MAY_JOIN}\n")
+
+
 def test_delete_user_with_a_secret_set_says_their_tokens_no_longer_work(database_url, monkeypatch):
     with TestClient(chat.create_app(database_url)) as client:
         post(client, "alice", "one")
@@ -2614,16 +2621,17 @@ def secret_token(username: str, ttl: int | None = None) -> str:
                           capture_output=True, env=env).stdout.strip()
 
 
-def test_with_a_secret_the_tester_page_joins_with_the_token_in_its_url(browser, database_url):
+def test_with_a_secret_the_tester_page_opened_with_a_token_in_its_url_joins_by_itself(browser, database_url):
     with running_server(database_url, env={"CHAT_SECRET": SECRET32}) as base:
         page = browser.new_page()
         page.goto(f"{base}/test?token={secret_token('alice')}")
-        page.wait_for_selector("#token-field", state="visible")  # once /ws-info has answered
-        assert page.input_value("#username") == "alice"  # the name the token is for
-        page.click("#join")
         page.wait_for_selector("#status:text('joined general as alice')")
+        assert page.input_value("#username") == "alice"  # the name the token is for, and no other:
         say_in(page, "with a token")
         page.wait_for_selector(".msg .text:text('with a token')")
+        page.click("#leave")
+        page.wait_for_selector("#status:text-is('disconnected')")
+        assert not page.is_editable("#username")
 
 
 def test_the_tester_page_takes_a_token_from_its_fragment_and_puts_it_in_no_url_but_the_sockets(browser, database_url):
@@ -2633,8 +2641,6 @@ def test_the_tester_page_takes_a_token_from_its_fragment_and_puts_it_in_no_url_b
         page.on("request", lambda request: urls.append(request.url))
         page.on("websocket", lambda socket: urls.append(socket.url))
         page.goto(f"{base}/test#token={token}")
-        page.wait_for_selector("#token-field", state="visible")
-        page.click("#join")
         page.wait_for_selector("#users:text-is('here: alice')")  # asked with the token as a header
     assert [url for url in urls if token in url] == [f"{base.replace('http', 'ws')}/ws/general?token={token}"]
 
@@ -2660,7 +2666,6 @@ def test_the_tester_page_reconnects_with_a_fresh_token_when_its_token_expires(br
         fresh, short = secret_token("alice"), secret_token("alice", ttl=3)
         page = browser.new_page()
         page.goto(f"{base}/test?token={short}")
-        page.click("#join")
         page.wait_for_selector("#status:text('joined general as alice')")
         page.fill("#token", fresh)
         page.wait_for_selector("#log .err:text('closed 4001 token expired')", timeout=10000)
@@ -2674,7 +2679,6 @@ def test_the_tester_page_stops_when_its_token_expires_and_it_has_no_fresh_one(br
         short = secret_token("alice", ttl=3)
         page = browser.new_page()
         page.goto(f"{base}/test?token={short}")
-        page.click("#join")
         page.wait_for_selector("#status.refused", timeout=10000)
         assert page.inner_text("#status") == (
             "closed 4001 (token expired): token expired; paste a fresh token and join again")
@@ -3025,6 +3029,21 @@ def test_token_with_bad_names_among_several_prints_no_token_and_names_each_bad_o
         f"'{'M' * 33}': username is longer than 32 characters", "no token was printed"])
 
 
+def test_token_with_link_prints_each_name_and_the_page_to_open_with_its_token_in_the_fragment():
+    result = chat_token("--link", "http://192.168.1.5:8000", "-", stdin="Budi Santoso\nSiti Rahma\n")
+    lines = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [(name, link.split("#token=")[0]) for name, link in lines] == [
+        ("Budi Santoso", "http://192.168.1.5:8000/test"), ("Siti Rahma", "http://192.168.1.5:8000/test")]
+    assert [jwt.decode(link.split("#token=")[1], SECRET32, algorithms=["HS256"])["sub"] for _, link in lines] == [
+        "Budi Santoso", "Siti Rahma"]
+
+
+def test_token_with_a_link_that_is_no_address_says_what_to_give():
+    result = chat_token("--link", "192.168.1.5:8000", "Ayu")
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", (
+        "--link 192.168.1.5:8000: give the address the server printed at start, e.g. --link http://192.168.1.5:8000\n"))
+
+
 def test_token_refuses_a_class_list_with_two_names_that_look_alike():
     result = chat_token("Putri", "Budi Santoso", "putri", "Budi  Santoso")
     assert (result.returncode, result.stdout, result.stderr.splitlines()) == (1, "", [
@@ -3036,8 +3055,8 @@ def test_token_refuses_a_class_list_with_two_names_that_look_alike():
 
 def test_token_without_a_name_says_how_to_give_them():
     result = chat_token("-", stdin="\n")
-    assert (result.returncode, result.stderr) == (1, "usage: python chat.py token NAME [NAME...], or token - to read "
-                                                     "one name a line from stdin\n")
+    assert (result.returncode, result.stderr) == (1, "usage: python chat.py token [--link URL] NAME [NAME...], or "
+                                                     "token - to read one name a line from stdin\n")
 
 
 def test_a_real_server_with_a_secret_answers_a_tokenless_handshake_with_403(database_url):
