@@ -906,8 +906,10 @@ def parse_frame(message: dict) -> dict:
 
 def make_token(username: str, ttl: int = TOKEN_TTL_SECONDS) -> str:
     """A signed token that lets its holder speak as `username` until it expires."""
-    now = time.time()  # its expiry is a whole second, rounded up: it lives at least `ttl`; its issue
-    claims = {"sub": check_username(username), "iat": now, "exp": math.ceil(now + ttl)}  # time is exact (revoked)
+    # Its expiry is a whole second, rounded up (it lives at least `ttl`); its issue time is exact, so
+    # that one made right after its name's tokens were taken back (REVOKE) is not taken back too.
+    now = time.time()
+    claims = {"sub": check_username(username), "iat": now, "exp": math.ceil(now + ttl)}
     return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
@@ -2584,7 +2586,7 @@ async def moderated(app) -> None:
                 client.stop_sending()  # nothing more reaches it, or of it is stored; the room sees it go
                 background(app, leave(app, client))
                 background(app, client.close(status.WS_1008_POLICY_VIOLATION, reason))
-        for client in app.state.rooms.connections:  # not joined, or joined again under the name, since
+        for client in app.state.rooms.connections:  # any other socket whose token was taken back
             if taken_back(app, client) and not client.stopped:
                 client.stop_sending()
                 background(app, leave(app, client))
