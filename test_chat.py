@@ -2534,11 +2534,19 @@ def test_a_user_named_like_the_pages_own_notices_joining_is_only_someone_joining
     page = open_tester(browser, server, "alice")
     with ws_connect(server) as other:
         ws_join(other, name)
-        page.wait_for_selector(f"#users:text-is('here: {name}, alice')")  # as JavaScript and Python sort
+        page.wait_for_selector(f"#users:text-is('here: alice, {name}')")
     page.wait_for_selector("#users:text-is('here: alice')")
     assert page.inner_text("#status") == "joined general as alice"
     assert [line for line in page.locator("#log div").all_text_contents() if line.startswith("> ")] == [
         '> {"type":"join","username":"alice"}']  # one join: the page never left and joined again
+
+
+def test_the_tester_page_lists_who_is_here_as_a_class_list_reads(browser, server):
+    page = open_tester(browser, server, "Murid 1")
+    with ws_connect(server) as ten, ws_connect(server) as two, ws_connect(server) as bu:
+        for ws, name in ((ten, "Murid 10"), (two, "Murid 2"), (bu, "bu Ani")):
+            ws_join(ws, name)
+        page.wait_for_selector("#users:text-is('here: bu Ani, Murid 1, Murid 2, Murid 10')")
 
 
 def test_leaving_in_the_tester_page_shows_the_goodbye_and_forgets_who_is_here(browser, server):
