@@ -2537,6 +2537,7 @@ async def told_deleted(app) -> None:
         for row in rows:
             by_room.setdefault(row["room"], []).append(row["message_id"])
         for room, ids in by_room.items():
+            log.info("an operator deleted %d message%s in %s", len(ids), "" if len(ids) == 1 else "s", room)
             app.state.rooms.tell(room, {"type": "deleted", "room": room, "ids": ids})
         app.state.deletions_seen = rows[-1]["id"]
 
@@ -2572,6 +2573,8 @@ async def moderated(app) -> None:
         if (mark := await database.fetch_val(USERS_CHANGED)) == app.state.users_mark:
             continue
         app.state.revoked = {row["username"]: row["before"] for row in await database.fetch_all(REVOKED)}
+        if what := json.loads(mark or "{}").get("what"):  # each server's log keeps what was done
+            log.info("an operator %s", what)
         joined = [(client, client.user_id, client.username) for client in app.state.rooms.connections
                   if client.username is not None]
         ids = json.dumps(sorted({user_id for _, user_id, _ in joined}))

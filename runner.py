@@ -931,7 +931,8 @@ async def moderate(chat, command: str, *args: str) -> str:
             for look in set(chat.looks(new).values()) & set(chat.looks(old).values()):
                 await database.execute(chat.HAND_OVER_LOOK, {"look": look, "old": old, "new": new})
             await database.execute(chat.RELEASE_LOOKS, {"username": old})  # the rest of the old name is free
-            await database.execute(chat.CHANGE_USERS, {"mark": json.dumps({"closing": [], "at": uuid.uuid4().hex})})
+            await database.execute(chat.CHANGE_USERS, {"mark": json.dumps({"closing": [], "at": uuid.uuid4().hex,
+                                                                            "what": f"renamed {old!r} to {new!r}"})})
             return f"renamed {old!r} to {new!r}; their sockets are closed, saying so" + (
                 f", and their tokens no longer work: give them one for {new!r}" if chat.SECRET else "")
         if command == "delete-user":
@@ -940,7 +941,8 @@ async def moderate(chat, command: str, *args: str) -> str:
                 raise chat.Invalid("no_user", await no_user(chat, database, args[0]))
             # Their tokens are taken back and their sockets closed first (within a second): they stop sending.
             await database.execute(chat.REVOKE, {"username": args[0], "before": time.time()})
-            await database.execute(chat.CHANGE_USERS, {"mark": json.dumps({"closing": [user_id], "at": uuid.uuid4().hex})})
+            await database.execute(chat.CHANGE_USERS, {"mark": json.dumps({"closing": [user_id], "at": uuid.uuid4().hex,
+                                                                            "what": f"deleted the user {args[0]!r}"})})
             deleted = 0
             while True:  # in batches, so that the server's writes go in between
                 while batch := await chat.delete_messages(database, chat.DELETE_USERS_MESSAGES,

@@ -5047,6 +5047,22 @@ def test_delete_user_ends_while_that_user_keeps_sending_and_leaves_none_of_their
         assert query(client, "SELECT count(*) AS n FROM users") == [{"n": 0}]
 
 
+def test_the_servers_log_says_what_an_operator_did(database_url, caplog):
+    caplog.set_level(logging.INFO, chat.log.name)
+    said = lambda: [r.getMessage() for r in caplog.records if r.getMessage().startswith("an operator")]  # noqa: E731
+    with TestClient(chat.create_app(database_url)) as client:
+        post(client, "bob", "rude")
+        post(client, "carol", "hi")
+        assert chat_command(database_url, "delete-message", "1")[0] == 0
+        wait_until(lambda: len(said()) == 1)
+        assert chat_command(database_url, "rename-user", "carol", "Carol Ann")[0] == 0
+        wait_until(lambda: len(said()) == 2)
+        assert chat_command(database_url, "delete-user", "Carol Ann")[0] == 0
+        wait_until(lambda: len(said()) == 4)
+    assert said()[:2] == ["an operator deleted 1 message in general", "an operator renamed 'carol' to 'Carol Ann'"]
+    assert sorted(said()[2:]) == ["an operator deleted 1 message in general", "an operator deleted the user 'Carol Ann'"]
+
+
 def test_delete_message_takes_it_off_the_screens_in_its_room_within_seconds(database_url):
     with TestClient(chat.create_app(database_url)) as client:
         with client.websocket_connect("/ws") as alice, client.websocket_connect("/ws/den") as carol:
