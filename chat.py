@@ -2572,7 +2572,7 @@ async def moderated(app) -> None:
         await told_deleted(app)
         if (mark := await database.fetch_val(USERS_CHANGED)) == app.state.users_mark:
             continue
-        app.state.revoked = {row["username"]: row["before"] for row in await database.fetch_all(REVOKED)}
+        app.state.revoked = await read_revoked(database)
         if what := json.loads(mark or "{}").get("what"):  # each server's log keeps what was done
             log.info("an operator %s", what)
         joined = [(client, client.user_id, client.username) for client in app.state.rooms.connections
@@ -2586,15 +2586,23 @@ async def moderated(app) -> None:
                 reason = "your user was deleted" if name is None else f"you were renamed {name!r}: join as that"
                 if len(reason.encode()) > 123:  # a close frame's reason holds no more
                     reason = "you were renamed: join with your new name"
-                client.stop_sending()  # nothing more reaches it, or of it is stored; the room sees it go
-                background(app, leave(app, client))
-                background(app, client.close(status.WS_1008_POLICY_VIOLATION, reason))
+                shut_out(app, client, reason)
         for client in app.state.rooms.connections:  # any other socket whose token was taken back
             if taken_back(app, client) and not client.stopped:
-                client.stop_sending()
-                background(app, leave(app, client))
-                background(app, client.close(status.WS_1008_POLICY_VIOLATION, TAKEN_BACK))
+                shut_out(app, client, TAKEN_BACK)
         app.state.users_mark = mark
+
+
+def shut_out(app, client: Client, reason: str) -> None:
+    """Nothing more reaches it, or of it is stored; the room sees it go; it is closed, saying why."""
+    client.stop_sending()
+    background(app, leave(app, client))
+    background(app, client.close(status.WS_1008_POLICY_VIOLATION, reason))
+
+
+async def read_revoked(database) -> dict[str, float]:
+    """Each name whose tokens were taken back, and the time before which they were made."""
+    return {row["username"]: row["before"] for row in await database.fetch_all(REVOKED)}
 
 
 # --- Lifespan, routes, app -----------------------------------------------------------------------
@@ -2631,7 +2639,7 @@ async def lifespan(app):
     retention = asyncio.create_task(supervise("retention", lambda: retain(app), app.state.writer.outage)) if (
         RETAIN_DAYS or RETAIN_MESSAGES_PER_ROOM) else None
     app.state.users_mark = await database.fetch_val(USERS_CHANGED)
-    app.state.revoked = {row["username"]: row["before"] for row in await database.fetch_all(REVOKED)}
+    app.state.revoked = await read_revoked(database)
     app.state.deletions_seen = await database.fetch_val(LAST_DELETION)
     moderation = asyncio.create_task(supervise("moderation", lambda: moderated(app), app.state.writer.outage))
     lag = asyncio.create_task(Lag.measure())
