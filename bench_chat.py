@@ -10,6 +10,7 @@
     python bench_chat.py --compare ../shared/starlette-floor --only idle,storm   # vs the stack's floor
     python bench_chat.py --scaling --database postgresql://postgres@127.0.0.1/postgres --runs 3
     python bench_chat.py --reconnect 10000 --runs 3      # restart chat.py under 10,000 joined clients
+    python bench_chat.py --hold 19000 --minutes 3        # 19,000 joined clients stay three minutes
     python bench_chat.py --scaling /tmp/before/chat.py --database postgresql://...   # vs another chat.py
 
 By default it starts `python chat.py` (`--workers N` processes on N ports, clients spread over them,
@@ -44,6 +45,14 @@ every client is back, the server's CPU per client back, the p99 of live deliveri
 what any client lost, got twice or out of order, against the stored messages of its room. The
 tutorial app cannot run it (no `since`).
 
+--hold N has N clients join `python chat.py` in rooms of ten and stay for --minutes (default 3)
+while the server pings each (PING_INTERVAL) and one client in each room says a message a second:
+minute by minute, the server's CPU and the p50 and p99 of those deliveries; memory per joined
+client; connections dropped; what any client lost, got twice or out of order. Each loopback source
+address (127.0.0.1, 127.0.0.2, ...) opens at most 10,000 of them, so that past about 28,000 the
+ports to connect from do not run out; past about 20,000 both this process and the server need a
+raised `ulimit -n`.
+
 --scaling (PostgreSQL) runs the write-heavy scenario (each sender alone in its room, so every stored
 message is delivered once) on 1, 2 and 4 chat.py processes, alternating over --runs rounds; given
 another checkout's chat.py, on both, alternating, with the ratio of their medians. It prints where
@@ -55,11 +64,13 @@ client on asyncio.Protocol); it prints its own CPU use, to show whether it is th
 """
 
 import argparse
+import array
 import asyncio
 import contextlib
 import datetime
 import itertools
 import json
+import math
 import os
 import pathlib
 import platform
@@ -240,6 +251,7 @@ class Socket(asyncio.Protocol):
         self.buffer = bytearray()
         self.fragments: list[bytes] = []  # a message split into continuation frames, so far
         self.closing = False
+        self.pings = 0  # the server's pings answered
         self.on_text = lambda payload: None  # called with the payload of every complete message
         self.transport = None
 
@@ -290,6 +302,7 @@ class Socket(asyncio.Protocol):
                 payload, self.fragments = b"".join(self.fragments) + payload, []
             self.on_text(payload)
         elif opcode == 0x9:  # PING: answer with the same payload
+            self.pings += 1
             self.write(0xA, payload)
         elif opcode == 0x8:  # CLOSE: answer it (unless it answers ours), then hang up
             if not self.closing:
@@ -317,10 +330,12 @@ class Socket(asyncio.Protocol):
         self.transport.abort()
 
 
-async def dial(url: str) -> Socket:
+async def dial(url: str, source: str | None = None) -> Socket:
+    """A handshake from `source` (a loopback address: each has about 28,000 ports to connect from)."""
     parts = urllib.parse.urlsplit(url)
     _, sock = await asyncio.get_running_loop().create_connection(
-        lambda: Socket(parts.netloc, parts.path or "/"), parts.hostname, parts.port or 80)
+        lambda: Socket(parts.netloc, parts.path or "/"), parts.hostname, parts.port or 80,
+        local_addr=(source, 0) if source else None)
     await asyncio.wait_for(sock.connected, 60)
     return sock
 
@@ -824,12 +839,12 @@ class Member:
     """A client of the storm: joined to its room, it rejoins with `since` whenever its socket goes,
     and keeps every message id it got, to check against what was stored."""
 
-    def __init__(self, url: str, room: str, name: str):
-        self.url, self.room, self.name = url, room, name
+    def __init__(self, url: str, room: str, name: str, source: str | None = None):
+        self.url, self.room, self.name, self.source = url, room, name, source
         self.ids: list[int] = []
-        self.duplicated = self.out_of_order = 0
+        self.duplicated = self.out_of_order = self.dropped = 0
         self.back_at: float | None = None  # when it was last welcomed
-        self.latencies: list[tuple[float, float]] = []  # (sent at, seconds to arrive) of live talkers' messages
+        self.sent, self.took = array.array("d"), array.array("d")  # live talkers' messages: sent at, seconds to arrive
         self.sock: Socket | None = None
 
     def on_text(self, payload: bytes, welcomed: asyncio.Future) -> None:
@@ -847,13 +862,14 @@ class Member:
         if frame["content"].startswith("t:") and self.back_at is not None:
             sent = float(frame["content"][2:])
             if self.back_at <= sent:  # live: it was in the room when the message was sent (not a replay)
-                self.latencies.append((sent, time.perf_counter() - sent))
+                self.sent.append(sent)
+                self.took.append(time.perf_counter() - sent)
 
     async def live(self, stopping: asyncio.Event) -> None:
         tries = 0
         while not stopping.is_set():
             try:
-                self.sock = await dial(self.url + "/" + self.room)
+                self.sock = await dial(self.url + "/" + self.room, self.source)
             except (OSError, ConnectionError, TimeoutError):
                 tries += 1
                 await asyncio.sleep(reconnect_delay(tries))
@@ -866,6 +882,7 @@ class Member:
             if welcomed.done():
                 self.back_at, tries = welcomed.result(), 0
             await self.sock.lost
+            self.dropped += not stopping.is_set()
             self.back_at = None  # not in its room: what is sent now reaches it as a replay, not live
             tries += 1
             if not stopping.is_set():
@@ -915,16 +932,27 @@ def start_chat(env: dict, port: int) -> subprocess.Popen:
             time.sleep(0.05)
 
 
-async def storm_once(database_url: str, clients: int) -> dict:
-    loop, port = asyncio.get_running_loop(), free_port()
-    env = {**os.environ, **BENCH_ENV, "DATABASE_URL": database_url}
-    server = await loop.run_in_executor(None, start_chat, env, port)
-    members = [Member(f"ws://127.0.0.1:{port}/ws", f"r{k // 10}", f"m{k}") for k in range(clients)]
-    stopping, tasks = asyncio.Event(), []
+PER_ADDRESS = 10_000  # clients from each loopback source address (127.0.0.1, 127.0.0.2, ...)
+
+
+async def arrive(port: int, clients: int, stopping: asyncio.Event) -> tuple[list[Member], list[asyncio.Task]]:
+    """`clients` members joined in rooms of ten, from as many source addresses as they need."""
+    members = [Member(f"ws://127.0.0.1:{port}/ws", f"r{k // 10}", f"m{k}", f"127.0.0.{1 + k // PER_ADDRESS}")
+               for k in range(clients)]
+    tasks = []
     for start in range(0, clients, 200):  # as open_clients: the handshake backlog is finite
         tasks += [asyncio.create_task(m.live(stopping)) for m in members[start:start + 200]]
         while not all(m.back_at for m in members[start:start + 200]):
             await asyncio.sleep(0.05)
+    return members, tasks
+
+
+async def storm_once(database_url: str, clients: int) -> dict:
+    loop, port = asyncio.get_running_loop(), free_port()
+    env = {**os.environ, **BENCH_ENV, "DATABASE_URL": database_url}
+    server = await loop.run_in_executor(None, start_chat, env, port)
+    stopping = asyncio.Event()
+    members, tasks = await arrive(port, clients, stopping)
     talkers = asyncio.create_task(talk(members[::10], stopping, 1.0))
     await asyncio.sleep(3)
 
@@ -944,21 +972,29 @@ async def storm_once(database_url: str, clients: int) -> dict:
     not_back = sum(not (m.back_at and m.back_at > restarted) for m in members)
     generator = (time.process_time() - generator) / seconds * 100
     await asyncio.sleep(5)
+    during = sorted(took for m in members for sent, took in zip(m.sent, m.took) if restarted <= sent <= restarted + seconds)
+    return {"seconds": seconds, "not_back": not_back,
+            "cpu_us": cpu / clients * 1e6, "generator_pct": generator, "p99_ms": 1000 * during[int(len(during) * 0.99)] if during else None,
+            "during": len(during), **await finish(server, members, tasks, talkers, stopping, database_url)}
+
+
+async def finish(server, members: list[Member], tasks, talkers, stopping: asyncio.Event, database_url: str) -> dict:
+    """Stop talking, let the last messages arrive, check every member against the stored messages of
+    its room, then hang up and stop the server."""
+    loop = asyncio.get_running_loop()
     stopping.set()
     talkers.cancel()
-    await asyncio.sleep(3)  # the last messages arrive
+    await asyncio.sleep(3)
     stored = await loop.run_in_executor(None, stored_ids, database_url)
+    result = {"lost": sum(len(set(stored.get(m.room, [])) - set(m.ids)) for m in members),
+              "duplicated": sum(m.duplicated for m in members), "out_of_order": sum(m.out_of_order for m in members)}
     for member in members:
         if member.sock:
             member.sock.transport.abort()
     await asyncio.gather(*tasks, return_exceptions=True)
     server.terminate()
     await loop.run_in_executor(None, server.wait)
-    during = sorted(latency for m in members for sent, latency in m.latencies if restarted <= sent <= restarted + seconds)
-    return {"seconds": seconds, "not_back": not_back,
-            "cpu_us": cpu / clients * 1e6, "generator_pct": generator, "p99_ms": 1000 * during[int(len(during) * 0.99)] if during else None,
-            "during": len(during), "lost": sum(len(set(stored.get(m.room, [])) - set(m.ids)) for m in members),
-            "duplicated": sum(m.duplicated for m in members), "out_of_order": sum(m.out_of_order for m in members)}
+    return result
 
 
 def reconnect_storm(args) -> None:
@@ -982,6 +1018,56 @@ def reconnect_storm(args) -> None:
         print(f"  {label:36} {number(median)} ({spread})", flush=True)
 
 
+# --- Held for minutes ------------------------------------------------------------------------------
+
+
+async def hold_once(database_url: str, clients: int, minutes: float) -> dict:
+    loop, port = asyncio.get_running_loop(), free_port()
+    server = await loop.run_in_executor(None, start_chat, {**os.environ, **BENCH_ENV, "DATABASE_URL": database_url}, port)
+    empty, stopping, began = rss_bytes([server.pid]), asyncio.Event(), time.perf_counter()
+    members, tasks = await arrive(port, clients, stopping)
+    result = {"arrived_s": time.perf_counter() - began}
+    await asyncio.sleep(3)
+    result["kb_each"] = (rss_bytes([server.pid]) - empty) / clients / 1024
+    talkers = asyncio.create_task(talk(members[::10], stopping, 1.0))
+    window = min(60.0, minutes * 60)  # a minute at a time, or all of a shorter hold
+    for minute in range(1, math.ceil(minutes * 60 / window) + 1):
+        start, cpu = time.perf_counter(), cpu_seconds([server.pid])
+        await asyncio.sleep(window)
+        took = sorted(t for m in members for sent, t in zip(m.sent, m.took) if start <= sent < start + window)
+        result[f"m{minute}_cpu_pct"] = (cpu_seconds([server.pid]) - cpu) / window * 100
+        result[f"m{minute}_p50_ms"] = 1000 * took[len(took) // 2] if took else None
+        result[f"m{minute}_p99_ms"] = 1000 * took[int(len(took) * 0.99)] if took else None
+        result[f"m{minute}_delivered"] = len(took)
+    result["kb_each_end"] = (rss_bytes([server.pid]) - empty) / clients / 1024
+    result["pings_each"] = sum(m.sock.pings for m in members if m.sock) / clients
+    result["dropped"] = sum(m.dropped for m in members)
+    return result | await finish(server, members, tasks, talkers, stopping, database_url)
+
+
+def hold(args) -> None:
+    """N clients join `python chat.py` in rooms of ten and stay for --minutes, the server pinging
+    each (PING_INTERVAL) while one client in each room says a message a second: per minute, the p99
+    of those deliveries and the server's CPU; memory per joined client; what was dropped, lost,
+    repeated or reordered."""
+    rounds = []
+    for n in range(args.runs):
+        with fresh_database(args.database) as database_url:
+            rounds.append(uvloop.run(hold_once(database_url, args.hold, args.minutes)))
+        print(f"  run {n + 1} of {args.runs}: {rounds[-1]}", file=sys.stderr, flush=True)
+    header(f"{args.hold} joined clients held {args.minutes} minute(s) by python chat.py, "
+           f"{database_label(args.database)}, {args.runs} run(s), medians (range)")
+    labels = {"arrived_s": "s until all joined", "kb_each": "kB server memory each, joined",
+              "cpu_pct": "server CPU, % of a core", "p50_ms": "p50 ms, deliveries", "p99_ms": "p99 ms, deliveries",
+              "delivered": "deliveries", "kb_each_end": "kB server memory each, at the end",
+              "pings_each": "pings answered each", "dropped": "connections dropped"}
+    for key in rounds[0]:
+        minute, _, name = key.partition("_") if key[0] == "m" and key[1].isdigit() else ("", "", key)
+        label = (f"minute {minute[1:]}: " if minute else "") + labels.get(name, name.replace("_", " "))
+        median, spread = summary([r[key] for r in rounds])
+        print(f"  {label:36} {number(median)} ({spread})", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--database", default=os.environ.get("DATABASE_URL", "").startswith("postgres")
@@ -996,6 +1082,8 @@ def main() -> None:
                       help="compare with a folder with setup.sh and run.sh, or a chat.py file")
     mode.add_argument("--reconnect", type=int, metavar="N",
                       help="restart python chat.py under N joined clients that rejoin with since, as /test does")
+    mode.add_argument("--hold", type=int, metavar="N",
+                      help="N clients joined in rooms of ten stay for --minutes, pinged, one talker a room")
     mode.add_argument("--scaling", nargs="?", const="", metavar="PEER",
                       help="write-heavy on 1, 2, 4 processes (PostgreSQL); with PEER (another chat.py), "
                            "both, alternating")
@@ -1004,6 +1092,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="only these kinds of scenario, comma-separated: "
                                                    "latency, flat, idle, storm, write-heavy (default: all), "
                                                    "and replays (chat only: asked for, never by default)")
+    parser.add_argument("--minutes", type=float, default=3, help="--hold: minutes held (default 3)")
     parser.add_argument("--storm", type=int, default=2000, metavar="N", help="clients in the join storm (default 2000)")
     args = parser.parse_args()
     STORM[0] = args.storm
@@ -1018,6 +1107,8 @@ def main() -> None:
         compare(args)
     elif args.reconnect:
         reconnect_storm(args)
+    elif args.hold:
+        hold(args)
     elif args.scaling is not None:
         scaling(args)
     else:
