@@ -936,14 +936,26 @@ PER_ADDRESS = 10_000  # clients from each loopback source address (127.0.0.1, 12
 
 
 async def arrive(port: int, clients: int, stopping: asyncio.Event) -> tuple[list[Member], list[asyncio.Task]]:
-    """`clients` members joined in rooms of ten, from as many source addresses as they need."""
+    """`clients` members joined in rooms of ten, from as many source addresses as they need; or as
+    many as joined before the server refused the rest for a minute (full: its socket budget)."""
     members = [Member(f"ws://127.0.0.1:{port}/ws", f"r{k // 10}", f"m{k}", f"127.0.0.{1 + k // PER_ADDRESS}")
                for k in range(clients)]
     tasks = []
     for start in range(0, clients, 200):  # as open_clients: the handshake backlog is finite
         tasks += [asyncio.create_task(m.live(stopping)) for m in members[start:start + 200]]
-        while not all(m.back_at for m in members[start:start + 200]):
+        deadline = time.perf_counter() + 60
+        while not all(m.back_at for m in members[start:start + 200]) and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
+        if not all(m.back_at for m in members[start:start + 200]):
+            for member, task in zip(members[start:], tasks[start:]):
+                if not member.back_at:
+                    task.cancel()
+                    if member.sock:
+                        member.sock.transport.abort()
+            joined = [m for m in members if m.back_at]
+            print(f"only {len(joined)} of {clients} clients joined: the server refused the others for a minute "
+                  "(full? its sockets are its file-descriptor limit less a tenth)", file=sys.stderr, flush=True)
+            return joined, tasks
     return members, tasks
 
 
@@ -1026,9 +1038,9 @@ async def hold_once(database_url: str, clients: int, minutes: float) -> dict:
     server = await loop.run_in_executor(None, start_chat, {**os.environ, **BENCH_ENV, "DATABASE_URL": database_url}, port)
     empty, stopping, began = rss_bytes([server.pid]), asyncio.Event(), time.perf_counter()
     members, tasks = await arrive(port, clients, stopping)
-    result = {"arrived_s": time.perf_counter() - began}
+    result = {"joined": len(members), "arrived_s": time.perf_counter() - began}
     await asyncio.sleep(3)
-    result["kb_each"] = (rss_bytes([server.pid]) - empty) / clients / 1024
+    result["kb_each"] = (rss_bytes([server.pid]) - empty) / len(members) / 1024
     talkers = asyncio.create_task(talk(members[::10], stopping, 1.0))
     window = min(60.0, minutes * 60)  # a minute at a time, or all of a shorter hold
     for minute in range(1, math.ceil(minutes * 60 / window) + 1):
@@ -1039,8 +1051,8 @@ async def hold_once(database_url: str, clients: int, minutes: float) -> dict:
         result[f"m{minute}_p50_ms"] = 1000 * took[len(took) // 2] if took else None
         result[f"m{minute}_p99_ms"] = 1000 * took[int(len(took) * 0.99)] if took else None
         result[f"m{minute}_delivered"] = len(took)
-    result["kb_each_end"] = (rss_bytes([server.pid]) - empty) / clients / 1024
-    result["pings_each"] = sum(m.sock.pings for m in members if m.sock) / clients
+    result["kb_each_end"] = (rss_bytes([server.pid]) - empty) / len(members) / 1024
+    result["pings_each"] = sum(m.sock.pings for m in members if m.sock) / len(members)
     result["dropped"] = sum(m.dropped for m in members)
     return result | await finish(server, members, tasks, talkers, stopping, database_url)
 
@@ -1055,9 +1067,9 @@ def hold(args) -> None:
         with fresh_database(args.database) as database_url:
             rounds.append(uvloop.run(hold_once(database_url, args.hold, args.minutes)))
         print(f"  run {n + 1} of {args.runs}: {rounds[-1]}", file=sys.stderr, flush=True)
-    header(f"{args.hold} joined clients held {args.minutes} minute(s) by python chat.py, "
+    header(f"{args.hold} clients joining python chat.py, held {args.minutes:g} minute(s), "
            f"{database_label(args.database)}, {args.runs} run(s), medians (range)")
-    labels = {"arrived_s": "s until all joined", "kb_each": "kB server memory each, joined",
+    labels = {"joined": "clients joined", "arrived_s": "s until all joined", "kb_each": "kB server memory each, joined",
               "cpu_pct": "server CPU, % of a core", "p50_ms": "p50 ms, deliveries", "p99_ms": "p99 ms, deliveries",
               "delivered": "deliveries", "kb_each_end": "kB server memory each, at the end",
               "pings_each": "pings answered each", "dropped": "connections dropped"}

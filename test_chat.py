@@ -6065,9 +6065,10 @@ def test_the_benchmarks_replay_storm_runs_when_asked_for_and_every_replay_comes_
 
 def test_the_benchmarks_held_clients_stay_joined_and_every_message_of_their_rooms_reaches_them():
     lines = run_benchmark("--hold", "40", "--minutes", "0.1", "--runs", "1")
-    assert lines[0].startswith("40 joined clients held 0.1 minute(s) by python chat.py, SQLite, 1 run(s)")
-    assert re.fullmatch(r"  minute 1: deliveries +(\d+) \(\d+-\d+\)", lines[7]), lines[7]
-    assert 200 <= int(lines[7].split()[3]) <= 280  # 4 talkers a second, each to its room of 10, for 6 s
+    assert lines[0].startswith("40 clients joining python chat.py, held 0.1 minute(s), SQLite, 1 run(s)")
+    assert lines[2] == "  clients joined                       40 (40-40)"
+    assert re.fullmatch(r"  minute 1: deliveries +(\d+) \(\d+-\d+\)", lines[8]), lines[8]
+    assert 200 <= int(lines[8].split()[3]) <= 280  # 4 talkers a second, each to its room of 10, for 6 s
     assert [line.split()[-2] for line in lines[-4:]] == ["0"] * 4  # dropped, lost, duplicated, out of order
     assert [" ".join(line.split()[:-2]) for line in lines[-4:]] == [
         "connections dropped", "lost", "duplicated", "out of order"]
