@@ -3858,10 +3858,23 @@ def test_with_log_format_json_every_line_is_a_json_object(tmp_path):
             ws_join(ws, "alice")
         wait_until(lambda: b"alice left general" in server_log())
         lines = [json.loads(line) for line in server_log().decode().splitlines()]
-    assert {tuple(sorted(line)) for line in lines} == {("level", "logger", "message", "time")}
+    assert {tuple(sorted(line)) for line in lines if line["logger"] != "uvicorn.access"} == {
+        ("level", "logger", "message", "time")}
     assert [line["message"] for line in lines if line["message"].startswith("alice")] == [
         "alice joined general from 127.0.0.1", "alice left general"]
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"]) for line in lines)
+
+
+def test_with_log_format_json_a_requests_line_has_its_client_method_path_and_status_as_fields(tmp_path):
+    with bounded_server("python chat.py", tmp_path, env={"LOG_FORMAT": "json"}) as (base, port):
+        assert urllib.request.urlopen(f"{base}/messages?room=nowhere&token=eyJhbGciOiJIUzI1NiJ9.x").status == 200
+        wait_until(lambda: b"/messages" in server_log())
+        lines = [json.loads(line) for line in server_log().decode().splitlines()]
+    [line] = [line for line in lines if line["logger"] == "uvicorn.access" and "/messages" in line["message"]]
+    assert set(line) == {"time", "level", "logger", "message", "client", "method", "path", "http_version", "status"}
+    assert {key: line[key] for key in ("method", "path", "http_version", "status")} == {
+        "method": "GET", "path": "/messages?room=nowhere&token=[redacted]", "http_version": "1.1", "status": 200}
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", line["client"]), line["client"]
 
 
 SETTING_LIMITS = {  # each setting's lowest (or highest) value, one past it, the rule, the default
