@@ -245,9 +245,9 @@ class Direct(Database):
     async def fetch_one(self, query: str, values: dict | None = None):
         return next(iter(await self.run(query, values or {})), None)
 
-    async def fetch_val(self, query: str, values: dict | None = None, column=0):
+    async def fetch_val(self, query: str, values: dict | None = None):
         row = await self.fetch_one(query, values)
-        return None if row is None else row[column]
+        return None if row is None else row[0]
 
     async def execute(self, query: str, values: dict | None = None) -> None:
         await self.run(query, values or {})
@@ -575,21 +575,14 @@ SELECT_MESSAGES = """
     FROM messages AS m JOIN users AS u ON u.id = m.user_id"""
 RESENT_MESSAGE = SELECT_MESSAGES + " WHERE m.user_id = :user_id AND m.client_id = :client_id"
 RECENT_MESSAGES = SELECT_MESSAGES + """
-    WHERE m.room = :room AND m.id < :before ORDER BY m.id DESC LIMIT :limit"""
-MESSAGES_AFTER = SELECT_MESSAGES + """
-    WHERE m.room = :room AND m.id > :since ORDER BY m.id DESC LIMIT :limit"""
+    WHERE m.room = :room AND m.id > :since AND m.id < :before ORDER BY m.id DESC LIMIT :limit"""
 # What the writer has not published yet: stored after `since`, up to `upto`, in the rooms that
 # anyone connected to this process is in (a JSON array). On PostgreSQL, other processes' rooms
 # are none of this process's business.
-UNPUBLISHED = {
-    "sqlite": SELECT_MESSAGES + """
-        WHERE m.id > :since AND m.id <= :upto AND m.room IN (SELECT value FROM json_each(:rooms))
-        ORDER BY m.id LIMIT :limit""",
-    "postgresql": SELECT_MESSAGES + """
-        WHERE m.id > :since AND m.id <= :upto
-          AND m.room IN (SELECT json_array_elements_text(CAST(:rooms AS JSON)))
-        ORDER BY m.id LIMIT :limit""",
-}
+UNPUBLISHED = {dialect: SELECT_MESSAGES + f"""
+    WHERE m.id > :since AND m.id <= :upto AND m.room IN ({rooms}) ORDER BY m.id LIMIT :limit"""
+    for dialect, rooms in (("sqlite", "SELECT value FROM json_each(:rooms)"),
+                           ("postgresql", "SELECT json_array_elements_text(CAST(:rooms AS JSON))"))}
 LAST_ID = "SELECT COALESCE(MAX(id), 0) FROM messages"
 # A page of rooms in a few index lookups each, however many messages there are (counting them,
 # or GROUP BY, would read every row): the next room name after the last one, `limit` times, then
@@ -606,13 +599,9 @@ ROOM_STATS = """
 NO_UPPER_BOUND = 2**63 - 1  # larger than any message id
 
 
-async def recent_messages(database, room, limit, before=NO_UPPER_BOUND, since=None) -> list[dict]:
+async def recent_messages(database, room, limit, before=NO_UPPER_BOUND, since=0) -> list[dict]:
     """The newest `limit` messages of a room (before an id, or after one), oldest first."""
-    if since is None:
-        query, values = RECENT_MESSAGES, {"room": room, "before": before, "limit": limit}
-    else:
-        query, values = MESSAGES_AFTER, {"room": room, "since": since, "limit": limit}
-    rows = await database.fetch_all(query, values)
+    rows = await database.fetch_all(RECENT_MESSAGES, {"room": room, "since": since, "before": before, "limit": limit})
     return [message_out(row) for row in reversed(rows)]
 
 
@@ -1380,10 +1369,8 @@ async def on_message(app, client: Client, frame: dict) -> None:
 
 def echoed_client_id(frame: dict | None) -> str | None:
     """The client_id of the frame an error is about, if it is a valid one (never echo what was refused)."""
-    try:
+    with contextlib.suppress(Invalid):
         return check_client_id(frame.get("client_id")) if frame else None
-    except Invalid:
-        return None
 
 
 def unavailable(app, client: Client, client_id: str | None = None) -> None:
@@ -1906,10 +1893,9 @@ class OneProcess:
         self.rooms = app.state.rooms
 
     async def start(self) -> None:
-        pass
+        """One process shares nothing with others: nothing to begin or end."""
 
-    async def stop(self) -> None:
-        pass
+    stop = start
 
     async def arrive(self, room: str, username: str, notice: dict, exclude: Client) -> None:
         """A user's first connection in a room here: announce them (`notice`) but to `exclude`."""
@@ -2155,20 +2141,15 @@ async def post_message(request):
     body = await json_body(request)
     given = body.get("username", holder)  # with a token, the name it is for, unless the body says
     user = await grandfathered(request.app.state.database, given)
-    try:
-        username = user["username"] if user else check_username(given)
-        content = check_content(body.get("content"))
-        room, client_id = check_room(body.get("room", DEFAULT_ROOM)), check_client_id(body.get("client_id"))
-    except Invalid as exc:
-        raise HTTPException(422, exc.detail) from None
+    username = user["username"] if user else check_username(given)
+    content = check_content(body.get("content"))
+    room, client_id = check_room(body.get("room", DEFAULT_ROOM)), check_client_id(body.get("client_id"))
     check_writer(holder, username)
     user = user or await request.app.state.database.fetch_one(FIND_USER, {"username": username})
     if user is None and holder is None:
         raise HTTPException(404, f"no user named {username!r}; create it with POST /users")
-    try:  # a token says who its holder is: their user is made as their first join would make it
-        user_id = user["id"] if user else await request.app.state.new_users(username)
-    except Invalid as exc:
-        raise HTTPException(409, exc.detail) from None
+    # A token says who its holder is: their user is made as their first join would make it.
+    user_id = user["id"] if user else await request.app.state.new_users(username)
     message, stored_now = await request.app.state.writer.submit(room, user_id, username, content, client_id)
     return JSONResponse(message, status_code=201 if stored_now else 200)
 
@@ -2176,11 +2157,7 @@ async def post_message(request):
 class Messages(HTTPEndpoint):
     """GET and POST /messages on one route, so that a 405 lists both in its Allow header."""
 
-    async def get(self, request):
-        return await list_messages(request)
-
-    async def post(self, request):
-        return await post_message(request)
+    get, post = staticmethod(list_messages), staticmethod(post_message)
 
 
 async def create_user(request):
@@ -2190,16 +2167,10 @@ async def create_user(request):
     body = await json_body(request)
     database = request.app.state.database
     stored = await grandfathered(database, body.get("username"))
-    try:
-        username = stored["username"] if stored else check_username(body.get("username"))
-    except Invalid as exc:
-        raise HTTPException(422, exc.detail) from None
+    username = stored["username"] if stored else check_username(body.get("username"))
     check_writer(holder, username)
-    try:
-        if not stored:
-            await check_lookalike(database, username)
-    except Invalid as exc:
-        raise HTTPException(409, exc.detail) from None
+    if not stored:
+        await check_lookalike(database, username)
     values = {"username": username}
     row = await database.fetch_one(CREATE_USER, {**values, "now": utcnow()})
     created = row is not None
@@ -2287,6 +2258,11 @@ async def home(request):
 async def http_error(request, exc: HTTPException):
     """Every HTTP error, the framework's own 404 and 405 included, is JSON with a detail."""
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def invalid(request, exc: Invalid):
+    """A bad value in a request is 422; a name that looks like another user's, 409."""
+    return JSONResponse({"detail": exc.detail}, status_code=409 if exc.code == "confusable_username" else 422)
 
 
 async def client_gone(request, exc):
@@ -2862,7 +2838,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
                   Middleware(HostCheck, allowed_hosts=[*local_hosts(), *ALLOWED_HOSTS], said=said),
                   Middleware(CORS, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
                              allow_headers=["Content-Type", "Authorization"])]
-    handlers = {HTTPException: http_error, ClientDisconnect: client_gone,
+    handlers = {HTTPException: http_error, Invalid: invalid, ClientDisconnect: client_gone,
                 **{error: database_down for error in DATABASE_ERRORS}}
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     app.state.database = open_database(database_url)
@@ -2893,16 +2869,9 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
 # Any number of processes (uvicorn --workers N, or several machines behind a load balancer) make
 # one chat when they share one PostgreSQL:
 #
-# - Messages: the `messages` table is the record and NOTIFY only the wake-up. Every process
-#   stores its batches under one advisory lock held until commit ('chat.messages' in
-#   PostgresWriter.INSERT), so ids become visible in id order across processes, and the same statement
-#   sends pg_notify('chat_messages', {"newest": <id>, "rooms": [<the batch's rooms>]}). Each
-#   process LISTENs on a connection of its own; a notification wakes its writer, which reads the
-#   rows after the last id it published, in its clients' rooms, and publishes them; when none of
-#   the rooms notified is one of its clients', it reads nothing (unless its own batch is stored
-#   before an earlier batch's NOTIFY has come: not knowing that batch's rooms, it reads). So every
-#   process publishes every message of its clients' rooms exactly once and in id order, as one
-#   process does.
+# - Messages: the `messages` table is the record and NOTIFY on 'chat_messages' only the wake-up
+#   (PostgresWriter): every process publishes every message of its clients' rooms exactly once
+#   and in id order, as one process does.
 # - Notices (joined, left) travel as small NOTIFY payloads on 'chat_events'.
 # - Presence is the `presence` table, with a heartbeat per process; the others reap a process that
 #   stops beating (it died) and announce its users as gone.
@@ -3036,10 +3005,10 @@ class PostgresCluster(OneProcess):
     """OneProcess's four methods, for processes that share one PostgreSQL; plus the listener and
     the heartbeat that keep them in step."""
 
-    PRESENT_ELSEWHERE = """
+    ALIVE = "CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'"  # beat since
+    PRESENT_ELSEWHERE = f"""
         SELECT COUNT(*) FROM presence JOIN processes ON processes.id = presence.process
-        WHERE room = :room AND username = :username AND process <> :me
-          AND heartbeat > CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'"""
+        WHERE room = :room AND username = :username AND process <> :me AND heartbeat > {ALIVE}"""
     # Arriving and departing: what comes of either while the last was being recorded is one
     # statement (a run of arrivals, then one of departures, in order): recorded, and the other
     # processes told (the notice) of each user none of them has in the room; `elsewhere` says
@@ -3056,19 +3025,13 @@ class PostgresCluster(OneProcess):
     DEPART = MOVES + """
         gone AS (DELETE FROM presence AS p USING moves AS m
                  WHERE p.process = :me AND p.room = m.room AND p.username = m.username)""" + TOLD
-    PRESENT = """
+    PRESENT = f"""
         SELECT DISTINCT room, username FROM presence JOIN processes ON processes.id = presence.process
-        WHERE heartbeat > CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'
-        ORDER BY room, username"""
-    REAP = """
-        DELETE FROM presence WHERE process IN (
-            SELECT id FROM processes
-            WHERE heartbeat < CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second')
+        WHERE heartbeat > {ALIVE} ORDER BY room, username"""
+    REAP = f"""
+        DELETE FROM presence WHERE process IN (SELECT id FROM processes WHERE heartbeat < {ALIVE})
         RETURNING room, username"""
-    FORGET_DEAD = """
-        DELETE FROM processes
-        WHERE heartbeat < CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'
-        RETURNING id"""
+    FORGET_DEAD = f"DELETE FROM processes WHERE heartbeat < {ALIVE} RETURNING id"
     FORGET_GONE = """
         DELETE FROM presence WHERE process = :me AND NOT EXISTS (
             SELECT 1 FROM json_to_recordset(CAST(:here AS JSON)) AS h(room TEXT, username TEXT)
