@@ -608,12 +608,13 @@ def log_config() -> dict:
 class RedactTokens(logging.Filter):
     """A `token` in a logged query string (uvicorn's access log, its WebSocket lines) becomes [redacted],
     and so does any run of URL characters that holds one of chat's tokens (a JWT: "eyJ" and at least
-    ten more characters, a dot, ten or more, a dot; any of them may be percent-encoded, once or
-    twice), as pasted into a path or inside another parameter (?next=%2Fws%3Ftoken%3DeyJ...). Both
-    passes are linear: a parameter's name stops at the next "?", a run at the next character outside it."""
+    ten more characters, a dot, ten or more, a dot; any of them may be percent-encoded, up to
+    DECODINGS times over), as pasted into a path or inside another parameter (?next=%2Fws%3Ftoken%3DeyJ...).
+    Both passes are linear: a parameter's name stops at the next "?", a run at the next character outside it."""
 
     PARAMETER = re.compile(r"([?&])([^=&#?\s\"]*)=([^&#\s\"]*)")
     RUN = re.compile(r"[\w.%~-]+")
+    DECODINGS = 8  # a URL in a parameter of a URL in a parameter of ...: each level encodes it once more
 
     def redact(self, match):
         if unquote_plus(match.group(2)).lower() == "token":
@@ -624,7 +625,11 @@ class RedactTokens(logging.Filter):
     def tokens(match):
         if len(match.group(0)) < 25:  # shorter than any token: not decoded (16 kB of "=%" would be 8,000 runs)
             return match.group(0)
-        run = unquote(unquote(match.group(0)))
+        run = match.group(0)
+        for _ in range(RedactTokens.DECODINGS):
+            run, before = unquote(run), run
+            if run == before:
+                break
         if "eyJ" in run:
             parts = run.split(".")  # a token's header, payload, signature: "monkeyJump.min.js" is none
             for n, part in enumerate(parts[:-2]):

@@ -4055,6 +4055,7 @@ def redacted(line: str) -> str:
 @pytest.mark.parametrize("written, logged", [
     ("/messages?q={dots:%2E}", "/messages?q=[redacted]"),  # its dots percent-encoded
     ("/messages?q={dots:%252e}", "/messages?q=[redacted]"),  # twice
+    ("/messages?q={dots:%252525252525252E}", "/messages?q=[redacted]"),  # eight times (DECODINGS)
     ("/login?next=%2Fws%3Ftoken%3D{token}", "/login?next=[redacted]"),  # a URL inside a parameter
     ("/ws/a{token}", "/ws/[redacted]"),  # right after a letter
     ("/ws?t=%65{token:1}", "/ws?t=[redacted]"),  # a letter percent-encoded
@@ -4063,7 +4064,8 @@ def redacted(line: str) -> str:
 def test_a_token_written_any_way_in_a_url_is_redacted_from_the_log(written, logged):
     token = jwt.encode({"sub": "alice", "exp": 2**31}, SECRET32, algorithm="HS256")
     line = written.replace("{token}", token).replace("{dots:%2E}", token.replace(".", "%2E")).replace(
-        "{dots:%252e}", token.replace(".", "%252e")).replace("{token:1}", token[1:]).replace(
+        "{dots:%252e}", token.replace(".", "%252e")).replace(
+        "{dots:%252525252525252E}", token.replace(".", "%252525252525252E")).replace("{token:1}", token[1:]).replace(
         "{every:%XX}", "".join(f"%{ord(char):02X}" for char in token))
     assert redacted(f"GET {line} HTTP/1.1") == f"GET {logged} HTTP/1.1"
 
@@ -4081,8 +4083,10 @@ def test_the_log_filter_reads_16_kb_of_short_runs_in_under_10_ms():  # 30 ms at 
 
 
 @pytest.mark.parametrize("hostile", ["/" + "eyJ" * 21_800,  # quadratic, as first written: 1.5 s
-                                     "/x?%" + "?" * 65_536, "/x=?" + "?a" * 32_768],  # 21 s at 2725b8d
-                         ids=["token starts", "question marks", "question marks after an equals sign"])
+                                     "/x?%" + "?" * 65_536, "/x=?" + "?a" * 32_768,  # 21 s at 2725b8d
+                                     "/x?q=" + "%2525" * 13_000],  # decoded DECODINGS times
+                         ids=["token starts", "question marks", "question marks after an equals sign",
+                              "percent signs encoded over and over"])
 def test_the_log_filter_reads_64_kb_of_hostile_url_in_linear_time(hostile):
     started = time.process_time()
     assert redacted(hostile) == hostile
