@@ -620,7 +620,9 @@ class Invalid(Exception):
 # (Lone surrogates, which JSON can smuggle in as "\ud800", are refused by check_text.) Usernames
 # follow a rule no regular expression states, so /openapi.json names it as a format instead.
 ROOM_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-CONTENT_PATTERN = re.compile(r"^[^\x00]*[^\x00\s][^\x00]*$")
+INVISIBLE = (r"\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f"
+             r"\u3164\ufe00-\ufe0f\ufeff\uffa0")  # format controls, zero-width and filler characters
+CONTENT_PATTERN = re.compile(rf"^[^\x00]*[^\x00\s{INVISIBLE}][^\x00]*$")  # something to see
 # Usernames are what people call themselves in a chat, nicknames, and are checked as RFC 8266's
 # PRECIS profile NicknameCasePreserved says: spaces inside a name ("Budi Santoso"), emoji and
 # every script are fine; control, invisible, bidi-control and format characters ("alice\u200b",
@@ -807,13 +809,20 @@ async def store_new_users(database, names: list[str]) -> list:
 
 
 def check_content(value) -> str:
-    return check_text(value, "content", MAX_CONTENT_LENGTH)  # the rule CONTENT_PATTERN states
+    return visible(check_text(value, "content", MAX_CONTENT_LENGTH), "content")
 
 
 def check_client_id(value) -> str | None:
     """The sender's own id for a message (optional): a resend with the same one is stored once.
     Its rule is content's (CONTENT_PATTERN), up to MAX_CLIENT_ID_LENGTH characters."""
-    return None if value is None else check_text(value, "client_id", MAX_CLIENT_ID_LENGTH)
+    return None if value is None else visible(check_text(value, "client_id", MAX_CLIENT_ID_LENGTH), "client_id")
+
+
+def visible(value: str, field: str) -> str:
+    """Zero-width spaces and direction marks alone would show as an empty message (CONTENT_PATTERN)."""
+    if not CONTENT_PATTERN.fullmatch(value):
+        raise Invalid(f"invalid_{field}", f"{field} has nothing to see: only spaces and invisible characters")
+    return value
 
 
 def check_room(value) -> str:

@@ -960,6 +960,30 @@ def test_an_error_about_a_message_names_its_client_id(client):
                                      "content": "content must be a non-empty string"}
 
 
+def test_a_message_of_only_zero_width_and_direction_marks_is_refused_and_not_stored(client):
+    client.post("/users", json={"username": "alice"})
+    response = client.post("/messages", json={"username": "alice", "content": "\u200b \u200e\ufeff"})
+    assert (response.status_code, response.json()) == (
+        422, {"detail": "content has nothing to see: only spaces and invisible characters"})
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "bob")
+        ws.send_json({"type": "message", "content": "\u2060\u00ad", "client_id": "c-1"})
+        assert ws.receive_json() == {"type": "error", "code": "invalid_content", "client_id": "c-1",
+                                     "content": "content has nothing to see: only spaces and invisible characters"}
+    assert client.get("/messages").json() == []
+
+
+def test_a_message_with_one_visible_character_among_zero_width_ones_is_stored_as_sent(client):
+    assert post(client, "alice", "\u200bhi\u200e")["content"] == "\u200bhi\u200e"
+
+
+def test_a_client_id_of_only_invisible_characters_is_refused(client):
+    client.post("/users", json={"username": "alice"})
+    response = client.post("/messages", json={"username": "alice", "content": "hi", "client_id": "\u200b"})
+    assert (response.status_code, response.json()) == (
+        422, {"detail": "client_id has nothing to see: only spaces and invisible characters"})
+
+
 def test_an_error_about_a_frame_comes_after_the_copies_of_the_messages_sent_before_it(client, unlimited):
     with client.websocket_connect("/ws") as ws:
         join(ws, "alice")
