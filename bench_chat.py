@@ -10,7 +10,7 @@
     python bench_chat.py --compare ../shared/starlette-floor --only idle,storm   # vs the stack's floor
     python bench_chat.py --scaling --database postgresql://postgres@127.0.0.1/postgres --runs 3
     python bench_chat.py --reconnect 10000 --runs 3      # restart chat.py under 10,000 joined clients
-    python bench_chat.py --hold 19000 --minutes 3        # 19,000 joined clients stay three minutes
+    python bench_chat.py --hold 17500 --minutes 3        # 17,500 joined clients stay three minutes
     python bench_chat.py --scaling /tmp/before/chat.py --database postgresql://...   # vs another chat.py
 
 By default it starts `python chat.py` (`--workers N` processes on N ports, clients spread over them,
@@ -957,7 +957,7 @@ async def arrive(port: int, clients: int, stopping: asyncio.Event) -> tuple[list
                         member.sock.transport.abort()
             joined = [m for m in members if m.back_at]
             print(f"only {len(joined)} of {clients} clients joined: the server refused the others for a minute "
-                  "(full? its sockets are its file-descriptor limit less a tenth)", file=sys.stderr, flush=True)
+                  "(full? python chat.py holds its file-descriptor limit less a tenth, at least 64)", file=sys.stderr, flush=True)
             return joined, tasks
     return members, tasks
 
@@ -1074,10 +1074,10 @@ def hold(args) -> None:
         print(f"  run {n + 1} of {args.runs}: {rounds[-1]}", file=sys.stderr, flush=True)
     header(f"{args.hold} clients joining python chat.py, held {args.minutes:g} minute(s), "
            f"{database_label(args.database)}, {args.runs} run(s), medians (range)")
-    labels = {"joined": "clients joined", "arrived_s": "s until all joined", "kb_each": "kB server memory each, joined",
+    labels = {"joined": "clients joined", "arrived_s": "s until they had joined", "kb_each": "kB server memory each, joined",
               "cpu_pct": "server CPU, % of a core", "p50_ms": "p50 ms, deliveries", "p99_ms": "p99 ms, deliveries",
               "delivered": "deliveries", "kb_each_end": "kB server memory each, at the end",
-              "pings_each": "pings answered each", "dropped": "connections dropped",
+              "pings_each": "pings answered each, since joining", "dropped": "connections dropped",
               "generator_pct": "load generator, % of a core"}
     for key in rounds[0]:
         minute, _, name = key.partition("_") if key[0] == "m" and key[1].isdigit() else ("", "", key)
@@ -1106,7 +1106,7 @@ def main() -> None:
                       help="write-heavy on 1, 2, 4 processes (PostgreSQL); with PEER (another chat.py), "
                            "both, alternating")
     parser.add_argument("--pid", type=int, help="with --url: its process, for CPU and memory figures")
-    parser.add_argument("--runs", type=int, default=3, help="--compare, --scaling: runs each (default 3)")
+    parser.add_argument("--runs", type=int, default=3, help="--compare, --scaling, --reconnect, --hold: runs (default 3)")
     parser.add_argument("--only", default="", help="only these kinds of scenario, comma-separated: "
                                                    "latency, flat, idle, storm, write-heavy (default: all), "
                                                    "and replays (chat only: asked for, never by default)")
