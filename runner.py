@@ -197,6 +197,8 @@ class Bucket:
 
 HEAD_TOO_LARGE = f"the request line and headers are over {MAX_HEAD_BYTES} bytes or {MAX_HEAD_FIELDS} fields"
 FULL, CROWDED = "the server is full", "too many connections from one address"
+PROBES = {b"/livez", b"/readyz", b"/healthz", b"/metrics"}  # answered while full: a monitor sees why
+PROBE_ROOM = 16  # sockets past the budget, of the descriptors it keeps back, that may ask for a probe
 
 
 class BoundedHttpTools(HttpToolsProtocol):
@@ -209,19 +211,23 @@ class BoundedHttpTools(HttpToolsProtocol):
 
     def connection_made(self, transport):
         super().connection_made(transport)
-        self.refused, self.deadline, self.head_bytes, self.head_size, self.fields = False, None, 0, 0, 0
+        self.refused, self.full, self.deadline, self.head_bytes, self.head_size, self.fields = False, False, None, 0, 0, 0
         address = self.client[0] if self.client else ""
         self.ip = address_key(address)
         self.per_ip[self.ip] += 1
-        if len(self.connections) > self.max_sockets:
-            log.warning(FULL)
-            self.refuse(503, b"Service Unavailable", "the server is full; try again later")
+        if len(self.connections) > self.max_sockets + PROBE_ROOM:
+            self.refuse_full()
         elif self.per_ip[self.ip] > MAX_SOCKETS_PER_IP and not trusted(address):
             log.warning(CROWDED)  # not 429: that invites a retry from the same address
             self.refuse(503, b"Service Unavailable", "too many connections from your address: close some tabs, "
                         f"or ask for more (MAX_SOCKETS_PER_IP={MAX_SOCKETS_PER_IP})")
         else:
+            self.full = len(self.connections) > self.max_sockets  # then only a probe is answered (on_url)
             self.deadline = self.loop.call_later(REQUEST_TIMEOUT, self.expired)
+
+    def refuse_full(self):
+        log.warning(FULL)
+        self.refuse(503, b"Service Unavailable", "the server is full; try again later")
 
     def connection_lost(self, exc):
         self.cancel_deadline()
@@ -276,6 +282,9 @@ class BoundedHttpTools(HttpToolsProtocol):
 
     def on_url(self, url):
         self.count(len(url), 0)
+        if self.full and url.split(b"?", 1)[0] not in PROBES:
+            self.refuse_full()
+            raise Refused
         super().on_url(url)
 
     def on_header(self, name, value):
@@ -287,7 +296,7 @@ class BoundedHttpTools(HttpToolsProtocol):
         self.fields += fields
         if self.head_size > MAX_HEAD_BYTES or self.fields > MAX_HEAD_FIELDS:
             self.refuse(431, b"Request Header Fields Too Large", HEAD_TOO_LARGE)
-            raise HeadTooLarge
+            raise Refused
 
     def on_headers_complete(self):
         self.head_bytes = None
@@ -315,8 +324,8 @@ class BoundedHttpTools(HttpToolsProtocol):
             self.transport.get_protocol().data_received(rest)
 
 
-class HeadTooLarge(Exception):
-    """Raised from a parser callback to stop httptools once the 431 is sent."""
+class Refused(Exception):
+    """Raised from a parser callback to stop httptools once the refusal (431, 503) is sent."""
 
 
 def forget(ip: str) -> None:

@@ -15,6 +15,7 @@ import math
 import os
 import pathlib
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -2275,7 +2276,8 @@ def port_open(port: int) -> bool:
 
 @contextlib.contextmanager
 def running_server(database_url: str, port: int | None = None, runner: bool = False,
-                   env: dict | None = None, args: tuple = (), tls: ssl.SSLContext | None = None):
+                   env: dict | None = None, args: tuple = (), tls: ssl.SSLContext | None = None,
+                   files: int | None = None):
     """The server as a user starts it, uvicorn chat:app or python chat.py; yields its base URL."""
     port = port or free_port()
     env = {**os.environ, "DATABASE_URL": database_url, "HOST": "127.0.0.1", "PORT": str(port), **(env or {})}
@@ -2283,7 +2285,8 @@ def running_server(database_url: str, port: int | None = None, runner: bool = Fa
                [sys.executable, "-m", "uvicorn", "chat:app", "--port", str(port),
                 *(() if "--access-log" in args else ("--no-access-log",)), *args])
     log = tempfile.TemporaryFile()  # not a pipe: a chatty server must never block on its log
-    process = subprocess.Popen(command, cwd=HERE, env=env, stdout=log, stderr=log)
+    process = subprocess.Popen(command, cwd=HERE, env=env, stdout=log, stderr=log, preexec_fn=files and (
+        lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))))  # its open files, at most
     base = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
@@ -3574,6 +3577,50 @@ def raw_answer(port: int, data: bytes, seconds: float = 10) -> tuple[bytes, floa
             while chunk := sock.recv(65536):
                 answer += chunk
     return answer, time.monotonic() - started
+
+
+def kept_answer(port: int, path: str) -> tuple[socket.socket, bytes, bytes]:
+    """A keep-alive GET read whole, its socket left open: (the socket, the status line, the body)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(5)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    while len(body) < int(re.search(rb"content-length: (\d+)", head, re.I).group(1)):
+        body += sock.recv(65536)
+    return sock, head.split(b"\r\n")[0], body
+
+
+FULL_ANSWER = b'{"detail": "the server is full; try again later"}'
+
+
+def test_a_full_server_still_answers_a_health_probe_and_refuses_any_other_request_with_503(tmp_path):
+    # 200 open files: python chat.py holds 136 sockets (200 less 64), and 16 more may ask for a probe
+    with running_server(f"sqlite:///{tmp_path}/chat.db", runner=True, files=200) as base:
+        port = int(base.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(135)]
+        served, served_status, _ = kept_answer(port, "/messages")  # the 136th: the last the budget holds
+        probe, status, body = kept_answer(port, "/readyz")  # the 137th
+        refused, _ = raw_answer(port, f"GET /messages HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        for sock in [*held, served, probe]:
+            sock.close()
+    assert served_status == b"HTTP/1.1 200 OK"
+    assert (status, json.loads(body)["status"]) == (b"HTTP/1.1 200 OK", "ok")
+    assert refused.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and refused.endswith(FULL_ANSWER)
+
+
+def test_past_its_room_for_probes_a_full_server_refuses_a_probe_too(tmp_path):
+    with running_server(f"sqlite:///{tmp_path}/chat.db", runner=True, files=200) as base:
+        port = int(base.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(151)]
+        last, status, _ = kept_answer(port, "/livez")  # the 152nd: the last the room holds
+        refused, _ = raw_answer(port, f"GET /livez HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        for sock in [*held, last]:
+            sock.close()
+    assert status == b"HTTP/1.1 200 OK"
+    assert refused.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and refused.endswith(FULL_ANSWER)
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
