@@ -863,8 +863,8 @@ ERROR_CODES = {
     "confusable_username": "username looks like an existing user's (\"аlice\" with a Cyrillic а, "
                            "\"ALICE\" for \"alice\"); choose another",
     "invalid_content": f"content missing, not a string, blank, over {MAX_CONTENT_LENGTH} "
-                       "characters, or with a NUL",
-    "invalid_room": "room is not 1-32 of a-z, 0-9, '-', '_'",
+                       "characters, only invisible characters, or with a NUL",
+    "invalid_room": "room is not 1-32 of a-z, 0-9, '-', '_'; or a message names a room other than the one joined",
     "invalid_client_id": f"client_id is not a string of 1-{MAX_CLIENT_ID_LENGTH} characters",
     "invalid_since": "since is not a message id (an integer >= 0)",
     "not_joined": "message or leave before join",
@@ -1354,6 +1354,9 @@ async def on_message(app, client: Client, frame: dict) -> None:
     sent, with whatever else is waiting, and publishes them to the room, the sender included. A
     sender that waited for each one to be stored would get one message per commit through."""
     check_same_user(client, frame)
+    if "room" in frame and (room := check_room(frame["room"])) != client.room:  # never stored where it was not meant
+        raise Invalid("invalid_room", f"this connection is in {client.room!r}, and a message goes to the room joined: "
+                      f"to talk in {room!r}, leave and join it, or open another socket to /ws/{room}")
     content, client_id = check_content(frame.get("content")), check_client_id(frame.get("client_id"))
     await client.settle(MESSAGES_IN_FLIGHT - 1)
     stored = app.state.writer.submit(client.room, client.user_id, client.username, content, client_id)

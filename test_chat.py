@@ -985,6 +985,24 @@ def test_a_client_id_of_only_invisible_characters_is_refused(client):
         422, {"detail": "client_id has nothing to see: only spaces and invisible characters"})
 
 
+def test_a_message_that_names_another_room_than_the_one_joined_is_refused_and_not_stored(client):
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        ws.send_json({"type": "message", "content": "hi", "room": "kelas-7a", "client_id": "c-1"})
+        assert ws.receive_json() == {
+            "type": "error", "code": "invalid_room", "client_id": "c-1",
+            "content": "this connection is in 'general', and a message goes to the room joined: to talk in "
+                       "'kelas-7a', leave and join it, or open another socket to /ws/kelas-7a"}
+    assert client.get("/messages", params={"room": "kelas-7a"}).json() == client.get("/messages").json() == []
+
+
+def test_a_message_that_names_the_room_joined_in_other_letters_is_stored_there(client):
+    with client.websocket_connect("/ws/kelas-7a") as ws:
+        join(ws, "alice")
+        ws.send_json({"type": "message", "content": "hi", "room": "Kelas-7A"})
+        assert untimed(ws.receive_json()) == message(1, "alice", "hi", room="kelas-7a")
+
+
 def test_an_error_about_a_frame_comes_after_the_copies_of_the_messages_sent_before_it(client, unlimited):
     with client.websocket_connect("/ws") as ws:
         join(ws, "alice")
