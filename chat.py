@@ -2320,6 +2320,10 @@ class Metrics:
             "chat_handshakes_refused", "WebSocket handshakes refused, by why: origin, token, host, room, full "
             "(MAX_CONNECTIONS), address (MAX_CONNECTIONS_PER_IP)", "why")
         self.slow_readers_cut = self.counter("chat_slow_readers_cut", "Clients dropped: they stopped reading")
+        self.server_refused = self.counter(
+            "chat_connections_refused", "Connections python chat.py's server refused before the app saw them, by "
+            "why: full (its sockets), address (MAX_SOCKETS_PER_IP), timeout (REQUEST_TIMEOUT), head (MAX_HEAD_BYTES)", "why")
+        self.server, self.counted = state.server, Counter()  # the runner's own counts (its lifespan extension)
         self.database_errors = self.counter("chat_database_errors", "Database errors seen")
         self.catch_up_reads = self.counter(
             "chat_writer_catch_up_reads", "Reads of messages stored by other processes (PostgreSQL)")
@@ -2349,6 +2353,9 @@ class Metrics:
             self.sampled = {sample.name: sample.value for family in self.process.collect() for sample in family.samples}
         for gauge, value in self.gauges:
             gauge.set(value())
+        for why, count in self.server.get("refusals", {}).items():
+            self.server_refused.labels(why).inc(count - self.counted[why])
+            self.counted[why] = count
 
     async def refreshing(self) -> None:
         """Under several processes: set this one's gauges every few seconds, for others' scrapes."""
@@ -2781,8 +2788,8 @@ class StartUp:
     with) is said in one line, not a traceback, and without the runner one warning says that the
     server's own bounds are off. Served without its lifespan, every request is refused, saying why."""
 
-    def __init__(self, app):
-        self.app, self.started, self.said = app, False, False
+    def __init__(self, app, server: dict):
+        self.app, self.server, self.started, self.said = app, server, False, False
 
     def __call__(self, scope, receive, send):
         """Not a coroutine itself: each waiting connection keeps no frame of this middleware's."""
@@ -2791,8 +2798,11 @@ class StartUp:
         return (self.app if self.started else self.refuse)(scope, receive, send)
 
     async def start(self, scope, receive, send):
-        if "chat.bounded" not in (scope.get("extensions") or {}):
+        bounded = (scope.get("extensions") or {}).get("chat.bounded")
+        if bounded is None:
             log.warning(UNBOUNDED)
+        else:
+            self.server.update(bounded)  # what the runner offers: its refusals' counts
         failures = []
 
         async def hold_failures(message):  # a Refusal's failure is said below, in one line
@@ -2845,15 +2855,15 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
         Route("/ws", upgrade_required),
         Route("/ws/{room}", upgrade_required),
     ]
-    said = Said()
-    middleware = [Middleware(StartUp),
+    said, server = Said(), {}
+    middleware = [Middleware(StartUp, server=server),
                   Middleware(HostCheck, allowed_hosts=[*local_hosts(), *ALLOWED_HOSTS], said=said),
                   Middleware(CORS, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
                              allow_headers=["Content-Type", "Authorization"])]
     handlers = {HTTPException: http_error, Invalid: invalid, ClientDisconnect: client_gone,
                 **{error: database_down for error in DATABASE_ERRORS}}
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
-    app.state.database = open_database(database_url)
+    app.state.database, app.state.server = open_database(database_url), server
     app.state.metrics = Metrics(app)
     app.state.rooms = Rooms(app.state.metrics)
     app.state.limits = AddressLimits()

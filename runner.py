@@ -14,7 +14,8 @@ hooks: `Config(http=..., ws=...)` takes the protocol subclasses below, and the o
 Config's own settings. The subclasses use uvicorn's protocol internals, so requirements.txt pins
 uvicorn, httptools and websockets, and serve() refuses another uvicorn. The app learns of the
 runner the way ASGI means it: two keys in scope["extensions"], "chat.bounded" (lifespan: the
-bounds are on) and "chat.write_now" (WebSocket: write a frame's bytes now, for broadcasts).
+bounds are on, and how many connections each refused, for /metrics) and "chat.write_now"
+(WebSocket: write a frame's bytes now, for broadcasts).
 """
 
 import asyncio
@@ -208,6 +209,7 @@ class BoundedHttpTools(HttpToolsProtocol):
     max_sockets = 1 << 20  # config() sets it from the file-descriptor limit
     upgraded = False  # the WebSocket has taken the connection over
     per_ip: Counter[str] = Counter()  # open TCP connections per address, HTTP and WebSocket
+    refusals: Counter[str] = Counter()  # by why, for the app's /metrics (offered in its lifespan extension)
 
     def connection_made(self, transport):
         super().connection_made(transport)
@@ -220,14 +222,14 @@ class BoundedHttpTools(HttpToolsProtocol):
         elif self.per_ip[self.ip] > MAX_SOCKETS_PER_IP and not trusted(address):
             log.warning(CROWDED)  # not 429: that invites a retry from the same address
             self.refuse(503, b"Service Unavailable", "too many connections from your address: close some tabs, "
-                        f"or ask for more (MAX_SOCKETS_PER_IP={MAX_SOCKETS_PER_IP})")
+                        f"or ask for more (MAX_SOCKETS_PER_IP={MAX_SOCKETS_PER_IP})", "address")
         else:
             self.full = len(self.connections) > self.max_sockets  # then only a probe is answered (on_url)
             self.deadline = self.loop.call_later(REQUEST_TIMEOUT, self.expired)
 
     def refuse_full(self):
         log.warning(FULL)
-        self.refuse(503, b"Service Unavailable", "the server is full; try again later")
+        self.refuse(503, b"Service Unavailable", "the server is full; try again later", "full")
 
     def connection_lost(self, exc):
         self.cancel_deadline()
@@ -245,13 +247,14 @@ class BoundedHttpTools(HttpToolsProtocol):
             self.deadline = self.loop.call_later(REQUEST_TIMEOUT, self.expired)
         elif self.cycle is None or not self.cycle.response_started or self.cycle.response_complete:
             # The app, waiting for a body that does not come, gets a disconnect.
-            self.refuse(408, b"Request Timeout", f"send a whole request within {REQUEST_TIMEOUT:g} s")
+            self.refuse(408, b"Request Timeout", f"send a whole request within {REQUEST_TIMEOUT:g} s", "timeout")
         else:
             self.transport.close()  # it answered without reading the body, and the answer is under way
 
-    def refuse(self, status_code: int, phrase: bytes, detail: str = ""):
+    def refuse(self, status_code: int, phrase: bytes, detail: str, why: str):
         """Answer, saying why as the app's errors do, and close: nothing more of it is read."""
         self.refused = True
+        self.refusals[why] += 1
         self.cancel_deadline()
         body = json.dumps({"detail": detail}).encode()
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
@@ -268,7 +271,7 @@ class BoundedHttpTools(HttpToolsProtocol):
         if self.head_bytes is not None and not self.refused:
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
-                self.refuse(431, b"Request Header Fields Too Large", HEAD_TOO_LARGE)
+                self.refuse(431, b"Request Header Fields Too Large", HEAD_TOO_LARGE, "head")
 
     def send_400_response(self, msg):
         if not self.refused:  # count() stops the parser by raising, which lands here
@@ -295,7 +298,7 @@ class BoundedHttpTools(HttpToolsProtocol):
         self.head_size += size
         self.fields += fields
         if self.head_size > MAX_HEAD_BYTES or self.fields > MAX_HEAD_FIELDS:
-            self.refuse(431, b"Request Header Fields Too Large", HEAD_TOO_LARGE)
+            self.refuse(431, b"Request Header Fields Too Large", HEAD_TOO_LARGE, "head")
             raise Refused
 
     def on_headers_complete(self):
@@ -694,7 +697,8 @@ class Bounded:
 
     def __call__(self, scope, receive, send):  # not a coroutine: no frame kept for each connection
         if scope["type"] == "lifespan":
-            scope = {**scope, "extensions": {**(scope.get("extensions") or {}), "chat.bounded": {}}}
+            bounded = {"refusals": BoundedHttpTools.refusals}
+            scope = {**scope, "extensions": {**(scope.get("extensions") or {}), "chat.bounded": bounded}}
         return self.app(scope, receive, send)
 
 

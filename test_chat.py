@@ -3629,6 +3629,28 @@ def test_a_full_server_still_answers_a_health_probe_and_refuses_any_other_reques
     assert refused.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and refused.endswith(FULL_ANSWER)
 
 
+def test_a_full_servers_refusals_are_counted_in_its_metrics_which_it_still_answers(tmp_path):
+    with running_server(f"sqlite:///{tmp_path}/chat.db", runner=True, files=200) as base:
+        port = int(base.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(136)]
+        for _ in range(2):
+            raw_answer(port, f"GET /messages HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        probe, status, body = kept_answer(port, "/metrics")
+        for sock in [*held, probe]:
+            sock.close()
+    assert status == b"HTTP/1.1 200 OK"
+    assert re.findall(rb"^chat_connections_refused_total\{.*", body, re.M) == [
+        b'chat_connections_refused_total{why="full"} 2.0']
+
+
+def test_a_request_not_sent_in_time_is_counted_in_the_metrics_as_a_timeout(tmp_path):
+    with bounded_server("python chat.py", tmp_path, env={"REQUEST_TIMEOUT": "1"}) as (base, port):
+        raw_answer(port, b"GET /ws-info HT")
+        metrics = urllib.request.urlopen(f"{base}/metrics").read()
+    assert re.findall(rb"^chat_connections_refused_total\{.*", metrics, re.M) == [
+        b'chat_connections_refused_total{why="timeout"} 1.0']
+
+
 def test_past_its_room_for_probes_a_full_server_refuses_a_probe_too(tmp_path):
     with running_server(f"sqlite:///{tmp_path}/chat.db", runner=True, files=200) as base:
         port = int(base.rsplit(":", 1)[1])
