@@ -200,13 +200,15 @@ def floor_server(folder: pathlib.Path):
         yield [f"ws://127.0.0.1:{port}/ws"], pids
 
 
-def cpu_seconds(pids) -> float:
-    """User + system CPU time these processes have used so far (one that has gone counts 0)."""
+def cpu_seconds(pids, reaped: bool = False) -> float:
+    """User + system CPU time these processes have used so far (one that has gone counts 0), and
+    with `reaped`, their children's that have ended (a PostgreSQL backend's, once it has gone)."""
     total = 0
     for pid in pids:
         with contextlib.suppress(OSError):
             fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime
+            total += reaped and int(fields[13]) + int(fields[14])  # cutime, cstime
     return total / os.sysconf("SC_CLK_TCK")
 
 
@@ -217,7 +219,7 @@ def database_cpu_seconds() -> float | None:
         with contextlib.suppress(OSError):
             if comm.read_text() == "postgres\n":
                 pids.append(comm.parent.name)
-    return cpu_seconds(pids) if pids else None
+    return cpu_seconds(pids, reaped=True) if pids else None  # monotonic: a backend's CPU outlives it
 
 
 def machine_busy() -> tuple[float, float]:
