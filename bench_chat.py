@@ -947,11 +947,11 @@ async def arrive(port: int, clients: int, stopping: asyncio.Event) -> tuple[list
                for k in range(clients)]
     tasks = []
     for start in range(0, clients, 200):  # as open_clients: the handshake backlog is finite
-        tasks += [asyncio.create_task(m.live(stopping)) for m in members[start:start + 200]]
-        deadline = time.perf_counter() + 60
-        while not all(m.back_at for m in members[start:start + 200]) and time.perf_counter() < deadline:
+        chunk, deadline = members[start:start + 200], time.perf_counter() + 60
+        tasks += [asyncio.create_task(m.live(stopping)) for m in chunk]
+        while not all(m.back_at for m in chunk) and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
-        if not all(m.back_at for m in members[start:start + 200]):
+        if not all(m.back_at for m in chunk):
             for member, task in zip(members[start:], tasks[start:]):
                 if not member.back_at:
                     task.cancel()
