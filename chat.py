@@ -878,6 +878,11 @@ ERROR_CODES = {
 }
 
 
+# Python reads at most 4,300 digits as an integer; a longer number would make a whole frame or
+# body "not JSON". Any number longer than an id reads as one past the last id: refused by name.
+JSON = json.JSONDecoder(parse_int=lambda digits: int(digits) if len(digits) < 20 else NO_UPPER_BOUND)
+
+
 def parse_frame(message: dict) -> dict:
     """Turn a raw ASGI receive into a frame dict with a known type, or raise Invalid."""
     text = message.get("text")
@@ -889,7 +894,7 @@ def parse_frame(message: dict) -> dict:
                                        and len(text.encode()) > MAX_FRAME_BYTES):
         raise Invalid("frame_too_large", f"frames are limited to {MAX_FRAME_BYTES} bytes")
     try:
-        frame = json.loads(text)
+        frame = JSON.decode(text)
     except (ValueError, RecursionError):
         raise Invalid("invalid_json", "the frame is not valid JSON (one JSON object a frame: in websocat, one a line)") from None
     if not isinstance(frame, dict):
@@ -2117,8 +2122,11 @@ def query_room(request, name: str = "room", default: str | None = DEFAULT_ROOM) 
 async def json_body(request) -> dict:
     """The body as a JSON object, read no further than MAX_BODY_BYTES (chunked bodies too)."""
     # Only JSON: a cross-site form cannot send it without the browser asking us first (CORS).
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+    kind, _, charset = request.headers.get("content-type", "").lower().partition(";")
+    if kind.strip() != "application/json":
         raise HTTPException(415, "send the body as application/json")
+    if charset.replace(" ", "").replace('"', "") not in ("", "charset=utf-8", "charset=utf8"):
+        raise HTTPException(415, f"send the body in UTF-8, as JSON is sent; not {charset.strip()}")
     too_large = HTTPException(413, f"the body is over {MAX_BODY_BYTES} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -2129,7 +2137,9 @@ async def json_body(request) -> dict:
         if len(raw) > MAX_BODY_BYTES:
             raise too_large
     try:
-        body = json.loads(raw)
+        body = JSON.decode(raw.decode())
+    except UnicodeDecodeError:
+        raise HTTPException(422, "the body is not UTF-8: send it in UTF-8, as JSON is sent") from None
     except (ValueError, RecursionError):  # RecursionError: nested thousands deep
         raise HTTPException(422, "body must be a JSON object") from None
     if not isinstance(body, dict):
@@ -3242,7 +3252,7 @@ def _errors(*codes: int) -> dict:
     text = {401: "No valid token (only with CHAT_SECRET set; for reads, unless PUBLIC_READS=1)",
             403: "The token is for another user, or (GET /ws) the page's origin is not allowed",
             404: "Not found", 409: "The name looks like an existing user's",
-            413: f"The body is over {MAX_BODY_BYTES} bytes", 415: "The body is not application/json",
+            413: f"The body is over {MAX_BODY_BYTES} bytes", 415: "The body is not application/json in UTF-8",
             429: f"Over REST_WRITES_PER_MINUTE ({REST_WRITES_PER_MINUTE}) writes a minute from one address",
             422: "Invalid input",
             426: "Plain HTTP: connect with a WebSocket instead", 503: "Database unavailable"}

@@ -1248,7 +1248,7 @@ BAD_FRAMES = {
     "a message with a lone surrogate": ('{"type": "message", "content": "\\ud800"}', "invalid_content"),
     "a message over the limit": (json.dumps({"type": "message", "content": "x" * 2001}), "invalid_content"),
     "deeply nested JSON": ("[" * 5000 + "]" * 5000, "invalid_json"),
-    "a huge number": ('{"type": "message", "content": ' + "9" * 5000 + "}", "invalid_json"),
+    "content of a 5,000-digit number": ('{"type": "message", "content": ' + "9" * 5000 + "}", "invalid_content"),
     "a frame over the size limit": (json.dumps({"type": "message", "content": "x" * 20000}),
                                     "frame_too_large"),
     "a frame over the size limit in bytes, not in characters": (
@@ -3299,6 +3299,47 @@ def test_a_rest_post_that_is_not_json_is_415(client):
     response = client.post("/messages", content='{"username": "a", "content": "b"}',
                            headers={"Content-Type": "text/plain"})
     assert (response.status_code, response.json()) == (415, {"detail": "send the body as application/json"})
+
+
+def test_a_rest_post_in_another_charset_is_415_and_says_to_send_utf_8(client):
+    response = client.post("/messages", content='{"username": "alice", "content": "caf\xe9"}'.encode("latin-1"),
+                           headers={"Content-Type": "application/json; charset=ISO-8859-1"})
+    assert (response.status_code, response.json()) == (
+        415, {"detail": "send the body in UTF-8, as JSON is sent; not charset=iso-8859-1"})
+    assert query(client, "SELECT id FROM messages") == []
+
+
+def test_a_rest_post_that_names_utf_8_as_its_charset_is_stored(client):
+    client.post("/users", json={"username": "alice"})
+    response = client.post("/messages", content='{"username": "alice", "content": "caf\xe9"}'.encode(),
+                           headers={"Content-Type": 'application/json; charset="UTF-8"'})
+    assert (response.status_code, response.json()["content"]) == (201, "caf\xe9")
+
+
+def test_a_rest_post_whose_bytes_are_not_utf_8_is_told_to_send_utf_8(client):
+    response = client.post("/messages", content='{"username": "alice", "content": "caf\xe9"}'.encode("latin-1"),
+                           headers={"Content-Type": "application/json"})
+    assert (response.status_code, response.json()) == (
+        422, {"detail": "the body is not UTF-8: send it in UTF-8, as JSON is sent"})
+
+
+def test_a_rest_post_with_a_number_of_thousands_of_digits_says_which_field_is_wrong(client):
+    response = client.post("/messages", content='{"username": "alice", "content": 1%s}' % ("0" * 5000),
+                           headers={"Content-Type": "application/json"})
+    assert (response.status_code, response.json()) == (422, {"detail": "content must be a non-empty string"})
+
+
+def test_a_join_since_the_largest_id_is_welcomed(client):
+    with client.websocket_connect("/ws") as ws:
+        assert join(ws, "alice", since=2**63 - 2) == welcome("alice")
+
+
+@pytest.mark.parametrize("since", [str(2**63 - 1), "1" + "0" * 5000])
+def test_a_join_since_one_past_the_largest_id_or_thousands_of_digits_is_refused_by_name(client, since):
+    with client.websocket_connect("/ws") as ws:
+        ws.send_text('{"type": "join", "username": "alice", "since": %s}' % since)
+        assert ws.receive_json() == {"type": "error", "code": "invalid_since",
+                                     "content": "since must be a message id (an integer >= 0)"}
 
 
 def test_plain_http_to_the_websocket_path_says_why_a_handshake_would_be_refused(client, secret):
