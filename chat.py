@@ -2332,7 +2332,8 @@ class Metrics:
         self.slow_readers_cut = self.counter("chat_slow_readers_cut", "Clients dropped: they stopped reading")
         self.server_refused = self.counter(
             "chat_connections_refused", "Connections python chat.py's server refused before the app saw them, by "
-            "why: full (its sockets), address (MAX_SOCKETS_PER_IP), timeout (REQUEST_TIMEOUT), head (MAX_HEAD_BYTES)", "why")
+            "why: full (its sockets), address (MAX_SOCKETS_PER_IP), timeout (REQUEST_TIMEOUT), head (MAX_HEAD_BYTES), "
+            "malformed (not HTTP/1.1 it could read)", "why")
         self.server, self.counted = state.server, Counter()  # the runner's own counts (its lifespan extension)
         self.database_errors = self.counter("chat_database_errors", "Database errors seen")
         self.catch_up_reads = self.counter(

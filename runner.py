@@ -275,7 +275,8 @@ class BoundedHttpTools(HttpToolsProtocol):
 
     def send_400_response(self, msg):
         if not self.refused:  # count() stops the parser by raising, which lands here
-            super().send_400_response(msg)
+            self.refuse(400, b"Bad Request", "this is not an HTTP/1.1 request this server can read: check its "
+                        "request line and headers", "malformed")
 
     def on_message_begin(self):
         super().on_message_begin()
@@ -663,6 +664,8 @@ class QuietPeers(logging.Filter):
 
     KINDS = {"Invalid UTF-8 sequence received from client.": "a peer sent a text frame that is not "
                                                              "UTF-8 (closed with 1007)",
+             "Invalid HTTP request received.": "refused a connection with 400: what it sent is not HTTP/1.1 "
+                                               "(a scanner, or TLS sent to a plain port)",
              FULL: "refused a connection with 503: the server is full (it holds as many as its file "
                    "descriptors allow: raise ulimit -n)",
              CROWDED: f"refused a connection with 503: its address has MAX_SOCKETS_PER_IP={MAX_SOCKETS_PER_IP} open "

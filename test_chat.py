@@ -3734,6 +3734,35 @@ def test_a_huge_header_is_431_and_costs_no_memory(runner, tmp_path):
     assert grown < 5_000
 
 
+TLS_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"  # https:// to a plain http:// port
+NOT_HTTP = "refused a connection with 400: what it sent is not HTTP/1.1 (a scanner, or TLS sent to a plain port)"
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_request_that_is_not_http_is_answered_400_in_json_saying_why(runner, tmp_path):
+    with bounded_server(runner, tmp_path) as (base, port):
+        answer, _ = raw_answer(port, TLS_HELLO)
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n") and answer.endswith(
+        b'{"detail": "this is not an HTTP/1.1 request this server can read: check its request line and headers"}')
+
+
+def test_requests_that_are_not_http_are_logged_once_a_minute(tmp_path):
+    with bounded_server("python chat.py", tmp_path) as (base, port):
+        for _ in range(3):
+            raw_answer(port, TLS_HELLO)
+        log = server_log().decode()
+    assert log.count(f"WARNING:  {NOT_HTTP}\n") == 1 and "Invalid HTTP" not in log
+
+
+def test_requests_that_are_not_http_are_counted_in_the_metrics_as_malformed(tmp_path):
+    with bounded_server("python chat.py", tmp_path) as (base, port):
+        for _ in range(3):
+            raw_answer(port, TLS_HELLO)
+        metrics = urllib.request.urlopen(f"{base}/metrics").read()
+    assert re.findall(rb"^chat_connections_refused_total\{.*", metrics, re.M) == [
+        b'chat_connections_refused_total{why="malformed"} 3.0']
+
+
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_too_many_header_fields_is_431(runner, tmp_path):
     with bounded_server(runner, tmp_path) as (base, port):
