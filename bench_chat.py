@@ -1033,6 +1033,17 @@ def reconnect_storm(args) -> None:
                        ("out_of_order", "out of order")):
         median, spread = summary([r[key] for r in rounds])
         print(f"  {label:36} {number(median)} ({spread})", flush=True)
+    fail_on(rounds, "not_back", "lost", "duplicated", "out_of_order")
+
+
+def fail_on(rounds: list[dict], *keys: str, clients: int = 0) -> None:
+    """Exit 1 naming each run that left clients out or whose `keys` (lost, dropped, ...) are not 0: a
+    script running the benchmark learns it from the status, not only from the table."""
+    faults = [f"run {n + 1}: only {r['joined']} of {clients} joined" for n, r in enumerate(rounds)
+              if r.get("joined", clients) < clients]
+    faults += [f"run {n + 1}: {key.replace('_', ' ')} {r[key]}" for n, r in enumerate(rounds) for key in keys if r[key]]
+    if faults:
+        raise SystemExit("failed: " + "; ".join(faults))
 
 
 # --- Held for minutes ------------------------------------------------------------------------------
@@ -1086,6 +1097,7 @@ def hold(args) -> None:
         label = (f"minute {minute[1:]}: " if minute else "") + labels.get(name, name.replace("_", " "))
         median, spread = summary([r[key] for r in rounds])
         print(f"  {label:36} {number(median)} ({spread})", flush=True)
+    fail_on(rounds, "dropped", "lost", "duplicated", "out_of_order", clients=args.hold)
 
 
 def main() -> None:

@@ -6274,6 +6274,18 @@ def test_the_benchmarks_held_clients_stay_joined_and_every_message_of_their_room
         "connections dropped", "lost", "duplicated", "out of order"]
 
 
+def test_the_benchmark_fails_naming_each_run_that_left_clients_out_or_lost_a_message():
+    import bench_chat
+    with pytest.raises(SystemExit) as failed:
+        bench_chat.fail_on([{"joined": 40, "lost": 0}, {"joined": 39, "lost": 2}], "lost", clients=40)
+    assert str(failed.value) == "failed: run 2: only 39 of 40 joined; run 2: lost 2"
+
+
+def test_the_benchmark_passes_runs_where_every_client_joined_and_nothing_was_lost():
+    import bench_chat
+    assert bench_chat.fail_on([{"joined": 40, "lost": 0}] * 2, "lost", clients=40) is None
+
+
 def test_the_benchmark_runs_on_two_postgresql_processes_and_loses_nothing(postgres_url):
     lines = run_benchmark("--database", POSTGRES_URL, "--workers", "2")
     assert lines[0].startswith("chat.py, PostgreSQL, 2 process(es); ")
