@@ -21,6 +21,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -3874,6 +3875,17 @@ def upgrade_head(port: int, path: str = "/ws", host: str = "127.0.0.1", extra: s
     """A WebSocket handshake's request, as a client writes it on a raw socket."""
     return (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
+
+
+def test_a_socket_reset_without_a_close_frame_is_logged_as_closed_with_1006(tmp_path):
+    with bounded_server("python chat.py", tmp_path) as (base, port):
+        with ws_connect(base) as ws:
+            ws_join(ws, "Budi Santoso")
+            ws.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            ws.socket.close()  # a reset: no close frame
+        wait_until(lambda: b"Budi Santoso left" in server_log())
+        log = server_log()
+    assert "socket from 127.0.0.1 closed with 1006 (Budi Santoso)" in log_events(log)
 
 
 def masked(opcode: int, payload: bytes) -> bytes:
