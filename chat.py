@@ -2687,7 +2687,8 @@ async def connect(database: Database) -> None:
             log.warning("the database at %s does not answer (%s); trying again in 2 s", where, exc)
             await asyncio.sleep(2)
         except asyncpg.PostgresError as exc:  # it answers, and refuses: waiting will not help
-            raise Refusal(f"the database at {where} refuses the connection: {exc}; check DATABASE_URL") from None
+            create = isinstance(exc, asyncpg.InvalidCatalogNameError) and f"create it (createdb {database.url.database}) or "
+            raise Refusal(f"the database at {where} refuses the connection: {exc}; {create or ''}check DATABASE_URL") from None
 
 
 def shown_url(url: str) -> str:

@@ -549,6 +549,15 @@ def test_a_database_that_does_not_answer_at_start_is_tried_every_2_s_then_refuse
         "DATABASE_URL names it"]
 
 
+def test_a_database_that_does_not_exist_is_refused_at_start_saying_to_create_it(postgres_url):
+    url = postgres_url.rsplit("/", 1)[0] + "/no_such_chat"
+    result = subprocess.run([sys.executable, "chat.py", "--port", str(free_port())], cwd=HERE, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "DATABASE_URL": url})
+    assert result.returncode == 3
+    assert chat_log_lines(result) == [f"ERROR:    the database at {url} refuses the connection: database "
+                                      "\"no_such_chat\" does not exist; create it (createdb no_such_chat) or check DATABASE_URL"]
+
+
 def test_a_database_that_refuses_the_connection_at_start_is_refused_at_once_in_one_line(postgres_url):
     url = postgres_url.replace("postgres@", "nobody@")
     result = subprocess.run([sys.executable, "chat.py", "--port", str(free_port())], cwd=HERE, capture_output=True,
