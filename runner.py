@@ -740,7 +740,7 @@ def config(app, max_frame_bytes: int, **settings) -> uvicorn.Config:
         proxy_headers=bool(TRUSTED_PROXIES), forwarded_allow_ips=TRUSTED_PROXIES or None, **settings)
 
 
-def serve(app, max_frame_bytes: int, workers: int = 1) -> None:
+def serve(chat, workers: int = 1) -> None:
     """Serve the app until Ctrl+C or SIGTERM, or say in one line why it cannot be served. Worker
     processes share one directory of metrics (prometheus-client's multiprocess mode), so that a
     scrape of any of them counts them all."""
@@ -752,7 +752,7 @@ def serve(app, max_frame_bytes: int, workers: int = 1) -> None:
     threading.Thread(target=say_where_to_open, daemon=True).start()
     if workers == 1:
         collect_less()
-        server = uvicorn.Server(config(app, max_frame_bytes))
+        server = uvicorn.Server(config(chat.app, chat.MAX_FRAME_BYTES))
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: uvicorn raises it again once shut down
             server.run()
         if not server.started:  # the app refused to start: it has said why
@@ -760,12 +760,26 @@ def serve(app, max_frame_bytes: int, workers: int = 1) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="chat-metrics-") as shared:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", shared)  # before the workers import chat
-        built = config("runner:bounded_chat", max_frame_bytes, workers=workers)
+        built = config("runner:bounded_chat", chat.MAX_FRAME_BYTES, workers=workers)  # logs as the workers do
+        refusal = asyncio.run(reached(chat))
+        if refusal:  # each worker would say it, between uvicorn's lines: the parent says it once
+            log.error("%s", refusal)
+            raise SystemExit(3)
         supervisor = Multiprocess(built, sockets=[built.bind_socket()])
         with contextlib.suppress(KeyboardInterrupt):
             supervisor.run()
     if any(process.exitcode == uvicorn.config.STARTUP_FAILURE for process in supervisor.processes):
         raise SystemExit(3)  # a worker refused to start: it has said why
+
+
+async def reached(chat) -> str | None:
+    """Why the database refuses to be served, or None: connected to once, and let go."""
+    database = chat.open_database(chat.DATABASE_URL)
+    try:
+        await chat.connect(database)
+    except chat.Refusal as exc:
+        return str(exc)
+    await database.disconnect()
 
 
 def say_where_to_open() -> None:
@@ -1064,4 +1078,4 @@ def main(chat, argv: list[str]) -> None:
                  "(DATABASE_URL=postgresql://...)")
     os.environ.update({flag[2:].upper(): value for flag, value in flags.items()})  # for workers, too
     HOST, PORT = address()
-    serve(chat.app, chat.MAX_FRAME_BYTES, int(workers))
+    serve(chat, int(workers))

@@ -558,6 +558,16 @@ def test_a_database_that_does_not_exist_is_refused_at_start_saying_to_create_it(
                                       "\"no_such_chat\" does not exist; create it (createdb no_such_chat) or check DATABASE_URL"]
 
 
+def test_several_workers_on_a_database_that_does_not_exist_say_so_once_and_start_none(postgres_url):
+    url = postgres_url.rsplit("/", 1)[0] + "/no_such_chat"
+    result = subprocess.run([sys.executable, "chat.py", "--port", str(free_port()), "--workers", "2"], cwd=HERE,
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "DATABASE_URL": url})
+    assert result.returncode == 3
+    assert [line.split(" ", 2)[2] for line in result.stderr.splitlines()] == [
+        f"ERROR:    the database at {url} refuses the connection: database \"no_such_chat\" does not exist; "
+        "create it (createdb no_such_chat) or check DATABASE_URL"]
+
+
 def test_a_database_that_refuses_the_connection_at_start_is_refused_at_once_in_one_line(postgres_url):
     url = postgres_url.replace("postgres@", "nobody@")
     result = subprocess.run([sys.executable, "chat.py", "--port", str(free_port())], cwd=HERE, capture_output=True,
