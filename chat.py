@@ -1157,7 +1157,7 @@ async def chat_socket(websocket: WebSocket):
     refusal = handshake_refusal(handshake)
     if refusal:
         kind = f"handshake {refusal[0]}" + (refusal[1] if refusal[0] == 401 else "")  # a 401's words are fixed
-        app.state.said.warning(kind, "refused a WebSocket from %s: %s", ip, refusal[1])
+        app.state.said.warning(kind, "refused a WebSocket from %s: %s", ip, refusal[1], client=ip)
         app.state.metrics.handshakes_refused.labels("token" if refusal[0] == 401 else "origin").inc()
         await websocket.close(status.WS_1008_POLICY_VIOLATION)
         return
@@ -1173,7 +1173,7 @@ async def chat_socket(websocket: WebSocket):
         proxy = untrusted_proxy(handshake)
         app.state.said.warning(kind or refusal[1], "closed a WebSocket from %s with %d: %s%s", ip, *refusal, proxy and (
             f"; it came through a proxy at {proxy}: if it is yours, start the server with TRUSTED_PROXIES={proxy}, "
-            "so that each client behind it counts on its own") or "")
+            "so that each client behind it counts on its own") or "", client=ip, code=refusal[0])
         app.state.metrics.handshakes_refused.labels(
             "room" if kind else "full" if refusal[0] == status.WS_1013_TRY_AGAIN_LATER else "address").inc()
         await websocket.close(*refusal)
@@ -1213,15 +1213,16 @@ async def chat_socket(websocket: WebSocket):
                     break
                 app.state.metrics.refused.labels(exc.code).inc()
                 app.state.said.info(exc.code, "refused a frame from %s at %s: %s", client.username or "(not joined)",
-                                    ip, exc.detail)
+                                    ip, exc.detail, client=ip, username=client.username, error=exc.code)
                 client.error(exc.code, exc.detail, echoed_client_id(frame), after=client.in_flight)
             except DATABASE_ERRORS as exc:
                 app.state.writer.outage.lost("a WebSocket frame", exc)
                 unavailable(app, client)
             message = frame = None  # kept by no socket while it waits
     finally:
-        log.info("socket from %s closed with %s (%s)", ip, client.closed_with or (message or {}).get("code", 1006),
-                 client.username or "not joined")
+        code = client.closed_with or (message or {}).get("code", 1006)
+        log.info("socket from %s closed with %s (%s)", ip, code, client.username or "not joined",
+                 extra={"client": ip, "code": code, "username": client.username})
         if expiry:
             expiry.cancel()
         app.state.rooms.disconnect(client)
@@ -1313,7 +1314,8 @@ async def on_join(app, client: Client, frame: dict) -> None:
         app.state.rooms.unsubscribe(client)  # not joined after all: the client may try again
         client.username, client.held = None, None
         raise
-    log.info("%s joined %s from %s", username, room, client.ip)
+    log.info("%s joined %s from %s", username, room, client.ip,
+             extra={"username": username, "room": room, "client": client.ip})
     client.release(notices, history)
 
 
@@ -1413,7 +1415,7 @@ async def leave(app, client: Client) -> None:
         return
     last_here = app.state.rooms.unsubscribe(client)
     app.state.writer.record_leaving(username)
-    log.info("%s left %s", username, room)
+    log.info("%s left %s", username, room, extra={"username": username, "room": room})
     try:
         if last_here:
             await app.state.cluster.depart(room, username, presence_notice(room, username, "left"))
@@ -1472,29 +1474,30 @@ class Said:
         self.last: dict[str, float] = {}
         self.held: dict[str, tuple] = {}  # the last held back of each kind: (level, message, args, how many before it, when)
 
-    def info(self, kind: str, message: str, *args, level: int = logging.INFO) -> None:
+    def info(self, kind: str, message: str, *args, level: int = logging.INFO, **fields) -> None:
         held = self.held.pop(kind, None)
         if time.monotonic() - self.last.get(kind, -60.0) < 60:
-            self.held[kind] = (level, message, args, held[3] + 1 if held else 0, time.strftime("%H:%M:%S"))
+            self.held[kind] = (level, message, args, held[3] + 1 if held else 0, time.strftime("%H:%M:%S"), fields)
         else:
-            self.say(kind, level, message, args, held[3] + 1 if held else 0)
+            self.say(kind, level, message, args, held[3] + 1 if held else 0, None, fields)
 
-    def warning(self, kind: str, message: str, *args) -> None:
-        self.info(kind, message, *args, level=logging.WARNING)
+    def warning(self, kind: str, message: str, *args, **fields) -> None:
+        self.info(kind, message, *args, level=logging.WARNING, **fields)
 
     def flush(self) -> None:
         """Say what was held back of each kind whose minute is over."""
         for kind in [kind for kind in self.held if time.monotonic() - self.last[kind] >= 60]:
             self.say(kind, *self.held.pop(kind))
 
-    def say(self, kind: str, level: int, message: str, args: tuple, more: int, at: str | None = None) -> None:
-        """Say a line now; `at`: when it happened, if that was a while ago (its minute was not over)."""
+    def say(self, kind: str, level: int, message: str, args: tuple, more: int, at: str | None, fields: dict) -> None:
+        """Say a line now; `at`: when it happened, if that was a while ago (its minute was not over);
+        `fields`: its parts, for LOG_FORMAT=json (client, username, room, code, error)."""
         now = time.monotonic()
         if len(self.last) > 1000:  # kinds carry what clients send: keep the last minute's only
             self.last = {k: t for k, t in self.last.items() if now - t < 60 or k in self.held}
         self.last[kind] = now
         said = [*([f"at {at}"] if at else []), *([f"{more} more like it in the minute before"] if more else [])]
-        log.log(level, message + (f" ({'; '.join(said)})" if said else ""), *args)
+        log.log(level, message + (f" ({'; '.join(said)})" if said else ""), *args, extra=fields)
 
     async def flushing(self) -> None:
         while True:

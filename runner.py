@@ -587,15 +587,18 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
 
 class JsonLines(logging.Formatter):
     """LOG_FORMAT=json: a log collector reads one JSON object a line, no parsing of prose; a request's
-    line (uvicorn's access log) also has its parts as fields, to count by status or path."""
+    line (uvicorn's access log) and a socket's (joined, left, closed, refused) also have their parts
+    as fields, to count by status, path, client or close code."""
 
     ACCESS = ("client", "method", "path", "http_version", "status")
+    FIELDS = ("client", "username", "room", "code", "error")  # chat's lines about sockets (Said's fields)
 
     def format(self, record):
-        line = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                "message": record.getMessage()}
+        line = {"time": self.formatTime(record), "level": record.levelname,
+                "logger": record.name.removeprefix("uvicorn.error."), "message": record.getMessage()}
         if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == len(self.ACCESS):
             line |= zip(self.ACCESS, record.args)
+        line |= {field: record.__dict__[field] for field in self.FIELDS if field in record.__dict__}
         return json.dumps(line, ensure_ascii=False)
 
     def formatTime(self, record, datefmt=None):

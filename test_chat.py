@@ -1940,7 +1940,7 @@ def test_refused_hosts_are_one_kind_said_once_a_minute_however_many_hosts_came_b
     monkeypatch.setattr(chat.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(chat.time, "strftime", lambda format: "19:52:33")
     said = []
-    monkeypatch.setattr(chat.log, "log", lambda level, message, *args: said.append(message % args))
+    monkeypatch.setattr(chat.log, "log", lambda level, message, *args, extra: said.append(message % args))
     with TestClient(chat.create_app(database_url)) as client:
         for n in range(150):
             assert client.get("/livez", headers={"host": f"h{n}.example"}).status_code == 400
@@ -4064,17 +4064,43 @@ def test_where_to_open_is_said_once_even_when_allowed_hosts_leaves_out_this_addr
     assert "GET /livez" not in log  # its check that the chat listens is no request
 
 
-def test_with_log_format_json_every_line_is_a_json_object(tmp_path):
+def json_log_of_a_join(tmp_path, name: str) -> list[dict]:
+    """The lines of python chat.py with LOG_FORMAT=json, each read as JSON, after `name` joined and went."""
     with bounded_server("python chat.py", tmp_path, env={"LOG_FORMAT": "json"}) as (base, port):
         with ws_connect(base) as ws:
-            ws_join(ws, "alice")
-        wait_until(lambda: b"alice left general" in server_log())
-        lines = [json.loads(line) for line in server_log().decode().splitlines()]
-    assert {tuple(sorted(line)) for line in lines if line["logger"] != "uvicorn.access"} == {
-        ("level", "logger", "message", "time")}
+            ws_join(ws, name)
+        wait_until(lambda: f"{name} left general".encode() in server_log())
+        return [json.loads(line) for line in server_log().decode().splitlines()]
+
+
+def test_with_log_format_json_every_line_is_a_json_object(tmp_path):
+    lines = json_log_of_a_join(tmp_path, "alice")
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     assert [line["message"] for line in lines if line["message"].startswith("alice")] == [
         "alice joined general from 127.0.0.1", "alice left general"]
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"]) for line in lines)
+
+
+def test_with_log_format_json_a_sockets_lines_have_its_client_user_room_and_close_code_as_fields(tmp_path):
+    lines = json_log_of_a_join(tmp_path, "Budi Santoso")
+    assert [{key: value for key, value in line.items() if key not in ("time", "level")}
+            for line in lines if "Budi" in line["message"]] == [
+        {"logger": "chat", "message": "Budi Santoso joined general from 127.0.0.1",
+         "username": "Budi Santoso", "room": "general", "client": "127.0.0.1"},
+        {"logger": "chat", "message": "socket from 127.0.0.1 closed with 1000 (Budi Santoso)",
+         "client": "127.0.0.1", "code": 1000, "username": "Budi Santoso"},
+        {"logger": "chat", "message": "Budi Santoso left general", "username": "Budi Santoso", "room": "general"}]
+
+
+def test_with_log_format_json_a_refused_frames_line_has_its_client_user_and_error_code_as_fields(tmp_path):
+    with bounded_server("python chat.py", tmp_path, env={"LOG_FORMAT": "json"}) as (base, port):
+        with ws_connect(base) as ws:
+            ws.send("hello?")
+            assert json.loads(ws.recv(timeout=5))["code"] == "invalid_json"
+        wait_until(lambda: b"refused a frame" in server_log())
+        [line] = [json.loads(line) for line in server_log().decode().splitlines() if "refused a frame" in line]
+    assert {key: line[key] for key in ("logger", "client", "username", "error")} == {
+        "logger": "chat", "client": "127.0.0.1", "username": None, "error": "invalid_json"}
 
 
 def test_with_log_format_json_a_requests_line_has_its_client_method_path_and_status_as_fields(tmp_path):
@@ -4216,7 +4242,7 @@ def test_a_refusal_repeated_within_a_minute_is_one_line_and_the_next_says_how_ma
     clock = [1000.0]
     monkeypatch.setattr(chat.time, "monotonic", lambda: clock[0])
     said = []
-    monkeypatch.setattr(chat.log, "log", lambda level, message, *args: said.append(message % args))
+    monkeypatch.setattr(chat.log, "log", lambda level, message, *args, extra: said.append(message % args))
     for _ in range(5):
         client.app.state.said.warning("k", "refused %s", "x")
     clock[0] += 59.9
@@ -4231,7 +4257,7 @@ def test_refusals_held_back_are_said_once_their_minute_is_over_as_the_last_of_th
     monkeypatch.setattr(chat.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(chat.time, "strftime", lambda format: "19:52:33")
     said = []
-    monkeypatch.setattr(chat.log, "log", lambda level, message, *args: said.append(message % args))
+    monkeypatch.setattr(chat.log, "log", lambda level, message, *args, extra: said.append(message % args))
     for name in ("Ayu", "AYU", "bella"):
         client.app.state.said.info("k", "refused %s", name)
     clock[0] += 59.9
