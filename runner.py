@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import copy
 import errno
+import functools
 import gc
 import ipaddress
 import json
@@ -676,6 +677,8 @@ class QuietPeers(logging.Filter):
              CROWDED: f"refused a connection with 503: its address has MAX_SOCKETS_PER_IP={MAX_SOCKETS_PER_IP} open "
                       "(a class behind one address may need more)"}
 
+    MINUTE = 60.0
+
     def __init__(self):
         super().__init__()
         self.said: dict[str, float] = {}
@@ -684,12 +687,19 @@ class QuietPeers(logging.Filter):
     def filter(self, record):
         if record.msg not in self.KINDS:
             return True
-        kind, now = record.msg, time.monotonic()
-        if now - self.said.get(kind, -60.0) < 60:
+        kind, now, summary = record.msg, time.monotonic(), record.__dict__.get("summary")
+        if summary and not self.unsaid[kind]:  # said already, with one that came after the minute
+            return False
+        if not summary and now - self.said.get(kind, -self.MINUTE) < self.MINUTE:
             self.unsaid[kind] += 1
+            if self.unsaid[kind] == 1:  # counted once the minute is over, whether or not another comes
+                with contextlib.suppress(RuntimeError):  # no loop running: counted with the next one
+                    asyncio.get_running_loop().call_later(self.said[kind] + self.MINUTE - now, functools.partial(
+                        logging.getLogger(record.name).warning, kind, extra={"summary": True}))
             return False
         self.said[kind], more = now, self.unsaid.pop(kind, 0)
-        record.msg = self.KINDS[kind] + (f"; {more} more in the last minute" if more else "")
+        record.msg = self.KINDS[kind] + (f": {more} more in the last minute" if summary else
+                                         f"; {more} more in the last minute" if more else "")
         record.levelno, record.levelname, record.exc_info, record.exc_text = logging.WARNING, "WARNING", None, None
         return True
 

@@ -3754,6 +3754,23 @@ def test_a_huge_header_is_431_and_costs_no_memory(runner, tmp_path):
     assert grown < 5_000
 
 
+def test_a_peers_faults_held_back_are_counted_once_their_minute_is_over_though_no_more_come(monkeypatch):
+    monkeypatch.setattr(runner.QuietPeers, "MINUTE", 0.2)
+    said, logger, handler = [], logging.getLogger("test.quiet"), logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    handler.addFilter(runner.QuietPeers())
+    monkeypatch.setattr(logger, "handlers", [handler])
+    monkeypatch.setattr(logger, "propagate", False)
+
+    async def three_faults():
+        for _ in range(3):
+            logger.warning("Invalid HTTP request received.")
+        await asyncio.sleep(0.5)
+
+    asyncio.run(three_faults())
+    assert said == [NOT_HTTP, f"{NOT_HTTP}: 2 more in the last minute"]
+
+
 TLS_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"  # https:// to a plain http:// port
 NOT_HTTP = "refused a connection with 400: what it sent is not HTTP/1.1 (a scanner, or TLS sent to a plain port)"
 
