@@ -2125,11 +2125,12 @@ def query_room(request, name: str = "room", default: str | None = DEFAULT_ROOM) 
 async def json_body(request) -> dict:
     """The body as a JSON object, read no further than MAX_BODY_BYTES (chunked bodies too)."""
     # Only JSON: a cross-site form cannot send it without the browser asking us first (CORS).
-    kind, _, charset = request.headers.get("content-type", "").lower().partition(";")
+    kind, *parameters = request.headers.get("content-type", "").lower().split(";")
     if kind.strip() != "application/json":
         raise HTTPException(415, "send the body as application/json")
-    if charset.replace(" ", "").replace('"', "") not in ("", "charset=utf-8", "charset=utf8"):
-        raise HTTPException(415, f"send the body in UTF-8, as JSON is sent; not {charset.strip()}")
+    named = {name.strip(): value.strip().strip('"') for name, _, value in (p.partition("=") for p in parameters)}
+    if named.get("charset", "utf-8") not in ("utf-8", "utf8"):
+        raise HTTPException(415, f"send the body in UTF-8, as JSON is sent, not {named['charset']}")
     too_large = HTTPException(413, f"the body is over {MAX_BODY_BYTES} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:

@@ -503,8 +503,9 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
 
     def connection_lost(self, exc):
         forget(address_key(self.client[0]) if self.client else "")
-        if self.handshake_complete and self.conn.close_rcvd is None:  # gone without a close frame: RFC 6455's
-            self.queue.put_nowait({"type": "websocket.disconnect", "code": 1006})  # 1006 (uvicorn says 1005)
+        if self.handshake_complete and self.conn.close_rcvd is None:  # no close frame came (uvicorn says 1005):
+            sent = self.conn.close_sent  # the code sent (a cut, a ping timeout), else RFC 6455's 1006
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": sent.code if sent else 1006})
         super().connection_lost(exc)
 
     def data_received(self, data):

@@ -3325,14 +3325,14 @@ def test_a_rest_post_in_another_charset_is_415_and_says_to_send_utf_8(client):
     response = client.post("/messages", content='{"username": "alice", "content": "caf\xe9"}'.encode("latin-1"),
                            headers={"Content-Type": "application/json; charset=ISO-8859-1"})
     assert (response.status_code, response.json()) == (
-        415, {"detail": "send the body in UTF-8, as JSON is sent; not charset=iso-8859-1"})
+        415, {"detail": "send the body in UTF-8, as JSON is sent, not iso-8859-1"})
     assert query(client, "SELECT id FROM messages") == []
 
 
-def test_a_rest_post_that_names_utf_8_as_its_charset_is_stored(client):
+def test_a_rest_post_that_names_utf_8_as_its_charset_among_other_parameters_is_stored(client):
     client.post("/users", json={"username": "alice"})
     response = client.post("/messages", content='{"username": "alice", "content": "caf\xe9"}'.encode(),
-                           headers={"Content-Type": 'application/json; charset="UTF-8"'})
+                           headers={"Content-Type": 'application/json; version=1; charset = "UTF-8"'})
     assert (response.status_code, response.json()["content"]) == (201, "caf\xe9")
 
 
@@ -3949,18 +3949,33 @@ def test_a_peer_that_sends_on_after_the_apps_close_is_dropped_past_64_kib(sent, 
     assert closed is hung_up  # else the server reads on until its close_timeout, 10 s
 
 
+def flood_of_fragments(ws) -> ConnectionClosed:
+    """Fragments over their rate: how the server closed the socket."""
+    message = b"\x01\x80\x00\x00\x00\x00" + b"\x00\x80\x00\x00\x00\x00" * 62 + b"\x80\x80\x00\x00\x00\x00"
+    ws.socket.sendall(message * 4)  # 256 fragments: the burst, all at once
+    for _ in range(4):
+        assert json.loads(ws.recv(timeout=5))["code"] == "invalid_json"
+    ws.socket.sendall(message * 2)  # 128 more within two seconds: over 64 a second
+    with pytest.raises(ConnectionClosed) as cut:
+        ws.recv(timeout=5)
+    return cut.value
+
+
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_fragments_over_their_rate_are_cut_with_1008(runner, tmp_path):
     with bounded_server(runner, tmp_path) as (base, port), ws_connect(base) as ws:
         ws_join(ws, "alice")
-        message = b"\x01\x80\x00\x00\x00\x00" + b"\x00\x80\x00\x00\x00\x00" * 62 + b"\x80\x80\x00\x00\x00\x00"
-        ws.socket.sendall(message * 4)  # 256 fragments: the burst, all at once
-        for _ in range(4):
-            assert json.loads(ws.recv(timeout=5))["code"] == "invalid_json"
-        ws.socket.sendall(message * 2)  # 128 more within two seconds: over 64 a second
-        with pytest.raises(ConnectionClosed) as cut:
-            ws.recv(timeout=5)
-    assert (cut.value.rcvd.code, cut.value.rcvd.reason) == (1008, "too many fragments a second")
+        cut = flood_of_fragments(ws)
+    assert (cut.rcvd.code, cut.rcvd.reason) == (1008, "too many fragments a second")
+
+
+def test_a_socket_cut_for_its_fragments_is_logged_as_closed_with_1008(tmp_path):
+    with bounded_server("python chat.py", tmp_path) as (base, port), ws_connect(base) as ws:
+        ws_join(ws, "alice")
+        flood_of_fragments(ws)
+        wait_until(lambda: b"alice left" in server_log())
+        log = server_log()
+    assert "socket from 127.0.0.1 closed with 1008 (alice)" in log_events(log)
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
