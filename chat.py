@@ -3048,21 +3048,19 @@ class PostgresCluster(OneProcess):
         SELECT COUNT(*) FROM presence JOIN processes ON processes.id = presence.process
         WHERE room = :room AND username = :username AND process <> :me AND heartbeat > {ALIVE}"""
     # Arriving and departing: what comes of either while the last was being recorded is one
-    # statement (a run of arrivals, then one of departures, in order): recorded, and the other
+    # statement (a run of arrivals, then one of departures, in order), then TOLD: the other
     # processes told (the notice) of each user none of them has in the room; `elsewhere` says
-    # whether to tell this one's. In a storm of joins, a round trip for many, not one each.
+    # whether to tell this one's. In a storm of joins, two round trips for many, not one each.
     MOVES = """
-        WITH moves AS (SELECT * FROM json_to_recordset(CAST(:moves AS JSON)) AS m(n INT, room TEXT, username TEXT, payload TEXT)),"""
-    TOLD = """
+        WITH moves AS (SELECT * FROM json_to_recordset(CAST(:moves AS JSON)) AS m(n INT, room TEXT, username TEXT, payload TEXT))"""
+    ARRIVE = MOVES + """
+        INSERT INTO presence (process, room, username) SELECT :me, room, username FROM moves ON CONFLICT DO NOTHING"""
+    DEPART = MOVES + """
+        DELETE FROM presence AS p USING moves AS m WHERE p.process = :me AND p.room = m.room AND p.username = m.username"""
+    TOLD = MOVES + """
         SELECT m.n, c.elsewhere, CASE WHEN c.elsewhere = 0 THEN pg_notify('chat_events', m.payload) END
         FROM moves AS m, LATERAL (""" + PRESENT_ELSEWHERE.replace(":room", "m.room").replace(":username", "m.username") + """
         ) AS c (elsewhere) ORDER BY m.n"""
-    ARRIVE = MOVES + """
-        here AS (INSERT INTO presence (process, room, username) SELECT :me, room, username FROM moves
-                 ON CONFLICT DO NOTHING)""" + TOLD
-    DEPART = MOVES + """
-        gone AS (DELETE FROM presence AS p USING moves AS m
-                 WHERE p.process = :me AND p.room = m.room AND p.username = m.username)""" + TOLD
     PRESENT = f"""
         SELECT DISTINCT room, username FROM presence JOIN processes ON processes.id = presence.process
         WHERE heartbeat > {ALIVE} ORDER BY room, username"""
@@ -3127,10 +3125,12 @@ class PostgresCluster(OneProcess):
         return next((n for n, (arriving, _) in enumerate(moves) if arriving != moves[0][0]), len(moves))
 
     async def record_moves(self, moves: list[tuple[bool, dict]]) -> list[int]:
-        rows = await self.database.fetch_all(self.ARRIVE if moves[0][0] else self.DEPART, {
-            "me": self.me, "timeout": PRESENCE_TIMEOUT,
-            "moves": json.dumps([{"n": n, **move} for n, (_, move) in enumerate(moves)])})
-        return [row["elsewhere"] for row in rows]
+        """Recorded, and then, in a statement of its own, told: a user's tab closing here as another
+        opens on a second process, each asks after the other's move is done, whichever was first (in
+        one statement, neither might see the other's, and the room heard "left" of someone there)."""
+        values = {"me": self.me, "moves": json.dumps([{"n": n, **move} for n, (_, move) in enumerate(moves)])}
+        await self.database.fetch_all(self.ARRIVE if moves[0][0] else self.DEPART, values)
+        return [row["elsewhere"] for row in await self.database.fetch_all(self.TOLD, {**values, "timeout": PRESENCE_TIMEOUT})]
 
     async def announce(self, frame: dict, exclude: Client | None = None) -> None:
         """To this process's clients now, and to the other processes' through PostgreSQL."""

@@ -6113,10 +6113,10 @@ def test_arriving_and_departing_find_the_users_other_processes_have_by_index_not
         me = app.state.cluster.me
         postgres_execute(shared_url, f"INSERT INTO presence SELECT '{me}', 'r' || n / 10, 'u' || n FROM generate_series(1, 10000) AS n")
         moves = json.dumps([{"n": n, "room": f"r{n // 10}", "username": f"u{n}", "payload": "{}"} for n in range(1000)])
-        for statement in (chat.PostgresCluster.ARRIVE, chat.PostgresCluster.DEPART):
-            plan = "\n".join(row["QUERY PLAN"] for row in query(client, "EXPLAIN " + statement, {
-                "me": me, "timeout": 15.0, "moves": moves}))
-            assert ("presence_room_username" in plan, "Seq Scan on presence" in plan) == (True, False), plan
+        plans = ["\n".join(row["QUERY PLAN"] for row in query(client, "EXPLAIN " + statement, {
+            "me": me, "timeout": 15.0, "moves": moves})) for statement in (chat.PostgresCluster.TOLD, chat.PostgresCluster.DEPART)]
+        assert [("presence_room_username" in plan, "Seq Scan on presence" in plan) for plan in plans] == [
+            (True, False), (False, False)], plans
 
 
 def test_two_processes_storing_the_same_new_users_in_opposite_orders_do_not_deadlock(shared_url):
@@ -6144,6 +6144,54 @@ def test_two_processes_storing_the_same_new_users_in_opposite_orders_do_not_dead
 
     with concurrent.futures.ThreadPoolExecutor() as pool:
         assert pool.submit(asyncio.run, rounds()).result() == [1000] * 6
+
+
+def postgres_value(url: str, sql: str):
+    """One value of admin SQL, on its own thread and loop."""
+    async def run():
+        connection = await asyncpg.connect(url, timeout=5)
+        try:
+            return await connection.fetchval(sql)
+        finally:
+            await connection.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result()
+
+
+@contextlib.contextmanager
+def rows_locked(url: str, select_for_update: str):
+    """Rows held locked (a transaction of another client) until the block ends."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    run = lambda coroutine: asyncio.run_coroutine_threadsafe(coroutine, loop).result(10)  # noqa: E731
+    connection = run(asyncpg.connect(url, timeout=5))
+    try:
+        run(connection.execute("BEGIN; " + select_for_update))
+        yield
+    finally:
+        run(connection.close())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+
+
+def test_a_user_leaving_one_process_as_they_arrive_on_another_is_not_announced_as_gone(shared_url):
+    first, second = chat.create_app(shared_url), chat.create_app(shared_url)
+    with TestClient(first) as a, TestClient(second) as b, a.websocket_connect("/ws") as watcher, \
+            a.websocket_connect("/ws") as old_tab, b.websocket_connect("/ws") as new_tab:
+        join(watcher, "watcher")
+        join(old_tab, "alice")
+        assert untimed(watcher.receive_json()) == presence("alice", "joined")
+        with rows_locked(shared_url, "SELECT 1 FROM presence WHERE username = 'alice' FOR UPDATE"):
+            old_tab.send_json({"type": "leave"})  # its departure waits for the lock, having begun
+            wait_until(lambda: postgres_value(shared_url, "SELECT COUNT(*) FROM pg_stat_activity WHERE "
+                                                          "datname = current_database() AND wait_event_type = 'Lock'"))
+            assert join(new_tab, "alice") == welcome("alice")  # on the second process, before the departure ends
+        with a.websocket_connect("/ws") as bob:
+            join(bob, "bob")  # the first process records it after alice's departure
+            assert untimed(watcher.receive_json()) == presence("bob", "joined")  # and no "alice left" before it
+            assert a.get("/users/active").json() == ["alice", "bob", "watcher"]
 
 
 def recorded_moves(app, monkeypatch) -> list[str]:
