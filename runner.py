@@ -203,6 +203,9 @@ PROBES = {b"/livez", b"/readyz", b"/healthz", b"/metrics"}  # answered while ful
 PROBE_ROOM = 16  # sockets past the budget, of the descriptors it keeps back, that may ask for a probe
 
 
+UNHEARD = logging.Logger("refused", logging.CRITICAL + 1)  # says nothing: not even uvicorn's trace lines
+
+
 class BoundedHttpTools(HttpToolsProtocol):
     """uvicorn's httptools protocol with: a cap on connections (in all, and per address), a deadline
     to send each request (head and body), and a cap on the request head (bytes and fields)."""
@@ -253,8 +256,9 @@ class BoundedHttpTools(HttpToolsProtocol):
             self.transport.close()  # it answered without reading the body, and the answer is under way
 
     def refuse(self, status_code: int, phrase: bytes, detail: str, why: str):
-        """Answer, saying why as the app's errors do, and close: nothing more of it is read."""
-        self.refused = True
+        """Answer, saying why as the app's errors do, and close: nothing more of it is read, and
+        nothing more said of it (uvicorn would log the parse this stopped as an invalid request)."""
+        self.refused, self.logger = True, UNHEARD
         self.refusals[why] += 1
         self.cancel_deadline()
         body = json.dumps({"detail": detail}).encode()
@@ -775,7 +779,10 @@ def serve(chat, workers: int = 1) -> None:
     with tempfile.TemporaryDirectory(prefix="chat-metrics-") as shared:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", shared)  # before the workers import chat
         built = config("runner:bounded_chat", chat.MAX_FRAME_BYTES, workers=workers)  # logs as the workers do
-        refusal = asyncio.run(reached(chat))
+        try:
+            refusal = asyncio.run(reached(chat))
+        except KeyboardInterrupt:  # Ctrl+C while it waits for the database: no worker to stop
+            raise SystemExit(1) from None
         if refusal:  # each worker would say it, between uvicorn's lines: the parent says it once
             log.error("%s", refusal)
             raise SystemExit(3)

@@ -568,6 +568,16 @@ def test_several_workers_on_a_database_that_does_not_exist_say_so_once_and_start
         "create it (createdb no_such_chat) or check DATABASE_URL"]
 
 
+def test_ctrl_c_while_several_workers_wait_for_the_database_ends_it_without_a_traceback():
+    port = free_port()  # nothing listens on it
+    server = subprocess.Popen([sys.executable, "chat.py", "--port", str(free_port()), "--workers", "2"], cwd=HERE,
+                              stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                              env={**os.environ, "DATABASE_WAIT": "30", "DATABASE_URL": f"postgresql://chat@127.0.0.1:{port}/chat"})
+    assert "does not answer" in server.stderr.readline()
+    server.send_signal(signal.SIGINT)
+    assert (server.wait(timeout=10), "Traceback" in server.stderr.read()) == (1, False)
+
+
 def test_a_database_that_refuses_the_connection_at_start_is_refused_at_once_in_one_line(postgres_url):
     url = postgres_url.replace("postgres@", "nobody@")
     result = subprocess.run([sys.executable, "chat.py", "--port", str(free_port())], cwd=HERE, capture_output=True,
@@ -3325,7 +3335,7 @@ def test_a_rest_post_in_another_charset_is_415_and_says_to_send_utf_8(client):
     response = client.post("/messages", content='{"username": "alice", "content": "caf\xe9"}'.encode("latin-1"),
                            headers={"Content-Type": "application/json; charset=ISO-8859-1"})
     assert (response.status_code, response.json()) == (
-        415, {"detail": "send the body in UTF-8, as JSON is sent, not iso-8859-1"})
+        415, {"detail": "send the body in UTF-8, as JSON is sent, not charset=iso-8859-1"})
     assert query(client, "SELECT id FROM messages") == []
 
 
@@ -3334,6 +3344,11 @@ def test_a_rest_post_that_names_utf_8_as_its_charset_among_other_parameters_is_s
     response = client.post("/messages", content='{"username": "alice", "content": "caf\xe9"}'.encode(),
                            headers={"Content-Type": 'application/json; version=1; charset = "UTF-8"'})
     assert (response.status_code, response.json()["content"]) == (201, "caf\xe9")
+
+
+def test_a_rest_body_in_utf_8_led_by_a_byte_order_mark_is_read(client):
+    response = client.post("/users", content=b'\xef\xbb\xbf{"username": "alice"}', headers={"Content-Type": "application/json"})
+    assert (response.status_code, response.json()["username"]) == (201, "alice")
 
 
 def test_a_rest_post_whose_bytes_are_not_utf_8_is_told_to_send_utf_8(client):
@@ -3771,6 +3786,13 @@ def test_a_peers_faults_held_back_are_counted_once_their_minute_is_over_though_n
     assert said == [NOT_HTTP, f"{NOT_HTTP}: 2 more in the last minute"]
 
 
+def test_a_head_too_large_is_logged_as_nothing_more(tmp_path):
+    with bounded_server("python chat.py", tmp_path) as (base, port):
+        answer, _ = raw_answer(port, b"GET /ws-info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+        log = server_log().decode()
+    assert answer.startswith(b"HTTP/1.1 431 ") and "with 400" not in log and "Invalid HTTP" not in log
+
+
 TLS_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"  # https:// to a plain http:// port
 NOT_HTTP = "refused a connection with 400: what it sent is not HTTP/1.1 (a scanner, or TLS sent to a plain port)"
 
@@ -3967,6 +3989,19 @@ def test_fragments_over_their_rate_are_cut_with_1008(runner, tmp_path):
         ws_join(ws, "alice")
         cut = flood_of_fragments(ws)
     assert (cut.rcvd.code, cut.rcvd.reason) == (1008, "too many fragments a second")
+
+
+def test_with_log_format_json_a_socket_closed_for_flooding_has_its_close_code_as_a_number(tmp_path):
+    with bounded_server("python chat.py", tmp_path, env={"LOG_FORMAT": "json", "FLOOD_LIMIT": "1"}) as (base, port):
+        with ws_connect(base) as ws, pytest.raises(ConnectionClosed):
+            for _ in range(20):
+                ws.send("x")
+            while True:
+                ws.recv(timeout=5)
+        wait_until(lambda: b"closed with 1008" in server_log())
+        [line] = [json.loads(line) for line in server_log().decode().splitlines() if "closed with" in line]
+    assert (line["message"], line["code"]) == ("socket from 127.0.0.1 closed with 1008 flooding: too many frames "
+                                               "(not joined)", 1008)
 
 
 def test_a_socket_cut_for_its_fragments_is_logged_as_closed_with_1008(tmp_path):
