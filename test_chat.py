@@ -3782,7 +3782,8 @@ def test_a_peers_faults_held_back_are_counted_once_their_minute_is_over_though_n
             logger.warning("Invalid HTTP request received.")
         await asyncio.sleep(0.5)
 
-    asyncio.run(three_faults())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a loop of its own: Playwright's may run on this thread
+        pool.submit(asyncio.run, three_faults()).result()
     assert said == [NOT_HTTP, f"{NOT_HTTP}: 2 more in the last minute"]
 
 
