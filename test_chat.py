@@ -3910,7 +3910,7 @@ def test_a_flood_of_empty_continuation_frames_is_cut_at_once_and_others_chat_on(
             latencies = [round_trip(victim, f"m{n}") for n in range(3)]
             outcomes = [future.result() for future in flooding]
     assert [(code, reason) for _, code, reason in outcomes] == [(1008, "a message in more than 64 fragments")] * 4
-    assert max(latencies) < 1, latencies  # 15 s before the fragment budget
+    assert max(latencies) < 5, latencies  # 15 s before the fragment budget; under a loaded CI, once 1.03 s
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
