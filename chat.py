@@ -316,13 +316,16 @@ class SQLiteDatabase(Direct):
             await self.shared.raw_connection.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
 
 
+CONNECT_SECONDS = 10  # a server that takes a connection and never answers it is tried again after this
+
+
 def open_database(url: str) -> Database:
     """SQLite needs the connection class above, and one connection; PostgreSQL a fixed-size pool.
     postgres:// (the tutorial's and many hosts' spelling) is postgresql:// to the drivers."""
     url = re.sub(r"^postgres://", "postgresql://", url)
     if url.startswith("sqlite"):
         return SQLiteDatabase(url, factory=SQLiteConnection, timeout=30)
-    return PostgresDatabase(url, min_size=5, max_size=10, command_timeout=10, reset=kept)
+    return PostgresDatabase(url, min_size=5, max_size=10, timeout=CONNECT_SECONDS, command_timeout=10, reset=kept)
 
 
 async def kept(connection) -> None:
@@ -2694,9 +2697,9 @@ async def connect(database: Database) -> None:
         try:
             return await database.connect()
         except OSError as exc:  # refused, no such host, timed out: it may come
-            tries += 1
+            tries, exc = tries + 1, str(exc) or f"no answer in {CONNECT_SECONDS} s"
             if database.url.dialect == "sqlite" or time.monotonic() + 2 > deadline:
-                raise Refusal(f"the database at {where} does not answer ({exc}) after {tries} tries: check that it "
+                raise Refusal(f"the database at {where} does not answer ({exc}) after {tries} {'try' if tries == 1 else 'tries'}: check that it "
                               "runs and that DATABASE_URL names it") from None
             log.warning("the database at %s does not answer (%s); trying again in 2 s", where, exc)
             await asyncio.sleep(2)
@@ -3175,7 +3178,7 @@ class PostgresCluster(OneProcess):
     async def listen(self) -> None:
         """LISTEN on a connection of our own (a pooled one would lose its listeners when released);
         a terminated backend shows up as an error within a second, and supervise() reconnects."""
-        connection = await asyncpg.connect(str(self.database.url), timeout=10,
+        connection = await asyncpg.connect(str(self.database.url), timeout=CONNECT_SECONDS,
                                            server_settings={"application_name": "chat-listener"})
         try:
             await connection.add_listener("chat_messages", self.on_notify)

@@ -549,6 +549,17 @@ def test_a_database_that_does_not_answer_at_start_is_tried_every_2_s_then_refuse
         "DATABASE_URL names it"]
 
 
+def test_a_database_that_takes_the_connection_and_never_answers_is_given_up_on_after_10_s_in_one_line():
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel takes the connection; nothing answers
+        port = silent.getsockname()[1]
+        result = subprocess.run([sys.executable, "chat.py", "--port", str(free_port())], cwd=HERE, capture_output=True,
+                                text=True, timeout=40, env={**os.environ, "DATABASE_WAIT": "5",
+                                                            "DATABASE_URL": f"postgresql://chat@127.0.0.1:{port}/chat"})
+    assert result.returncode == 3
+    assert chat_log_lines(result) == [f"ERROR:    the database at postgresql://chat@127.0.0.1:{port}/chat does not answer "
+                                      "(no answer in 10 s) after 1 try: check that it runs and that DATABASE_URL names it"]
+
+
 def test_a_database_that_does_not_exist_is_refused_at_start_saying_to_create_it(postgres_url):
     url = postgres_url.rsplit("/", 1)[0] + "/no_such_chat"
     result = subprocess.run([sys.executable, "chat.py", "--port", str(free_port())], cwd=HERE, capture_output=True,
