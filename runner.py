@@ -279,9 +279,15 @@ class BoundedHttpTools(HttpToolsProtocol):
                 self.refuse(431, b"Request Header Fields Too Large", HEAD_TOO_LARGE, "head")
 
     def send_400_response(self, msg):
-        if not self.refused:  # count() stops the parser by raising, which lands here
-            self.refuse(400, b"Bad Request", "this is not an HTTP/1.1 request this server can read: check its "
-                        "request line and headers", "malformed")
+        if self.refused:  # count() stops the parser by raising, which lands here
+            return
+        if self.cycle is not None and self.cycle.more_body and self.cycle.response_started:
+            self.refused, self.logger = True, UNHEARD  # the body of a request answered already: no second answer
+            self.refusals["malformed"] += 1
+            self.transport.close()
+            return
+        self.refuse(400, b"Bad Request", "this is not an HTTP/1.1 request this server can read: check its "
+                    "request line and headers", "malformed")
 
     def on_message_begin(self):
         super().on_message_begin()

@@ -3817,6 +3817,18 @@ def test_a_request_that_is_not_http_is_answered_400_in_json_saying_why(runner, t
         b'{"detail": "this is not an HTTP/1.1 request this server can read: check its request line and headers"}')
 
 
+def test_a_body_that_turns_out_not_to_be_http_after_the_answer_gets_no_second_answer(tmp_path):
+    with bounded_server("python chat.py", tmp_path) as (base, port), socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(10)
+        sock.sendall(b"POST /messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        answer = sock.recv(65536)  # 415, before the body has ended
+        sock.sendall(b"not a chunk\r\n")
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 415 ") and answer.endswith(b'{"detail":"send the body as application/json"}')
+
+
 def test_requests_that_are_not_http_are_logged_once_a_minute(tmp_path):
     with bounded_server("python chat.py", tmp_path) as (base, port):
         for _ in range(3):
