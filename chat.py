@@ -1180,8 +1180,8 @@ async def chat_socket(websocket: WebSocket):
     try:
         room, kind = check_room(websocket.path_params.get("room", DEFAULT_ROOM)), None
         refusal = app.state.rooms.refusal(ip)
-    except Invalid as exc:  # one kind, whatever room it suggests instead
-        refusal, kind = (status.WS_1008_POLICY_VIOLATION, exc.detail[:120]), exc.code
+    except Invalid as exc:  # one kind, whatever room it suggests, and not a refused frame's
+        refusal, kind = (status.WS_1008_POLICY_VIOLATION, exc.detail[:120]), "a room in the URL"
     if refusal:
         proxy = untrusted_proxy(handshake)
         app.state.said.warning(kind or refusal[1], "closed a WebSocket from %s with %d: %s%s", ip, *refusal, proxy and (

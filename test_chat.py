@@ -4136,6 +4136,18 @@ def test_refusals_of_different_bad_rooms_are_one_kind_said_once_a_minute(tmp_pat
                      f"starting with a letter or digit: try {'r' * 32!r}"]
 
 
+def test_a_bad_room_in_the_url_is_logged_at_once_after_a_join_frame_was_refused_for_its_room(client, monkeypatch, caplog):
+    monkeypatch.setattr(logging.getLogger("uvicorn"), "propagate", True)  # as uvicorn's log config left it
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "join", "username": "Ayu", "room": "Kelas 7A"})
+        assert ws.receive_json()["code"] == "invalid_room"
+    with client.websocket_connect("/ws/Kelas%207A") as ws:
+        assert closed_with(ws)[0] == 1008
+    assert [line for line in caplog.messages if line.startswith("closed a WebSocket")] == [
+        "closed a WebSocket from testclient with 1008: room must be 1-32 of a-z, 0-9, '-' and '_', starting with a "
+        "letter or digit: try 'kelas-7a'"]
+
+
 def test_the_start_says_where_messages_are_kept_and_whether_that_database_was_new(tmp_path):
     def started() -> list[str]:
         with bounded_server("python chat.py", tmp_path):
