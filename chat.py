@@ -404,9 +404,17 @@ async def upgrade(connection, dialect: str, run) -> str:
     if odd:
         raise Refusal(f"the database has what no version of chat made: {', '.join(odd[:5])}; point DATABASE_URL "
                       "at chat's own database (an empty one is made ready), or restore one from a backup")
-    await run("".join(f"{sql};\n" for sql in statements if not any(
-        column in found.get(table, ()) for table, column in ADDS_COLUMN.findall(sql)))
-        + (SCHEMA if dialect == "sqlite" else re.sub(r"INTEGER PRIMARY KEY( AUTOINCREMENT)?", "BIGSERIAL PRIMARY KEY", SCHEMA)))
+    try:
+        await run("".join(f"{sql};\n" for sql in statements if not any(
+            column in found.get(table, ()) for table, column in ADDS_COLUMN.findall(sql)))
+            + (SCHEMA if dialect == "sqlite" else re.sub(r"INTEGER PRIMARY KEY( AUTOINCREMENT)?", "BIGSERIAL PRIMARY KEY", SCHEMA)))
+    except (sqlite3.DatabaseError, asyncpg.PostgresError) as exc:  # its tables, rolled back: not its disk or server
+        kind = exc.sqlite_errorcode & 0xFF if isinstance(exc, sqlite3.DatabaseError) else exc.sqlstate[:2]
+        if kind not in (sqlite3.SQLITE_ERROR, sqlite3.SQLITE_CONSTRAINT, "42", "23"):
+            raise
+        raise Refusal(f"the database could not be brought to schema version {LATEST} ({exc}) and was left as it was: "
+                      "if it is chat's, restore it from a backup; else point DATABASE_URL at chat's own "
+                      "(an empty one is made ready)") from None
     if not found:
         log.info("the database was empty: made its tables")
     for number, name, _ in steps:

@@ -1184,6 +1184,23 @@ def test_a_database_with_tables_or_columns_no_step_explains_is_refused_in_one_li
                                   "chat's own database (an empty one is made ready), or restore one from a backup")
 
 
+def test_a_database_missing_a_table_an_upgrade_step_needs_is_refused_in_one_line_and_left_as_it_was(database_url):
+    old_database(database_url, "a9fad39", "DROP TABLE messages;")
+    with pytest.raises(chat.Refusal) as refusal:
+        with TestClient(chat.create_app(database_url)):
+            pass
+    missing = "no such table: messages" if database_url.startswith("sqlite") else 'relation "messages" does not exist'
+    assert str(refusal.value) == (f"the database could not be brought to schema version 8 ({missing}) and was left as "
+                                  "it was: if it is chat's, restore it from a backup; else point DATABASE_URL at "
+                                  "chat's own (an empty one is made ready)")
+    if database_url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db:
+            made = db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'meta'").fetchone()[0]
+    else:
+        made = postgres_value(database_url, "SELECT count(*) FROM pg_tables WHERE tablename = 'meta'")
+    assert made == 0  # schema.sql's tables were not made either: nothing of the upgrade stayed
+
+
 def test_a_database_missing_a_column_stops_the_server_in_one_line_without_a_traceback(tmp_path):
     url = f"sqlite:///{tmp_path}/chat.db"
     old_database(url, "1045d46", "ALTER TABLE messages DROP COLUMN created_at;")
