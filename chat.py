@@ -2785,8 +2785,10 @@ class HostCheck:
     def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return self.app(scope, receive, send)
+        if len(hosts := Headers(scope=scope).getlist("host")) > 1:  # which one would a proxy have checked?
+            return self.refuse(scope, receive, send, f"the request has {len(hosts)} Host headers: send one")
         try:
-            host = urllib.parse.urlsplit("//" + Headers(scope=scope).get("host", "")).hostname or ""
+            host = urllib.parse.urlsplit("//" + (hosts or [""])[0]).hostname or ""
         except ValueError:  # "[", "[::1": no host at all
             return self.refuse(scope, receive, send, "the Host header is not a host name")
         if not host:

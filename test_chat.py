@@ -3291,6 +3291,14 @@ def test_a_request_with_no_host_is_told_to_send_one(server):
         b'{"detail":"the request names no host: send a Host header"}'), answer
 
 
+@pytest.mark.parametrize("hosts", [b"Host: 127.0.0.1\r\nHost: evil.example", b"Host: 127.0.0.1\r\nHost: 127.0.0.1"])
+def test_a_request_with_two_host_headers_is_refused_with_400(server, hosts):
+    with socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1]))) as raw:
+        raw.sendall(b"GET /livez HTTP/1.1\r\n" + hosts + b"\r\nConnection: close\r\n\r\n")
+        answer = b"".join(iter(lambda: raw.recv(65536), b""))
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.endswith(b'{"detail":"the request has 2 Host headers: send one"}')
+
+
 def test_a_real_server_answers_a_cross_site_handshake_with_403(server):
     with pytest.raises(InvalidStatus) as refused:
         ws_connect(server, origin="http://evil.example")
