@@ -866,7 +866,7 @@ FRAME_FORMATS = {
 ERROR_CODES = {
     "binary_frame": "a binary frame; send JSON as text",
     "frame_too_large": f"a frame over {MAX_FRAME_BYTES} bytes",
-    "invalid_json": "the frame is not JSON",
+    "invalid_json": "the frame is not JSON, or names a key twice",
     "not_object": "the frame is JSON but not an object",
     "unknown_type": "type is missing or not join, message or leave",
     "invalid_username": f"username missing, not a string, over {MAX_USERNAME_LENGTH} characters, or "
@@ -889,15 +889,30 @@ ERROR_CODES = {
 }
 
 
-LONG_NUMBERS = json.JSONDecoder(parse_int=lambda digits: int(digits) if len(digits) < 20 else NO_UPPER_BOUND)
+class Twice(ValueError):
+    """A key twice in one object: the last would win here, and a proxy that checked the first was fooled."""
+
+
+def once(pairs: list[tuple]) -> dict:
+    if len(named := dict(pairs)) < len(pairs):
+        seen: set[str] = set()
+        raise Twice(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return named
+
+
+JSON = json.JSONDecoder(object_pairs_hook=once)
+LONG_NUMBERS = json.JSONDecoder(object_pairs_hook=once, parse_int=lambda digits: int(digits) if len(digits) < 20 else NO_UPPER_BOUND)
 
 
 def from_json(text: str):
-    """JSON, or ValueError. Python reads at most 4,300 digits as an integer, and would call a whole
-    frame or body with a longer number not JSON: that number reads as one past the last id instead,
-    refused by its field's check. (Read so only then: a Python call for every number costs 5x.)"""
+    """JSON, or ValueError (Twice for a key twice). Python reads at most 4,300 digits as an integer,
+    and would call a whole frame or body with a longer number not JSON: that number reads as one
+    past the last id instead, refused by its field's check. (Read so only then: a Python call for
+    every number costs 5x.)"""
     try:
-        return json.loads(text)
+        return JSON.decode(text)
+    except Twice:
+        raise
     except ValueError as exc:
         if "integer string conversion" not in str(exc):
             raise
@@ -916,6 +931,8 @@ def parse_frame(message: dict) -> dict:
         raise Invalid("frame_too_large", f"frames are limited to {MAX_FRAME_BYTES} bytes")
     try:
         frame = from_json(text)
+    except Twice as exc:
+        raise Invalid("invalid_json", f"the frame names {exc.args[0]!r} twice: send each key once") from None
     except (ValueError, RecursionError):
         raise Invalid("invalid_json", "the frame is not valid JSON (one JSON object a frame: in websocat, one a line)") from None
     if not isinstance(frame, dict):
@@ -2165,6 +2182,8 @@ async def json_body(request) -> dict:
         body = from_json(raw.decode("utf-8-sig"))  # a byte order mark may lead (RFC 8259)
     except UnicodeDecodeError:
         raise HTTPException(422, "the body is not UTF-8: send it in UTF-8, as JSON is sent") from None
+    except Twice as exc:
+        raise HTTPException(422, f"the body names {exc.args[0]!r} twice: send each key once") from None
     except (ValueError, RecursionError):  # RecursionError: nested thousands deep
         raise HTTPException(422, "body must be a JSON object") from None
     if not isinstance(body, dict):

@@ -1360,6 +1360,30 @@ def test_a_message_before_join_gets_an_error_and_is_not_stored(client):
     assert query(client, "SELECT id FROM messages") == []
 
 
+def test_a_frame_that_names_a_key_twice_gets_an_error_and_is_not_stored(client):
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        ws.send_text('{"type": "message", "content": "seen by a proxy", "content": "stored"}')
+        assert ws.receive_json() == {"type": "error", "code": "invalid_json",
+                                     "content": "the frame names 'content' twice: send each key once"}
+    assert query(client, "SELECT id FROM messages") == []
+
+
+def test_a_frame_with_a_key_twice_beside_a_number_too_long_to_read_gets_the_same_error(client):
+    with client.websocket_connect("/ws") as ws:
+        ws.send_text('{"type": "join", "username": "alice", "since": ' + "9" * 5000 + ', "since": 0}')
+        assert ws.receive_json() == {"type": "error", "code": "invalid_json",
+                                     "content": "the frame names 'since' twice: send each key once"}
+
+
+def test_a_rest_body_that_names_a_key_twice_is_422_and_not_stored(client):
+    client.post("/users", json={"username": "alice"})
+    response = client.post("/messages", content=b'{"username": "alice", "content": "a", "content": "b"}',
+                           headers={"content-type": "application/json"})
+    assert (response.status_code, response.json()) == (422, {"detail": "the body names 'content' twice: send each key once"})
+    assert query(client, "SELECT id FROM messages") == []
+
+
 def test_a_binary_frame_gets_an_error_and_the_connection_keeps_working(client):
     with client.websocket_connect("/ws") as ws:
         ws.send_bytes(b'{"type": "join", "username": "alice"}')
