@@ -646,7 +646,8 @@ def check_text(value, field: str, max_length: int) -> str:
     if not isinstance(value, str) or not value.strip():
         raise Invalid(f"invalid_{field}", f"{field} must be a non-empty string")
     if len(value) > max_length:
-        raise Invalid(f"invalid_{field}", f"{field} is longer than {max_length} characters")
+        raise Invalid(f"invalid_{field}", f"{field} is longer than {max_length} characters: shorten it"
+                      + (", or send it in parts" if field == "content" else ""))
     try:
         value.encode("utf-8")  # fails on an unpaired surrogate, which PostgreSQL would refuse
     except UnicodeEncodeError:
@@ -663,7 +664,7 @@ def check_username(value) -> str:
     # PRECIS costs up to 20 µs a character: refuse what cannot be a name before it runs (a name of
     # 32 characters may come decomposed, "e" and an accent for "é", so allow for that).
     if len(value) > 2 * MAX_USERNAME_LENGTH:
-        raise Invalid("invalid_username", f"username is longer than {MAX_USERNAME_LENGTH} characters")
+        raise Invalid("invalid_username", f"username is longer than {MAX_USERNAME_LENGTH} characters: shorten it")
     try:
         name = USERNAMES.enforce(value)
     except UnicodeError as exc:  # precis_i18n names the character and the rule it breaks
@@ -673,7 +674,7 @@ def check_username(value) -> str:
         raise Invalid("invalid_username", f"username may not contain U+{ord(char):04X} "
                       f"{unicodedata.name(char, '(unnamed)')} ({exc.reason})") from None
     if len(name) > MAX_USERNAME_LENGTH:
-        raise Invalid("invalid_username", f"username is longer than {MAX_USERNAME_LENGTH} characters")
+        raise Invalid("invalid_username", f"username is longer than {MAX_USERNAME_LENGTH} characters: shorten it")
     if "\u2800" in name:  # a symbol to PRECIS, and in no confusables list, but it shows as nothing: "bob⠀" is "bob"
         raise Invalid("invalid_username", "username may not contain U+2800 BRAILLE PATTERN BLANK (it shows as nothing)")
     if unicodedata.category(name[0]).startswith("M"):  # it would sit on what comes before it, or on nothing
@@ -1303,7 +1304,8 @@ def check_same_user(client: Client, frame: dict) -> None:
         with contextlib.suppress(Invalid):
             if check_username(frame["username"]) == client.username:  # another form of the same name
                 return
-        raise Invalid("wrong_user", f"this connection is {client.username!r}")
+        raise Invalid("wrong_user", f"this connection joined as {client.username!r}: send that username, or "
+                      "none (another name needs a connection of its own)")
 
 
 async def on_join(app, client: Client, frame: dict) -> None:
@@ -1322,7 +1324,8 @@ async def on_join(app, client: Client, frame: dict) -> None:
     stored = await returning(app, frame.get("username", client.identity), client.identity)
     username = stored["username"] if stored else check_username(frame.get("username", client.identity))
     if client.identity and username != client.identity:
-        raise Invalid("wrong_user", f"your token is for {client.identity!r}")
+        raise Invalid("wrong_user", f"your token is for {client.identity!r}: join as that name, or with "
+                      "a token for yours")
     room = check_room(frame.get("room", client.room))
     since = check_id(frame["since"], "since") if frame.get("since") is not None else None
     client.user_id = stored["id"] if stored else await app.state.new_users(username)

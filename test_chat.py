@@ -453,7 +453,7 @@ def test_a_message_in_another_users_name_is_refused_and_not_stored(client):
         join(ws, "alice")
         ws.send_json({"type": "message", "username": "bob", "content": "I am bob"})
         assert ws.receive_json() == {"type": "error", "code": "wrong_user",
-                                     "content": "this connection is 'alice'"}
+                                     "content": "this connection joined as 'alice': send that username, or none (another name needs a connection of its own)"}
     assert query(client, "SELECT id FROM messages") == []
 
 
@@ -1314,6 +1314,16 @@ BAD_FRAMES = {
 }
 
 
+def test_a_message_of_2000_characters_is_stored_and_one_of_2001_is_told_to_shorten_or_split(client):
+    with client.websocket_connect("/ws") as ws:
+        join(ws, "alice")
+        ws.send_json({"type": "message", "content": "x" * 2001})
+        assert ws.receive_json() == {"type": "error", "code": "invalid_content", "content":
+                                     "content is longer than 2000 characters: shorten it, or send it in parts"}
+        ws.send_json({"type": "message", "content": "x" * 2000})
+        assert len(ws.receive_json()["content"]) == 2000
+
+
 @pytest.mark.parametrize("case", BAD_FRAMES)
 def test_a_bad_frame_gets_an_error_and_the_connection_keeps_working(client, case):
     text, code = BAD_FRAMES[case]
@@ -1478,7 +1488,7 @@ def test_a_username_far_over_the_limit_is_refused_by_its_length_before_its_chara
     with client.websocket_connect("/ws") as ws:
         ws.send_json({"type": "join", "username": marks})
         assert ws.receive_json() == {"type": "error", "code": "invalid_username",
-                                     "content": "username is longer than 32 characters"}
+                                     "content": "username is longer than 32 characters: shorten it"}
 
 
 def test_a_lookalike_is_refused_as_written_whatever_its_case_and_both(client):
@@ -2698,7 +2708,7 @@ def test_a_join_refused_for_its_name_is_said_once_in_the_tester_pages_status(bro
     page.fill("#username", "x" * (chat.MAX_USERNAME_LENGTH + 1))
     page.click("#join")
     page.wait_for_selector("#status.refused")
-    assert page.inner_text("#status") == f"not joined: username is longer than {chat.MAX_USERNAME_LENGTH} characters"
+    assert page.inner_text("#status") == f"not joined: username is longer than {chat.MAX_USERNAME_LENGTH} characters: shorten it"
     assert page.locator("#messages > *").count() == 0
 
 
@@ -3024,7 +3034,7 @@ def test_with_a_secret_joining_as_another_user_than_the_token_names_is_refused(c
     with client.websocket_connect(f"/ws?token={chat.make_token('alice')}") as ws:
         ws.send_json({"type": "join", "username": "bob"})
         assert ws.receive_json() == {"type": "error", "code": "wrong_user",
-                                     "content": "your token is for 'alice'"}
+                                     "content": "your token is for 'alice': join as that name, or with a token for yours"}
     assert query(client, "SELECT username FROM users") == []
 
 
@@ -3161,7 +3171,7 @@ def test_token_with_bad_names_among_several_prints_no_token_and_names_each_bad_o
     assert (result.returncode, result.stdout, result.stderr.splitlines()) == (1, "", [
         "'Bad\\x01Name': username may not contain U+0001 (unnamed) (DISALLOWED/controls)",
         "'Ayu\\t12': it has a tab: one name a line, and nothing else on it",
-        f"'{'M' * 33}': username is longer than 32 characters", "no token was printed"])
+        f"'{'M' * 33}': username is longer than 32 characters: shorten it", "no token was printed"])
 
 
 def test_token_with_link_prints_each_name_and_the_page_to_open_with_its_token_in_the_fragment():
