@@ -706,6 +706,9 @@ def skeleton(name: str, fold: bool) -> str:
     return name
 
 
+SAME_WAY = "if that is you, write it the same way, else choose another name"  # to whoever chose the name
+
+
 @functools.lru_cache(maxsize=4096)  # a batch of joins asks twice; callers only read it
 def looks(name: str) -> dict[str, str]:
     """What a name looks like: as written ("aIice", with a capital I, looks like "alice"), whatever
@@ -717,7 +720,7 @@ def looks(name: str) -> dict[str, str]:
             "folded_look": skeleton(as_written, fold=True), "in_capitals": skeleton(name.upper(), fold=False)}
 
 
-async def check_lookalike(database, username: str, former: str | None = None) -> None:
+async def check_lookalike(database, username: str, former: str | None = None, advice: str = SAME_WAY) -> None:
     """Refuse a name that a reader could not tell from an existing user's (but for `former`, the
     name it replaces); the first one keeps it. Its looks are claimed in one statement: if another
     name holds any of them, the name gives back what it took, and holds nothing a later name might need."""
@@ -726,12 +729,11 @@ async def check_lookalike(database, username: str, former: str | None = None) ->
     others = {row["username"] for row in holders} - {username, former}
     if others:
         await database.execute(RELEASE_LOOKS, {"username": username})
-        raise confusable(username, min(others))
+        raise confusable(username, min(others), advice)
 
 
-def confusable(username: str, other: str) -> Invalid:
-    return Invalid("confusable_username", f"{username!r} looks like the existing user {other!r}{unlike(username, other)}; "
-                   "if that is you, write it the same way, else choose another name")
+def confusable(username: str, other: str, advice: str = SAME_WAY) -> Invalid:
+    return Invalid("confusable_username", f"{username!r} looks like the existing user {other!r}{unlike(username, other)}; {advice}")
 
 
 ASCII = set(map(chr, range(128)))

@@ -651,6 +651,14 @@ def test_a_command_on_a_missing_user_names_the_look_alike_that_is_stored_and_wha
     assert chat_command(database_url, "rename-user", "Ayu", "Ayu2") == (1, said)
 
 
+def test_rename_user_onto_a_look_alike_of_another_user_tells_the_operator_to_choose_another_name(database_url):
+    with TestClient(chat.create_app(database_url)) as client:
+        post(client, "Siswa 02", "hi")
+        post(client, "Siswa 03", "hi")
+    assert chat_command(database_url, "rename-user", "Siswa 02", "siswa 03") == (
+        1, "'siswa 03' looks like the existing user 'Siswa 03'; choose another new name\n")
+
+
 def test_rename_user_refuses_a_missing_user_and_a_name_that_is_taken(database_url):
     with TestClient(chat.create_app(database_url)) as client:
         post(client, "alice", "hi")
