@@ -409,7 +409,7 @@ async def upgrade(connection, dialect: str, run) -> str:
             column in found.get(table, ()) for table, column in ADDS_COLUMN.findall(sql)))
             + (SCHEMA if dialect == "sqlite" else re.sub(r"INTEGER PRIMARY KEY( AUTOINCREMENT)?", "BIGSERIAL PRIMARY KEY", SCHEMA)))
     except (sqlite3.DatabaseError, asyncpg.PostgresError) as exc:  # its tables, rolled back: not its disk or server
-        kind = exc.sqlite_errorcode & 0xFF if isinstance(exc, sqlite3.DatabaseError) else exc.sqlstate[:2]
+        kind = getattr(exc, "sqlite_errorcode", 0) & 0xFF if isinstance(exc, sqlite3.Error) else exc.sqlstate[:2]
         if kind not in (sqlite3.SQLITE_ERROR, sqlite3.SQLITE_CONSTRAINT, "42", "23"):
             raise
         raise Refusal(f"the database could not be brought to schema version {LATEST} ({exc}) and was left as it was: "
@@ -733,7 +733,8 @@ async def check_lookalike(database, username: str, former: str | None = None, ad
 
 
 def confusable(username: str, other: str, advice: str = SAME_WAY) -> Invalid:
-    return Invalid("confusable_username", f"{username!r} looks like the existing user {other!r}{unlike(username, other)}; {advice}")
+    return Invalid("confusable_username",
+                   f"{username!r} looks like the existing user {other!r}{unlike(username, other)}; {advice}")
 
 
 ASCII = set(map(chr, range(128)))
@@ -904,7 +905,8 @@ def once(pairs: list[tuple]) -> dict:
 
 
 JSON = json.JSONDecoder(object_pairs_hook=once)
-LONG_NUMBERS = json.JSONDecoder(object_pairs_hook=once, parse_int=lambda digits: int(digits) if len(digits) < 20 else NO_UPPER_BOUND)
+LONG_NUMBERS = json.JSONDecoder(object_pairs_hook=once,
+                                parse_int=lambda digits: int(digits) if len(digits) < 20 else NO_UPPER_BOUND)
 
 
 def from_json(text: str):
@@ -2729,11 +2731,11 @@ async def connect(database: Database) -> None:
         try:
             return await database.connect()
         except OSError as exc:  # refused, no such host, timed out: it may come
-            tries, exc = tries + 1, str(exc) or f"no answer in {CONNECT_SECONDS} s"
+            tries, why = tries + 1, str(exc) or f"no answer in {CONNECT_SECONDS} s"
             if database.url.dialect == "sqlite" or time.monotonic() + 2 > deadline:
-                raise Refusal(f"the database at {where} does not answer ({exc}) after {tries} {'try' if tries == 1 else 'tries'}: check that it "
-                              "runs and that DATABASE_URL names it") from None
-            log.warning("the database at %s does not answer (%s); trying again in 2 s", where, exc)
+                raise Refusal(f"the database at {where} does not answer ({why}) after {tries} "
+                              f"{'try' if tries == 1 else 'tries'}: check that it runs and that DATABASE_URL names it") from None
+            log.warning("the database at %s does not answer (%s); trying again in 2 s", where, why)
             await asyncio.sleep(2)
         except asyncpg.PostgresError as exc:  # it answers, and refuses: waiting will not help
             create = isinstance(exc, asyncpg.InvalidCatalogNameError) and f"create it (createdb {database.url.database}) or "

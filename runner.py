@@ -988,7 +988,8 @@ async def moderate(chat, command: str, *args: str) -> str:
             new = chat.check_username(new)
             if await database.fetch_one(chat.FIND_USER, {"username": new}):
                 raise chat.Invalid("taken", f"{new!r} is another user's name: choose another")
-            await chat.check_lookalike(database, new, former=old, advice="choose another new name")  # "Bella" may become "bella"
+            # "Bella" may become "bella"
+            await chat.check_lookalike(database, new, former=old, advice="choose another new name")
             try:  # the tokens of both names are taken back in the same step: none made before speaks as NEW
                 async with database.transaction():
                     if not await database.fetch_val(chat.RENAME_USER, {"old": old, "new": new}):
