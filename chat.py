@@ -1529,9 +1529,9 @@ class Said:
     def warning(self, kind: str, message: str, *args, **fields) -> None:
         self.info(kind, message, *args, level=logging.WARNING, **fields)
 
-    def flush(self) -> None:
-        """Say what was held back of each kind whose minute is over."""
-        for kind in [kind for kind in self.held if time.monotonic() - self.last[kind] >= 60]:
+    def flush(self, everything: bool = False) -> None:
+        """Say what was held back of each kind whose minute is over (at shutdown, of every kind)."""
+        for kind in [kind for kind in self.held if everything or time.monotonic() - self.last[kind] >= 60]:
             self.say(kind, *self.held.pop(kind))
 
     def say(self, kind: str, level: int, message: str, args: tuple, more: int, at: str | None, fields: dict) -> None:
@@ -2718,6 +2718,7 @@ async def lifespan(app):
             prometheus_client.multiprocess.mark_process_dead(os.getpid())  # its gauges leave the sums
         await app.state.writer.stop(writer)
         await app.state.cluster.stop()
+        app.state.said.flush(everything=True)  # what the minute held back, not lost at exit
         await database.disconnect()
         if lock:
             lock.close()

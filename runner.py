@@ -689,11 +689,21 @@ class QuietPeers(logging.Filter):
                       "(a class behind one address may need more)"}
 
     MINUTE = 60.0
+    made: list = []  # QuietPeers made by logging's configuration: one a process
 
     def __init__(self):
         super().__init__()
         self.said: dict[str, float] = {}
         self.unsaid: Counter[str] = Counter()
+        self.summaries: dict[str, functools.partial] = {}  # each kind's line to come, saying how many more
+        self.made.append(self)
+
+    @classmethod
+    def say_held(cls) -> None:
+        """At shutdown: the counts the minute holds, said now rather than lost."""
+        for quiet in cls.made:
+            for summary in list(quiet.summaries.values()):
+                summary()
 
     def filter(self, record):
         if record.msg not in self.KINDS:
@@ -704,11 +714,13 @@ class QuietPeers(logging.Filter):
         if not summary and now - self.said.get(kind, -self.MINUTE) < self.MINUTE:
             self.unsaid[kind] += 1
             if self.unsaid[kind] == 1:  # counted once the minute is over, whether or not another comes
+                self.summaries[kind] = functools.partial(logging.getLogger(record.name).warning, kind,
+                                                         extra={"summary": True})
                 with contextlib.suppress(RuntimeError):  # no loop running: counted with the next one
-                    asyncio.get_running_loop().call_later(self.said[kind] + self.MINUTE - now, functools.partial(
-                        logging.getLogger(record.name).warning, kind, extra={"summary": True}))
+                    asyncio.get_running_loop().call_later(self.said[kind] + self.MINUTE - now, self.summaries[kind])
             return False
         self.said[kind], more = now, self.unsaid.pop(kind, 0)
+        self.summaries.pop(kind, None)
         record.msg = self.KINDS[kind] + (f": {more} more in the last minute" if summary else
                                          f"; {more} more in the last minute" if more else "")
         record.levelno, record.levelname, record.exc_info, record.exc_text = logging.WARNING, "WARNING", None, None
@@ -728,7 +740,14 @@ class Bounded:
         if scope["type"] == "lifespan":
             bounded = {"refusals": BoundedHttpTools.refusals}
             scope = {**scope, "extensions": {**(scope.get("extensions") or {}), "chat.bounded": bounded}}
+            return self.app(scope, receive, functools.partial(self.lifespan_send, send))
         return self.app(scope, receive, send)
+
+    @staticmethod
+    async def lifespan_send(send, message):
+        if message["type"] == "lifespan.shutdown.complete":  # every connection is gone by now
+            QuietPeers.say_held()
+        await send(message)
 
 
 def bounded_chat():

@@ -3904,6 +3904,16 @@ def test_requests_that_are_not_http_are_logged_once_a_minute(tmp_path):
     assert log.count(f"WARNING:  {NOT_HTTP}\n") == 1 and "Invalid HTTP" not in log
 
 
+def test_requests_that_are_not_http_held_back_within_the_minute_are_counted_at_shutdown(tmp_path):
+    with bounded_server("python chat.py", tmp_path) as (base, port):
+        for _ in range(3):
+            raw_answer(port, TLS_HELLO)
+        running_server.process.terminate()
+        running_server.process.wait(timeout=20)
+        log = server_log().decode()
+    assert re.findall(f"WARNING:  ({re.escape(NOT_HTTP)}.*)", log) == [NOT_HTTP, f"{NOT_HTTP}: 2 more in the last minute"]
+
+
 def test_requests_that_are_not_http_are_counted_in_the_metrics_as_malformed(tmp_path):
     with bounded_server("python chat.py", tmp_path) as (base, port):
         for _ in range(3):
@@ -4436,6 +4446,17 @@ def test_refusals_held_back_are_said_once_their_minute_is_over_as_the_last_of_th
     clock[0] += 0.1
     client.app.state.said.flush()
     client.app.state.said.flush()
+    assert said == ["refused Ayu", "refused bella (at 19:52:33; 1 more like it in the minute before)"]
+
+
+def test_refusals_held_back_are_said_at_shutdown_rather_than_lost(database_url, monkeypatch):
+    monkeypatch.setattr(chat.time, "strftime", lambda format: "19:52:33")
+    said = []
+    with TestClient(chat.create_app(database_url)) as client:
+        monkeypatch.setattr(chat.log, "log", lambda level, message, *args, extra: said.append(message % args))
+        for name in ("Ayu", "AYU", "bella"):
+            client.app.state.said.info("k", "refused %s", name)
+        assert said == ["refused Ayu"]
     assert said == ["refused Ayu", "refused bella (at 19:52:33; 1 more like it in the minute before)"]
 
 
