@@ -441,6 +441,16 @@ class Gate:
             await waiter
 
 
+def in_json(reject, status, text: str):
+    """A handshake websockets cannot accept (a bad key, version or method) refused in JSON, as every refusal here."""
+    if not text:  # the app refused it before accepting: 403, said in its log
+        return reject(status, text)
+    response = reject(status, json.dumps({"detail": text.strip()}))
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = "application/json"
+    return response
+
+
 class BoundedWebSockets(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol with: budgets for pings and pongs (uvicorn answers every
     ping at once and reads on, so a peer that pings and never reads grows the buffer without bound)
@@ -455,6 +465,7 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.queue, self.writable = Inbox(), Gate()
         self.logger = self.conn.logger = PEERS
+        self.conn.reject = functools.partial(in_json, self.conn.reject)  # as websockets shadows select_subprotocol
 
     def connection_made(self, transport):
         super().connection_made(transport)

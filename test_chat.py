@@ -3896,6 +3896,16 @@ def test_a_body_that_turns_out_not_to_be_http_after_the_answer_gets_no_second_an
     assert answer.startswith(b"HTTP/1.1 415 ") and answer.endswith(b'{"detail":"send the body as application/json"}')
 
 
+def test_a_handshake_with_a_bad_key_is_refused_with_400_in_json_saying_why(tmp_path):
+    with bounded_server("python chat.py", tmp_path) as (base, port):
+        answer, _ = raw_answer(port, b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                                     b"Sec-WebSocket-Key: bad\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert (head.split(b"\r\n")[0], b"Content-Type: application/json" in head.split(b"\r\n"), json.loads(body)) == (
+        b"HTTP/1.1 400 Bad Request", True,
+        {"detail": "Failed to open a WebSocket connection: invalid Sec-WebSocket-Key header: bad; Incorrect padding."})
+
+
 def test_requests_that_are_not_http_are_logged_once_a_minute(tmp_path):
     with bounded_server("python chat.py", tmp_path) as (base, port):
         for _ in range(3):
