@@ -390,7 +390,7 @@ async def upgrade(connection, dialect: str, run) -> str:
     for row in await connection.fetch_all(COLUMNS[dialect]):
         found.setdefault(row["table"], set()).add(row["column"])
     version = await connection.fetch_val(SCHEMA_VERSION) if "meta" in found else "0" if found else str(LATEST)
-    if not str(version).isdigit() or int(version) > LATEST:
+    if not re.fullmatch(r"[0-9]+", str(version)) or int(version) > LATEST:
         raise Refusal(f"the database is at schema version {version}, which this chat (version {LATEST}) does not know: "
                       "serve it with the version of chat that last served it, or a newer one")
     steps = [step for step in STEPS[dialect] if step[0] > int(version)]
@@ -408,19 +408,19 @@ async def upgrade(connection, dialect: str, run) -> str:
         await run("".join(f"{sql};\n" for sql in statements if not any(
             column in found.get(table, ()) for table, column in ADDS_COLUMN.findall(sql)))
             + (SCHEMA if dialect == "sqlite" else re.sub(r"INTEGER PRIMARY KEY( AUTOINCREMENT)?", "BIGSERIAL PRIMARY KEY", SCHEMA)))
+        await connection.execute(RECORD_VERSION, {"version": str(LATEST)})
+        await connection.execute(NEW_IDENTITY, {"identity": uuid.uuid4().hex})
     except (sqlite3.DatabaseError, asyncpg.PostgresError) as exc:  # its tables, rolled back: not its disk or server
         kind = getattr(exc, "sqlite_errorcode", 0) & 0xFF if isinstance(exc, sqlite3.Error) else exc.sqlstate[:2]
-        if kind not in (sqlite3.SQLITE_ERROR, sqlite3.SQLITE_CONSTRAINT, "42", "23"):
+        if kind not in (sqlite3.SQLITE_ERROR, sqlite3.SQLITE_CONSTRAINT, "42", "23", "55", "0A"):
             raise
         raise Refusal(f"the database could not be brought to schema version {LATEST} ({exc}) and was left as it was: "
                       "if it is chat's, restore it from a backup; else point DATABASE_URL at chat's own "
                       "(an empty one is made ready)") from None
     if not found:
         log.info("the database was empty: made its tables")
-    for number, name, _ in steps:
+    for number, name, _ in steps:  # done (the transaction commits next)
         log.info("upgraded the database, step %d of %d: %s", number, LATEST, name)
-    await connection.execute(RECORD_VERSION, {"version": str(LATEST)})
-    await connection.execute(NEW_IDENTITY, {"identity": uuid.uuid4().hex})
     return await connection.fetch_val(IDENTITY)
 
 
@@ -937,7 +937,7 @@ def parse_frame(message: dict) -> dict:
     try:
         frame = from_json(text)
     except Twice as exc:
-        raise Invalid("invalid_json", f"the frame names {exc.args[0]!r} twice: send each key once") from None
+        raise Invalid("invalid_json", f"the frame names {exc.args[0][:64]!r} twice: send each key once") from None
     except (ValueError, RecursionError):
         raise Invalid("invalid_json", "the frame is not valid JSON (one JSON object a frame: in websocat, one a line)") from None
     if not isinstance(frame, dict):
@@ -2190,7 +2190,7 @@ async def json_body(request) -> dict:
     except UnicodeDecodeError:
         raise HTTPException(422, "the body is not UTF-8: send it in UTF-8, as JSON is sent") from None
     except Twice as exc:
-        raise HTTPException(422, f"the body names {exc.args[0]!r} twice: send each key once") from None
+        raise HTTPException(422, f"the body names {exc.args[0][:64]!r} twice: send each key once") from None
     except (ValueError, RecursionError):  # RecursionError: nested thousands deep
         raise HTTPException(422, "body must be a JSON object") from None
     if not isinstance(body, dict):
@@ -2796,6 +2796,9 @@ class CORS(CORSMiddleware):
         return JSONResponse({"detail": detail}, status_code=400)
 
 
+HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?)(:[0-9]*)?")  # a name or address, a port
+
+
 class HostCheck:
     """The Host check (against DNS rebinding; "*.example.org" matches its subdomains), which also
     lets in this machine's own IP addresses, whichever it has now. A refused host is told, and
@@ -2814,13 +2817,14 @@ class HostCheck:
             return self.app(scope, receive, send)
         if len(hosts := Headers(scope=scope).getlist("host")) > 1:  # which one would a proxy have checked?
             return self.refuse(scope, receive, send, f"the request has {len(hosts)} Host headers: send one")
-        try:
-            host = urllib.parse.urlsplit("//" + (hosts or [""])[0]).hostname or ""
-        except ValueError:  # "[", "[::1": no host at all
-            return self.refuse(scope, receive, send, "the Host header is not a host name")
-        if not host:
+        if not hosts or not hosts[0]:
             return self.refuse(scope, receive, send, "the request names no host: send a Host header")
-        host = host.removesuffix(".")  # "localhost." is localhost, fully qualified
+        try:  # urlsplit alone would find 127.0.0.1 in "x@127.0.0.1", "127.0.0.1/x"
+            if not HOST_HEADER.fullmatch(hosts[0]):
+                raise ValueError
+            host = urllib.parse.urlsplit("//" + hosts[0]).hostname.removesuffix(".")  # "localhost." is localhost
+        except ValueError:  # "a,*", "[::1", "[:::]"
+            return self.refuse(scope, receive, send, "the Host header is not a host name")
         bracketed = f"[{host}]" if ":" in host else host
         if bracketed in self.own or self.allowed(bracketed):
             return self.app(scope, receive, send)

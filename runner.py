@@ -249,11 +249,11 @@ class BoundedHttpTools(HttpToolsProtocol):
         self.deadline = None
         if self.flow.read_paused:  # our own back-pressure (pipelining, an unread body): not the client's
             self.deadline = self.loop.call_later(REQUEST_TIMEOUT, self.expired)
-        elif self.cycle is None or not self.cycle.response_started or self.cycle.response_complete:
-            # The app, waiting for a body that does not come, gets a disconnect.
+        elif self.cycle is not None and self.cycle.response_started and (
+                self.cycle.more_body or not self.cycle.response_complete):
+            self.transport.close()  # answered without its body read, or the answer is under way: no second one
+        else:  # the app, waiting for a body that does not come, gets a disconnect
             self.refuse(408, b"Request Timeout", f"send a whole request within {REQUEST_TIMEOUT:g} s", "timeout")
-        else:
-            self.transport.close()  # it answered without reading the body, and the answer is under way
 
     def refuse(self, status_code: int, phrase: bytes, detail: str, why: str):
         """Answer, saying why as the app's errors do, and close: nothing more of it is read, and

@@ -1157,7 +1157,7 @@ def test_a_database_at_the_current_version_starts_without_a_step(database_url, c
     assert upgrade_lines(caplog) == []
 
 
-@pytest.mark.parametrize("version, refused", [("8", False), ("9", True), ("x", True)])
+@pytest.mark.parametrize("version, refused", [("8", False), ("9", True), ("x", True), ("\u00b2", True)])
 def test_a_database_newer_than_the_code_is_refused_in_one_line(database_url, version, refused):
     with TestClient(chat.create_app(database_url)) as client:
         client.portal.call(client.app.state.database.execute,
@@ -1207,6 +1207,19 @@ def test_a_database_missing_a_table_an_upgrade_step_needs_is_refused_in_one_line
     else:
         made = postgres_value(database_url, "SELECT count(*) FROM pg_tables WHERE tablename = 'meta'")
     assert made == 0  # schema.sql's tables were not made either: nothing of the upgrade stayed
+
+
+def test_a_database_whose_meta_is_a_view_is_refused_in_one_line_saying_no_step_was_done(database_url, caplog):
+    caplog.set_level(logging.INFO, chat.log.name)
+    old_database(database_url, "7451c22", "DROP TABLE IF EXISTS meta; CREATE VIEW meta AS SELECT 'schema_version' AS key, "
+                                          "'1' AS value;")
+    with pytest.raises(chat.Refusal) as refusal:
+        with TestClient(chat.create_app(database_url)):
+            pass
+    assert str(refusal.value).startswith("the database could not be brought to schema version 8 (")
+    assert str(refusal.value).endswith(") and was left as it was: if it is chat's, restore it from a backup; else point "
+                                       "DATABASE_URL at chat's own (an empty one is made ready)")
+    assert upgrade_lines(caplog) == []
 
 
 def test_a_database_missing_a_column_stops_the_server_in_one_line_without_a_traceback(tmp_path):
@@ -1392,6 +1405,12 @@ def test_a_frame_with_a_key_twice_beside_a_number_too_long_to_read_gets_the_same
         ws.send_text('{"type": "join", "username": "alice", "since": ' + "9" * 5000 + ', "since": 0}')
         assert ws.receive_json() == {"type": "error", "code": "invalid_json",
                                      "content": "the frame names 'since' twice: send each key once"}
+
+
+def test_a_key_named_twice_is_named_in_the_error_by_its_first_64_characters(client):
+    with client.websocket_connect("/ws") as ws:
+        ws.send_text(json.dumps({"k" * 100: 1})[:-1] + ", " + json.dumps({"k" * 100: 2})[1:])
+        assert ws.receive_json()["content"] == f"the frame names {'k' * 64!r} twice: send each key once"
 
 
 def test_a_rest_body_that_names_a_key_twice_is_422_and_not_stored(client):
@@ -1966,7 +1985,8 @@ def test_an_ipv6_loopback_host_with_its_port_is_one_of_the_servers_own_names(cli
     assert client.get("/ws-info", headers={"host": "[::2]:8000"}).status_code == 400
 
 
-@pytest.mark.parametrize("host", ["[", "[::1"])
+@pytest.mark.parametrize("host", ["[", "[::1", "[:::]", "localhost..", "evil.example,*", "evil.example@127.0.0.1",
+                                  "127.0.0.1/evil.example", "127.0.0.1:abc"])
 def test_a_host_header_that_is_no_host_is_refused_with_400(client, host):
     response = client.get("/ws-info", headers={"host": host})
     assert (response.status_code, response.json()) == (400, {"detail": "the Host header is not a host name"})
@@ -3882,6 +3902,14 @@ def test_a_request_that_is_not_http_is_answered_400_in_json_saying_why(runner, t
         answer, _ = raw_answer(port, TLS_HELLO)
     assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n") and answer.endswith(
         b'{"detail": "this is not an HTTP/1.1 request this server can read: check its request line and headers"}')
+
+
+def test_a_body_still_coming_after_its_request_was_answered_gets_no_408_when_it_stalls(tmp_path):
+    with bounded_server("python chat.py", tmp_path, env={"REQUEST_TIMEOUT": "1"}) as (base, port):
+        answer, seconds = raw_answer(port, b"POST /messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                                           b"application/json\r\nContent-Length: 20000\r\n\r\n" + b"x" * 100)
+    assert answer.startswith(b"HTTP/1.1 413 ") and answer.endswith(b'{"detail":"the body is over 16384 bytes"}'), answer
+    assert 0.9 < seconds < 3  # closed when the body stalled
 
 
 def test_a_body_that_turns_out_not_to_be_http_after_the_answer_gets_no_second_answer(tmp_path):
