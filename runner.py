@@ -57,6 +57,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from uvicorn.supervisors import Multiprocess
 from websockets.frames import Opcode
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 UVICORN = "0.54."  # the version whose protocol internals the subclasses below are written against
 
@@ -441,14 +442,17 @@ class Gate:
             await waiter
 
 
-def in_json(reject, status, text: str):
-    """A handshake websockets cannot accept (a bad key, version or method) refused in JSON, as every refusal here."""
-    if not text:  # the app refused it before accepting: 403, said in its log
-        return reject(status, text)
-    response = reject(status, json.dumps({"detail": text.strip()}))
-    del response.headers["Content-Type"]
-    response.headers["Content-Type"] = "application/json"
-    return response
+class InJson(ServerProtocol):
+    """websockets' handshake, refusing one it cannot accept (a bad key, version or method) in JSON,
+    as every refusal here."""
+
+    def reject(self, status, text: str):
+        if not text:  # the app refused it before accepting: 403, said in its log
+            return super().reject(status, text)
+        response = super().reject(status, json.dumps({"detail": text.strip()}))
+        del response.headers["Content-Type"]
+        response.headers["Content-Type"] = "application/json"
+        return response
 
 
 class BoundedWebSockets(WebSocketsSansIOProtocol):
@@ -465,7 +469,7 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.queue, self.writable = Inbox(), Gate()
         self.logger = self.conn.logger = PEERS
-        self.conn.reject = functools.partial(in_json, self.conn.reject)  # as websockets shadows select_subprotocol
+        self.conn.__class__ = InJson  # uvicorn makes a ServerProtocol; the class, not an attribute: nothing more kept
 
     def connection_made(self, transport):
         super().connection_made(transport)
