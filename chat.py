@@ -3147,16 +3147,26 @@ class PostgresCluster(OneProcess):
     async def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
+        if self.restarting():  # its users stay recorded until reaped: see depart()
+            return
         with contextlib.suppress(*DATABASE_ERRORS):
             await self.database.execute("DELETE FROM processes WHERE id = :me", {"me": self.me})
+
+    def restarting(self) -> bool:
+        """The runner is closing this process's sockets to shut it down (its "stopping" extension)."""
+        stopping = self.app.state.server.get("stopping")
+        return stopping is not None and stopping.is_set()
 
     async def arrive(self, room: str, username: str, notice: dict, exclude: Client | None = None) -> None:
         """Record the user here; unless another process has them in the room, announce them."""
         await self.move(True, room, username, notice, exclude)
 
     async def depart(self, room: str, username: str, notice: dict) -> None:
-        """Forget the user here; unless another process has them in the room, announce it."""
-        await self.move(False, room, username, notice)
+        """Forget the user here; unless another process has them in the room, announce it. Not as
+        this process shuts down: its users, whose pages reconnect to another process, are not told
+        left then joined; those not back within PRESENCE_TIMEOUT are reaped and told left (beat())."""
+        if not self.restarting():
+            await self.move(False, room, username, notice)
 
     async def move(self, arriving: bool, room: str, username: str, notice: dict, exclude: Client | None = None) -> None:
         """Record the move; then, unless another process has the user in the room, tell this one's clients."""

@@ -455,6 +455,9 @@ class InJson(ServerProtocol):
         return response
 
 
+STOPPING = threading.Event()  # set as the server closes its sockets to shut down: their users are not leaving
+
+
 class BoundedWebSockets(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol with: budgets for pings and pongs (uvicorn answers every
     ping at once and reads on, so a peer that pings and never reads grows the buffer without bound)
@@ -600,6 +603,7 @@ class BoundedWebSockets(WebSocketsSansIOProtocol):
             self.transport.close()
 
     def shutdown(self):
+        STOPPING.set()
         if not self.handshake_complete or self.close_sent:
             return super().shutdown()
         self.stop_keepalive()
@@ -753,7 +757,7 @@ class Bounded:
 
     def __call__(self, scope, receive, send):  # not a coroutine: no frame kept for each connection
         if scope["type"] == "lifespan":
-            bounded = {"refusals": BoundedHttpTools.refusals}
+            bounded = {"refusals": BoundedHttpTools.refusals, "stopping": STOPPING}
             scope = {**scope, "extensions": {**(scope.get("extensions") or {}), "chat.bounded": bounded}}
             return self.app(scope, receive, functools.partial(self.lifespan_send, send))
         return self.app(scope, receive, send)

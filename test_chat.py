@@ -6223,6 +6223,38 @@ def test_a_user_who_moved_to_the_surviving_process_is_not_announced_as_gone(shar
                 assert active(b) == ["alice", "bob"]
 
 
+def test_a_user_whose_process_shuts_down_and_who_comes_back_on_the_other_is_told_neither_left_nor_joined(shared_url):
+    with two_servers(shared_url, env={"PRESENCE_TIMEOUT": "1.5"}) as ((a, process_a), (b, _)):
+        with ws_connect(b) as bob:
+            ws_join(bob, "bob")
+            with ws_connect(a) as alice:
+                ws_join(alice, "alice")
+                assert json.loads(bob.recv(timeout=5))["content"] == "alice joined the chat"
+                process_a.terminate()  # SIGTERM: a restart, or a deploy
+                with pytest.raises(ConnectionClosed):
+                    alice.recv(timeout=10)
+            assert process_a.wait(timeout=20) == -signal.SIGTERM
+            with ws_connect(b) as alice:  # her page reconnects to the process that is left
+                ws_join(alice, "alice")
+                wait_until(lambda: not query_processes(shared_url, process_a), seconds=10)  # A was reaped
+                alice.send('{"type":"message","content":"still here"}')
+                assert json.loads(bob.recv(timeout=5))["content"] == "still here"  # no "left", no "joined"
+                assert active(b) == ["alice", "bob"]
+
+
+def test_a_user_whose_process_shuts_down_and_who_does_not_come_back_is_told_left_once_it_is_reaped(shared_url):
+    with two_servers(shared_url, env={"PRESENCE_TIMEOUT": "1.5"}) as ((a, process_a), (b, _)):
+        with ws_connect(b) as bob:
+            ws_join(bob, "bob")
+            with ws_connect(a) as alice:
+                ws_join(alice, "alice")
+                assert json.loads(bob.recv(timeout=5))["content"] == "alice joined the chat"
+                process_a.terminate()
+                assert process_a.wait(timeout=20) == -signal.SIGTERM
+            assert untimed(json.loads(bob.recv(timeout=10))) == presence("alice", "left")
+            assert active(b) == ["bob"]
+
+
 def test_a_process_reaped_while_cut_off_registers_again_and_announces_its_users_again(shared_url, monkeypatch):
     monkeypatch.setattr(chat, "PRESENCE_TIMEOUT", 0.3)  # a heartbeat every 0.1 s
     with TestClient(chat.create_app(shared_url)) as client, client.websocket_connect("/ws") as alice, \
