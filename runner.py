@@ -750,7 +750,8 @@ class QuietPeers(logging.Filter):
 
 
 class Bounded:
-    """The app, told through its lifespan scope that the server's bounds are on."""
+    """The app, told through its lifespan scope that the server's bounds are on, and when the
+    server begins to shut down (chat.bounded's "stopping")."""
 
     def __init__(self, app):
         self.app = app
