@@ -6207,52 +6207,49 @@ def test_killing_one_process_leaves_the_other_serving_and_its_users_gone(shared_
             assert json.loads(bob.recv(timeout=5))["content"] == "still here"
 
 
+@contextlib.contextmanager
+def alice_stopped_on_a(shared_url: str, stop):
+    """Bob, on B, hears alice join on A; then stop(process A, alice's socket) ends A: yields (B, bob, A)."""
+    with two_servers(shared_url, env={"PRESENCE_TIMEOUT": "1.5"}) as ((a, process_a), (b, _)), ws_connect(b) as bob:
+        ws_join(bob, "bob")
+        with ws_connect(a) as alice:
+            ws_join(alice, "alice")
+            assert json.loads(bob.recv(timeout=5))["content"] == "alice joined the chat"
+            stop(process_a, alice)
+        yield b, bob, process_a
+
+
+def restart(process: subprocess.Popen, alice) -> None:
+    """SIGTERM, as a restart or a deploy sends: her socket is closed, and the process ends."""
+    process.terminate()
+    with pytest.raises(ConnectionClosed):
+        alice.recv(timeout=10)
+    assert process.wait(timeout=20) == -signal.SIGTERM
+
+
+def assert_alice_back_on_b_is_told_to_no_one(shared_url: str, b: str, bob, process_a) -> None:
+    with ws_connect(b) as alice:  # her page reconnects to the process that is left
+        ws_join(alice, "alice")
+        wait_until(lambda: not query_processes(shared_url, process_a), seconds=10)  # A was reaped
+        alice.send('{"type":"message","content":"still here"}')
+        assert json.loads(bob.recv(timeout=5))["content"] == "still here"  # no "left", no "joined" came first
+        assert active(b) == ["alice", "bob"]
+
+
 def test_a_user_who_moved_to_the_surviving_process_is_not_announced_as_gone(shared_url):
-    with two_servers(shared_url, env={"PRESENCE_TIMEOUT": "1.5"}) as ((a, process_a), (b, _)):
-        with ws_connect(b) as bob:
-            ws_join(bob, "bob")
-            with ws_connect(a) as alice:
-                ws_join(alice, "alice")
-                assert json.loads(bob.recv(timeout=5))["content"] == "alice joined the chat"
-                process_a.kill()
-            with ws_connect(b) as alice:  # her page reconnects to the process that is left
-                ws_join(alice, "alice")
-                wait_until(lambda: not query_processes(shared_url, process_a), seconds=10)  # A was reaped
-                alice.send('{"type":"message","content":"still here"}')
-                assert json.loads(bob.recv(timeout=5))["content"] == "still here"  # no "left" came first
-                assert active(b) == ["alice", "bob"]
+    with alice_stopped_on_a(shared_url, lambda process, alice: process.kill()) as (b, bob, process_a):
+        assert_alice_back_on_b_is_told_to_no_one(shared_url, b, bob, process_a)
 
 
 def test_a_user_whose_process_shuts_down_and_who_comes_back_on_the_other_is_told_neither_left_nor_joined(shared_url):
-    with two_servers(shared_url, env={"PRESENCE_TIMEOUT": "1.5"}) as ((a, process_a), (b, _)):
-        with ws_connect(b) as bob:
-            ws_join(bob, "bob")
-            with ws_connect(a) as alice:
-                ws_join(alice, "alice")
-                assert json.loads(bob.recv(timeout=5))["content"] == "alice joined the chat"
-                process_a.terminate()  # SIGTERM: a restart, or a deploy
-                with pytest.raises(ConnectionClosed):
-                    alice.recv(timeout=10)
-            assert process_a.wait(timeout=20) == -signal.SIGTERM
-            with ws_connect(b) as alice:  # her page reconnects to the process that is left
-                ws_join(alice, "alice")
-                wait_until(lambda: not query_processes(shared_url, process_a), seconds=10)  # A was reaped
-                alice.send('{"type":"message","content":"still here"}')
-                assert json.loads(bob.recv(timeout=5))["content"] == "still here"  # no "left", no "joined"
-                assert active(b) == ["alice", "bob"]
+    with alice_stopped_on_a(shared_url, restart) as (b, bob, process_a):
+        assert_alice_back_on_b_is_told_to_no_one(shared_url, b, bob, process_a)
 
 
 def test_a_user_whose_process_shuts_down_and_who_does_not_come_back_is_told_left_once_it_is_reaped(shared_url):
-    with two_servers(shared_url, env={"PRESENCE_TIMEOUT": "1.5"}) as ((a, process_a), (b, _)):
-        with ws_connect(b) as bob:
-            ws_join(bob, "bob")
-            with ws_connect(a) as alice:
-                ws_join(alice, "alice")
-                assert json.loads(bob.recv(timeout=5))["content"] == "alice joined the chat"
-                process_a.terminate()
-                assert process_a.wait(timeout=20) == -signal.SIGTERM
-            assert untimed(json.loads(bob.recv(timeout=10))) == presence("alice", "left")
-            assert active(b) == ["bob"]
+    with alice_stopped_on_a(shared_url, restart) as (b, bob, process_a):
+        assert untimed(json.loads(bob.recv(timeout=10))) == presence("alice", "left")
+        assert active(b) == ["bob"]
 
 
 def test_a_process_reaped_while_cut_off_registers_again_and_announces_its_users_again(shared_url, monkeypatch):
