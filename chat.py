@@ -2284,6 +2284,7 @@ async def ws_info(request):
     url = request.url.replace(scheme=scheme, path="/ws", query="", fragment="")
     return JSONResponse({"websocketUrl": str(url), "roomUrl": str(url) + "/{room}", "database": request.app.state.identity,
                          "tokenRequired": bool(SECRET), "rateLimit": {"perSecond": RATE_PER_SECOND, "burst": RATE_BURST},
+                         "sizeLimit": {"contentCharacters": MAX_CONTENT_LENGTH, "frameBytes": MAX_FRAME_BYTES},
                          "messageFormats": FRAME_FORMATS, "errorCodes": ERROR_CODES,
                          "closeCodes": {str(code): meaning for code, meaning in CLOSE_CODES.items()}})
 

@@ -2723,11 +2723,76 @@ def test_leaving_in_the_tester_page_shows_the_goodbye_and_forgets_who_is_here(br
     assert (page.text_content("#users"), page.is_enabled("#username")) == ("", True)
 
 
-def test_a_message_refused_for_its_length_goes_back_to_the_tester_pages_box(browser, server):
+def stored_contents(base: str) -> list[str]:
+    return [message["content"] for message in json.loads(urllib.request.urlopen(base + "/messages?limit=100").read())]
+
+
+@pytest.mark.parametrize("length", [chat.MAX_CONTENT_LENGTH, chat.MAX_CONTENT_LENGTH + 1, 20_000])
+def test_the_tester_page_sends_a_message_of_the_longest_length_and_keeps_a_longer_one_in_its_box(
+        browser, server, length):
     page = open_tester(browser, server, "alice")
-    say_in(page, "x" * (chat.MAX_CONTENT_LENGTH + 1))
+    say_in(page, "x" * length)
+    if length > chat.MAX_CONTENT_LENGTH:
+        page.wait_for_selector(".error")
+        assert page.locator(".error").all_text_contents() == [
+            f"error too_long: {length:,} characters is more than a message holds (2,000): shorten it, or send it in parts"]
+        assert page.input_value("#content") == "x" * length
+        page.fill("#content", "")
+    say_in(page, "after")  # the page still sends: nothing waits for an answer about the long one
+    page.wait_for_selector(".msg .text:text-is('after')")
+    assert stored_contents(server) == ["x" * length] * (length <= chat.MAX_CONTENT_LENGTH) + ["after"]
+
+
+def test_a_frame_the_server_finds_too_large_goes_back_to_the_tester_pages_box_and_the_next_message_goes(
+        browser, server):
+    page = open_tester(browser, server, "alice")
+    page.evaluate("() => { size = {contentCharacters: 1e9, frameBytes: 1e9}; }")  # a page that believed it fits
+    say_in(page, "\u20ac" * 6000)  # 18,000 bytes: refused before it is read, so its answer names no client_id
     page.wait_for_selector(".error")
-    assert page.input_value("#content") == "x" * (chat.MAX_CONTENT_LENGTH + 1)
+    assert page.input_value("#content") == "\u20ac" * 6000
+    page.fill("#content", "")
+    say_in(page, "after")
+    page.wait_for_selector(".msg .text:text-is('after')")
+    assert stored_contents(server) == ["after"]
+
+
+def test_the_tester_page_stays_at_the_newest_message_while_the_list_of_who_is_here_grows_to_three_lines(
+        browser, server):
+    page = browser.new_page(viewport={"width": 1000, "height": 600})
+    page.goto(server + "/test")
+    page.fill("#username", "Murid 0")
+    page.click("#join")
+    page.wait_for_selector("#status:text('joined general as Murid 0')")
+    with contextlib.ExitStack() as class_:
+        for n in range(1, 30):  # the class comes in, one at a time
+            student = class_.enter_context(websockets.sync.client.connect(  # never reading: keeps what comes
+                server.replace("http", "ws") + "/ws", max_queue=None, ping_interval=None))
+            student.send(json.dumps({"type": "join", "username": f"Murid {n}"}))
+            page.wait_for_selector(f"#messages .system:text-is('Murid {n} joined the chat')")
+        student.send(json.dumps({"type": "message", "content": "last"}))
+        page.wait_for_selector(".msg .text:text-is('last')")
+        page.wait_for_timeout(200)
+    assert page.evaluate("() => document.querySelector('header').offsetHeight") > 3 * 30  # three lines of names
+    assert page.evaluate("() => { const m = $('messages'); return m.scrollHeight - m.scrollTop - m.clientHeight; }") < 8
+
+
+def tester_of_a_stopped_server(browser, database_url: str, port: int):
+    """alice's page, and its server's URL, once she said "before" and the server stopped."""
+    with running_server(database_url, port) as base:
+        page = open_tester(browser, base, "alice")
+        say_in(page, "before")
+        page.wait_for_selector(".msg .text:text('before')")
+    return page, base
+
+
+def test_what_a_student_types_while_the_tester_page_reconnects_is_sent_once_it_is_back(browser, database_url):
+    port = free_port()
+    page, base = tester_of_a_stopped_server(browser, database_url, port)
+    page.wait_for_selector("#status:text('connection lost')")
+    say_in(page, "typed while away")
+    with running_server(database_url, port):
+        page.wait_for_selector(".msg .text:text('typed while away')", timeout=15000)
+        assert stored_contents(base) == ["before", "typed while away"]
 
 
 def test_a_join_refused_for_its_name_is_said_once_in_the_tester_pages_status(browser, server):
@@ -2859,10 +2924,7 @@ def test_the_tester_page_stops_when_its_token_expires_and_it_has_no_fresh_one(br
 
 def test_the_tester_page_reconnects_after_a_restart_and_misses_nothing(browser, database_url):
     port = free_port()
-    with running_server(database_url, port) as base:
-        page = open_tester(browser, base, "alice")
-        say_in(page, "before")
-        page.wait_for_selector(".msg .text:text('before')")
+    page, base = tester_of_a_stopped_server(browser, database_url, port)
     with TestClient(chat.create_app(database_url)) as client:  # the server is down meanwhile
         post(client, "bob", "while you were away")
     with running_server(database_url, port):
