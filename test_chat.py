@@ -2898,6 +2898,16 @@ def test_the_tester_page_shows_why_a_handshake_was_refused_and_stops_trying(brow
         assert page.inner_text("#status").startswith("refused 401")
 
 
+def test_the_tester_page_opened_from_a_link_cut_short_tells_the_student_to_open_all_of_it(browser, database_url):
+    with running_server(database_url, env={"CHAT_SECRET": SECRET32}) as base:
+        page = browser.new_page()
+        page.goto(f"{base}/test#token={secret_token('alice')[:-5]}")
+        page.wait_for_selector("#status.refused")
+        assert page.inner_text("#status") == (
+            "refused 401: the token is not valid here: made with another CHAT_SECRET, cut short, or without an expiry: "
+            "if you were given a link, open all of it again; else ask whoever runs this chat for yours")
+
+
 def test_the_tester_page_reconnects_with_a_fresh_token_when_its_token_expires(browser, database_url):
     with running_server(database_url, env={"CHAT_SECRET": SECRET32}) as base:
         # Both minted first: minting starts a Python, which on a loaded machine outlived a 2 s token.
