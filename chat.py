@@ -34,6 +34,7 @@ import bisect
 import contextlib
 import contextvars
 import datetime
+import difflib
 import errno
 import functools
 import hmac
@@ -116,8 +117,16 @@ def setting(name: str, default: str, what: str, kind=str, least: float = -math.i
     return value
 
 
+def misspelled(known) -> list[str]:
+    """Environment variables a letter or two from a setting's name (CHAT_SECERT would leave the chat
+    open), but OpenSSL's SSL_CERT_FILE."""
+    return [f"{name} is set, but no setting has that name: did you mean {near[0]}?" for name in sorted(os.environ)
+            if name not in (*known, "SSL_CERT_FILE") and (near := difflib.get_close_matches(name, known, 1, 0.85))]
+
+
 def listed(value: str) -> list[str]:
-    return [item for item in value.split(",") if item]
+    """A comma-separated list; "a.example, b.example" (a space after the comma) is two items."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 DATABASE_URL = setting("DATABASE_URL", "sqlite:///chat.db",
@@ -156,6 +165,10 @@ PRESENCE_TIMEOUT = setting("PRESENCE_TIMEOUT", "15", "PostgreSQL: seconds before
                            "count as gone", float, 1)
 METRICS_TOKEN = setting("METRICS_TOKEN", "", "32 bytes or more: GET /metrics needs it as a bearer token, "
                         "and no other")
+ALLOWED_HOSTS = [host.lower().removesuffix(".") for host in ALLOWED_HOSTS]  # as a Host header is compared
+if odd := [host for host in ALLOWED_HOSTS if not re.fullmatch(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]", host)]:
+    raise SystemExit(f"ALLOWED_HOSTS: {odd[0][:100]!r} is no host name; give names alone, without a scheme, port or "
+                     "path (any port is let in), e.g. ALLOWED_HOSTS=chat.example.org")
 if odd := [origin for origin in ALLOWED_ORIGINS if origin not in ("*", "null") and "://" not in origin]:
     raise SystemExit(f"ALLOWED_ORIGINS: {odd[0]!r} is no origin; give a page's scheme, host and port, e.g. https://{odd[0]}")
 if not re.match(r"(sqlite:///|postgres(ql)?://)", DATABASE_URL):
@@ -854,7 +867,7 @@ def check_room(value) -> str:
 
 def check_id(value, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < NO_UPPER_BOUND:
-        raise Invalid(f"invalid_{field}", f"{field} must be a message id (an integer >= 0)")
+        raise Invalid(f"invalid_{field}", f"{field} must be a message id (an integer from 0 to {NO_UPPER_BOUND - 1})")
     return value
 
 
@@ -938,7 +951,9 @@ def parse_frame(message: dict) -> dict:
         frame = from_json(text)
     except Twice as exc:
         raise Invalid("invalid_json", f"the frame names {exc.args[0][:64]!r} twice: send each key once") from None
-    except (ValueError, RecursionError):
+    except RecursionError:
+        raise Invalid("invalid_json", "the frame nests arrays or objects too deeply to read") from None
+    except ValueError:
         raise Invalid("invalid_json", "the frame is not valid JSON (one JSON object a frame: in websocat, one a line)") from None
     if not isinstance(frame, dict):
         raise Invalid("not_object", "the frame must be a JSON object")
@@ -1296,6 +1311,10 @@ async def upgrade_required(request):
     refusal = handshake_refusal(request)
     if refusal:
         return JSONResponse({"detail": refusal[1]}, status_code=refusal[0])
+    try:
+        check_room(request.path_params.get("room", DEFAULT_ROOM))
+    except Invalid as exc:  # the socket would be closed with 1008, saying this
+        return JSONResponse({"detail": exc.detail}, status_code=404)
     return JSONResponse({"detail": "this is a WebSocket endpoint: connect with ws:// (see /ws-info)"},
                         status_code=426, headers={"Upgrade": "websocket"})
 
@@ -2175,7 +2194,7 @@ async def json_body(request) -> dict:
         raise HTTPException(415, "send the body as application/json")
     named = {name.strip(): value.strip().strip('"') for name, _, value in (p.partition("=") for p in parameters)}
     if named.get("charset", "utf-8") not in ("utf-8", "utf8", "us-ascii"):
-        raise HTTPException(415, f"send the body in UTF-8, as JSON is sent, not charset={named['charset']}")
+        raise HTTPException(415, f"send the body in UTF-8, as JSON is sent, not charset={named['charset'] or '(none)'}")
     too_large = HTTPException(413, f"the body is over {MAX_BODY_BYTES} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -2191,7 +2210,9 @@ async def json_body(request) -> dict:
         raise HTTPException(422, "the body is not UTF-8: send it in UTF-8, as JSON is sent") from None
     except Twice as exc:
         raise HTTPException(422, f"the body names {exc.args[0][:64]!r} twice: send each key once") from None
-    except (ValueError, RecursionError):  # RecursionError: nested thousands deep
+    except RecursionError:  # nested thousands deep
+        raise HTTPException(422, "the body nests arrays or objects too deeply to read") from None
+    except ValueError:
         raise HTTPException(422, "body must be a JSON object") from None
     if not isinstance(body, dict):
         raise HTTPException(422, "body must be a JSON object")
@@ -2550,7 +2571,7 @@ NAMES = {  # of a JSON array of user ids
     "postgresql": "SELECT id, username FROM users WHERE id IN (SELECT CAST(json_array_elements_text(CAST(:ids AS JSON)) AS BIGINT))",
 }
 DELETE_SILENT_USER = """DELETE FROM users WHERE id = :id
-    AND NOT EXISTS (SELECT 1 FROM messages WHERE user_id = :id) RETURNING id"""  # none left: none sent meanwhile
+    AND NOT EXISTS (SELECT 1 FROM messages WHERE user_id = :id) RETURNING username"""  # none left: none sent meanwhile
 
 
 async def prune(database: Database, days: float = 0, keep: int = 0, pause: float = 0) -> int:
@@ -2611,8 +2632,9 @@ async def retain(app) -> None:
             present = {name for names in (await app.state.cluster.present()).values() for name in names}
             cutoff = utcnow() - datetime.timedelta(days=RETAIN_DAYS)
             for row in await database.fetch_all(SILENT_USERS, {"cutoff": cutoff, "batch": PRUNE_BATCH}):
-                if row["username"] not in present and await database.fetch_val(DELETE_SILENT_USER, {"id": row["id"]}):
-                    await database.execute(RELEASE_LOOKS, {"username": row["username"]})
+                if row["username"] not in present and (
+                        gone := await database.fetch_val(DELETE_SILENT_USER, {"id": row["id"]})):
+                    await database.execute(RELEASE_LOOKS, {"username": gone})  # renamed meanwhile: its name now
                     forgotten += 1
                 await asyncio.sleep(0)  # on SQLite the statements above never wait: let the chat in between
         if deleted or forgotten:
@@ -2689,6 +2711,9 @@ async def lifespan(app):
         if isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc):
             raise Refusal(f"{database.url.database} is not an SQLite database: point DATABASE_URL at chat's own "
                           "(a new file is made ready), or move that file away") from None
+        if isinstance(exc, sqlite3.DatabaseError) and getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_CORRUPT:
+            raise Refusal(f"{database.url.database} is damaged ({exc}): restore it from a backup, or move it away "
+                          "to start with a new one") from None
         if isinstance(exc, sqlite3.OperationalError):  # a full disk, a read-only folder: say so in one line
             raise Refusal(disk_refusal(database.url.database, exc)) from None
         raise
@@ -2873,7 +2898,9 @@ class StartUp:
         if bounded is None:
             log.warning(UNBOUNDED)
         else:
-            self.server.update(bounded)  # what the runner offers: its refusals' counts
+            self.server.update(bounded)  # what the runner offers: its refusals' counts, its settings
+        for line in misspelled([*SETTINGS, *self.server.get("settings", ())]):
+            log.warning("%s", line)
         failures = []
 
         async def hold_failures(message):  # a Refusal's failure is said below, in one line

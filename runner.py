@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
 import sqlite3
 import ssl
@@ -758,7 +759,7 @@ class Bounded:
 
     def __call__(self, scope, receive, send):  # not a coroutine: no frame kept for each connection
         if scope["type"] == "lifespan":
-            bounded = {"refusals": BoundedHttpTools.refusals, "stopping": STOPPING}
+            bounded = {"refusals": BoundedHttpTools.refusals, "stopping": STOPPING, "settings": list(SETTINGS)}
             scope = {**scope, "extensions": {**(scope.get("extensions") or {}), "chat.bounded": bounded}}
             return self.app(scope, receive, functools.partial(self.lifespan_send, send))
         return self.app(scope, receive, send)
@@ -812,10 +813,12 @@ def serve(chat, workers: int = 1) -> None:
                          f"for {UVICORN}x: pip install -r requirements.txt (or serve with plain uvicorn chat:app, "
                          "without those bounds)")
     in_use(HOST, PORT)
-    threading.Thread(target=say_where_to_open, daemon=True).start()
+    threading.Thread(target=say_where_to_open, args=(bool(chat.SECRET),), daemon=True).start()
     if workers == 1:
         collect_less()
         server = uvicorn.Server(config(chat.app, chat.MAX_FRAME_BYTES))
+        if hasattr(signal, "SIGHUP"):  # its terminal closed: it stops as for Ctrl+C, storing what it accepted
+            signal.signal(signal.SIGHUP, server.handle_exit)
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: uvicorn raises it again once shut down
             server.run()
         if not server.started:  # the app refused to start: it has said why
@@ -848,9 +851,10 @@ async def reached(chat) -> str | None:
     await database.disconnect()
 
 
-def say_where_to_open() -> None:
+def say_where_to_open(secret: bool) -> None:
     """Once the chat listens (not before: it may never start), the URLs to open, on every
-    interface when it serves on all of them. (uvicorn listens once the app has started.)"""
+    interface when it serves on all of them (uvicorn listens once the app has started); with a
+    secret, those alone let nobody in."""
     local = HOST if HOST not in ("0.0.0.0", "::", "") else "127.0.0.1"
     while True:
         try:
@@ -863,6 +867,9 @@ def say_where_to_open() -> None:
          if address.family == socket.AF_INET})
     for host in hosts:
         log.info("open %s://%s:%d/test", "https" if SSL_CERTFILE else "http", f"[{host}]" if ":" in host else host, PORT)
+    if secret:
+        log.info("with CHAT_SECRET set, each person opens a link of their own: python chat.py token --link URL - "
+                 "< names.txt prints them (URL: the address above that they reach)")
 
 
 def in_use(host: str, port: int) -> None:
@@ -1035,6 +1042,8 @@ async def moderate(chat, command: str, *args: str) -> str:
                         raise LookupError
                     for name in (old, new):
                         await database.execute(chat.REVOKE, {"username": name, "before": time.time()})
+            except (sqlite3.IntegrityError, asyncpg.UniqueViolationError):  # NEW joined since it was looked for
+                raise chat.Invalid("taken", f"{new!r} is another user's name: choose another") from None
             except LookupError:
                 await database.execute(chat.RELEASE_LOOKS, {"username": new})
                 raise chat.Invalid("no_user", await no_user(chat, database, old)) from None
@@ -1060,12 +1069,12 @@ async def moderate(chat, command: str, *args: str) -> str:
                     deleted += batch
                     await asyncio.sleep(0.05)
                 try:
-                    if await database.fetch_val(chat.DELETE_SILENT_USER, {"id": user_id}):
+                    if gone := await database.fetch_val(chat.DELETE_SILENT_USER, {"id": user_id}):
                         break
                 except (sqlite3.IntegrityError, asyncpg.ForeignKeyViolationError):  # one stored meanwhile
                     pass
                 await asyncio.sleep(0.05)
-            await database.execute(chat.RELEASE_LOOKS, {"username": args[0]})
+            await database.execute(chat.RELEASE_LOOKS, {"username": gone})  # renamed meanwhile: its name now
             return f"deleted the user {args[0]!r} and their {deleted} message{'' if deleted == 1 else 's'}" + (
                 "; their tokens no longer work (a new one would let them back)" if chat.SECRET
                 else "; without CHAT_SECRET, anyone may join again under any name, theirs too")
@@ -1116,6 +1125,8 @@ def main(chat, argv: list[str]) -> None:
         link = argv[2] if argv[1:2] == ["--link"] and len(argv) > 2 else None
         names = argv[1 + 2 * (link is not None):]
         names = names if names != ["-"] else sys.stdin.read().lstrip("\ufeff").replace("\r\n", "\n").split("\n")
+        if any(name.startswith("--") for name in names):  # token --help, token alice --link URL
+            names = []  # tokens() says how it is used
         return sys.exit(tokens(chat, names, link))
     if argv[:1] and argv[0] in MODERATION:
         if len(argv) != 1 + len(MODERATION[argv[0]].split()):

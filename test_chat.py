@@ -659,6 +659,48 @@ def test_rename_user_onto_a_look_alike_of_another_user_tells_the_operator_to_cho
         1, "'siswa 03' looks like the existing user 'Siswa 03'; choose another new name\n")
 
 
+def moderated_meanwhile(database_url: str, monkeypatch, *command: str) -> str:
+    """python chat.py's moderation command, run here (on a loop of its own) so that a test can act in its midst."""
+    monkeypatch.setattr(chat, "DATABASE_URL", database_url)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            return pool.submit(asyncio.run, runner.moderate(chat, *command)).result()
+        except chat.Invalid as exc:
+            return exc.detail
+
+
+def test_rename_user_onto_a_name_that_joined_after_it_was_looked_for_says_the_name_is_taken(database_url, monkeypatch):
+    with TestClient(chat.create_app(database_url)) as client:
+        post(client, "alice", "hi")
+    claiming = chat.check_lookalike
+
+    async def joined_meanwhile(database, username, **given):
+        await database.execute(chat.UPSERT_USER, {"username": username, "now": chat.utcnow()})
+        return await claiming(database, username, **given)
+
+    monkeypatch.setattr(chat, "check_lookalike", joined_meanwhile)
+    assert moderated_meanwhile(database_url, monkeypatch, "rename-user", "alice", "Alicia") == (
+        "'Alicia' is another user's name: choose another")
+
+
+def test_a_user_renamed_while_delete_user_deletes_them_leaves_no_look_of_the_new_name_behind(database_url, monkeypatch):
+    with TestClient(chat.create_app(database_url)) as client:
+        post(client, "Rina Wati", "hi")
+    deleting, renamed = chat.delete_messages, []
+
+    async def renamed_meanwhile(database, statement, values):
+        if not renamed:
+            renamed.append(await runner.moderate(chat, "rename-user", "Rina Wati", "Rina Baru"))
+        return await deleting(database, statement, values)
+
+    monkeypatch.setattr(chat, "delete_messages", renamed_meanwhile)
+    assert moderated_meanwhile(database_url, monkeypatch, "delete-user", "Rina Wati").startswith(
+        "deleted the user 'Rina Wati' and their 1 message;")
+    with TestClient(chat.create_app(database_url)) as client:
+        assert query(client, "SELECT username FROM looks") == []
+        assert client.post("/users", json={"username": "rina baru"}).status_code == 201
+
+
 def test_rename_user_refuses_a_missing_user_and_a_name_that_is_taken(database_url):
     with TestClient(chat.create_app(database_url)) as client:
         post(client, "alice", "hi")
@@ -831,7 +873,7 @@ def test_a_backup_to_no_file_name_says_to_name_one(tmp_path):
 def test_delete_message_of_a_digit_that_is_not_a_number_says_what_an_id_is(database_url):
     with TestClient(chat.create_app(database_url)):
         pass
-    assert chat_command(database_url, "delete-message", "\u00b2") == (1, "id must be a message id (an integer >= 0)\n")
+    assert chat_command(database_url, "delete-message", "\u00b2") == (1, "id must be a message id (an integer from 0 to 9223372036854775806)\n")
 
 
 def test_a_prune_deletes_at_most_prune_batch_rows_a_statement(client, monkeypatch, unlimited):
@@ -1777,8 +1819,16 @@ def test_a_body_nested_thousands_deep_is_422(client):
     response = client.post("/users", content=b"[" * 100_000 + b"]" * 100_000,
                            headers={"content-type": "application/json"})
     assert response.status_code == 413  # too large already; a nested body under the limit:
-    response = client.post("/users", content=b"[" * 8000 + b"]" * 8000, headers={"content-type": "application/json"})
-    assert (response.status_code, response.json()) == (422, {"detail": "body must be a JSON object"})
+    response = client.post("/users", content=b'{"username": "alice", "x": ' + b"[" * 8000 + b"]" * 8000 + b"}",
+                           headers={"content-type": "application/json"})
+    assert (response.status_code, response.json()) == (422, {"detail": "the body nests arrays or objects too deeply to read"})
+
+
+def test_a_frame_nested_thousands_deep_is_told_so(client):
+    with client.websocket_connect("/ws") as ws:
+        ws.send_text('{"type": "join", "username": "alice", "x": ' + "[" * 8000 + "]" * 8000 + "}")
+        assert ws.receive_json() == {"type": "error", "code": "invalid_json",
+                                     "content": "the frame nests arrays or objects too deeply to read"}
 
 
 def test_a_real_server_answers_a_50_mb_body_with_413_without_holding_it(server):
@@ -2776,7 +2826,7 @@ def test_the_tester_page_stays_at_the_newest_message_while_the_list_of_who_is_he
     assert page.evaluate("() => { const m = $('messages'); return m.scrollHeight - m.scrollTop - m.clientHeight; }") < 8
 
 
-def tester_of_a_stopped_server(browser, database_url: str, port: int):
+def alices_tester_once_her_server_stopped(browser, database_url: str, port: int):
     """alice's page, and its server's URL, once she said "before" and the server stopped."""
     with running_server(database_url, port) as base:
         page = open_tester(browser, base, "alice")
@@ -2787,7 +2837,7 @@ def tester_of_a_stopped_server(browser, database_url: str, port: int):
 
 def test_what_a_student_types_while_the_tester_page_reconnects_is_sent_once_it_is_back(browser, database_url):
     port = free_port()
-    page, base = tester_of_a_stopped_server(browser, database_url, port)
+    page, base = alices_tester_once_her_server_stopped(browser, database_url, port)
     page.wait_for_selector("#status:text('connection lost')")
     say_in(page, "typed while away")
     with running_server(database_url, port):
@@ -2934,7 +2984,7 @@ def test_the_tester_page_stops_when_its_token_expires_and_it_has_no_fresh_one(br
 
 def test_the_tester_page_reconnects_after_a_restart_and_misses_nothing(browser, database_url):
     port = free_port()
-    page, base = tester_of_a_stopped_server(browser, database_url, port)
+    page, base = alices_tester_once_her_server_stopped(browser, database_url, port)
     with TestClient(chat.create_app(database_url)) as client:  # the server is down meanwhile
         post(client, "bob", "while you were away")
     with running_server(database_url, port):
@@ -3304,6 +3354,13 @@ def test_token_without_a_name_says_how_to_give_them():
                                                      "token - to read one name a line from stdin\n")
 
 
+@pytest.mark.parametrize("args", [("--help",), ("--link",), ("Ayu", "--link", "http://192.168.1.5:8000")])
+def test_token_given_a_flag_as_a_name_says_how_it_is_used_and_prints_no_token(args):
+    result = chat_token(*args)
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", (
+        "usage: python chat.py token [--link URL] NAME [NAME...], or token - to read one name a line from stdin\n"))
+
+
 def test_a_real_server_with_a_secret_answers_a_tokenless_handshake_with_403(database_url):
     with running_server(database_url, env={"CHAT_SECRET": SECRET32}) as base:
         with pytest.raises(InvalidStatus) as refused:
@@ -3501,6 +3558,13 @@ def test_a_rest_post_that_is_not_json_is_415(client):
     assert (response.status_code, response.json()) == (415, {"detail": "send the body as application/json"})
 
 
+def test_a_rest_post_naming_a_charset_without_a_value_is_415_and_says_so(client):
+    response = client.post("/messages", content=b'{"username": "alice", "content": "hi"}',
+                           headers={"Content-Type": "application/json; charset"})
+    assert (response.status_code, response.json()) == (
+        415, {"detail": "send the body in UTF-8, as JSON is sent, not charset=(none)"})
+
+
 def test_a_rest_post_in_another_charset_is_415_and_says_to_send_utf_8(client):
     response = client.post("/messages", content='{"username": "alice", "content": "caf\xe9"}'.encode("latin-1"),
                            headers={"Content-Type": "application/json; charset=ISO-8859-1"})
@@ -3544,7 +3608,7 @@ def test_a_join_since_one_past_the_largest_id_or_thousands_of_digits_is_refused_
     with client.websocket_connect("/ws") as ws:
         ws.send_text('{"type": "join", "username": "alice", "since": %s}' % since)
         assert ws.receive_json() == {"type": "error", "code": "invalid_since",
-                                     "content": "since must be a message id (an integer >= 0)"}
+                                     "content": "since must be a message id (an integer from 0 to 9223372036854775806)"}
 
 
 def test_plain_http_to_the_websocket_path_says_why_a_handshake_would_be_refused(client, secret):
@@ -3618,6 +3682,14 @@ def test_plain_http_to_the_websocket_path_is_426(client):
     response = client.get("/ws")
     assert response.status_code == 426
     assert response.json() == {"detail": "this is a WebSocket endpoint: connect with ws:// (see /ws-info)"}
+
+
+@pytest.mark.parametrize("room, code", [("kelas-7a", 426), ("-kelas", 404)])
+def test_plain_http_to_a_rooms_websocket_path_says_whether_the_room_would_be_refused(client, room, code):
+    response = client.get(f"/ws/{room}")
+    assert (response.status_code, response.json()["detail"]) == (code, {
+        426: "this is a WebSocket endpoint: connect with ws:// (see /ws-info)",
+        404: "room must be 1-32 of a-z, 0-9, '-' and '_', starting with a letter or digit: try 'kelas'"}[code])
 
 
 # --- Limits --------------------------------------------------------------------------------------
@@ -4354,6 +4426,13 @@ def test_where_to_open_is_said_once_even_when_allowed_hosts_leaves_out_this_addr
     assert "GET /livez" not in log  # its check that the chat listens is no request
 
 
+def test_with_a_secret_the_start_says_that_each_person_opens_a_link_of_their_own(tmp_path):
+    with bounded_server("python chat.py", tmp_path, env={"CHAT_SECRET": SECRET32}):
+        wait_until(lambda: b"a link of their own" in server_log())
+        assert ("INFO:     with CHAT_SECRET set, each person opens a link of their own: python chat.py token --link URL - "
+                "< names.txt prints them (URL: the address above that they reach)\n") in server_log().decode()
+
+
 def json_log_of_a_join(tmp_path, name: str) -> list[dict]:
     """The lines of python chat.py with LOG_FORMAT=json, each read as JSON, after `name` joined and went."""
     with bounded_server("python chat.py", tmp_path, env={"LOG_FORMAT": "json"}) as (base, port):
@@ -4471,6 +4550,30 @@ def test_a_setting_that_cannot_work_stops_the_start_in_one_line(env, said):
     assert help_with(env) == (1, said + "\n")
 
 
+@pytest.mark.parametrize("host", ["chat.example.org:443", "https://chat.example.org", "chat.example.org/chat"])
+def test_an_allowed_host_with_a_scheme_port_or_path_stops_the_start_in_one_line(host):
+    assert help_with({"ALLOWED_HOSTS": host}) == (1, (
+        f"ALLOWED_HOSTS: {host!r} is no host name; give names alone, without a scheme, port or path (any port is "
+        "let in), e.g. ALLOWED_HOSTS=chat.example.org\n"))
+
+
+def test_allowed_hosts_and_origins_are_read_with_spaces_after_commas_and_hosts_in_any_case():
+    done = subprocess.run([sys.executable, "-c", "import chat; print(chat.ALLOWED_HOSTS, chat.ALLOWED_ORIGINS)"],
+                          cwd=HERE, capture_output=True, text=True, check=True, env={
+                              **os.environ, "ALLOWED_HOSTS": "a.example.org, Chat.Example.org.",
+                              "ALLOWED_ORIGINS": "https://a.org, https://b.org"})
+    assert done.stdout == "['a.example.org', 'chat.example.org'] ['https://a.org', 'https://b.org']\n"
+
+
+def test_a_setting_misspelled_in_the_environment_is_named_at_start_with_the_one_meant(monkeypatch, caplog, tmp_path):
+    monkeypatch.setenv("CHAT_SECERT", SECRET32)
+    monkeypatch.setenv("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")  # OpenSSL's own, not a typo of ours
+    with TestClient(chat.create_app(f"sqlite:///{tmp_path}/chat.db")):
+        pass
+    assert [line for line in caplog.messages if "no setting has that name" in line] == [
+        "CHAT_SECERT is set, but no setting has that name: did you mean CHAT_SECRET?"]
+
+
 def test_a_file_that_is_not_a_database_stops_the_start_in_one_line(tmp_path):
     (tmp_path / "junk.db").write_text("not a database")
     done = subprocess.run([sys.executable, "chat.py"], cwd=HERE, capture_output=True, text=True, timeout=30,
@@ -4478,6 +4581,18 @@ def test_a_file_that_is_not_a_database_stops_the_start_in_one_line(tmp_path):
     assert done.returncode == 3 and "Traceback" not in done.stderr
     assert (f"ERROR:    {tmp_path}/junk.db is not an SQLite database: point DATABASE_URL at chat's own (a new file is "
             "made ready), or move that file away\n") in done.stderr
+
+
+def test_a_damaged_database_file_stops_the_start_in_one_line(tmp_path):
+    url = f"sqlite:///{tmp_path}/chat.db"
+    with TestClient(chat.create_app(url)) as client:
+        post(client, "alice", "hi")
+    os.truncate(tmp_path / "chat.db", 1500)  # a copy cut short
+    done = subprocess.run([sys.executable, "chat.py"], cwd=HERE, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "DATABASE_URL": url, "PORT": str(free_port())})
+    assert done.returncode == 3 and "Traceback" not in done.stderr
+    assert (f"ERROR:    {tmp_path}/chat.db is damaged (database disk image is malformed): restore it from a backup, "
+            "or move it away to start with a new one\n") in done.stderr
 
 
 @pytest.mark.parametrize("command", [("delete-message", "1"), ("backup", "copy.db")])
@@ -5039,6 +5154,13 @@ def test_ctrl_c_stops_python_chat_py_with_no_traceback(database_url):
         running_server.log.seek(0)
         assert running_server.log.read().decode().splitlines()[-1].endswith(
             f"Finished server process [{running_server.process.pid}]")
+
+
+def test_a_closed_terminal_stops_python_chat_py_as_ctrl_c_does_storing_what_it_accepted(tmp_path):
+    with bounded_server("python chat.py", tmp_path) as (base, port):
+        running_server.process.send_signal(signal.SIGHUP)
+        assert running_server.process.wait(timeout=15) == 0
+        assert b"Application shutdown complete." in server_log()
 
 
 @pytest.mark.parametrize("runner", BOTH)
