@@ -3294,7 +3294,10 @@ class PostgresCluster(OneProcess):
                 self.rooms.publish(notice["room"], notice)
 
     async def beat(self) -> None:
-        """Renew our heartbeat; reap processes that stopped renewing theirs, and say their users left."""
+        """Renew our heartbeat; reap processes that stopped renewing theirs, and say their users left.
+        Only once ours has been renewed for PRESENCE_TIMEOUT since this began (at start, and again
+        after any failure): when the database was away from all of us, theirs are as late as ours."""
+        renewed_since = None
         while True:
             await asyncio.sleep(PRESENCE_TIMEOUT / 3)
             if await self.database.fetch_val(self.RENEW, {"me": self.me}) is None:
@@ -3302,11 +3305,13 @@ class PostgresCluster(OneProcess):
                 # again, with our users, who are announced again.
                 await self.database.execute(self.REGISTER, {"me": self.me})
                 await self.arrive_again()
-            gone = {(row["room"], row["username"])
-                    for row in await self.database.fetch_all(self.REAP, {"timeout": PRESENCE_TIMEOUT})}
-            if dead := await self.database.fetch_all(self.FORGET_DEAD, {"timeout": PRESENCE_TIMEOUT}):
-                log.warning("%d other process(es) gave no heartbeat for %g s (stopped, or cut off from the "
-                            "database): their %d users count as gone", len(dead), PRESENCE_TIMEOUT, len(gone))
+            renewed_since, gone = renewed_since or time.monotonic(), set()
+            if time.monotonic() - renewed_since >= PRESENCE_TIMEOUT:
+                gone = {(row["room"], row["username"])
+                        for row in await self.database.fetch_all(self.REAP, {"timeout": PRESENCE_TIMEOUT})}
+                if dead := await self.database.fetch_all(self.FORGET_DEAD, {"timeout": PRESENCE_TIMEOUT}):
+                    log.warning("%d other process(es) gave no heartbeat for %g s (stopped, or cut off from the "
+                                "database): their %d users count as gone", len(dead), PRESENCE_TIMEOUT, len(gone))
             if self.stale:  # and those who left, or came, here while the database failed
                 self.stale = False  # a move that fails from now on marks it again
                 try:

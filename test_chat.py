@@ -6401,6 +6401,31 @@ def test_killing_one_process_leaves_the_other_serving_and_its_users_gone(shared_
             assert json.loads(bob.recv(timeout=5))["content"] == "still here"
 
 
+def post_as(base: str, username: str, content: str) -> int:
+    """POST /messages to a real server: its status code."""
+    request = urllib.request.Request(base + "/messages", method="POST", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"username": username, "content": content}).encode())
+    try:
+        return urllib.request.urlopen(request, timeout=10).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_processes_cut_off_from_postgresql_together_for_longer_than_presence_timeout_announce_no_one_gone(outage_url):
+    proxy, url = outage_url
+    with two_servers(url, env={"PRESENCE_TIMEOUT": "1.5"}) as ((a, _), (b, _)):
+        with ws_connect(a) as hal, ws_connect(b) as ivy:
+            ws_join(hal, "hal")
+            ws_join(ivy, "ivy")
+            assert json.loads(hal.recv(timeout=5))["content"] == "ivy joined the chat"
+            proxy.cut()
+            time.sleep(4)  # each process's heartbeat is older than PRESENCE_TIMEOUT in the other's eyes
+            proxy.restore()
+            time.sleep(3)  # twice PRESENCE_TIMEOUT: a process that reaped the other would have said so
+            wait_until(lambda: post_as(b, "ivy", "still here") == 201, seconds=10)
+            assert json.loads(hal.recv(timeout=5))["content"] == "still here"  # no "left", no "joined" came first
+
+
 @contextlib.contextmanager
 def alice_stopped_on_a(shared_url: str, stop):
     """Bob, on B, hears alice join on A; then stop(process A, alice's socket) ends A: yields (B, bob, A)."""
