@@ -1236,6 +1236,10 @@ async def chat_socket(websocket: WebSocket):
             "room" if kind else "full" if refusal[0] == status.WS_1013_TRY_AGAIN_LATER else "address").inc()
         await websocket.close(*refusal)
         return
+    if proxy := untrusted_proxy(handshake):  # else a community behind one forgotten setting shares one address's limits
+        app.state.said.warning("untrusted proxy", "sockets from %s carry an X-Forwarded-For that is not believed: if it "
+                               "is your proxy, start the server with TRUSTED_PROXIES=%s, so that each client behind it "
+                               "counts on its own", proxy, proxy, client=ip)
     websocket.scope["headers"], handshake = [], None  # a waiting socket keeps none of the handshake's
     client, message = Client(websocket, ip, room, identity, issued), None
     app.state.rooms.connect(client)

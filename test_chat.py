@@ -4349,6 +4349,19 @@ def test_x_forwarded_for_is_believed_only_from_a_trusted_proxy(runner, tmp_path)
         assert codes == expected, trusted
 
 
+def test_sockets_through_a_proxy_that_is_not_trusted_are_logged_with_trusted_proxies_once_a_minute(tmp_path):
+    with bounded_server("python chat.py", tmp_path) as (base, port):
+        for n in range(3):
+            with ws_connect(base, additional_headers={"X-Forwarded-For": f"203.0.113.{n}"}) as ws:
+                ws_join(ws, f"user{n}")
+        with ws_connect(base) as ws:  # straight from the client: nothing to say
+            ws_join(ws, "direct")
+        wait_until(lambda: b"direct joined" in server_log())
+        said = [line for line in log_events(server_log()) if "X-Forwarded-For" in line]
+    assert said == ["sockets from 127.0.0.1 carry an X-Forwarded-For that is not believed: if it is your "
+                    "proxy, start the server with TRUSTED_PROXIES=127.0.0.1, so that each client behind it counts on its own"]
+
+
 def log_events(log: bytes) -> list[str]:
     """The log's lines after start-up, each without its time and level, and without HTTP requests."""
     lines = [re.sub(r"^\S+ \S+ \w+: +", "", line) for line in log.decode().splitlines()]
