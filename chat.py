@@ -540,7 +540,7 @@ TOUCH_USERS = {  # of a JSON array of names: users who come back, seen now
 }
 # The first name to claim a look (see check_lookalike) keeps it; a claim answers with whoever
 # holds each of its looks now.
-UNCLAIMED_USERS = "SELECT username FROM users WHERE username NOT IN (SELECT username FROM looks) ORDER BY id"
+USERS_CLAIMED = "SELECT username, username IN (SELECT username FROM looks) AS claimed FROM users ORDER BY id"
 ALL_LOOKS = "SELECT look, username FROM looks"
 CLAIM_LOOKS = {  # a JSON array of {"look", "username"}
     "sqlite": """INSERT INTO looks (look, username) SELECT json_extract(value, '$.look'), json_extract(value, '$.username')
@@ -727,7 +727,9 @@ def looks(name: str) -> dict[str, str]:
     """What a name looks like: as written ("aIice", with a capital I, looks like "alice"), whatever
     its case ("ALICE" is "alice"), as written then whatever its case ("ВОВ" in Cyrillic capitals
     looks like "BOB", so like "bob"), and in capitals ("ВUDI SANTOSO", a Cyrillic В among Latin
-    capitals, is "Budi Santoso" in capitals); "аlice" (Cyrillic а) and "a1ice" look like "alice" every way."""
+    capitals, is "Budi Santoso" in capitals); "аlice" (Cyrillic а) and "a1ice" look like "alice" every way.
+    Spaces count as one, as in a name today: an earlier version's " zed" or "a\tb" looks like "zed", "a b"."""
+    name = " ".join(name.split())
     as_written = skeleton(name, fold=False)
     return {"as_written": as_written, "any_case": skeleton(name, fold=True),
             "folded_look": skeleton(as_written, fold=True), "in_capitals": skeleton(name.upper(), fold=False)}
@@ -766,7 +768,8 @@ async def claim_looks(database) -> None:
     """At start, the looks of users stored before theirs were (an earlier version's database), as
     check_lookalike would claim them one by one, first come first served by id: computed here in one
     pass, stored a batch per statement (50,000 users: 1 s, against 208 s one by one)."""
-    users = [row["username"] for row in await database.fetch_all(UNCLAIMED_USERS)]
+    users = [row["username"] for row in await database.fetch_all(USERS_CLAIMED)  # and " zed", claimed untrimmed before
+             if not row["claimed"] or row["username"] != " ".join(row["username"].split())]
     held = {row["look"]: row["username"] for row in await database.fetch_all(ALL_LOOKS)} if users else {}
     claims = []
     for username in users:

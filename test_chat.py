@@ -1689,6 +1689,19 @@ def test_a_new_lookalike_of_a_name_stored_before_is_still_refused(database_url):
         409, {"detail": "'Alice' looks like the existing user 'alice'; if that is you, write it the same way, else choose another name"})
 
 
+@pytest.mark.parametrize("claimed", [(), (" zed",)], ids=["unclaimed", "claimed untrimmed"])
+def test_a_new_name_that_differs_from_one_stored_before_only_by_spaces_is_refused(database_url, claimed):
+    with TestClient(chat.create_app(database_url)) as client:
+        stored_before(client, " zed")
+        for look in claimed:  # as this chat claimed it before spaces counted as one
+            client.portal.call(client.app.state.database.execute, "INSERT INTO looks (look, username) VALUES (:look, ' zed')",
+                               {"look": look})
+    with TestClient(chat.create_app(database_url)) as client:
+        response = client.post("/users", json={"username": "zed"})
+    assert (response.status_code, response.json()) == (
+        409, {"detail": "'zed' looks like the existing user ' zed'; if that is you, write it the same way, else choose another name"})
+
+
 def test_the_looks_of_a_thousand_users_stored_before_are_claimed_in_a_statement_per_batch(client, monkeypatch, caplog):
     """The cost per user is bounded without timing: two reads, then one INSERT per 300 looks."""
     database = client.app.state.database
