@@ -531,6 +531,7 @@ CREATE_USER = """
     INSERT INTO users (username, last_seen) VALUES (:username, :now)
     ON CONFLICT (username) DO NOTHING RETURNING id, username, last_seen"""
 FIND_USER = "SELECT id, username, last_seen FROM users WHERE username = :username"
+USER_BY_ID = "SELECT username FROM users WHERE id = :id"
 TOUCH_USERS = {  # of a JSON array of names: users who come back, seen now
     "sqlite": "UPDATE users SET last_seen = :now WHERE username IN (SELECT value FROM json_each(:names)) RETURNING id, username",
     "postgresql": """UPDATE users SET last_seen = :now WHERE id IN (
@@ -748,6 +749,9 @@ async def check_lookalike(database, username: str, former: str | None = None, ad
 
 
 def confusable(username: str, other: str, advice: str = SAME_WAY) -> Invalid:
+    if " ".join(other.split()) == username and advice == SAME_WAY:  # stored by an earlier version: " zed"
+        advice = ("an earlier version stored it with other spaces: if that is you, ask whoever runs this chat to "
+                  f"rename it (python chat.py rename-user {other!r} {username!r})")
     return Invalid("confusable_username",
                    f"{username!r} looks like the existing user {other!r}{unlike(username, other)}; {advice}")
 

@@ -771,10 +771,20 @@ class Bounded:
         await send(message)
 
 
+class Supervisor(Multiprocess):
+    """uvicorn's, but for SIGHUP (a closed terminal): every worker stops as for Ctrl+C, storing what
+    it accepted, where uvicorn would start them again."""
+
+    def handle_hup(self) -> None:
+        self.handle_term()
+
+
 def bounded_chat():
     """What each worker process serves (python chat.py --workers N): chat's app, bounded."""
     import chat
 
+    if hasattr(signal, "SIGHUP"):  # a closed terminal tells every process: the supervisor stops them in turn
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     BoundedHttpTools.max_sockets = socket_budget()
     collect_less()
     return Bounded(chat.app)
@@ -834,7 +844,7 @@ def serve(chat, workers: int = 1) -> None:
         if refusal:  # each worker would say it, between uvicorn's lines: the parent says it once
             log.error("%s", refusal)
             raise SystemExit(3)
-        supervisor = Multiprocess(built, sockets=[built.bind_socket()])
+        supervisor = Supervisor(built, sockets=[built.bind_socket()])
         with contextlib.suppress(KeyboardInterrupt):
             supervisor.run()
     if any(process.exitcode == uvicorn.config.STARTUP_FAILURE for process in supervisor.processes):
@@ -1064,6 +1074,9 @@ async def moderate(chat, command: str, *args: str) -> str:
                                                                             "what": f"deleted the user {args[0]!r}"})})
             deleted = 0
             while True:  # in batches, so that the server's writes go in between
+                if await database.fetch_val(chat.USER_BY_ID, {"id": user_id}) is None:  # deleted meanwhile
+                    raise chat.Invalid("no_user", f"{args[0]!r} was deleted meanwhile (by another delete-user, or "
+                                                  f"retention), with {deleted} of their messages deleted here")
                 while batch := await chat.delete_messages(database, chat.DELETE_USERS_MESSAGES,
                                                           {"user_id": user_id, "batch": chat.PRUNE_BATCH}):
                     deleted += batch
@@ -1125,7 +1138,7 @@ def main(chat, argv: list[str]) -> None:
         link = argv[2] if argv[1:2] == ["--link"] and len(argv) > 2 else None
         names = argv[1 + 2 * (link is not None):]
         names = names if names != ["-"] else sys.stdin.read().lstrip("\ufeff").replace("\r\n", "\n").split("\n")
-        if any(name.startswith("--") for name in names):  # token --help, token alice --link URL
+        if any(name.startswith("-") and name != "-" for name in names):  # token -h, token alice --link URL
             names = []  # tokens() says how it is used
         return sys.exit(tokens(chat, names, link))
     if argv[:1] and argv[0] in MODERATION:

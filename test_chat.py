@@ -40,6 +40,7 @@ import hypothesis.strategies as st
 import jwt
 import limits.aio.storage.memory
 import limits.aio.strategies
+import psutil
 import pytest
 import schemathesis
 import starlette.status
@@ -683,22 +684,36 @@ def test_rename_user_onto_a_name_that_joined_after_it_was_looked_for_says_the_na
         "'Alicia' is another user's name: choose another")
 
 
+def before_the_first_delete(monkeypatch, *command: str) -> None:
+    """The moderation command runs just before delete-user's first batch of messages goes."""
+    deleting, done = chat.delete_messages, []
+
+    async def first(database, statement, values):
+        if not done:
+            done.append(command)  # before it runs: a delete-user's own deletes come here too
+            await runner.moderate(chat, *command)
+        return await deleting(database, statement, values)
+
+    monkeypatch.setattr(chat, "delete_messages", first)
+
+
 def test_a_user_renamed_while_delete_user_deletes_them_leaves_no_look_of_the_new_name_behind(database_url, monkeypatch):
     with TestClient(chat.create_app(database_url)) as client:
         post(client, "Rina Wati", "hi")
-    deleting, renamed = chat.delete_messages, []
-
-    async def renamed_meanwhile(database, statement, values):
-        if not renamed:
-            renamed.append(await runner.moderate(chat, "rename-user", "Rina Wati", "Rina Baru"))
-        return await deleting(database, statement, values)
-
-    monkeypatch.setattr(chat, "delete_messages", renamed_meanwhile)
+    before_the_first_delete(monkeypatch, "rename-user", "Rina Wati", "Rina Baru")
     assert moderated_meanwhile(database_url, monkeypatch, "delete-user", "Rina Wati").startswith(
         "deleted the user 'Rina Wati' and their 1 message;")
     with TestClient(chat.create_app(database_url)) as client:
         assert query(client, "SELECT username FROM looks") == []
         assert client.post("/users", json={"username": "rina baru"}).status_code == 201
+
+
+def test_delete_user_of_a_user_another_delete_user_deleted_meanwhile_ends_saying_so(database_url, monkeypatch):
+    with TestClient(chat.create_app(database_url)) as client:
+        post(client, "victim", "hi")
+    before_the_first_delete(monkeypatch, "delete-user", "victim")
+    assert moderated_meanwhile(database_url, monkeypatch, "delete-user", "victim") == (
+        "'victim' was deleted meanwhile (by another delete-user, or retention), with 0 of their messages deleted here")
 
 
 def test_rename_user_refuses_a_missing_user_and_a_name_that_is_taken(database_url):
@@ -1699,7 +1714,18 @@ def test_a_new_name_that_differs_from_one_stored_before_only_by_spaces_is_refuse
     with TestClient(chat.create_app(database_url)) as client:
         response = client.post("/users", json={"username": "zed"})
     assert (response.status_code, response.json()) == (
-        409, {"detail": "'zed' looks like the existing user ' zed'; if that is you, write it the same way, else choose another name"})
+        409, {"detail": "'zed' looks like the existing user ' zed'; an earlier version stored it with other spaces: if that is "
+                        "you, ask whoever runs this chat to rename it (python chat.py rename-user ' zed' 'zed')"})
+
+
+def test_a_name_refused_beside_one_stored_with_other_spaces_is_told_how_to_get_it_renamed(database_url):
+    with TestClient(chat.create_app(database_url)) as client:
+        stored_before(client, "a\tb")
+    with TestClient(chat.create_app(database_url)) as client, client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "join", "username": "a b"})
+        assert ws.receive_json() == {"type": "error", "code": "confusable_username", "content": (
+            "'a b' looks like the existing user 'a\\tb'; an earlier version stored it with other spaces: if that is you, "
+            "ask whoever runs this chat to rename it (python chat.py rename-user 'a\\tb' 'a b')")}
 
 
 def test_the_looks_of_a_thousand_users_stored_before_are_claimed_in_a_statement_per_batch(client, monkeypatch, caplog):
@@ -2806,6 +2832,16 @@ def test_the_tester_page_sends_a_message_of_the_longest_length_and_keeps_a_longe
     assert stored_contents(server) == ["x" * length] * (length <= chat.MAX_CONTENT_LENGTH) + ["after"]
 
 
+def test_the_tester_page_names_the_servers_frame_limit_for_a_message_too_large_in_bytes(browser, database_url):
+    with running_server(database_url, env={"MAX_FRAME_BYTES": "512"}) as base:
+        page = open_tester(browser, base, "alice")
+        say_in(page, "\U0001F600" * 200)  # 200 characters, 800 bytes
+        page.wait_for_selector(".error")
+        said = page.locator(".error").all_text_contents()  # its client_id is random, and sent: 8xx bytes
+        assert len(said) == 1 and re.fullmatch(r"error too_long: this message is 8\d\d bytes as sent, more than the "
+                                               r"server takes \(512\): shorten it, or send it in parts", said[0]), said
+
+
 def test_a_frame_the_server_finds_too_large_goes_back_to_the_tester_pages_box_and_the_next_message_goes(
         browser, server):
     page = open_tester(browser, server, "alice")
@@ -2993,6 +3029,18 @@ def test_the_tester_page_stops_when_its_token_expires_and_it_has_no_fresh_one(br
         page.wait_for_selector("#status.refused", timeout=10000)
         assert page.inner_text("#status") == (
             "closed 4001 (token expired): token expired; paste a fresh token and join again")
+
+
+def test_what_a_student_typed_while_the_tester_page_reconnects_goes_after_connect_and_join_is_clicked(
+        browser, database_url):
+    port = free_port()
+    page, base = alices_tester_once_her_server_stopped(browser, database_url, port)
+    page.wait_for_selector("#status:text('connection lost')")
+    say_in(page, "typed while away")
+    page.click("#join")  # while the server is still away
+    with running_server(database_url, port):
+        page.wait_for_selector(".msg .text:text('typed while away')", timeout=15000)
+        assert stored_contents(base) == ["before", "typed while away"]
 
 
 def test_the_tester_page_reconnects_after_a_restart_and_misses_nothing(browser, database_url):
@@ -3367,7 +3415,7 @@ def test_token_without_a_name_says_how_to_give_them():
                                                      "token - to read one name a line from stdin\n")
 
 
-@pytest.mark.parametrize("args", [("--help",), ("--link",), ("Ayu", "--link", "http://192.168.1.5:8000")])
+@pytest.mark.parametrize("args", [("--help",), ("-h",), ("--link",), ("Ayu", "--link", "http://192.168.1.5:8000")])
 def test_token_given_a_flag_as_a_name_says_how_it_is_used_and_prints_no_token(args):
     result = chat_token(*args)
     assert (result.returncode, result.stdout, result.stderr) == (1, "", (
@@ -6313,6 +6361,17 @@ def test_under_two_workers_every_scrape_counts_both_processes(shared_url):
             assert re.search(r'^chat_build_info\{commit="\w+",schema_version="\d+"\} 1\.0$', text, re.M)
             pids |= set(re.findall(r'^process_resident_memory_bytes\{pid="(\d+)"\} \d', text, re.M))
     assert len(pids) == 2
+
+
+def test_a_closed_terminal_stops_every_worker_of_python_chat_py_as_ctrl_c_does(shared_url):
+    with running_server(shared_url, runner=True, env=FAST, args=("--workers", "2")) as base:
+        parent = psutil.Process(running_server.process.pid)
+        wait_until(lambda: len(parent.children()) >= 2)
+        for process in [*parent.children(recursive=True), parent]:  # the terminal's process group, every one
+            process.send_signal(signal.SIGHUP)
+        assert running_server.process.wait(timeout=20) == 0
+        logged = server_log()
+    assert logged.count(b"Application shutdown complete.") == 2 and b"restarting" not in logged
 
 
 def test_several_workers_on_sqlite_are_refused_in_one_line_with_a_non_zero_exit(tmp_path):
