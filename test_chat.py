@@ -4642,6 +4642,7 @@ def test_allowed_hosts_and_origins_are_read_with_spaces_after_commas_and_hosts_i
 def test_a_setting_misspelled_in_the_environment_is_named_at_start_with_the_one_meant(monkeypatch, caplog, tmp_path):
     monkeypatch.setenv("CHAT_SECERT", SECRET32)
     monkeypatch.setenv("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")  # OpenSSL's own, not a typo of ours
+    monkeypatch.setattr(logging.getLogger("uvicorn"), "propagate", True)  # as uvicorn's log config left it
     with TestClient(chat.create_app(f"sqlite:///{tmp_path}/chat.db")):
         pass
     assert [line for line in caplog.messages if "no setting has that name" in line] == [
