@@ -723,14 +723,19 @@ def skeleton(name: str, fold: bool) -> str:
 SAME_WAY = "if that is you, write it the same way, else choose another name"  # to whoever chose the name
 
 
+def single_spaced(name: str) -> str:
+    """Spaces as a name today has them (PRECIS trims and collapses): an earlier version's " zed" is "zed"."""
+    return " ".join(name.split())
+
+
 @functools.lru_cache(maxsize=4096)  # a batch of joins asks twice; callers only read it
 def looks(name: str) -> dict[str, str]:
     """What a name looks like: as written ("aIice", with a capital I, looks like "alice"), whatever
     its case ("ALICE" is "alice"), as written then whatever its case ("ВОВ" in Cyrillic capitals
     looks like "BOB", so like "bob"), and in capitals ("ВUDI SANTOSO", a Cyrillic В among Latin
-    capitals, is "Budi Santoso" in capitals); "аlice" (Cyrillic а) and "a1ice" look like "alice" every way.
-    Spaces count as one, as in a name today: an earlier version's " zed" or "a\tb" looks like "zed", "a b"."""
-    name = " ".join(name.split())
+    capitals, is "Budi Santoso" in capitals); "аlice" (Cyrillic а) and "a1ice" look like "alice" every way;
+    an earlier version's " zed" or "a\tb" looks like "zed", "a b"."""
+    name = single_spaced(name)
     as_written = skeleton(name, fold=False)
     return {"as_written": as_written, "any_case": skeleton(name, fold=True),
             "folded_look": skeleton(as_written, fold=True), "in_capitals": skeleton(name.upper(), fold=False)}
@@ -749,7 +754,7 @@ async def check_lookalike(database, username: str, former: str | None = None, ad
 
 
 def confusable(username: str, other: str, advice: str = SAME_WAY) -> Invalid:
-    if " ".join(other.split()) == username and advice == SAME_WAY:  # stored by an earlier version: " zed"
+    if single_spaced(other) == username and advice == SAME_WAY:  # stored by an earlier version: " zed"
         advice = ("an earlier version stored it with other spaces: if that is you, ask whoever runs this chat to "
                   f"rename it (python chat.py rename-user {other!r} {username!r})")
     return Invalid("confusable_username",
@@ -773,7 +778,7 @@ async def claim_looks(database) -> None:
     check_lookalike would claim them one by one, first come first served by id: computed here in one
     pass, stored a batch per statement (50,000 users: 1 s, against 208 s one by one)."""
     users = [row["username"] for row in await database.fetch_all(USERS_CLAIMED)  # and " zed", claimed untrimmed before
-             if not row["claimed"] or row["username"] != " ".join(row["username"].split())]
+             if not row["claimed"] or row["username"] != single_spaced(row["username"])]
     held = {row["look"]: row["username"] for row in await database.fetch_all(ALL_LOOKS)} if users else {}
     claims = []
     for username in users:
