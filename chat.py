@@ -169,8 +169,24 @@ ALLOWED_HOSTS = [host.lower().removesuffix(".") for host in ALLOWED_HOSTS]  # as
 if odd := [host for host in ALLOWED_HOSTS if not re.fullmatch(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]", host)]:
     raise SystemExit(f"ALLOWED_HOSTS: {odd[0][:100]!r} is no host name; give names alone, without a scheme, port or "
                      "path (any port is let in), e.g. ALLOWED_HOSTS=chat.example.org")
-if odd := [origin for origin in ALLOWED_ORIGINS if origin not in ("*", "null") and "://" not in origin]:
-    raise SystemExit(f"ALLOWED_ORIGINS: {odd[0]!r} is no origin; give a page's scheme, host and port, e.g. https://{odd[0]}")
+
+
+def as_sent(origin: str) -> str:
+    """An origin as browsers send it in their Origin header, which is compared as it is: a port
+    only if not the scheme's own, no path (not even "/")."""
+    try:
+        page = urllib.parse.urlsplit(origin if "://" in origin else f"https://{origin}")
+        port = "" if page.port in (None, {"http": 80, "https": 443}.get(page.scheme)) else f":{page.port}"
+    except ValueError:  # a port that is no number
+        return "scheme://host:port"
+    host = f"[{page.hostname}]" if ":" in (page.hostname or "") else page.hostname or "host"
+    return f"{page.scheme}://{host}{port}"
+
+
+ALLOWED_ORIGINS = [origin.lower() for origin in ALLOWED_ORIGINS]  # as browsers send them
+if odd := [origin for origin in ALLOWED_ORIGINS if origin not in ("*", "null") and origin != as_sent(origin)]:
+    raise SystemExit(f"ALLOWED_ORIGINS: {odd[0][:100]!r} is not an origin as browsers send it (scheme://host, and "
+                     f":port unless the scheme's own; no path): write {as_sent(odd[0][:100])}")
 if not re.match(r"(sqlite:///|postgres(ql)?://)", DATABASE_URL):
     raise SystemExit(f"DATABASE_URL={DATABASE_URL!r}: use sqlite:///FILE (e.g. sqlite:///chat.db) or "
                      "postgresql://USER:PASSWORD@HOST/DB")
@@ -657,8 +673,10 @@ USERNAMES = precis_i18n.get_profile("NicknameCasePreserved")
 
 
 def check_text(value, field: str, max_length: int) -> str:
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or not value:
         raise Invalid(f"invalid_{field}", f"{field} must be a non-empty string")
+    if not value.strip():
+        raise Invalid(f"invalid_{field}", f"{field} has nothing to see: only spaces")
     if len(value) > max_length:
         raise Invalid(f"invalid_{field}", f"{field} is longer than {max_length} characters: shorten it"
                       + (", or send it in parts" if field == "content" else ""))
@@ -1320,6 +1338,18 @@ def stalled(client: Client) -> None:
     app = client.websocket.app
     app.state.metrics.slow_readers_cut.inc()
     background(app, leave(app, client))
+
+
+async def no_such_socket(websocket: WebSocket):
+    """A WebSocket to a path that has none ("/ws/general/") is told where the chat's are, and why,
+    in its close reason and the log, where the server would answer a bare 403."""
+    ip, path = client_address(websocket), websocket.url.path
+    parts = path.strip("/").split("/")
+    where = f"/ws/{parts[1]}" if parts[0] == "ws" and len(parts) > 1 else "/ws"
+    reason = f"no WebSocket at {path[:40]!r}: connect to /ws or /ws/<room>, e.g. {where[:40]}"
+    websocket.app.state.said.warning("no such socket", "closed a WebSocket from %s with 1008: %s", ip, reason, client=ip)
+    await websocket.accept()
+    await websocket.close(status.WS_1008_POLICY_VIOLATION, reason)
 
 
 async def upgrade_required(request):
@@ -2704,22 +2734,21 @@ async def read_revoked(database) -> dict[str, float]:
 # --- Lifespan, routes, app -----------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def lifespan(app):
-    """Connect, create the schema, start the writer and the cluster; on shutdown, store every
-    message already accepted."""
+async def opened(database):
+    """Connected, with the schema this code needs (an old one upgraded), or a Refusal in one line;
+    the SQLite file's lock and the database's identity come back. python chat.py opens it once
+    before it serves, so that a refusal is all it prints."""
     check_secret()
     check_content_limit()
-    database = app.state.database
     lock = lock_sqlite_file(database.url.database) if database.url.dialect == "sqlite" else None
     try:
         if lock and shutil.disk_usage(os.path.dirname(os.path.abspath(database.url.database))).free < FULL_BELOW_BYTES:
             raise sqlite3.OperationalError("database or disk is full")  # said before a connection opens:
             # aiosqlite's thread, failing to open one, would answer after the loop has closed
         await connect(database)
-        app.state.identity = await apply_schema(database)
-        log.info("messages are kept in %s", os.path.abspath(database.url.database) if lock else shown_url(str(database.url)))
+        identity = await apply_schema(database)
         await claim_looks(database)
+        return lock, identity
     except BaseException as exc:  # whatever stops the start, nothing stays open
         await database.disconnect()  # its connections' threads would keep the process from ending
         if lock:
@@ -2733,6 +2762,15 @@ async def lifespan(app):
         if isinstance(exc, sqlite3.OperationalError):  # a full disk, a read-only folder: say so in one line
             raise Refusal(disk_refusal(database.url.database, exc)) from None
         raise
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    """Connect, create the schema, start the writer and the cluster; on shutdown, store every
+    message already accepted."""
+    database = app.state.database
+    lock, app.state.identity = await opened(database)
+    log.info("messages are kept in %s", os.path.abspath(database.url.database) if lock else shown_url(str(database.url)))
     app.state.replaying = asyncio.Semaphore(REPLAYS_AT_ONCE)  # this loop's: see on_join
     writer = asyncio.create_task(app.state.writer.run())
     retention = asyncio.create_task(supervise("retention", lambda: retain(app), app.state.writer.outage)) if (
@@ -2968,6 +3006,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
         WebSocketRoute("/ws/{room}", ChatSocket()),
         Route("/ws", upgrade_required),
         Route("/ws/{room}", upgrade_required),
+        WebSocketRoute("/{path:path}", no_such_socket),
     ]
     said, server = Said(), {}
     middleware = [Middleware(StartUp, server=server),
@@ -3422,7 +3461,7 @@ OPENAPI = {
                                       "pattern": CONTENT_PATTERN.pattern},
                           "room": {"type": "string", "pattern": ROOM_PATTERN.pattern,
                                    "default": DEFAULT_ROOM},
-                          "client_id": _CLIENT_ID},
+                          "client_id": {**_CLIENT_ID, "nullable": True}},  # null: none
                          ["username", "content"])}}},
                      "security": _SECURITY,
                      "responses": {"201": _json(_MSG_REF, "The stored message"),
@@ -3453,8 +3492,9 @@ OPENAPI = {
                     "parameters": [
                         _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 100},
                                "How many rooms"),
-                        _query("after", {"type": "string", "pattern": ROOM_PATTERN.pattern},
-                               "Only rooms whose name sorts after this one: the page after the last room seen")],
+                        _query("after", {"type": "string", "pattern": f"^$|{ROOM_PATTERN.pattern}"},
+                               "Only rooms whose name sorts after this one: the page after the last room seen "
+                               "(empty: from the first)")],
                     "responses": {"200": _json({"type": "array", "items": _schema(
                         {"room": _STR, "active_users": {"type": "array", "items": _STR},
                          "last_message_id": {**_INT, "nullable": True},

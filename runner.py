@@ -823,10 +823,19 @@ def serve(chat, workers: int = 1) -> None:
                          f"for {UVICORN}x: pip install -r requirements.txt (or serve with plain uvicorn chat:app, "
                          "without those bounds)")
     in_use(HOST, PORT)
+    built = config(chat.app if workers == 1 else "runner:bounded_chat", chat.MAX_FRAME_BYTES, workers=workers)
+    try:
+        with asyncio.Runner(loop_factory=built.get_loop_factory()) as loop:  # the loop it serves on: uvloop's
+            refusal = loop.run(reached(chat))
+    except KeyboardInterrupt:  # Ctrl+C while it waits for the database: nothing started yet
+        raise SystemExit(1) from None
+    if refusal:  # said here in one line, not between uvicorn's start and stop lines (by each worker)
+        log.error("%s", refusal)
+        raise SystemExit(3)
     threading.Thread(target=say_where_to_open, args=(bool(chat.SECRET),), daemon=True).start()
     if workers == 1:
         collect_less()
-        server = uvicorn.Server(config(chat.app, chat.MAX_FRAME_BYTES))
+        server = uvicorn.Server(built)
         if hasattr(signal, "SIGHUP"):  # its terminal closed: it stops as for Ctrl+C, storing what it accepted
             signal.signal(signal.SIGHUP, server.handle_exit)
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: uvicorn raises it again once shut down
@@ -836,14 +845,6 @@ def serve(chat, workers: int = 1) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="chat-metrics-") as shared:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", shared)  # before the workers import chat
-        built = config("runner:bounded_chat", chat.MAX_FRAME_BYTES, workers=workers)  # logs as the workers do
-        try:
-            refusal = asyncio.run(reached(chat))
-        except KeyboardInterrupt:  # Ctrl+C while it waits for the database: no worker to stop
-            raise SystemExit(1) from None
-        if refusal:  # each worker would say it, between uvicorn's lines: the parent says it once
-            log.error("%s", refusal)
-            raise SystemExit(3)
         supervisor = Supervisor(built, sockets=[built.bind_socket()])
         with contextlib.suppress(KeyboardInterrupt):
             supervisor.run()
@@ -852,13 +853,15 @@ def serve(chat, workers: int = 1) -> None:
 
 
 async def reached(chat) -> str | None:
-    """Why the database refuses to be served, or None: connected to once, and let go."""
+    """Why the database refuses to be served, or None: opened once (an old one upgraded), and let go."""
     database = chat.open_database(chat.DATABASE_URL)
     try:
-        await chat.connect(database)
+        lock, _ = await chat.opened(database)
     except chat.Refusal as exc:
         return str(exc)
     await database.disconnect()
+    if lock:
+        lock.close()
 
 
 def say_where_to_open(secret: bool) -> None:

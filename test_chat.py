@@ -595,8 +595,18 @@ def test_a_database_that_refuses_the_connection_at_start_is_refused_at_once_in_o
     result = subprocess.run([sys.executable, "chat.py", "--port", str(free_port())], cwd=HERE, capture_output=True,
                             text=True, timeout=60, env={**os.environ, "DATABASE_URL": url})
     assert result.returncode == 3
-    assert chat_log_lines(result) == [f"ERROR:    the database at {url} refuses the connection: role \"nobody\" does "
-                                      "not exist; check DATABASE_URL"]
+    assert [line.split(" ", 2)[2] for line in result.stderr.splitlines()] == [
+        f"ERROR:    the database at {url} refuses the connection: role \"nobody\" does not exist; check DATABASE_URL"]
+
+
+def test_a_file_that_is_no_database_stops_python_chat_py_in_one_line_before_the_server_starts(tmp_path):
+    (tmp_path / "chat.db").write_bytes(b"not a database, " * 300)
+    result = subprocess.run([sys.executable, "chat.py", "--port", str(free_port())], cwd=HERE, capture_output=True,
+                            text=True, timeout=30, env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"})
+    assert result.returncode == 3
+    assert [line.split(" ", 2)[2] for line in result.stderr.splitlines()] == [
+        f"ERROR:    {tmp_path}/chat.db is not an SQLite database: point DATABASE_URL at chat's own (a new file is made "
+        "ready), or move that file away"]
 
 
 def test_on_sqlite_every_query_shares_the_loops_connection_and_the_schema_and_checkpoints_one_more(
@@ -1064,7 +1074,17 @@ def test_an_error_about_a_message_names_its_client_id(client):
         join(ws, "alice")
         ws.send_json({"type": "message", "content": " ", "client_id": "c-9"})
         assert ws.receive_json() == {"type": "error", "code": "invalid_content", "client_id": "c-9",
-                                     "content": "content must be a non-empty string"}
+                                     "content": "content has nothing to see: only spaces"}
+
+
+def test_a_client_id_of_spaces_is_refused_for_what_it_is_and_one_of_null_is_none(client):
+    client.post("/users", json={"username": "alice"})
+    response = client.post("/messages", json={"username": "alice", "content": "hi", "client_id": "  "})
+    assert (response.status_code, response.json()) == (422, {"detail": "client_id has nothing to see: only spaces"})
+    response = client.post("/messages", json={"username": "alice", "content": "hi", "client_id": None})
+    assert (response.status_code, "client_id" in response.json()) == (201, False)
+    assert client.get("/openapi.json").json()["paths"]["/messages"]["post"]["requestBody"]["content"][
+        "application/json"]["schema"]["properties"]["client_id"]["nullable"] is True
 
 
 def test_a_message_of_only_zero_width_and_direction_marks_is_refused_and_not_stored(client):
@@ -3753,6 +3773,15 @@ def test_plain_http_to_a_rooms_websocket_path_says_whether_the_room_would_be_ref
         404: "room must be 1-32 of a-z, 0-9, '-' and '_', starting with a letter or digit: try 'kelas'"}[code])
 
 
+@pytest.mark.parametrize("path, use", [("/ws/general/", "/ws/general"), ("/ws/", "/ws"), ("/chat", "/ws"),
+                                       ("/ws/a/b", "/ws/a")])
+def test_a_websocket_to_a_path_with_none_is_closed_saying_where_the_chats_are(client, caplog, path, use):
+    with client.websocket_connect(path) as ws:
+        assert closed_with(ws) == (1008, f"no WebSocket at {path!r}: connect to /ws or /ws/<room>, e.g. {use}")
+    assert caplog.messages[-1] == (f"closed a WebSocket from testclient with 1008: no WebSocket at {path!r}: connect "
+                                   f"to /ws or /ws/<room>, e.g. {use}")
+
+
 # --- Limits --------------------------------------------------------------------------------------
 
 
@@ -4485,7 +4514,8 @@ def test_the_start_says_where_messages_are_kept_and_whether_that_database_was_ne
     def started() -> list[str]:
         with bounded_server("python chat.py", tmp_path):
             lines = [re.sub(r"^\S+ \S+ \w+: +", "", line) for line in server_log().decode().splitlines()]
-        return lines[lines.index("Waiting for application startup.") + 1:lines.index("Application startup complete.")]
+        return [line for line in lines[:lines.index("Application startup complete.")]
+                if not line.startswith(("Started server process", "Waiting for application startup."))]
 
     assert started() == ["the database was empty: made its tables", f"messages are kept in {tmp_path}/chat.db"]
     assert started() == [f"messages are kept in {tmp_path}/chat.db"]
@@ -4611,8 +4641,6 @@ def test_a_setting_one_past_its_limit_stops_the_start_in_one_line(name):
     ({"RETAIN_DAYS": "-3"}, "RETAIN_DAYS='-3': use a number from 0 to 36500, e.g. RETAIN_DAYS=0"),
     ({"RETAIN_DAYS": "nan"}, "RETAIN_DAYS='nan': use a number from 0 to 36500, e.g. RETAIN_DAYS=0"),
     ({"PUBLIC_READS": "yes"}, "PUBLIC_READS='yes': use 0 or 1, e.g. PUBLIC_READS=0"),
-    ({"ALLOWED_ORIGINS": "example.com"},
-     "ALLOWED_ORIGINS: 'example.com' is no origin; give a page's scheme, host and port, e.g. https://example.com"),
     ({"DATABASE_URL": "chat.db"},
      "DATABASE_URL='chat.db': use sqlite:///FILE (e.g. sqlite:///chat.db) or postgresql://USER:PASSWORD@HOST/DB"),
     ({"DATABASE_URL": "mysql://root@localhost/db"}, "DATABASE_URL='mysql://root@localhost/db': use sqlite:///FILE "
@@ -4622,6 +4650,16 @@ def test_a_setting_one_past_its_limit_stops_the_start_in_one_line(name):
 ])
 def test_a_setting_that_cannot_work_stops_the_start_in_one_line(env, said):
     assert help_with(env) == (1, said + "\n")
+
+
+@pytest.mark.parametrize("origin, write", [
+    ("example.com", "https://example.com"), ("http://a.example/", "http://a.example"),
+    ("https://a.example:443", "https://a.example"), ("http://a.example:8080/chat", "http://a.example:8080"),
+    ("http://ann@a.example", "http://a.example"), ("http://a.example:http", "scheme://host:port")])
+def test_an_allowed_origin_not_as_browsers_send_it_stops_the_start_in_one_line_with_how_to_write_it(origin, write):
+    assert help_with({"ALLOWED_ORIGINS": f"https://b.example,{origin}"}) == (1, (
+        f"ALLOWED_ORIGINS: {origin!r} is not an origin as browsers send it (scheme://host, and :port unless the "
+        f"scheme's own; no path): write {write}\n"))
 
 
 @pytest.mark.parametrize("host", ["chat.example.org:443", "https://chat.example.org", "chat.example.org/chat"])
@@ -4635,8 +4673,9 @@ def test_allowed_hosts_and_origins_are_read_with_spaces_after_commas_and_hosts_i
     done = subprocess.run([sys.executable, "-c", "import chat; print(chat.ALLOWED_HOSTS, chat.ALLOWED_ORIGINS)"],
                           cwd=HERE, capture_output=True, text=True, check=True, env={
                               **os.environ, "ALLOWED_HOSTS": "a.example.org, Chat.Example.org.",
-                              "ALLOWED_ORIGINS": "https://a.org, https://b.org"})
-    assert done.stdout == "['a.example.org', 'chat.example.org'] ['https://a.org', 'https://b.org']\n"
+                              "ALLOWED_ORIGINS": "https://a.org, HTTPS://B.org:8443, http://[::1]:8000"})
+    assert done.stdout == ("['a.example.org', 'chat.example.org'] ['https://a.org', 'https://b.org:8443', "
+                           "'http://[::1]:8000']\n")
 
 
 def test_a_setting_misspelled_in_the_environment_is_named_at_start_with_the_one_meant(monkeypatch, caplog, tmp_path):
@@ -5281,11 +5320,13 @@ def stored_ids(base: str) -> list[int]:
 
 
 class CuttableProxy:
-    """A TCP proxy to PostgreSQL that the test can cut (all connections dropped, new ones refused)."""
+    """A TCP proxy to PostgreSQL that the test can cut (all connections dropped, new ones refused),
+    or stall (nothing passes, every connection stays open) until it flows again."""
 
     def __init__(self, target: tuple[str, int]):
         self.target, self.port, self.pairs = target, free_port(), []
-        self.listener = None
+        self.listener, self.flowing = None, threading.Event()
+        self.flowing.set()
         self.restore()
 
     def restore(self):
@@ -5301,10 +5342,10 @@ class CuttableProxy:
                 for a, b in ((client, upstream), (upstream, client)):
                     threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def pipe(source, sink):
+    def pipe(self, source, sink):
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                self.flowing.wait()
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
@@ -6367,7 +6408,7 @@ def test_under_two_workers_every_scrape_counts_both_processes(shared_url):
 def test_a_closed_terminal_stops_every_worker_of_python_chat_py_as_ctrl_c_does(shared_url):
     with running_server(shared_url, runner=True, env=FAST, args=("--workers", "2")) as base:
         parent = psutil.Process(running_server.process.pid)
-        wait_until(lambda: len(parent.children()) >= 2)
+        wait_until(lambda: server_log().count(b"Application startup complete.") == 2)  # both workers, not one
         for process in [*parent.children(recursive=True), parent]:  # the terminal's process group, every one
             process.send_signal(signal.SIGHUP)
         assert running_server.process.wait(timeout=20) == 0
@@ -6497,16 +6538,17 @@ def post_as(base: str, username: str, content: str) -> int:
         return exc.code
 
 
-def test_processes_cut_off_from_postgresql_together_for_longer_than_presence_timeout_announce_no_one_gone(outage_url):
+@pytest.mark.parametrize("away", ["cut", "stalled"])  # stalled: no statement fails (each may take 10 s)
+def test_processes_whose_postgresql_is_away_for_longer_than_presence_timeout_announce_no_one_gone(outage_url, away):
     proxy, url = outage_url
     with two_servers(url, env={"PRESENCE_TIMEOUT": "1.5"}) as ((a, _), (b, _)):
         with ws_connect(a) as hal, ws_connect(b) as ivy:
             ws_join(hal, "hal")
             ws_join(ivy, "ivy")
             assert json.loads(hal.recv(timeout=5))["content"] == "ivy joined the chat"
-            proxy.cut()
+            proxy.cut() if away == "cut" else proxy.flowing.clear()
             time.sleep(4)  # each process's heartbeat is older than PRESENCE_TIMEOUT in the other's eyes
-            proxy.restore()
+            proxy.restore() if away == "cut" else proxy.flowing.set()
             time.sleep(3)  # twice PRESENCE_TIMEOUT: a process that reaped the other would have said so
             wait_until(lambda: post_as(b, "ivy", "still here") == 201, seconds=10)
             assert json.loads(hal.recv(timeout=5))["content"] == "still here"  # no "left", no "joined" came first
