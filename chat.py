@@ -12,7 +12,7 @@ what a client may take of the server itself (see there). It reads as a house wit
    WebSocket endpoint (with the path of one message traced at its top); REST; lifespan, routes,
    app. On its own, this storey is the whole chat for one process (SQLite).
 2. Several processes (PostgreSQL): LISTEN/NOTIFY, catch-up and shared presence, behind the same
-   four methods that the first storey calls on `OneProcess` (arrive, depart, announce, present).
+   methods that the first storey calls on `OneProcess` (start, arrive, depart, present, stop).
 Appendix: the OpenAPI document.
 
 The tutorial's Elysia names, and ours:
@@ -22,7 +22,7 @@ The tutorial's Elysia names, and ours:
     ws.unsubscribe(room)               Rooms.unsubscribe(client)
     ws.publish(room, data)             Rooms.publish(room, frame), publish_messages(batch): to each subscriber
     ws.send(data)                      Client.send(frame)
-    broadcastMessage (a notice)        cluster.announce(frame): this process's rooms, and the others'
+    broadcastMessage (a notice)        cluster.arrive() and depart(): this process's rooms, and the others'
     chatService.saveMessage            MessageWriter.submit(): stored in batches, then published
     message(ws, message) + switch      HANDLERS: on_join, on_message, on_leave
 """
@@ -59,7 +59,6 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import unquote_plus
 
 try:
     import fcntl  # the SQLite file's lock, on Linux
@@ -533,11 +532,8 @@ def iso(value) -> str:
 
 
 def message_out(row) -> dict:
-    message = {"id": row["id"], "room": row["room"], "username": row["username"],
-               "content": row["content"], "timestamp": iso(row["created_at"])}
-    if row["client_id"] is not None:
-        message["client_id"] = row["client_id"]
-    return message
+    return {"id": row["id"], "room": row["room"], "username": row["username"], "content": row["content"],
+            "timestamp": iso(row["created_at"]), **({"client_id": row["client_id"]} if row["client_id"] is not None else {})}
 
 
 UPSERT_USER = """
@@ -913,7 +909,7 @@ FRAME_FORMATS = {
 ERROR_CODES = {
     "binary_frame": "a binary frame; send JSON as text",
     "frame_too_large": f"a frame over {MAX_FRAME_BYTES} bytes",
-    "invalid_json": "the frame is not JSON, or names a key twice",
+    "invalid_json": "the frame is not JSON, names a key twice, or nests too deeply",
     "not_object": "the frame is JSON but not an object",
     "unknown_type": "type is missing or not join, message or leave",
     "invalid_username": f"username missing, not a string, over {MAX_USERNAME_LENGTH} characters, or "
@@ -923,7 +919,8 @@ ERROR_CODES = {
     "invalid_content": f"content missing, not a string, blank, over {MAX_CONTENT_LENGTH} "
                        "characters, only invisible characters, or with a NUL",
     "invalid_room": "room is not 1-32 of a-z, 0-9, '-', '_'; or a message names a room other than the one joined",
-    "invalid_client_id": f"client_id is not a string of 1-{MAX_CLIENT_ID_LENGTH} characters",
+    "invalid_client_id": f"client_id is not a string of 1-{MAX_CLIENT_ID_LENGTH} characters with something to "
+                         "see, or has a NUL",
     "invalid_since": "since is not a message id (an integer >= 0)",
     "not_joined": "message or leave before join",
     "already_joined": "a second join on one connection (leave first)",
@@ -952,19 +949,27 @@ LONG_NUMBERS = json.JSONDecoder(object_pairs_hook=once,
                                 parse_int=lambda digits: int(digits) if len(digits) < 20 else NO_UPPER_BOUND)
 
 
-def from_json(text: str):
-    """JSON, or ValueError (Twice for a key twice). Python reads at most 4,300 digits as an integer,
-    and would call a whole frame or body with a longer number not JSON: that number reads as one
-    past the last id instead, refused by its field's check. (Read so only then: a Python call for
-    every number costs 5x.)"""
+def from_json(text: str, what: str, not_json: str, not_object: str) -> dict:
+    """`what` (the frame, the body) as a JSON object, or Invalid saying why not. Python reads at most
+    4,300 digits as an integer, and would call a whole frame or body with a longer number not JSON:
+    that number reads as one past the last id instead, refused by its field's check. (Read so only
+    then: a Python call for every number costs 5x.)"""
     try:
-        return JSON.decode(text)
-    except Twice:
-        raise
-    except ValueError as exc:
-        if "integer string conversion" not in str(exc):
-            raise
-        return LONG_NUMBERS.decode(text)
+        try:
+            value = JSON.decode(text)
+        except ValueError as exc:
+            if isinstance(exc, Twice) or "integer string conversion" not in str(exc):
+                raise
+            value = LONG_NUMBERS.decode(text)
+    except Twice as exc:
+        raise Invalid("invalid_json", f"{what} names {exc.args[0][:64]!r} twice: send each key once") from None
+    except RecursionError:  # nested thousands deep
+        raise Invalid("invalid_json", f"{what} nests arrays or objects too deeply to read") from None
+    except ValueError:
+        raise Invalid("invalid_json", not_json) from None
+    if not isinstance(value, dict):
+        raise Invalid("not_object", not_object)
+    return value
 
 
 def parse_frame(message: dict) -> dict:
@@ -977,16 +982,8 @@ def parse_frame(message: dict) -> dict:
     if len(text) > MAX_FRAME_BYTES or (4 * len(text) > MAX_FRAME_BYTES
                                        and len(text.encode()) > MAX_FRAME_BYTES):
         raise Invalid("frame_too_large", f"frames are limited to {MAX_FRAME_BYTES} bytes")
-    try:
-        frame = from_json(text)
-    except Twice as exc:
-        raise Invalid("invalid_json", f"the frame names {exc.args[0][:64]!r} twice: send each key once") from None
-    except RecursionError:
-        raise Invalid("invalid_json", "the frame nests arrays or objects too deeply to read") from None
-    except ValueError:
-        raise Invalid("invalid_json", "the frame is not valid JSON (one JSON object a frame: in websocat, one a line)") from None
-    if not isinstance(frame, dict):
-        raise Invalid("not_object", "the frame must be a JSON object")
+    frame = from_json(text, "the frame", "the frame is not valid JSON (one JSON object a frame: in websocat, one a line)",
+                      "the frame must be a JSON object")
     if frame.get("type") not in ("join", "message", "leave"):
         raise Invalid("unknown_type", "type must be one of: join, message, leave")
     return frame
@@ -1128,9 +1125,14 @@ def client_address(connection: HTTPConnection) -> str:
     return address_key(connection.client.host if connection.client else "unknown")
 
 
+async def within(app, per_minute: int, what: str, ip: str) -> bool:
+    """Whether an address, whatever its sockets, may do `what` once more this minute (`limits`, in this process's memory)."""
+    return await app.state.limits.hit(limits.RateLimitItemPerMinute(per_minute), what, ip)
+
+
 async def rest_write_allowed(request) -> None:
     """REST writes from one address are limited too: each may create a user or a room."""
-    if not await request.app.state.limits.rest_write(client_address(request)):
+    if not await within(request.app, REST_WRITES_PER_MINUTE, "writes", client_address(request)):
         raise HTTPException(429, f"over {REST_WRITES_PER_MINUTE} writes a minute from your address "
                             f"(REST_WRITES_PER_MINUTE={REST_WRITES_PER_MINUTE}); try again in a minute",
                             headers={"Retry-After": "60"})
@@ -1179,20 +1181,6 @@ class Lag:
             await asyncio.sleep(cls.TICK)
             if (late := time.monotonic() - started - cls.TICK) > cls.JITTER:
                 cls.total += late
-
-
-class AddressLimits:
-    """What one address may do, whatever its sockets (the `limits` library, in this process's
-    memory): JOINS_PER_MINUTE joins and REST_WRITES_PER_MINUTE REST writes."""
-
-    def __init__(self):
-        self.limiter = limits.aio.strategies.SlidingWindowCounterRateLimiter(limits.aio.storage.MemoryStorage())
-
-    async def join(self, ip: str) -> bool:
-        return await self.limiter.hit(limits.RateLimitItemPerMinute(JOINS_PER_MINUTE), "joins", ip)
-
-    async def rest_write(self, ip: str) -> bool:
-        return await self.limiter.hit(limits.RateLimitItemPerMinute(REST_WRITES_PER_MINUTE), "writes", ip)
 
 
 # --- One message's path: the WebSocket endpoint, the handlers, the writer, the rooms, each client --
@@ -1293,7 +1281,7 @@ async def chat_socket(websocket: WebSocket):
                 if frame["type"] == "join" and not client.budget.take(JOIN_COST - 1):
                     raise Invalid("rate_limited", f"too many frames: a join counts as {JOIN_COST}, and a socket may "
                                   f"send {RATE_PER_SECOND:g} a second; join again in a second")
-                if frame["type"] == "join" and not await app.state.limits.join(ip):
+                if frame["type"] == "join" and not await within(app, JOINS_PER_MINUTE, "joins", ip):
                     raise Invalid("rate_limited", f"your address has joined {JOINS_PER_MINUTE} times this minute "
                                   f"(JOINS_PER_MINUTE={JOINS_PER_MINUTE}); join again in a minute")
                 client.refused = 0
@@ -1399,7 +1387,7 @@ async def on_join(app, client: Client, frame: dict) -> None:
     since = check_id(frame["since"], "since") if frame.get("since") is not None else None
     client.user_id = stored["id"] if stored else await app.state.new_users(username)
     client.username, client.room = username, room
-    client.hold()
+    client.held = []  # from now until release(), live frames wait: the client is reading its history
     first_here = app.state.rooms.subscribe(client)
     notices = [system_frame(room, f"Welcome {username}!", database=app.state.identity)]
     try:
@@ -1536,7 +1524,6 @@ async def leave(app, client: Client) -> None:
 HANDLERS = {"join": on_join, "message": on_message, "leave": on_leave}
 
 
-
 # The writer: the tutorial's "save, then broadcast", in batches
 
 @dataclass(eq=False)
@@ -1582,7 +1569,7 @@ class Said:
 
     def __init__(self):
         self.last: dict[str, float] = {}
-        self.held: dict[str, tuple] = {}  # the last held back of each kind: (level, message, args, how many before it, when)
+        self.held: dict[str, tuple] = {}  # the last held back of each kind: (level, message, args, how many before it, when, fields)
 
     def info(self, kind: str, message: str, *args, level: int = logging.INFO, **fields) -> None:
         held = self.held.pop(kind, None)
@@ -2016,7 +2003,7 @@ class OneProcess:
     """What the processes of one chat share, when the chat is this one process (SQLite): nothing.
 
     Storey 2's PostgresCluster has the same methods and also tells the other processes; the
-    handlers below call them the same way and never ask which one they have.
+    handlers above call them the same way and never ask which one they have.
     """
 
     def __init__(self, app):
@@ -2189,10 +2176,6 @@ class Client:
         while len(self.in_flight) > most:
             await asyncio.wait([self.in_flight.pop(0)])
 
-    def hold(self) -> None:
-        """From now until release(), live frames wait: the client is reading its history."""
-        self.held = []
-
     def release(self, notices: list[dict], history: tuple[list[str], list[int]]) -> None:
         """Send the notices, the history (its frames, its ids) in one write, then the live frames
         held meanwhile, minus those the history already had (delivery is in id order, so comparing
@@ -2251,18 +2234,10 @@ async def json_body(request) -> dict:
         if len(raw) > MAX_BODY_BYTES:
             raise too_large
     try:
-        body = from_json(raw.decode("utf-8-sig"))  # a byte order mark may lead (RFC 8259)
+        text = raw.decode("utf-8-sig")  # a byte order mark may lead (RFC 8259)
     except UnicodeDecodeError:
         raise HTTPException(422, "the body is not UTF-8: send it in UTF-8, as JSON is sent") from None
-    except Twice as exc:
-        raise HTTPException(422, f"the body names {exc.args[0][:64]!r} twice: send each key once") from None
-    except RecursionError:  # nested thousands deep
-        raise HTTPException(422, "the body nests arrays or objects too deeply to read") from None
-    except ValueError:
-        raise HTTPException(422, "body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise HTTPException(422, "body must be a JSON object")
-    return body
+    return from_json(text, "the body", "body must be a JSON object", "body must be a JSON object")
 
 
 async def list_messages(request):
@@ -2518,7 +2493,7 @@ def commit() -> str:
 
 # The messages table as schema.sql makes it, asked for no row: a renamed table or a dropped column fails.
 MESSAGES_AS_EXPECTED = "SELECT id, room, user_id, content, created_at, client_id FROM messages WHERE id = 0"
-FULL_BELOW_BYTES = 1 << 20  # SQLite: a disk with less free is full, for readiness
+FULL_BELOW_BYTES = 1 << 20  # SQLite: a disk with less free is full, for readiness and at start
 
 
 async def livez(request):
@@ -2631,9 +2606,7 @@ async def prune(database: Database, days: float = 0, keep: int = 0, pause: float
             await asyncio.sleep(pause)  # writers go in between
 
     if days:
-        cutoff = utcnow() - datetime.timedelta(days=days)
-        await in_batches(PRUNE_OLD, {"cutoff": cutoff if database.url.dialect == "postgresql"
-                                     else cutoff.strftime("%Y-%m-%d %H:%M:%S.%f")})  # as stored
+        await in_batches(PRUNE_OLD, {"cutoff": utcnow() - datetime.timedelta(days=days)})
     if keep:
         for row in await database.fetch_all(ROOMS_OVER):
             upto = await database.fetch_val(KEPT_FROM, {"room": row["room"], "keep": keep})
@@ -3019,7 +2992,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
     app.state.database, app.state.server = open_database(database_url), server
     app.state.metrics = Metrics(app)
     app.state.rooms = Rooms(app.state.metrics)
-    app.state.limits = AddressLimits()
+    app.state.limits = limits.aio.strategies.SlidingWindowCounterRateLimiter(limits.aio.storage.MemoryStorage())
     app.state.tasks = set()
     app.state.history_reads = {}  # room -> the read of its newest messages that joins wait for
     app.state.touches = Batches(lambda names: touch_users(app.state.database, names))
@@ -3034,7 +3007,6 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
                                                                        app.state.metrics)
     app.state.cluster_class = PostgresCluster if several else OneProcess
     return app
-
 
 
 # =================================================================================================
@@ -3129,12 +3101,11 @@ class PostgresWriter(MessageWriter):
 
     def __init__(self, database: Database, rooms: Rooms, metrics: Metrics):
         super().__init__(database, rooms, metrics)
-        # Heard of: every message up to this id, and in which rooms (other processes' NOTIFYs
-        # come in commit order, which the lock makes id order). `wanted`: the newest id of a
+        # `heard`: every message up to this id is heard of (other processes' NOTIFYs come in
+        # commit order, which the lock makes id order). `wanted`: the newest id of a
         # batch heard of that touched a room of this process's clients; up to there, read.
         self.heard, self.wanted = 0, 0
         self.backend: int | None = None  # PostgreSQL's pid for the writer's connection
-
 
     def connected(self, connection) -> None:
         self.backend = connection.raw_connection.get_server_pid()
@@ -3532,18 +3503,19 @@ OPENAPI = {
             "get": {"tags": ["Operations"], "operationId": path[1:],
                     "summary": "For a load balancer: 200 while messages can be stored; 503 says why not (the "
                                "database does not answer, or not with the messages table schema.sql makes; "
-                               "SQLite's disk is full; a batch failed in the last 10 s)" + (
+                               f"SQLite's disk is full; a batch failed in the last 10 s, or has waited over {SLOW_STORE} s)" + (
                                    " (/healthz is its first name)" if path == "/healthz" else ""),
                     "responses": {"200": _json(_schema({"status": _STR}, ["status"]), "Ready"),
                                   **_errors(503)}},
         } for path in ("/readyz", "/healthz")},
         "/metrics": {
             "get": {"tags": ["Operations"], "operationId": "metrics",
-                    "summary": "Prometheus metrics of this process: connections, users, messages stored and "
+                    "summary": "Prometheus metrics of this process (with --workers, of them all): connections, users, messages stored and "
                                "delivered, frames refused by code, handshakes refused by why, slow readers cut, "
                                "database errors, the writer's batches",
+                    "security": [{"bearer": []}] if METRICS_TOKEN else _SECURITY,  # METRICS_TOKEN: that alone
                     "responses": {"200": {"description": "Prometheus text format",
-                                          "content": {"text/plain": {"schema": _STR}}}}},
+                                          "content": {"text/plain": {"schema": _STR}}}, **_errors(401)}},
         },
     },
     "components": {"schemas": {"Message": _MESSAGE, "User": _USER, "Error": _ERROR},

@@ -2049,12 +2049,13 @@ def test_a_wrong_method_is_a_json_405(client):
     assert (response.status_code, response.json()) == (405, {"detail": "Method Not Allowed"})
 
 
-@pytest.mark.parametrize("secret, security", [("", [[]] * 5), (SECRET32, [[{}, {"bearer": []}]] * 5)])
-def test_swagger_shows_a_token_as_wanted_only_when_chat_secret_is_set(secret, security):
+@pytest.mark.parametrize("secret, metrics_token, security", [
+    ("", "", [[]] * 6), (SECRET32, "", [[{}, {"bearer": []}]] * 6), ("", SECRET32, [[]] * 5 + [[{"bearer": []}]])])
+def test_swagger_shows_a_token_as_wanted_only_when_chat_secret_or_metrics_token_is_set(secret, metrics_token, security):
     done = subprocess.run([sys.executable, "-c", "import chat, json; print(json.dumps([operation.get('security') "
                            "for path in chat.OPENAPI['paths'].values() for operation in path.values() "
-                           "if 'security' in operation]))"], cwd=HERE, env={**os.environ, "CHAT_SECRET": secret},
-                          capture_output=True, text=True, check=True)
+                           "if 'security' in operation]))"], cwd=HERE, capture_output=True, text=True, check=True,
+                          env={**os.environ, "CHAT_SECRET": secret, "METRICS_TOKEN": metrics_token})
     assert json.loads(done.stdout) == security
 
 
