@@ -2922,7 +2922,7 @@ def test_a_join_refused_for_its_name_is_said_once_in_the_tester_pages_status(bro
     page.click("#join")
     page.wait_for_selector("#status.refused")
     assert page.inner_text("#status") == f"not joined: username is longer than {chat.MAX_USERNAME_LENGTH} characters: shorten it"
-    assert page.locator("#messages > *").count() == 0
+    assert page.locator("#messages > :visible").count() == 0
 
 
 def test_a_tester_page_renamed_by_the_operator_holds_the_new_name(browser, database_url):
@@ -3075,6 +3075,45 @@ def test_the_tester_page_reconnects_after_a_restart_and_misses_nothing(browser, 
         say_in(page, "after")
         page.wait_for_selector(".msg .text:text('after')")
         assert page.locator(".msg .text").all_text_contents() == ["before", "while you were away", "after"]
+
+
+def test_after_a_restart_the_tester_page_shows_no_joined_line_for_those_who_were_here_and_one_for_others(
+        browser, database_url):
+    port = free_port()
+    with contextlib.ExitStack() as open_until_the_server_stops, running_server(database_url, port) as base:
+        page = open_tester(browser, base, "alice")
+        ws_join(open_until_the_server_stops.enter_context(ws_connect(base)), "Budi Santoso")
+        page.wait_for_selector("#users:text-is('here: alice, Budi Santoso')")
+    with running_server(database_url, port), ws_connect(base) as bob, ws_connect(base) as carol:
+        page.wait_for_selector("#status:text('joined general as alice')", timeout=15000)
+        ws_join(bob, "Budi Santoso")
+        ws_join(carol, "carol")
+        page.wait_for_selector("#users:text-is('here: alice, Budi Santoso, carol')")
+        assert page.locator("#messages .system").all_text_contents() == [
+            "Welcome alice!", "Budi Santoso joined the chat", "Welcome alice!", "carol joined the chat"]
+
+
+def test_the_tester_page_loads_older_messages_a_page_of_50_at_a_time_until_the_rooms_first(
+        browser, database_url, monkeypatch):
+    monkeypatch.setattr(chat, "REST_WRITES_PER_MINUTE", 10**9)
+    with TestClient(chat.create_app(database_url)) as client:
+        for n in range(1, 63):  # m1 in another room; of the 61 here, 10 shown on joining, then 50, then 1
+            post(client, "bob", f"m{n}", room="kelas-7a" if n > 1 else "general")
+    with running_server(database_url) as base:
+        page = open_tester(browser, base, "alice", room="kelas-7a")
+        assert page.locator(".msg .text").all_text_contents() == [f"m{n}" for n in range(53, 63)]
+        page.set_viewport_size({"width": 1000, "height": 300})  # the list overflows: it shows the newest
+        page.wait_for_function("$('messages').scrollTop > 0")
+        page.evaluate("$('messages').scrollTop = 0")  # the reader scrolls up to the button
+        where = page.locator(".msg .text:text-is('m53')").bounding_box()["y"]
+        page.click("#messages .older")
+        page.wait_for_selector(".msg .text:text-is('m3')")
+        assert (page.locator(".msg").count(), page.is_visible("#messages .older")) == (60, True)
+        assert page.locator(".msg .text:text-is('m53')").bounding_box()["y"] == where  # the reader stays put
+        page.click("#messages .older")
+        page.wait_for_selector(".msg .text:text-is('m2')")
+        assert page.locator(".msg .text").all_text_contents() == [f"m{n}" for n in range(2, 63)]
+        assert page.is_visible("#messages .older") is False
 
 
 def test_the_tester_page_starts_over_on_a_server_restored_from_a_backup(browser, tmp_path):
