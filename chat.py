@@ -117,10 +117,11 @@ def setting(name: str, default: str, what: str, kind=str, least: float = -math.i
 
 
 def misspelled(known) -> list[str]:
-    """Environment variables a letter or two from a setting's name (CHAT_SECERT would leave the chat
-    open), but OpenSSL's SSL_CERT_FILE."""
+    """Environment variables a letter or two from a setting's name, or in lower case (CHAT_SECERT or
+    chat_secret would leave the chat open), but OpenSSL's SSL_CERT_FILE."""
     return [f"{name} is set, but no setting has that name: did you mean {near[0]}?" for name in sorted(os.environ)
-            if name not in (*known, "SSL_CERT_FILE") and (near := difflib.get_close_matches(name, known, 1, 0.85))]
+            if name not in known and name.upper() != "SSL_CERT_FILE"
+            and (near := difflib.get_close_matches(name.upper(), known, 1, 0.85))]
 
 
 def listed(value: str) -> list[str]:
