@@ -174,19 +174,24 @@ if odd := [host for host in ALLOWED_HOSTS if not re.fullmatch(r"\*|(\*\.)?[a-z0-
 def as_sent(origin: str) -> str:
     """An origin as browsers send it in their Origin header, which is compared as it is: a port
     only if not the scheme's own, no path (not even "/")."""
+    if origin.startswith("file:"):
+        return "null"  # what a page opened from a file sends
     try:
         page = urllib.parse.urlsplit(origin if "://" in origin else f"https://{origin}")
         port = "" if page.port in (None, {"http": 80, "https": 443}.get(page.scheme)) else f":{page.port}"
-    except ValueError:  # a port that is no number
+        host = (page.hostname or "host").encode("idna").decode()  # bücher.example: xn--bcher-kva.example
+    except (ValueError, UnicodeError):  # a port that is no number, a label too long
         return "scheme://host:port"
-    host = f"[{page.hostname}]" if ":" in (page.hostname or "") else page.hostname or "host"
-    return f"{page.scheme}://{host}{port}"
+    return f"{page.scheme}://{f'[{host}]' if ':' in host else host}{port}"
 
 
 ALLOWED_ORIGINS = [origin.lower() for origin in ALLOWED_ORIGINS]  # as browsers send them
 if odd := [origin for origin in ALLOWED_ORIGINS if origin not in ("*", "null") and origin != as_sent(origin)]:
     raise SystemExit(f"ALLOWED_ORIGINS: {odd[0][:100]!r} is not an origin as browsers send it (scheme://host, and "
                      f":port unless the scheme's own; no path): write {as_sent(odd[0][:100])}")
+if odd := [origin for origin in ALLOWED_ORIGINS if "*" in origin and origin != "*"]:
+    raise SystemExit(f"ALLOWED_ORIGINS: {odd[0][:100]!r}: an origin is matched whole, with no wildcard; list each, "
+                     "e.g. ALLOWED_ORIGINS=https://a.example.org,https://b.example.org")
 if not re.match(r"(sqlite:///|postgres(ql)?://)", DATABASE_URL):
     raise SystemExit(f"DATABASE_URL={DATABASE_URL!r}: use sqlite:///FILE (e.g. sqlite:///chat.db) or "
                      "postgresql://USER:PASSWORD@HOST/DB")
@@ -1334,8 +1339,8 @@ async def no_such_socket(websocket: WebSocket):
     in its close reason and the log, where the server would answer a bare 403."""
     ip, path = client_address(websocket), websocket.url.path
     parts = path.strip("/").split("/")
-    where = f"/ws/{parts[1]}" if parts[0] == "ws" and len(parts) > 1 else "/ws"
-    reason = f"no WebSocket at {path[:40]!r}: connect to /ws or /ws/<room>, e.g. {where[:40]}"
+    where = f"/ws/{parts[1]}" if parts[0] == "ws" and len(parts) > 1 and ROOM_PATTERN.fullmatch(parts[1]) else "/ws"
+    reason = f"no WebSocket at {urllib.parse.quote(path)[:30]!r}: connect to /ws or /ws/<room>, e.g. {where}"  # ASCII
     websocket.app.state.said.warning("no such socket", "closed a WebSocket from %s with 1008: %s", ip, reason, client=ip)
     await websocket.accept()
     await websocket.close(status.WS_1008_POLICY_VIOLATION, reason)
@@ -2710,8 +2715,8 @@ async def read_revoked(database) -> dict[str, float]:
 
 async def opened(database):
     """Connected, with the schema this code needs (an old one upgraded), or a Refusal in one line;
-    the SQLite file's lock and the database's identity come back. python chat.py opens it once
-    before it serves, so that a refusal is all it prints."""
+    the SQLite file's lock and the database's identity come back. python chat.py opens it before it
+    serves, so that a refusal is all it prints, and hands it to the lifespan (chat.bounded's "opened")."""
     check_secret()
     check_content_limit()
     lock = lock_sqlite_file(database.url.database) if database.url.dialect == "sqlite" else None
@@ -2735,6 +2740,13 @@ async def opened(database):
                           "to start with a new one") from None
         if isinstance(exc, sqlite3.OperationalError):  # a full disk, a read-only folder: say so in one line
             raise Refusal(disk_refusal(database.url.database, exc)) from None
+        where = shown_url(str(database.url))
+        if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+            raise Refusal(f"the database at {where} takes no writes ({exc}): a standby, or one set read-only; point "
+                          "DATABASE_URL at one that does") from None
+        if isinstance(exc, asyncpg.PostgresError):  # the role's rights, most likely
+            raise Refusal(f"the database at {where} refused to be made ready ({exc}): check that DATABASE_URL's "
+                          "role owns that database") from None
         raise
 
 
@@ -2743,7 +2755,7 @@ async def lifespan(app):
     """Connect, create the schema, start the writer and the cluster; on shutdown, store every
     message already accepted."""
     database = app.state.database
-    lock, app.state.identity = await opened(database)
+    lock, app.state.identity = app.state.server.pop("opened", None) or await opened(database)  # python chat.py's
     log.info("messages are kept in %s", os.path.abspath(database.url.database) if lock else shown_url(str(database.url)))
     app.state.replaying = asyncio.Semaphore(REPLAYS_AT_ONCE)  # this loop's: see on_join
     writer = asyncio.create_task(app.state.writer.run())

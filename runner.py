@@ -752,14 +752,17 @@ class QuietPeers(logging.Filter):
 
 class Bounded:
     """The app, told through its lifespan scope that the server's bounds are on, and when the
-    server begins to shut down (chat.bounded's "stopping")."""
+    server begins to shut down (chat.bounded's "stopping"); and given its database, opened before
+    the server started (its "opened")."""
 
     def __init__(self, app):
-        self.app = app
+        self.app, self.opened = app, None
 
     def __call__(self, scope, receive, send):  # not a coroutine: no frame kept for each connection
         if scope["type"] == "lifespan":
-            bounded = {"refusals": BoundedHttpTools.refusals, "stopping": STOPPING, "settings": list(SETTINGS)}
+            bounded = {"refusals": BoundedHttpTools.refusals, "stopping": STOPPING, "settings": list(SETTINGS),
+                       "opened": self.opened}
+            self.opened = None  # taken once
             scope = {**scope, "extensions": {**(scope.get("extensions") or {}), "chat.bounded": bounded}}
             return self.app(scope, receive, functools.partial(self.lifespan_send, send))
         return self.app(scope, receive, send)
@@ -824,25 +827,25 @@ def serve(chat, workers: int = 1) -> None:
                          "without those bounds)")
     in_use(HOST, PORT)
     built = config(chat.app if workers == 1 else "runner:bounded_chat", chat.MAX_FRAME_BYTES, workers=workers)
-    try:
-        with asyncio.Runner(loop_factory=built.get_loop_factory()) as loop:  # the loop it serves on: uvloop's
-            refusal = loop.run(reached(chat))
-    except KeyboardInterrupt:  # Ctrl+C while it waits for the database: nothing started yet
-        raise SystemExit(1) from None
-    if refusal:  # said here in one line, not between uvicorn's start and stop lines (by each worker)
-        log.error("%s", refusal)
-        raise SystemExit(3)
-    threading.Thread(target=say_where_to_open, args=(bool(chat.SECRET),), daemon=True).start()
-    if workers == 1:
-        collect_less()
-        server = uvicorn.Server(built)
-        if hasattr(signal, "SIGHUP"):  # its terminal closed: it stops as for Ctrl+C, storing what it accepted
-            signal.signal(signal.SIGHUP, server.handle_exit)
-        with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: uvicorn raises it again once shut down
-            server.run()
-        if not server.started:  # the app refused to start: it has said why
+    with asyncio.Runner(loop_factory=built.get_loop_factory()) as loop:  # uvloop's, as uvicorn.run() makes it
+        try:
+            refusal = loop.run(reached(chat, built.app if workers == 1 else None))
+        except KeyboardInterrupt:  # Ctrl+C while it waits for the database: nothing started yet
+            raise SystemExit(1) from None
+        if refusal:  # said here in one line, not between uvicorn's start and stop lines (by each worker)
+            log.error("%s", refusal)
             raise SystemExit(3)
-        return
+        threading.Thread(target=say_where_to_open, args=(bool(chat.SECRET),), daemon=True).start()
+        if workers == 1:
+            collect_less()
+            server = uvicorn.Server(built)
+            if hasattr(signal, "SIGHUP"):  # its terminal closed: it stops as for Ctrl+C, storing what it accepted
+                signal.signal(signal.SIGHUP, server.handle_exit)
+            with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: uvicorn raises it again once shut down
+                loop.run(server.serve())  # on the loop the database was opened on
+            if not server.started:  # the app refused to start: it has said why
+                raise SystemExit(3)
+            return
     with tempfile.TemporaryDirectory(prefix="chat-metrics-") as shared:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", shared)  # before the workers import chat
         supervisor = Supervisor(built, sockets=[built.bind_socket()])
@@ -852,16 +855,22 @@ def serve(chat, workers: int = 1) -> None:
         raise SystemExit(3)  # a worker refused to start: it has said why
 
 
-async def reached(chat) -> str | None:
-    """Why the database refuses to be served, or None: opened once (an old one upgraded), and let go."""
-    database = chat.open_database(chat.DATABASE_URL)
+async def reached(chat, bounded: Bounded | None) -> str | None:
+    """Why the database refuses to be served, or None: opened once (an old one upgraded). The app
+    serving on this loop takes it as it is, through `bounded` (no second open, which could find
+    the disk full with the first's tables, or the file locked by another process in between);
+    else, it is let go."""
+    database = chat.app.state.database if bounded else chat.open_database(chat.DATABASE_URL)
     try:
-        lock, _ = await chat.opened(database)
+        opened = await chat.opened(database)
     except chat.Refusal as exc:
         return str(exc)
+    if bounded:
+        bounded.opened = opened
+        return None
     await database.disconnect()
-    if lock:
-        lock.close()
+    if opened[0]:
+        opened[0].close()
 
 
 def say_where_to_open(secret: bool) -> None:
@@ -878,8 +887,9 @@ def say_where_to_open(secret: bool) -> None:
     hosts = [HOST] if HOST not in ("0.0.0.0", "::", "") else sorted(
         {address.address for addresses in psutil.net_if_addrs().values() for address in addresses
          if address.family == socket.AF_INET})
-    for host in hosts:
-        log.info("open %s://%s:%d/test", "https" if SSL_CERTFILE else "http", f"[{host}]" if ":" in host else host, PORT)
+    for host in hosts:  # a class opens those that are not loopback
+        log.info("open %s://%s:%d/test%s", "https" if SSL_CERTFILE else "http", f"[{host}]" if ":" in host else host, PORT,
+                 " (on this machine only)" if len(hosts) > 1 and ipaddress.ip_address(host).is_loopback else "")
     if secret:
         log.info("with CHAT_SECRET set, each person opens a link of their own: python chat.py token --link URL - "
                  "< names.txt prints them (URL: the address above that they reach)")
@@ -933,14 +943,19 @@ def usage(chat) -> str:
 
 def tokens(chat, names: list[str], link: str | None = None) -> str | None:
     """python chat.py token [--link URL] NAME...: a token for each name (for a class, NAME<TAB>TOKEN a
-    line), or with --link the page each student opens; all or none, so that a class is never handed
-    half a list, or two names a reader cannot tell apart."""
+    line), or with --link the page each student opens (in a room: URL/test?room=ROOM); all or none,
+    so that a class is never handed half a list, or two names a reader cannot tell apart."""
     names = [name for name in names if name.strip()]
     if not names:
         return "usage: python chat.py token [--link URL] NAME [NAME...], or token - to read one name a line from stdin"
-    if link is not None and not re.fullmatch(r"https?://[^/\s]+/?(test/?)?", link):
+    address = link and re.fullmatch(r"(https?://[^/?#\s]+)/?(test)?(\?room=([^&#]*))?", link)
+    if link is not None and not address:
         return (f"--link {link[:100]}: give the address the server printed at start, e.g. --link "
-                "http://192.168.1.5:8000")
+                "http://192.168.1.5:8000, or its page for a room: --link http://192.168.1.5:8000/test?room=kelas-7a")
+    try:
+        room = address and address.group(3) and chat.check_room(unquote(address.group(4)))
+    except chat.Invalid as exc:
+        return f"--link {link[:100]}: {exc}"
     if not chat.SECRET:
         return ("tokens are signed with CHAT_SECRET, which is not set. Set it (to the same value for the server), "
                 "e.g.: export CHAT_SECRET=$(python -c \"import secrets; print(secrets.token_hex(32))\")")
@@ -975,7 +990,7 @@ def tokens(chat, names: list[str], link: str | None = None) -> str | None:
         return "\n".join([f"{name[:100]!r}: {why}" for name, why in problems] + ["no token was printed"])
     shown = [(name, chat.make_token(name)) for name in canonical]
     if link is not None:  # a fragment: the browser never sends it, so no log on the way has it
-        shown = [(name, f"{re.sub(r'/?(test/?)?$', '', link)}/test#token={token}") for name, token in shown]
+        shown = [(name, f"{address.group(1)}/test#token={token}{f'&room={room}' if room else ''}") for name, token in shown]
     print("\n".join([token for _, token in shown] if len(names) == 1 else [f"{name}\t{token}" for name, token in shown]))
     return None
 

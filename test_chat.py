@@ -599,6 +599,39 @@ def test_a_database_that_refuses_the_connection_at_start_is_refused_at_once_in_o
         f"ERROR:    the database at {url} refuses the connection: role \"nobody\" does not exist; check DATABASE_URL"]
 
 
+def test_a_postgresql_database_that_takes_no_writes_stops_the_start_in_one_line(postgres_url):
+    name = f"chat_read_only_{os.getpid()}"
+    postgres_execute(postgres_url, f"CREATE DATABASE {name}")
+    postgres_execute(postgres_url, f"ALTER DATABASE {name} SET default_transaction_read_only = on")  # as a standby
+    url = postgres_url.rsplit("/", 1)[0] + "/" + name
+    try:
+        result = subprocess.run([sys.executable, "chat.py", "--port", str(free_port())], cwd=HERE, capture_output=True,
+                                text=True, timeout=60, env={**os.environ, "DATABASE_URL": url})
+    finally:
+        postgres_execute(postgres_url, f"DROP DATABASE {name} WITH (FORCE)")
+    assert result.returncode == 3
+    assert [line.split(" ", 2)[2] for line in result.stderr.splitlines()] == [
+        f"ERROR:    the database at {url} takes no writes (cannot execute CREATE COLLATION in a read-only transaction): "
+        "a standby, or one set read-only; point DATABASE_URL at one that does"]
+
+
+def test_a_postgresql_role_that_may_not_make_the_tables_stops_the_start_in_one_line(postgres_url):
+    name = f"chat_guest_{os.getpid()}"
+    postgres_execute(postgres_url, f"CREATE DATABASE {name}")
+    postgres_execute(postgres_url, f"CREATE ROLE {name} LOGIN")  # not the owner: since PostgreSQL 15, no CREATE in public
+    url = postgres_url.rsplit("/", 1)[0].replace("postgres@", f"{name}@") + "/" + name
+    try:
+        result = subprocess.run([sys.executable, "chat.py", "--port", str(free_port())], cwd=HERE, capture_output=True,
+                                text=True, timeout=60, env={**os.environ, "DATABASE_URL": url})
+    finally:
+        postgres_execute(postgres_url, f"DROP DATABASE {name} WITH (FORCE)")
+        postgres_execute(postgres_url, f"DROP ROLE {name}")
+    assert result.returncode == 3
+    assert [line.split(" ", 2)[2] for line in result.stderr.splitlines()] == [
+        f"ERROR:    the database at {url} refused to be made ready (permission denied for schema public): check that "
+        "DATABASE_URL's role owns that database"]
+
+
 def test_on_sqlite_every_query_shares_the_loops_connection_and_the_schema_and_checkpoints_one_more(
         tmp_path, monkeypatch, unlimited):
     opened, init = [], chat.SQLiteConnection.__init__
@@ -2170,7 +2203,7 @@ def test_served_on_every_interface_it_says_the_address_to_open(tmp_path):
     finally:
         server.terminate()
         log = server.communicate(timeout=20)[1]
-    assert f"INFO:     open http://127.0.0.1:{port}/test\n" in log
+    assert f"INFO:     open http://127.0.0.1:{port}/test (on this machine only)\n" in log
 
 
 def test_an_ipv6_client_is_counted_by_its_64_as_one_address():
@@ -3444,10 +3477,24 @@ def test_token_with_link_prints_each_name_and_the_page_to_open_with_its_token_in
         "Budi Santoso", "Siti Rahma"]
 
 
+@pytest.mark.parametrize("link", ["http://192.168.1.5:8000/test?room=Kelas-7A", "http://192.168.1.5:8000?room=kelas-7a"])
+def test_token_with_a_link_to_a_rooms_page_gives_each_the_page_that_joins_that_room(link):
+    result = chat_token("--link", link, "Budi Santoso")
+    assert re.fullmatch(r"http://192\.168\.1\.5:8000/test#token=[\w.-]+&room=kelas-7a\n", result.stdout)
+
+
+def test_token_with_a_link_to_a_room_that_cannot_be_says_why():
+    result = chat_token("--link", "http://192.168.1.5:8000/test?room=kelas 7a", "Ayu")
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", (
+        "--link http://192.168.1.5:8000/test?room=kelas 7a: room must be 1-32 of a-z, 0-9, '-' and '_', starting "
+        "with a letter or digit: try 'kelas-7a'\n"))
+
+
 def test_token_with_a_link_that_is_no_address_says_what_to_give():
     result = chat_token("--link", "192.168.1.5:8000", "Ayu")
     assert (result.returncode, result.stdout, result.stderr) == (1, "", (
-        "--link 192.168.1.5:8000: give the address the server printed at start, e.g. --link http://192.168.1.5:8000\n"))
+        "--link 192.168.1.5:8000: give the address the server printed at start, e.g. --link http://192.168.1.5:8000, "
+        "or its page for a room: --link http://192.168.1.5:8000/test?room=kelas-7a\n"))
 
 
 def test_token_refuses_a_class_list_with_two_names_that_look_alike():
@@ -3803,12 +3850,18 @@ def test_plain_http_to_a_rooms_websocket_path_says_whether_the_room_would_be_ref
         404: "room must be 1-32 of a-z, 0-9, '-' and '_', starting with a letter or digit: try 'kelas'"}[code])
 
 
-@pytest.mark.parametrize("path, use", [("/ws/general/", "/ws/general"), ("/ws/", "/ws"), ("/chat", "/ws"),
-                                       ("/ws/a/b", "/ws/a")])
-def test_a_websocket_to_a_path_with_none_is_closed_saying_where_the_chats_are(client, caplog, path, use):
+@pytest.mark.parametrize("path, shown, use", [
+    ("/ws/general/", "/ws/general/", "/ws/general"), ("/ws/", "/ws/", "/ws"), ("/chat", "/chat", "/ws"),
+    ("/ws/a/b", "/ws/a/b", "/ws/a"), ("/ws/-a/", "/ws/-a/", "/ws"),
+    ("/" + "語" * 22, "/%E8%AA%9E%E8%AA%9E%E8%AA%9E%E", "/ws"),  # a close reason holds 123 bytes
+    (f"/ws/{'r' * 32}/", f"/ws/{'r' * 26}", f"/ws/{'r' * 32}"),
+    ("/ws/a%00b/c", "/ws/a%00b/c", "/ws")])
+def test_a_websocket_to_a_path_with_none_is_closed_saying_where_the_chats_are(
+        client, caplog, monkeypatch, path, shown, use):
+    monkeypatch.setattr(logging.getLogger("uvicorn"), "propagate", True)  # as uvicorn's log config may have left it
     with client.websocket_connect(path) as ws:
-        assert closed_with(ws) == (1008, f"no WebSocket at {path!r}: connect to /ws or /ws/<room>, e.g. {use}")
-    assert caplog.messages[-1] == (f"closed a WebSocket from testclient with 1008: no WebSocket at {path!r}: connect "
+        assert closed_with(ws) == (1008, f"no WebSocket at {shown!r}: connect to /ws or /ws/<room>, e.g. {use}")
+    assert caplog.messages[-1] == (f"closed a WebSocket from testclient with 1008: no WebSocket at {shown!r}: connect "
                                    f"to /ws or /ws/<room>, e.g. {use}")
 
 
@@ -4685,11 +4738,18 @@ def test_a_setting_that_cannot_work_stops_the_start_in_one_line(env, said):
 @pytest.mark.parametrize("origin, write", [
     ("example.com", "https://example.com"), ("http://a.example/", "http://a.example"),
     ("https://a.example:443", "https://a.example"), ("http://a.example:8080/chat", "http://a.example:8080"),
-    ("http://ann@a.example", "http://a.example"), ("http://a.example:http", "scheme://host:port")])
+    ("http://ann@a.example", "http://a.example"), ("http://a.example:http", "scheme://host:port"),
+    ("https://bücher.example", "https://xn--bcher-kva.example"), ("file:///home/ann/chat.html", "null")])
 def test_an_allowed_origin_not_as_browsers_send_it_stops_the_start_in_one_line_with_how_to_write_it(origin, write):
     assert help_with({"ALLOWED_ORIGINS": f"https://b.example,{origin}"}) == (1, (
         f"ALLOWED_ORIGINS: {origin!r} is not an origin as browsers send it (scheme://host, and :port unless the "
         f"scheme's own; no path): write {write}\n"))
+
+
+def test_an_allowed_origin_with_a_wildcard_stops_the_start_in_one_line_saying_to_list_each():
+    assert help_with({"ALLOWED_ORIGINS": "https://*.example.org"}) == (1, (
+        "ALLOWED_ORIGINS: 'https://*.example.org': an origin is matched whole, with no wildcard; list each, e.g. "
+        "ALLOWED_ORIGINS=https://a.example.org,https://b.example.org\n"))
 
 
 @pytest.mark.parametrize("host", ["chat.example.org:443", "https://chat.example.org", "chat.example.org/chat"])
