@@ -5362,6 +5362,7 @@ def test_a_client_cut_for_not_reading_is_read_no_further_and_nothing_more_of_it_
         slow = StalledClient(base, "slowpoke")
         with ws_connect(base) as sender:
             ws_join(sender, "sender")
+            wait_until(lambda: active(base) == ["sender", "slowpoke"])  # its join is not waited for: it reads nothing
             for n in range(3000):
                 sender.send(json.dumps({"type": "message", "content": f"{n} {'x' * 1900}"}))
                 collect(sender, 1)
