@@ -827,25 +827,29 @@ def serve(chat, workers: int = 1) -> None:
                          "without those bounds)")
     in_use(HOST, PORT)
     built = config(chat.app if workers == 1 else "runner:bounded_chat", chat.MAX_FRAME_BYTES, workers=workers)
+    bounded = built.app if workers == 1 else None
     with asyncio.Runner(loop_factory=built.get_loop_factory()) as loop:  # uvloop's, as uvicorn.run() makes it
         try:
-            refusal = loop.run(reached(chat, built.app if workers == 1 else None))
-        except KeyboardInterrupt:  # Ctrl+C while it waits for the database: nothing started yet
-            raise SystemExit(1) from None
-        if refusal:  # said here in one line, not between uvicorn's start and stop lines (by each worker)
-            log.error("%s", refusal)
-            raise SystemExit(3)
-        threading.Thread(target=say_where_to_open, args=(bool(chat.SECRET),), daemon=True).start()
-        if workers == 1:
-            collect_less()
-            server = uvicorn.Server(built)
-            if hasattr(signal, "SIGHUP"):  # its terminal closed: it stops as for Ctrl+C, storing what it accepted
-                signal.signal(signal.SIGHUP, server.handle_exit)
-            with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: uvicorn raises it again once shut down
-                loop.run(server.serve())  # on the loop the database was opened on
-            if not server.started:  # the app refused to start: it has said why
+            refusal = interruptible(loop, reached(chat, bounded))
+            if refusal:  # said here in one line, not between uvicorn's start and stop lines (by each worker)
+                log.error("%s", refusal)
                 raise SystemExit(3)
-            return
+            threading.Thread(target=say_where_to_open, args=(bool(chat.SECRET),), daemon=True).start()
+            if workers == 1:
+                collect_less()
+                server = uvicorn.Server(built)
+                if hasattr(signal, "SIGHUP"):  # its terminal closed: it stops as for Ctrl+C, storing what it accepted
+                    signal.signal(signal.SIGHUP, server.handle_exit)
+                with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: uvicorn raises it again once shut down
+                    loop.run(server.serve())  # on the loop the database was opened on
+                if not server.started:  # the app refused to start: it has said why
+                    raise SystemExit(3)
+                return
+        except KeyboardInterrupt:  # Ctrl+C before it serves (waiting for the database, say)
+            raise SystemExit(1) from None
+        finally:
+            if bounded and bounded.opened:  # opened for the app, which never took it: its thread would hold the exit
+                loop.run(let_go(chat.app.state.database, bounded.opened[0]))
     with tempfile.TemporaryDirectory(prefix="chat-metrics-") as shared:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", shared)  # before the workers import chat
         supervisor = Supervisor(built, sockets=[built.bind_socket()])
@@ -853,6 +857,24 @@ def serve(chat, workers: int = 1) -> None:
             supervisor.run()
     if any(process.exitcode == uvicorn.config.STARTUP_FAILURE for process in supervisor.processes):
         raise SystemExit(3)  # a worker refused to start: it has said why
+
+
+def interruptible(runner: asyncio.Runner, coroutine):
+    """Its result; Ctrl+C cancels it and raises KeyboardInterrupt. (asyncio.Runner.run's own handler,
+    on a Ctrl+C just as the coroutine ends, raises it inside the running loop, which cannot then
+    run again to let the database go.)"""
+    loop = runner.get_loop()
+    task, interrupted = loop.create_task(coroutine), []
+    previous = signal.signal(signal.SIGINT, lambda *_: (interrupted.append(1), loop.call_soon_threadsafe(task.cancel)))
+    try:
+        result = loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
 
 
 async def reached(chat, bounded: Bounded | None) -> str | None:
@@ -868,9 +890,13 @@ async def reached(chat, bounded: Bounded | None) -> str | None:
     if bounded:
         bounded.opened = opened
         return None
+    await let_go(database, opened[0])
+
+
+async def let_go(database, lock) -> None:
     await database.disconnect()
-    if opened[0]:
-        opened[0].close()
+    if lock:
+        lock.close()
 
 
 def say_where_to_open(secret: bool) -> None:

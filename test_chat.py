@@ -580,6 +580,22 @@ def test_several_workers_on_a_database_that_does_not_exist_say_so_once_and_start
         "create it (createdb no_such_chat) or check DATABASE_URL"]
 
 
+def test_ctrl_c_just_as_the_database_is_opened_leaves_the_loop_free_to_let_it_go():
+    scenario = """if True:
+        import asyncio, signal, runner
+        async def opening():
+            asyncio.get_running_loop().call_soon(signal.raise_signal, signal.SIGINT)  # as it ends
+            return "opened"
+        with asyncio.Runner() as loop:
+            try:
+                runner.interruptible(loop, opening())
+            except KeyboardInterrupt:
+                print(loop.run(asyncio.sleep(0, "let go")))
+    """
+    done = subprocess.run([sys.executable, "-c", scenario], cwd=HERE, capture_output=True, text=True, timeout=30)
+    assert (done.stdout, done.stderr) == ("let go\n", "")
+
+
 def test_ctrl_c_while_several_workers_wait_for_the_database_ends_it_without_a_traceback():
     port = free_port()  # nothing listens on it
     server = subprocess.Popen([sys.executable, "chat.py", "--port", str(free_port()), "--workers", "2"], cwd=HERE,
