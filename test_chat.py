@@ -2210,16 +2210,17 @@ def test_allowed_hosts_adds_to_this_machines_own_names_and_addresses(database_ur
 
 
 def test_served_on_every_interface_it_says_the_address_to_open(tmp_path):
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "chat.py", "--host", "0.0.0.0", "--port", str(port)], cwd=HERE,
-                              env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    port, log = free_port(), tmp_path / "log"
+    with log.open("wb") as written:  # said once it listens, by a thread of its own: waited for
+        server = subprocess.Popen([sys.executable, "chat.py", "--host", "0.0.0.0", "--port", str(port)], cwd=HERE,
+                                  env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"},
+                                  stdout=subprocess.DEVNULL, stderr=written)
     try:
-        wait_until(lambda: answers(f"http://127.0.0.1:{port}/healthz"), 20)
+        wait_until(lambda: b"/test (on this machine only)" in log.read_bytes(), 20)
     finally:
         server.terminate()
-        log = server.communicate(timeout=20)[1]
-    assert f"INFO:     open http://127.0.0.1:{port}/test (on this machine only)\n" in log
+        server.wait(timeout=20)
+    assert f"INFO:     open http://127.0.0.1:{port}/test (on this machine only)\n" in log.read_text()
 
 
 def test_an_ipv6_client_is_counted_by_its_64_as_one_address():
