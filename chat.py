@@ -381,14 +381,16 @@ def read_steps(dialect: str) -> list[tuple[int, str, list[str]]]:
 STEPS = {dialect: read_steps(dialect) for dialect in ("sqlite", "postgresql")}
 LATEST = STEPS["sqlite"][-1][0]
 ADDS_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
-with contextlib.closing(sqlite3.connect(":memory:")) as _schema:  # the tables and columns schema.sql makes
-    DECLARED = {table: {column for (column,) in _schema.execute("SELECT name FROM pragma_table_info(?)", (table,))}
+with contextlib.closing(sqlite3.connect(":memory:")) as _schema:  # the tables and columns schema.sql makes, typed
+    DECLARED = {table: dict(_schema.execute("SELECT name, type FROM pragma_table_info(?)", (table,)))
                 for (table,) in _schema.executescript(SCHEMA).execute(
                     "SELECT name FROM sqlite_master WHERE type = 'table' AND substr(name, 1, 7) != 'sqlite_'")}
+POSTGRES_TYPES = {"INTEGER": "bigint", "BIGINT": "bigint", "TEXT": "text", "TIMESTAMPTZ": "timestamp with time zone",
+                  "DOUBLE PRECISION": "double precision"}  # schema.sql's, as information_schema names them
 COLUMNS = {
-    "sqlite": """SELECT m.name AS "table", p.name AS "column" FROM sqlite_master AS m, pragma_table_info(m.name) AS p
+    "sqlite": """SELECT m.name AS "table", p.name AS "column", p.type FROM sqlite_master AS m, pragma_table_info(m.name) AS p
                  WHERE m.type = 'table' AND substr(m.name, 1, 7) != 'sqlite_'""",
-    "postgresql": """SELECT table_name AS "table", column_name AS "column" FROM information_schema.columns
+    "postgresql": """SELECT table_name AS "table", column_name AS "column", data_type AS type FROM information_schema.columns
                      WHERE table_schema = current_schema()""",
 }
 SCHEMA_VERSION = "SELECT value FROM meta WHERE key = 'schema_version'"
@@ -420,9 +422,9 @@ async def apply_schema(database: Database) -> str:
 
 async def upgrade(connection, dialect: str, run) -> str:
     """upgrades.sql's steps past the database's version, then schema.sql; one log line a step."""
-    found: dict[str, set[str]] = {}
+    found: dict[str, dict[str, str]] = {}  # each table's columns and their types
     for row in await connection.fetch_all(COLUMNS[dialect]):
-        found.setdefault(row["table"], set()).add(row["column"])
+        found.setdefault(row["table"], {})[row["column"]] = row["type"]
     version = await connection.fetch_val(SCHEMA_VERSION) if "meta" in found else "0" if found else str(LATEST)
     if not re.fullmatch(r"[0-9]+", str(version)) or int(version) > LATEST:
         raise Refusal(f"the database is at schema version {version}, which this chat (version {LATEST}) does not know: "
@@ -434,7 +436,10 @@ async def upgrade(connection, dialect: str, run) -> str:
     odd = [*(f"the table {table}" for table in sorted(found.keys() - DECLARED.keys() - drops)),
            *(f"{table}.{column} ({'not in schema.sql' if column in found[table] else 'missing'})"
              for table in sorted(found.keys() & DECLARED.keys())
-             for column in sorted(found[table] ^ DECLARED[table]) if (table, column) not in adds)]
+             for column in sorted(found[table].keys() ^ DECLARED[table].keys()) if (table, column) not in adds),
+           *(f"{table}.{column} of type {kind} (schema.sql: {declared})" for table in sorted(found.keys() & DECLARED.keys())
+             for column, kind in sorted(found[table].items()) if column in DECLARED[table]
+             and kind != (declared := DECLARED[table][column] if dialect == "sqlite" else POSTGRES_TYPES[DECLARED[table][column]]))]
     if odd:
         raise Refusal(f"the database has what no version of chat made: {', '.join(odd[:5])}; point DATABASE_URL "
                       "at chat's own database (an empty one is made ready), or restore one from a backup")

@@ -1308,6 +1308,21 @@ def test_a_database_with_tables_or_columns_no_step_explains_is_refused_in_one_li
                                   "chat's own database (an empty one is made ready), or restore one from a backup")
 
 
+def test_a_database_with_a_column_of_another_type_is_refused_in_one_line(database_url):
+    if database_url.startswith("sqlite"):  # SQLite alters no column's type: the table is made again
+        old_database(database_url, "642d679", "CREATE TABLE u (id INTEGER PRIMARY KEY, username VARCHAR(10) NOT NULL UNIQUE, "
+                                              "last_seen TIMESTAMPTZ NOT NULL); DROP TABLE users; ALTER TABLE u RENAME TO users;")
+        what = "users.username of type VARCHAR(10) (schema.sql: TEXT)"
+    else:
+        old_database(database_url, "642d679", "ALTER TABLE users ALTER COLUMN username TYPE VARCHAR(10);")
+        what = "users.username of type character varying (schema.sql: text)"
+    with pytest.raises(chat.Refusal) as refusal:
+        with TestClient(chat.create_app(database_url)):
+            pass
+    assert str(refusal.value) == (f"the database has what no version of chat made: {what}; point DATABASE_URL at "
+                                  "chat's own database (an empty one is made ready), or restore one from a backup")
+
+
 def test_a_database_missing_a_table_an_upgrade_step_needs_is_refused_in_one_line_and_left_as_it_was(database_url):
     old_database(database_url, "a9fad39", "DROP TABLE messages;")
     with pytest.raises(chat.Refusal) as refusal:
