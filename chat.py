@@ -670,7 +670,9 @@ class Invalid(Exception):
 ROOM_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 INVISIBLE = (r"\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f"
              r"\u3164\ufe00-\ufe0f\ufeff\uffa0")  # format controls, zero-width and filler characters
-CONTENT_PATTERN = re.compile(rf"^[^\x00]*[^\x00\s{INVISIBLE}][^\x00]*$")  # something to see
+# Python's whitespace (str.strip's), spelled out: \s means less to JSON Schema's (ECMA-262) regexes.
+SPACES = r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+CONTENT_PATTERN = re.compile(rf"^[^\x00]*[^\x00{SPACES}{INVISIBLE}][^\x00]*$")  # something to see
 # Usernames are what people call themselves in a chat, nicknames, and are checked as RFC 8266's
 # PRECIS profile NicknameCasePreserved says: spaces inside a name ("Budi Santoso"), emoji and
 # every script are fine; control, invisible, bidi-control and format characters ("alice\u200b",

@@ -1580,6 +1580,14 @@ def test_the_published_content_pattern_states_the_content_check_exactly(text):
     assert accepted(chat.check_content, text) == published
 
 
+def test_the_published_content_pattern_means_the_same_to_a_browser_as_to_the_check(browser):
+    page = browser.new_page()
+    texts = ["\x1c", "\x1f", "\x85", "\ufeff", "\u3000", " \t\n", "\u200b", "a\x1c", "hi", "a\x00"]
+    assert page.evaluate("([p, texts]) => texts.map(t => new RegExp(p).test(t))", [chat.CONTENT_PATTERN.pattern, texts]) \
+        == [accepted(chat.check_content, text) for text in texts] == [False] * 7 + [True, True, False]
+    page.close()
+
+
 # Usernames as /openapi.json's format "rfc8266-nickname" describes them: printable ASCII, spaces
 # inside, names in other scripts, emoji. schemathesis generates them from this too.
 USERNAMES = (st.from_regex(r"^[!-~]([!-~]| (?! )){0,30}[!-~]$", fullmatch=True)
