@@ -2766,8 +2766,6 @@ async def lifespan(app):
     log.info("messages are kept in %s", os.path.abspath(database.url.database) if lock else shown_url(str(database.url)))
     app.state.replaying = asyncio.Semaphore(REPLAYS_AT_ONCE)  # this loop's: see on_join
     writer = asyncio.create_task(app.state.writer.run())
-    retention = asyncio.create_task(supervise("retention", lambda: retain(app), app.state.writer.outage)) if (
-        RETAIN_DAYS or RETAIN_MESSAGES_PER_ROOM) else None
     app.state.users_mark = await database.fetch_val(USERS_CHANGED)
     app.state.revoked = await read_revoked(database)
     app.state.deletions_seen = await database.fetch_val(LAST_DELETION)
@@ -2776,6 +2774,8 @@ async def lifespan(app):
     said = asyncio.create_task(app.state.said.flushing())
     app.state.cluster = app.state.cluster_class(app)
     await app.state.cluster.start()
+    retention = asyncio.create_task(supervise("retention", lambda: retain(app), app.state.writer.outage)) if (
+        RETAIN_DAYS or RETAIN_MESSAGES_PER_ROOM) else None  # it asks the cluster who is here
     gauges = asyncio.create_task(supervise("the metrics", app.state.metrics.refreshing, app.state.writer.outage)) \
         if Metrics.SHARED else None
     checkpoints = asyncio.create_task(supervise("checkpoints", database.checkpoints, app.state.writer.outage)) \

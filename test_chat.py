@@ -980,6 +980,23 @@ def test_retention_forgets_users_with_no_message_left_not_here_and_not_seen_for_
         assert query(client, "SELECT look FROM looks WHERE username = 'ghost'") == []
 
 
+def test_retention_from_the_start_logs_no_error(database_url, monkeypatch, caplog):
+    monkeypatch.setattr(logging.getLogger("uvicorn"), "propagate", True)
+    monkeypatch.setattr(chat, "RETAIN_DAYS", 1)
+    monkeypatch.setattr(chat, "PRUNE_EVERY", 0.05)
+    read_revoked = chat.read_revoked
+
+    async def slow_read_revoked(database):  # however long the start's reads take, retention waits for the cluster
+        await asyncio.sleep(0.3)
+        return await read_revoked(database)
+    monkeypatch.setattr(chat, "read_revoked", slow_read_revoked)
+    with TestClient(chat.create_app(database_url)) as client:
+        assert client.post("/users", json={"username": "ghost"}).status_code == 201
+        client.portal.call(client.app.state.database.execute, "UPDATE users SET last_seen = '2020-01-01 00:00:00'")
+        wait_until(lambda: query(client, "SELECT id FROM users") == [])
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
+
+
 def test_messages_are_still_there_after_a_restart(database_url):
     with TestClient(chat.create_app(database_url)) as client:
         post(client, "alice", "before the restart")
