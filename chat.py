@@ -433,7 +433,10 @@ async def upgrade(connection, dialect: str, run) -> str:
     statements = [sql for _, _, step in steps for sql in step]
     adds = {pair for sql in statements for pair in ADDS_COLUMN.findall(sql)}
     drops = {table for sql in statements for table in re.findall(r"DROP TABLE IF EXISTS (\w+)", sql)}
+    added = {table for _, name, _ in steps for table in re.findall(r"added the table (\w+)", name)}
+    had = (DECLARED.keys() - drops - added if "meta" in found else {"users", "messages"}) if found else set()
     odd = [*(f"the table {table}" for table in sorted(found.keys() - DECLARED.keys() - drops)),
+           *(f"the table {table} (missing)" for table in sorted(had - found.keys())),  # every version of it had them
            *(f"{table}.{column} ({'not in schema.sql' if column in found[table] else 'missing'})"
              for table in sorted(found.keys() & DECLARED.keys())
              for column in sorted(found[table].keys() ^ DECLARED[table].keys()) if (table, column) not in adds),

@@ -1340,21 +1340,24 @@ def test_a_database_with_a_column_of_another_type_is_refused_in_one_line(databas
                                   "chat's own database (an empty one is made ready), or restore one from a backup")
 
 
-def test_a_database_missing_a_table_an_upgrade_step_needs_is_refused_in_one_line_and_left_as_it_was(database_url):
-    old_database(database_url, "a9fad39", "DROP TABLE messages;")
+@pytest.mark.parametrize("commit, dropped", [("a9fad39", "messages"), ("398bbde", "deletions"), (None, "revoked")])
+def test_a_database_missing_a_table_its_version_had_is_refused_in_one_line(database_url, commit, dropped):
+    if commit:
+        old_database(database_url, commit, f"DROP TABLE {dropped};")
+    else:  # this version's
+        with TestClient(chat.create_app(database_url)):
+            pass
+        if database_url.startswith("sqlite"):
+            with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db:
+                db.execute(f"DROP TABLE {dropped}")
+        else:
+            postgres_execute(database_url, f"DROP TABLE {dropped}")
     with pytest.raises(chat.Refusal) as refusal:
         with TestClient(chat.create_app(database_url)):
             pass
-    missing = "no such table: messages" if database_url.startswith("sqlite") else 'relation "messages" does not exist'
-    assert str(refusal.value) == (f"the database could not be brought to schema version 8 ({missing}) and was left as "
-                                  "it was: if it is chat's, restore it from a backup; else point DATABASE_URL at "
-                                  "chat's own (an empty one is made ready)")
-    if database_url.startswith("sqlite"):
-        with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db:
-            made = db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'meta'").fetchone()[0]
-    else:
-        made = postgres_value(database_url, "SELECT count(*) FROM pg_tables WHERE tablename = 'meta'")
-    assert made == 0  # schema.sql's tables were not made either: nothing of the upgrade stayed
+    assert str(refusal.value) == (f"the database has what no version of chat made: the table {dropped} (missing); point "
+                                  "DATABASE_URL at chat's own database (an empty one is made ready), or restore one "
+                                  "from a backup")
 
 
 def test_a_database_whose_meta_is_a_view_is_refused_in_one_line_saying_no_step_was_done(database_url, caplog):
@@ -1368,6 +1371,12 @@ def test_a_database_whose_meta_is_a_view_is_refused_in_one_line_saying_no_step_w
     assert str(refusal.value).endswith(") and was left as it was: if it is chat's, restore it from a backup; else point "
                                        "DATABASE_URL at chat's own (an empty one is made ready)")
     assert upgrade_lines(caplog) == []
+    if database_url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db:
+            made = db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'deletions'").fetchone()[0]
+    else:
+        made = postgres_value(database_url, "SELECT count(*) FROM pg_tables WHERE tablename = 'deletions'")
+    assert made == 0  # schema.sql's tables were not made either: nothing of the upgrade stayed
 
 
 def test_a_database_missing_a_column_stops_the_server_in_one_line_without_a_traceback(tmp_path):
