@@ -146,7 +146,8 @@ MAX_CONNECTIONS_PER_IP = setting("MAX_CONNECTIONS_PER_IP", "100", "sockets one a
                                  "(a class of 30 with 2 tabs each fits in 100)", int, 1)
 RATE_PER_SECOND = setting("RATE_PER_SECOND", "5", "frames a socket may send a second, on average", float, 0.1)
 RATE_BURST = setting("RATE_BURST", "10", "frames a socket may send at once (a join costs 5)", float, 5)
-FLOOD_LIMIT = setting("FLOOD_LIMIT", "50", "refused frames in a row before the socket is closed", int, 1)
+FLOOD_LIMIT = setting("FLOOD_LIMIT", "50", "frames refused in a row for the rate (rate_limited); one more "
+                      "closes the socket with 1008", int, 1)
 JOINS_PER_MINUTE = setting("JOINS_PER_MINUTE", str(3 * MAX_CONNECTIONS_PER_IP),  # each socket may rejoin thrice
                            "joins one address may make a minute", int, 1)
 REST_WRITES_PER_MINUTE = setting("REST_WRITES_PER_MINUTE", "300", "POST /users and /messages one address may "
@@ -705,6 +706,7 @@ def check_username(value) -> str:
     """The name in its canonical form, or Invalid saying which character is not allowed."""
     if not isinstance(value, str) or not value:
         raise Invalid("invalid_username", "username must be a non-empty string")
+    value = value.replace("\ufe0e", "").replace("\ufe0f", "")  # an emoji's text or picture form (a phone's ❤️): one name
     # PRECIS costs up to 20 µs a character: refuse what cannot be a name before it runs (a name of
     # 32 characters may come decomposed, "e" and an accent for "é", so allow for that).
     if len(value) > 2 * MAX_USERNAME_LENGTH:
@@ -716,7 +718,7 @@ def check_username(value) -> str:
             raise Invalid("invalid_username", "username must not be blank") from None
         char = exc.object[exc.start] if isinstance(exc, UnicodeEncodeError) else "?"
         raise Invalid("invalid_username", f"username may not contain U+{ord(char):04X} "
-                      f"{unicodedata.name(char, '(unnamed)')} ({exc.reason})") from None
+                      f"{unicodedata.name(char, '(unnamed)')}: leave it out, or choose another name") from None
     if len(name) > MAX_USERNAME_LENGTH:
         raise Invalid("invalid_username", f"username is longer than {MAX_USERNAME_LENGTH} characters: shorten it")
     if "\u2800" in name:  # a symbol to PRECIS, and in no confusables list, but it shows as nothing: "bob⠀" is "bob"
@@ -2253,7 +2255,7 @@ async def json_body(request) -> dict:
         text = raw.decode("utf-8-sig")  # a byte order mark may lead (RFC 8259)
     except UnicodeDecodeError:
         raise HTTPException(422, "the body is not UTF-8: send it in UTF-8, as JSON is sent") from None
-    return from_json(text, "the body", "body must be a JSON object", "body must be a JSON object")
+    return from_json(text, "the body", "the body is not valid JSON: send one JSON object", "body must be a JSON object")
 
 
 async def list_messages(request):

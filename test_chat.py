@@ -1730,7 +1730,19 @@ def test_a_refused_character_is_named_in_the_error(client):
         ws.send_json({"type": "join", "username": "alice\u200b"})
         assert ws.receive_json() == {
             "type": "error", "code": "invalid_username",
-            "content": "username may not contain U+200B ZERO WIDTH SPACE (DISALLOWED/precis_ignorable_properties)"}
+            "content": "username may not contain U+200B ZERO WIDTH SPACE: leave it out, or choose another name"}
+
+
+@pytest.mark.parametrize("typed", ["siti\u2764\ufe0f", "siti\u2764\ufe0e", "siti\u2764"])
+def test_a_name_with_an_emoji_in_picture_or_text_form_is_one_name_without_the_form(client, typed):
+    with client.websocket_connect("/ws") as ws:
+        assert join(ws, typed) == welcome("siti\u2764")
+    assert query(client, "SELECT username FROM users") == [{"username": "siti\u2764"}]
+
+
+def test_a_body_that_is_no_json_is_told_so(client):
+    response = client.post("/messages", content='{"username":"x","content":"x"', headers={"Content-Type": "application/json"})
+    assert (response.status_code, response.json()) == (422, {"detail": "the body is not valid JSON: send one JSON object"})
 
 
 def test_a_lookalike_is_told_whose_name_it_looks_like(client):
@@ -3569,7 +3581,7 @@ def test_token_dash_reads_a_class_list_from_stdin_as_notepad_saves_it():
 def test_token_with_bad_names_among_several_prints_no_token_and_names_each_bad_one():
     result = chat_token("-", stdin="Budi Santoso\nBad\x01Name\nAyu\t12\n" + "M" * 33 + "\n")
     assert (result.returncode, result.stdout, result.stderr.splitlines()) == (1, "", [
-        "'Bad\\x01Name': username may not contain U+0001 (unnamed) (DISALLOWED/controls)",
+        "'Bad\\x01Name': username may not contain U+0001 (unnamed): leave it out, or choose another name",
         "'Ayu\\t12': it has a tab: one name a line, and nothing else on it",
         f"'{'M' * 33}': username is longer than 32 characters: shorten it", "no token was printed"])
 
