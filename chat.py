@@ -1421,7 +1421,7 @@ async def on_join(app, client: Client, frame: dict) -> None:
             if len(history[0]) < len(missed):
                 notices.append(system_frame(
                     room, "More messages were missed than are replayed; load older ones with "
-                    "GET /messages?before=<id>", code="history_truncated", before=history[1][0]))
+                    f"GET /messages?room={room}&before={history[1][0]}", code="history_truncated", before=history[1][0]))
         if client.stopped:  # closed meanwhile (its user renamed or deleted): it has left already
             return
         if first_here:

@@ -2575,6 +2575,8 @@ def test_a_join_with_since_beyond_the_replay_cap_says_history_was_truncated(clie
         notice = untimed(ws.receive_json())
         replay = [ws.receive_json()["id"] for _ in range(4)]
     assert (notice["code"], notice["before"]) == ("history_truncated", 7)
+    assert notice["content"] == ("More messages were missed than are replayed; load older ones with "
+                                 "GET /messages?room=general&before=7")
     assert replay == [7, 8, 9, 10]
 
 
@@ -3070,6 +3072,58 @@ def test_a_tester_page_renamed_by_the_operator_holds_the_new_name(browser, datab
         assert chat_command(database_url, "rename-user", "Kevin", "Kevin O'Brien")[0] == 0
         page.wait_for_selector("#status:text('you were renamed')")
         assert page.input_value("#username") == "Kevin O'Brien"
+
+
+def test_a_tester_page_renamed_to_a_name_with_both_quotes_holds_it_as_it_is(browser, database_url):
+    with running_server(database_url) as base:
+        page = open_tester(browser, base, "Kevin")
+        assert chat_command(database_url, "rename-user", "Kevin", 'O\'Brien "K"')[0] == 0
+        page.wait_for_selector("#status:text('you were renamed')")
+        assert page.input_value("#username") == 'O\'Brien "K"'
+        assert json.loads(page.evaluate("sessionStorage.getItem('joined')"))["username"] == 'O\'Brien "K"'
+
+
+def test_a_tester_page_renamed_to_a_name_too_long_for_the_close_reason_asks_for_it(browser, database_url):
+    with running_server(database_url) as base:
+        page = open_tester(browser, base, "Kevin")
+        assert chat_command(database_url, "rename-user", "Kevin", "\U0001f642" * 29)[0] == 0
+        page.wait_for_selector("#status:text('you were renamed: join with your new name')")
+        assert (page.input_value("#username"), page.evaluate("sessionStorage.getItem('joined')")) == ("", None)
+
+
+def test_a_tester_page_whose_join_is_refused_for_the_address_rate_tries_again_by_itself(browser, database_url):
+    with running_server(database_url, env={"JOINS_PER_MINUTE": "1"}) as base:
+        open_tester(browser, base, "alice")
+        page = browser.new_page()
+        page.goto(base + "/test")
+        page.evaluate("sessionStorage.setItem('joined', JSON.stringify({room: 'general', username: 'bob'}))")
+        page.reload()  # an F5
+        page.wait_for_selector("#status:text('not joined yet')")
+        assert re.fullmatch(r"not joined yet: your address has joined 1 times this minute \(JOINS_PER_MINUTE=1\); join "
+                            r"again in a minute; trying again in \d\.\d s, or click Connect & join", page.inner_text("#status"))
+        wait_until(lambda: page.locator("#log .out").all_text_contents().count('> {"type":"join","username":"bob"}') == 2)
+        assert json.loads(page.evaluate("sessionStorage.getItem('joined')")) == {"room": "general", "username": "bob"}
+
+
+def test_a_tester_page_back_after_more_than_are_replayed_pages_back_through_what_it_missed(browser, database_url):
+    with running_server(database_url) as base:
+        page = open_tester(browser, base, "alice")
+        say_in(page, "first")
+        page.wait_for_selector(".msg[data-id='1']")
+        missed = ("WITH RECURSIVE n (i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 600) "
+                  "INSERT INTO messages (room, user_id, content) SELECT 'general', 1, 'm' || i FROM n")
+        if database_url.startswith("sqlite"):  # written while the server's connection is away: it replays them
+            with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db, db:
+                db.execute(missed)
+        else:
+            postgres_execute(database_url, missed)
+        page.evaluate("socket.close(4000)")  # the connection drops; the page comes back with since=
+        page.wait_for_selector(".system:text('more messages came while you were away than are shown')")
+        wait_until(lambda: page.locator(".msg").count() == chat.REPLAY_LIMIT)
+        assert page.locator(".msg").first.get_attribute("data-id") == "102"  # 2 to 601 came meanwhile
+        page.click(".older")
+        wait_until(lambda: page.locator(".msg").count() == chat.REPLAY_LIMIT + 50)
+        assert page.locator(".msg").first.get_attribute("data-id") == "52"
 
 
 def test_the_tester_page_shows_html_in_a_message_as_text(browser, server):
