@@ -1120,6 +1120,9 @@ def handshake_refusal(connection: HTTPConnection) -> tuple[int, str] | None:
         if port and page.hostname == host and connection.headers.get("x-forwarded-for"):
             return 403, (f"the proxy sent the Host {host!r} without the page's port ({origin}); forward the "
                          "browser's Host (nginx: proxy_set_header Host $http_host)")
+        if origin == "null":  # what any site's sandboxed frame sends too: not one to let in
+            return 403, ("a page opened as a file (origin null) may not open a socket here: open the page from a "
+                         "web server, e.g. this server's /test")
         return 403, (f"pages from {origin} may not open a socket here; to let them, start the server with "
                      f"ALLOWED_ORIGINS={','.join([*ALLOWED_ORIGINS, origin])}")
     if SECRET and token_holder(token := presented_token(connection), connection.app.state.revoked) is None:
@@ -2953,6 +2956,9 @@ class StartUp:
             self.server.update(bounded)  # what the runner offers: its refusals' counts, its settings
         for line in misspelled([*SETTINGS, *self.server.get("settings", ())]):
             log.warning("%s", line)
+        if "null" in ALLOWED_ORIGINS:
+            log.warning("ALLOWED_ORIGINS has null: pages opened as files may use the chat, and so may any site's "
+                        "sandboxed frames; serve the page instead")
         failures = []
 
         async def hold_failures(message):  # a Refusal's failure is said below, in one line

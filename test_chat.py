@@ -3994,6 +3994,22 @@ def test_the_origin_refusal_adds_to_the_origins_already_allowed(client, monkeypa
         "ALLOWED_ORIGINS=http://127.0.0.1:18650,null,http://localhost:18650")})
 
 
+def test_a_page_opened_as_a_file_is_told_to_open_the_page_from_a_server_not_to_let_null_in(client):
+    response = client.get("/ws/general", headers={"Origin": "null"})
+    assert (response.status_code, response.json()) == (403, {"detail": (
+        "a page opened as a file (origin null) may not open a socket here: open the page from a web server, e.g. "
+        "this server's /test")})
+
+
+def test_a_start_with_null_among_the_allowed_origins_warns_that_sandboxed_frames_get_in(database_url, monkeypatch, caplog):
+    monkeypatch.setattr(logging.getLogger("uvicorn"), "propagate", True)
+    monkeypatch.setattr(chat, "ALLOWED_ORIGINS", ["null"])
+    with TestClient(chat.create_app(database_url)):
+        pass
+    assert ("ALLOWED_ORIGINS has null: pages opened as files may use the chat, and so may any site's sandboxed frames; "
+            "serve the page instead") in [record.getMessage() for record in caplog.records]
+
+
 def test_plain_http_to_the_websocket_path_is_426(client):
     response = client.get("/ws")
     assert response.status_code == 426
