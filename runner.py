@@ -923,18 +923,26 @@ def say_where_to_open(secret: bool) -> None:
 
 def in_use(host: str, port: int) -> None:
     """Say in one line, before anything else, that another program holds the port (uvicorn would
-    say it only after the app had started, with no way out)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    say it only after the app had started, with no way out), and which one near it is free."""
+    if (exc := unbound(host, port)) is None:
+        return
+    if exc.errno != errno.EADDRINUSE:
+        raise SystemExit(f"HOST={host}: cannot serve on it ({exc.strerror}); use one of this machine's "
+                         "addresses, or 0.0.0.0 for all of them")
+    free = next((other for other in range(port + 1, min(port + 100, 65536)) if unbound(host, other) is None), port + 1)
+    raise SystemExit(f"port {port} is in use on {host} (another chat, or another program): stop it, "
+                     f"or choose another port, e.g. python chat.py --port {free}")
+
+
+def unbound(host: str, port: int) -> OSError | None:
+    """Why the port cannot be bound on the host, as uvicorn binds it; None if it can."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise SystemExit(f"HOST={host}: cannot serve on it ({exc.strerror}); use one of this machine's "
-                                 "addresses, or 0.0.0.0 for all of them") from None
-            raise SystemExit(f"port {port} is in use on {host} (another chat, or another program): stop it, "
-                             f"or choose another port, e.g. python chat.py --port {port + 1}") from None
+            return exc
+    return None
 
 
 # --- The command line: python chat.py [COMMAND] ------------------------------------------------------

@@ -513,16 +513,23 @@ def test_a_bad_setting_stops_the_start_in_one_line_that_names_it(tmp_path, setti
     assert (result.returncode, result.stderr) == (1, says + "\n")
 
 
-def test_a_port_another_program_holds_stops_the_start_in_one_line_that_says_how_to_choose_another(tmp_path):
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
+def test_a_port_another_program_holds_stops_the_start_in_one_line_that_names_a_free_one(tmp_path):
+    with contextlib.ExitStack() as held:
+        while True:  # two ports in a row held, the next one free
+            first = held.enter_context(socket.socket())
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            if port + 2 <= 65535 and runner.unbound("127.0.0.1", port + 1) is None is runner.unbound("127.0.0.1", port + 2):
+                second = held.enter_context(socket.socket())
+                second.bind(("127.0.0.1", port + 1))
+                break
+        first.listen()
+        second.listen()
         result = subprocess.run([sys.executable, "chat.py", "--port", str(port)], cwd=HERE, capture_output=True,
                                 text=True, timeout=30, env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"})
     assert (result.returncode, result.stderr) == (1, f"port {port} is in use on 127.0.0.1 (another chat, or another "
                                                      f"program): stop it, or choose another port, e.g. python chat.py "
-                                                     f"--port {port + 1}\n")
+                                                     f"--port {port + 2}\n")
 
 
 def test_the_port_65535_is_accepted(tmp_path):
