@@ -111,8 +111,8 @@ MAX_SOCKETS_PER_IP = setting(  # WebSockets, and the HTTP connections of their p
     "TCP connections of any kind from one address; more get 503", int, 1)
 PING_INTERVAL = setting("PING_INTERVAL", "20", "seconds between pings to each socket", float, 0.1)
 PING_TIMEOUT = setting("PING_TIMEOUT", "20", "seconds a socket has to answer a ping", float, 0.1)
-SHUTDOWN_SECONDS = setting("SHUTDOWN_SECONDS", "10", "on SIGTERM, seconds before connections still open are cut",
-                           float, 0)
+SHUTDOWN_SECONDS = setting("SHUTDOWN_SECONDS", "10", "on SIGTERM, seconds before connections still open are cut "
+                           "(at 0, uvicorn would cut even those closing, saying ERROR)", float, 1)
 TRUSTED_PROXIES = setting("TRUSTED_PROXIES", "", "your proxies' addresses or networks: only their "
                           "X-Forwarded-For is believed", lambda v: [p.strip() for p in v.split(",") if p.strip()])
 LOG_FORMAT = setting("LOG_FORMAT", "text", "text, or json: one JSON object a line")

@@ -4874,7 +4874,7 @@ SETTING_LIMITS = {  # each setting's lowest (or highest) value, one past it, the
     "MAX_SOCKETS_PER_IP": ("1", "0", "a whole number of 1 or more", "220"),
     "PING_INTERVAL": ("0.1", "0.09", "a number of 0.1 or more", "20"),
     "PING_TIMEOUT": ("0.1", "0.09", "a number of 0.1 or more", "20"),
-    "SHUTDOWN_SECONDS": ("0", "-1", "a number of 0 or more", "10"),
+    "SHUTDOWN_SECONDS": ("1", "0.9", "a number of 1 or more", "10"),
 }
 
 
