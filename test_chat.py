@@ -3281,6 +3281,27 @@ def test_after_a_restart_the_tester_page_shows_no_joined_line_for_those_who_were
             "Welcome alice!", "Budi Santoso joined the chat", "carol joined the chat"]  # welcomed once
 
 
+def test_after_a_restart_the_tester_page_says_who_was_here_and_did_not_come_back(browser, database_url):
+    port = free_port()
+    page = browser.new_page()
+    page.clock.install()  # time goes on, and the test may move it forward
+    with contextlib.ExitStack() as open_until_the_server_stops, running_server(database_url, port) as base:
+        page.goto(base + "/test")
+        page.fill("#username", "alice")
+        page.click("#join")
+        for name in ("Budi Santoso", "dave", "erin"):
+            ws_join(open_until_the_server_stops.enter_context(ws_connect(base)), name)
+        page.wait_for_selector("#users:text-is('here: alice, Budi Santoso, dave, erin')")
+    with running_server(database_url, port), ws_connect(base) as budi:
+        page.wait_for_selector("#status:text('joined general as alice')", timeout=15000)
+        ws_join(budi, "Budi Santoso")
+        page.wait_for_selector("#users:text-is('here: alice, Budi Santoso')")
+        page.clock.fast_forward(46000)
+        page.wait_for_selector("#messages .system:text-is('dave and erin left the chat')")
+        assert page.locator("#messages .system").all_text_contents() == [
+            "Welcome alice!", "Budi Santoso, dave and erin joined the chat", "dave and erin left the chat"]
+
+
 def test_the_tester_page_loads_older_messages_a_page_of_50_at_a_time_until_the_rooms_first(
         browser, database_url, monkeypatch):
     monkeypatch.setattr(chat, "REST_WRITES_PER_MINUTE", 10**9)
