@@ -918,7 +918,7 @@ def say_where_to_open(secret: bool) -> None:
                  " (on this machine only)" if len(hosts) > 1 and ipaddress.ip_address(host).is_loopback else "")
     if secret:
         log.info("with CHAT_SECRET set, each person opens a link of their own: python chat.py token --link URL - "
-                 "< names.txt prints them (URL: the address above that they reach)")
+                 "< names.txt prints them (URL: the address above that they reach, or your proxy's)")
 
 
 def in_use(host: str, port: int) -> None:
