@@ -706,7 +706,7 @@ def check_username(value) -> str:
     """The name in its canonical form, or Invalid saying which character is not allowed."""
     if not isinstance(value, str) or not value:
         raise Invalid("invalid_username", "username must be a non-empty string")
-    value = value.replace("\ufe0e", "").replace("\ufe0f", "")  # an emoji's text or picture form (a phone's ❤️): one name
+    value = value.translate(SELECTORS)  # an emoji's text or picture form (a phone's ❤️): one name
     # PRECIS costs up to 20 µs a character: refuse what cannot be a name before it runs (a name of
     # 32 characters may come decomposed, "e" and an accent for "é", so allow for that).
     if len(value) > 2 * MAX_USERNAME_LENGTH:
@@ -755,9 +755,13 @@ def skeleton(name: str, fold: bool) -> str:
 SAME_WAY = "if that is you, write it the same way, else choose another name"  # to whoever chose the name
 
 
-def single_spaced(name: str) -> str:
-    """Spaces as a name today has them (PRECIS trims and collapses): an earlier version's " zed" is "zed"."""
-    return " ".join(name.split())
+SELECTORS = str.maketrans("", "", "\ufe0e\ufe0f")  # an emoji's text or picture form: left out of names
+
+
+def as_today(name: str) -> str:
+    """A name as today's rules write it (PRECIS trims and collapses spaces; emoji selectors are left
+    out): an earlier version's " zed" is "zed", and its "siti❤️" is "siti❤"."""
+    return " ".join(name.translate(SELECTORS).split())
 
 
 @functools.lru_cache(maxsize=4096)  # a batch of joins asks twice; callers only read it
@@ -767,7 +771,7 @@ def looks(name: str) -> dict[str, str]:
     looks like "BOB", so like "bob"), and in capitals ("ВUDI SANTOSO", a Cyrillic В among Latin
     capitals, is "Budi Santoso" in capitals); "аlice" (Cyrillic а) and "a1ice" look like "alice" every way;
     an earlier version's " zed" or "a\tb" looks like "zed", "a b"."""
-    name = single_spaced(name)
+    name = as_today(name)
     as_written = skeleton(name, fold=False)
     return {"as_written": as_written, "any_case": skeleton(name, fold=True),
             "folded_look": skeleton(as_written, fold=True), "in_capitals": skeleton(name.upper(), fold=False)}
@@ -786,8 +790,8 @@ async def check_lookalike(database, username: str, former: str | None = None, ad
 
 
 def confusable(username: str, other: str, advice: str = SAME_WAY) -> Invalid:
-    if single_spaced(other) == username and advice == SAME_WAY:  # stored by an earlier version: " zed"
-        advice = ("an earlier version stored it with other spaces: if that is you, ask whoever runs this chat to "
+    if as_today(other) == username and advice == SAME_WAY:  # stored by an earlier version: " zed"
+        advice = ("an earlier version stored it with other spaces or emoji selectors: if that is you, ask whoever runs this chat to "
                   f"rename it (python chat.py rename-user {other!r} {username!r})")
     return Invalid("confusable_username",
                    f"{username!r} looks like the existing user {other!r}{unlike(username, other)}; {advice}")
@@ -810,7 +814,7 @@ async def claim_looks(database) -> None:
     check_lookalike would claim them one by one, first come first served by id: computed here in one
     pass, stored a batch per statement (50,000 users: 1 s, against 208 s one by one)."""
     users = [row["username"] for row in await database.fetch_all(USERS_CLAIMED)  # and " zed", claimed untrimmed before
-             if not row["claimed"] or row["username"] != single_spaced(row["username"])]
+             if not row["claimed"] or row["username"] != as_today(row["username"])]
     held = {row["look"]: row["username"] for row in await database.fetch_all(ALL_LOOKS)} if users else {}
     claims = []
     for username in users:

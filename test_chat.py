@@ -1831,18 +1831,26 @@ def test_a_new_lookalike_of_a_name_stored_before_is_still_refused(database_url):
         409, {"detail": "'Alice' looks like the existing user 'alice'; if that is you, write it the same way, else choose another name"})
 
 
-@pytest.mark.parametrize("claimed", [(), (" zed",)], ids=["unclaimed", "claimed untrimmed"])
-def test_a_new_name_that_differs_from_one_stored_before_only_by_spaces_is_refused(database_url, claimed):
+@pytest.mark.parametrize("stored, new, claimed", [
+    (" zed", "zed", ()), (" zed", "zed", (" zed",)),  # as this chat claimed it before spaces counted as one
+    ("siti\u2764\ufe0f", "siti\u2764", ()), ("siti\u2764\ufe0f", "siti\u2764", ("siti\u2764\ufe0f",))],
+    ids=["unclaimed", "claimed untrimmed", "an emoji's selector, unclaimed", "an emoji's selector, claimed with it"])
+def test_a_new_name_that_differs_from_one_stored_before_only_by_spaces_or_selectors_is_refused(database_url, stored, new,
+                                                                                               claimed):
     with TestClient(chat.create_app(database_url)) as client:
-        stored_before(client, " zed")
-        for look in claimed:  # as this chat claimed it before spaces counted as one
-            client.portal.call(client.app.state.database.execute, "INSERT INTO looks (look, username) VALUES (:look, ' zed')",
-                               {"look": look})
+        stored_before(client, stored)
+        for look in claimed:
+            client.portal.call(client.app.state.database.execute, "INSERT INTO looks (look, username) VALUES (:look, :name)",
+                               {"look": look, "name": stored})
     with TestClient(chat.create_app(database_url)) as client:
-        response = client.post("/users", json={"username": "zed"})
+        response = client.post("/users", json={"username": new})
+        with client.websocket_connect("/ws") as ws:
+            assert join(ws, stored) == welcome(stored)  # its owner, who writes it as stored, keeps it
+    unlike = " (theirs has VARIATION SELECTOR-16)" if "\ufe0f" in stored else ""
     assert (response.status_code, response.json()) == (
-        409, {"detail": "'zed' looks like the existing user ' zed'; an earlier version stored it with other spaces: if that is "
-                        "you, ask whoever runs this chat to rename it (python chat.py rename-user ' zed' 'zed')"})
+        409, {"detail": f"{new!r} looks like the existing user {stored!r}{unlike}; an earlier version stored it with other spaces "
+                        f"or emoji selectors: if that is you, ask whoever runs this chat to rename it (python chat.py "
+                        f"rename-user {stored!r} {new!r})"})
 
 
 def test_a_name_refused_beside_one_stored_with_other_spaces_is_told_how_to_get_it_renamed(database_url):
@@ -1851,8 +1859,8 @@ def test_a_name_refused_beside_one_stored_with_other_spaces_is_told_how_to_get_i
     with TestClient(chat.create_app(database_url)) as client, client.websocket_connect("/ws") as ws:
         ws.send_json({"type": "join", "username": "a b"})
         assert ws.receive_json() == {"type": "error", "code": "confusable_username", "content": (
-            "'a b' looks like the existing user 'a\\tb'; an earlier version stored it with other spaces: if that is you, "
-            "ask whoever runs this chat to rename it (python chat.py rename-user 'a\\tb' 'a b')")}
+            "'a b' looks like the existing user 'a\\tb'; an earlier version stored it with other spaces or emoji selectors: "
+            "if that is you, ask whoever runs this chat to rename it (python chat.py rename-user 'a\\tb' 'a b')")}
 
 
 def test_the_looks_of_a_thousand_users_stored_before_are_claimed_in_a_statement_per_batch(client, monkeypatch, caplog):
