@@ -391,8 +391,9 @@ POSTGRES_TYPES = {"INTEGER": "bigint", "BIGINT": "bigint", "TEXT": "text", "TIME
 COLUMNS = {
     "sqlite": """SELECT m.name AS "table", p.name AS "column", p.type FROM sqlite_master AS m, pragma_table_info(m.name) AS p
                  WHERE m.type = 'table' AND substr(m.name, 1, 7) != 'sqlite_'""",
-    "postgresql": """SELECT table_name AS "table", column_name AS "column", data_type AS type FROM information_schema.columns
-                     WHERE table_schema = current_schema()""",
+    "postgresql": """SELECT table_name AS "table", column_name AS "column", data_type AS type
+                     FROM information_schema.columns JOIN information_schema.tables USING (table_schema, table_name)
+                     WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'""",  # not pg_stat_statements' views
 }
 SCHEMA_VERSION = "SELECT value FROM meta WHERE key = 'schema_version'"
 RECORD_VERSION = """INSERT INTO meta (key, value) VALUES ('schema_version', :version)
@@ -443,7 +444,8 @@ async def upgrade(connection, dialect: str, run) -> str:
              for column in sorted(found[table].keys() ^ DECLARED[table].keys()) if (table, column) not in adds),
            *(f"{table}.{column} of type {kind} (schema.sql: {declared})" for table in sorted(found.keys() & DECLARED.keys())
              for column, kind in sorted(found[table].items()) if column in DECLARED[table]
-             and kind != (declared := DECLARED[table][column] if dialect == "sqlite" else POSTGRES_TYPES[DECLARED[table][column]]))]
+             and kind.upper() != (declared := DECLARED[table][column] if dialect == "sqlite"
+                                  else POSTGRES_TYPES[DECLARED[table][column]]).upper())]  # SQLite keeps the spelling
     if odd:
         raise Refusal(f"the database has what no version of chat made: {', '.join(odd[:5])}; point DATABASE_URL "
                       "at chat's own database (an empty one is made ready), or restore one from a backup")

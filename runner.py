@@ -929,9 +929,10 @@ def in_use(host: str, port: int) -> None:
     if exc.errno != errno.EADDRINUSE:
         raise SystemExit(f"HOST={host}: cannot serve on it ({exc.strerror}); use one of this machine's "
                          "addresses, or 0.0.0.0 for all of them")
-    free = next((other for other in range(port + 1, min(port + 100, 65536)) if unbound(host, other) is None), port + 1)
+    near = [*range(port + 1, min(port + 100, 65536)), *range(port - 1, max(port - 100, 1023), -1)]
+    free = next((f", e.g. python chat.py --port {other}" for other in near if unbound(host, other) is None), "")
     raise SystemExit(f"port {port} is in use on {host} (another chat, or another program): stop it, "
-                     f"or choose another port, e.g. python chat.py --port {free}")
+                     f"or choose another port{free}")
 
 
 def unbound(host: str, port: int) -> OSError | None:

@@ -532,6 +532,17 @@ def test_a_port_another_program_holds_stops_the_start_in_one_line_that_names_a_f
                                                      f"--port {port + 2}\n")
 
 
+def test_the_last_port_held_is_answered_with_a_free_one_below_it():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 65535))  # fails, and so the test, if another program holds it
+        holder.listen()
+        assert runner.unbound("127.0.0.1", 65534) is None
+        with pytest.raises(SystemExit) as refused:
+            runner.in_use("127.0.0.1", 65535)
+    assert str(refused.value) == ("port 65535 is in use on 127.0.0.1 (another chat, or another program): stop it, or "
+                                  "choose another port, e.g. python chat.py --port 65534")
+
+
 def test_the_port_65535_is_accepted(tmp_path):
     result = subprocess.run([sys.executable, "-c", "import runner; print(runner.PORT)"], cwd=HERE, capture_output=True,
                             text=True, timeout=30, env={**os.environ, "PORT": "65535"})
@@ -1242,9 +1253,9 @@ UPGRADE_LINES = [
     "renamed users (schema.sql makes it)"]
 
 
-def old_database(database_url: str, commit: str, rows: str = "") -> None:
-    """A database as that commit's chat left it: its schema.sql (kept in fixtures/schema/), then rows."""
-    sql = (HERE / "fixtures" / "schema" / f"{commit}.sql").read_text() + rows
+def old_database(database_url: str, commit: str, rows: str = "", spell=str) -> None:
+    """A database as that commit's chat left it: its schema.sql (kept in fixtures/schema/), spelled so, then rows."""
+    sql = spell((HERE / "fixtures" / "schema" / f"{commit}.sql").read_text()) + rows
     if database_url.startswith("sqlite"):
         with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db:
             db.executescript(sql)
@@ -1345,6 +1356,13 @@ def test_a_database_with_a_column_of_another_type_is_refused_in_one_line(databas
             pass
     assert str(refusal.value) == (f"the database has what no version of chat made: {what}; point DATABASE_URL at "
                                   "chat's own database (an empty one is made ready), or restore one from a backup")
+
+
+def test_a_database_with_a_view_beside_its_tables_and_types_spelled_in_lower_case_starts(database_url):
+    old_database(database_url, "642d679", "CREATE VIEW today AS SELECT CURRENT_DATE AS day;",  # as pg_stat_statements' are
+                 spell=lambda sql: sql.replace("TIMESTAMPTZ", "timestamptz").replace("BIGINT", "bigint"))
+    with TestClient(chat.create_app(database_url)) as client:
+        assert client.get("/healthz").status_code == 200
 
 
 @pytest.mark.parametrize("commit, dropped", [("a9fad39", "messages"), ("398bbde", "deletions"), (None, "revoked")])
@@ -3099,10 +3117,16 @@ def test_a_tester_page_whose_join_is_refused_for_the_address_rate_tries_again_by
         page.goto(base + "/test")
         page.evaluate("sessionStorage.setItem('joined', JSON.stringify({room: 'general', username: 'bob'}))")
         page.reload()  # an F5
-        page.wait_for_selector("#status:text('not joined yet')")
-        assert re.fullmatch(r"not joined yet: your address has joined 1 times this minute \(JOINS_PER_MINUTE=1\); join "
-                            r"again in a minute; trying again in \d\.\d s, or click Connect & join", page.inner_text("#status"))
-        wait_until(lambda: page.locator("#log .out").all_text_contents().count('> {"type":"join","username":"bob"}') == 2)
+        page.wait_for_function("""/^not joined yet: your address has joined 1 times this minute \\(JOINS_PER_MINUTE=1\\); """
+                               """join again in a minute; trying again in \\d\\.\\d s, or click Connect & join$/"""
+                               """.test($("status").textContent)""")  # shown until the retry, 0.25 s at least
+        page.fill("#username", "bo")  # typed while it waits, and not asked for: the retries join as bob still
+
+        def joins() -> list[str]:
+            return [text for text in page.locator("#log .out").all_text_contents() if '"type":"join"' in text]
+        sent = len(joins())
+        wait_until(lambda: len(joins()) > sent)
+        assert joins()[-1] == '> {"type":"join","username":"bob"}'
         assert json.loads(page.evaluate("sessionStorage.getItem('joined')")) == {"room": "general", "username": "bob"}
 
 
@@ -3300,14 +3324,18 @@ def test_after_a_restart_the_tester_page_says_who_was_here_and_did_not_come_back
         for name in ("Budi Santoso", "dave", "erin"):
             ws_join(open_until_the_server_stops.enter_context(ws_connect(base)), name)
         page.wait_for_selector("#users:text-is('here: alice, Budi Santoso, dave, erin')")
-    with running_server(database_url, port), ws_connect(base) as budi:
-        page.wait_for_selector("#status:text('joined general as alice')", timeout=15000)
-        ws_join(budi, "Budi Santoso")
-        page.wait_for_selector("#users:text-is('here: alice, Budi Santoso')")
-        page.clock.fast_forward(46000)
-        page.wait_for_selector("#messages .system:text-is('dave and erin left the chat')")
-        assert page.locator("#messages .system").all_text_contents() == [
-            "Welcome alice!", "Budi Santoso, dave and erin joined the chat", "dave and erin left the chat"]
+    for drop in range(2):  # a second drop within 45 s of the first rejoin: dave and erin are still gone
+        page.wait_for_selector("#status:text('the server does not answer')")  # the page saw it stop
+        with running_server(database_url, port), ws_connect(base) as budi:
+            page.wait_for_selector("#status:text('joined general as alice')", timeout=15000)
+            ws_join(budi, "Budi Santoso")
+            page.wait_for_selector("#users:text-is('here: alice, Budi Santoso')")
+            if drop == 0:
+                continue
+            page.clock.fast_forward(46000)
+            page.wait_for_selector("#messages .system:text-is('dave and erin left the chat')")
+            assert page.locator("#messages .system").all_text_contents() == [
+                "Welcome alice!", "Budi Santoso, dave and erin joined the chat", "dave and erin left the chat"]
 
 
 def test_the_tester_page_loads_older_messages_a_page_of_50_at_a_time_until_the_rooms_first(
@@ -6116,8 +6144,8 @@ def test_an_operators_command_closes_that_users_sockets_within_seconds_saying_wh
             join(alice, "alice")
             join(bob, "bob")
             alice.receive_json()  # bob joined
-            started = time.monotonic()
             assert chat_command(database_url, *command)[0] == 0
+            started = time.monotonic()  # from the command's end: a loaded machine may take seconds to start it
             assert closed_with(bob) == (1008, reason)
             assert time.monotonic() - started < 3
             assert untimed(alice.receive_json()) == presence("bob", "left")
@@ -6172,8 +6200,8 @@ def test_delete_message_takes_it_off_the_screens_in_its_room_within_seconds(data
             post(client, "bob", "rude")
             post(client, "bob", "elsewhere", room="den")
             assert alice.receive_json()["id"] == 1 and carol.receive_json()["id"] == 2
-            started = time.monotonic()
             assert chat_command(database_url, "delete-message", "1") == (0, "deleted the message 1\n")
+            started = time.monotonic()  # from the command's end: a loaded machine may take seconds to start it
             assert alice.receive_json() == {"type": "deleted", "room": "general", "ids": [1]}
             assert time.monotonic() - started < 3
             carol.send_json({"type": "message", "content": "still here"})
