@@ -793,8 +793,8 @@ async def check_lookalike(database, username: str, former: str | None = None, ad
 
 def confusable(username: str, other: str, advice: str = SAME_WAY) -> Invalid:
     if as_today(other) == username and advice == SAME_WAY:  # stored by an earlier version: " zed"
-        advice = ("an earlier version stored it with other spaces or emoji selectors: if that is you, ask whoever runs this chat to "
-                  f"rename it (python chat.py rename-user {other!r} {username!r})")
+        advice = ("an earlier version stored it with other spaces or emoji selectors: if that is you, ask whoever runs "
+                  f"this chat to rename it (python chat.py rename-user {other!r} {username!r})")
     return Invalid("confusable_username",
                    f"{username!r} looks like the existing user {other!r}{unlike(username, other)}; {advice}")
 
