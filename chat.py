@@ -3358,9 +3358,10 @@ class PostgresCluster(OneProcess):
 
     async def beat(self) -> None:
         """Renew our heartbeat; reap processes that stopped renewing theirs, and say their users left.
-        Only once ours has been renewed for PRESENCE_TIMEOUT since this began (at start, and again
-        after any failure): when the database was away from all of us, theirs are as late as ours."""
-        renewed_since = None
+        Only once ours has been renewed for PRESENCE_TIMEOUT since this began (at start, after any
+        failure, and after a renewal that came late): when the database was away from all of us,
+        theirs are as late as ours."""
+        renewed_since = renewed = None
         while True:
             await asyncio.sleep(PRESENCE_TIMEOUT / 3)
             if await self.database.fetch_val(self.RENEW, {"me": self.me}) is None:
@@ -3368,7 +3369,10 @@ class PostgresCluster(OneProcess):
                 # again, with our users, who are announced again.
                 await self.database.execute(self.REGISTER, {"me": self.me})
                 await self.arrive_again()
-            renewed_since, gone = renewed_since or time.monotonic(), set()
+            now, gone = time.monotonic(), set()
+            if renewed is None or now - renewed > PRESENCE_TIMEOUT * 2 / 3:  # a stall, no failure: ours was late too
+                renewed_since = now
+            renewed = now
             if time.monotonic() - renewed_since >= PRESENCE_TIMEOUT:
                 gone = {(row["room"], row["username"])
                         for row in await self.database.fetch_all(self.REAP, {"timeout": PRESENCE_TIMEOUT})}

@@ -2746,6 +2746,15 @@ def browser():
         browser.close()
 
 
+@pytest.fixture(autouse=True)
+def pages_closed(request):
+    """A test's pages close with it: left open, they kept retrying servers long gone, and loaded the tests after."""
+    yield
+    if "browser" in request.fixturenames:
+        for context in request.getfixturevalue("browser").contexts:
+            context.close()
+
+
 def open_tester(browser, base: str, username: str, room: str = "general"):
     page = browser.new_page()
     page.goto(base + "/test")
