@@ -2938,14 +2938,25 @@ def test_f5_in_the_tester_page_joins_the_same_room_as_the_same_name_and_others_s
     assert budi.locator("#messages .system").all_text_contents() == ["Welcome Budi Santoso!", "alice joined the chat"]
 
 
-def test_the_tester_page_tells_a_run_of_joins_in_one_line(browser, server):
+def test_a_tester_page_joined_to_a_room_typed_in_capitals_says_the_room_as_everyone_else_sees_it(browser, server):
+    page = browser.new_page()
+    page.goto(server + "/test")
+    page.fill("#room", "Kelas-7A")
+    page.fill("#username", "siti")
+    page.click("#join")
+    page.wait_for_selector("#status:text-is('joined kelas-7a as siti')")
+    assert json.loads(page.evaluate("sessionStorage.getItem('joined')")) == {"room": "kelas-7a", "username": "siti"}
+
+
+@pytest.mark.parametrize("joining, told", [(5, "Murid 1, Murid 2, Murid 3 and 2 more joined the chat"),
+                                           (4, "Murid 1, Murid 2, Murid 3 and Murid 4 joined the chat")])  # no "1 more"
+def test_the_tester_page_tells_a_run_of_joins_in_one_line(browser, server, joining, told):
     page = open_tester(browser, server, "Murid 0")
     with contextlib.ExitStack() as class_:
-        for n in range(1, 6):
+        for n in range(1, joining + 1):
             ws_join(class_.enter_context(ws_connect(server)), f"Murid {n}")
-        page.wait_for_selector("#messages .system:text-is('Murid 1, Murid 2, Murid 3 and 2 more joined the chat')")
-    assert page.locator("#messages .system").all_text_contents() == [
-        "Welcome Murid 0!", "Murid 1, Murid 2, Murid 3 and 2 more joined the chat"]
+        page.wait_for_selector(f"#messages .system:text-is('{told}')")
+        assert page.locator("#messages .system").all_text_contents() == ["Welcome Murid 0!", told]  # before they leave
 
 
 def test_the_tester_page_asks_who_is_here_at_most_once_a_second(browser, server):
@@ -3368,6 +3379,7 @@ def test_the_tester_page_loads_older_messages_a_page_of_50_at_a_time_until_the_r
         page.wait_for_selector(".msg .text:text-is('m2')")
         assert page.locator(".msg .text").all_text_contents() == [f"m{n}" for n in range(2, 63)]
         assert page.is_visible("#messages .older") is False
+        assert page.locator("#messages > :not(.older)").first.text_content() == "Welcome alice!"  # above all history
 
 
 def test_the_tester_page_starts_over_on_a_server_restored_from_a_backup(browser, tmp_path):
