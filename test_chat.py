@@ -2303,18 +2303,24 @@ def test_allowed_hosts_adds_to_this_machines_own_names_and_addresses(database_ur
     assert answers == [200, 200, 200, 200, 200, 400]
 
 
-def test_served_on_every_interface_it_says_the_address_to_open(tmp_path):
+def test_served_on_every_interface_it_says_the_address_to_open_and_how_a_class_opens_its_room(tmp_path):
     port, log = free_port(), tmp_path / "log"
+    others = sorted(address.address for addresses in psutil.net_if_addrs().values() for address in addresses
+                    if address.family == socket.AF_INET and not address.address.startswith("127."))
     with log.open("wb") as written:  # said once it listens, by a thread of its own: waited for
         server = subprocess.Popen([sys.executable, "chat.py", "--host", "0.0.0.0", "--port", str(port)], cwd=HERE,
                                   env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"},
                                   stdout=subprocess.DEVNULL, stderr=written)
     try:
-        wait_until(lambda: b"/test (on this machine only)" in log.read_bytes(), 20)
+        wait_until(lambda: b"/test (on this machine only)" in log.read_bytes()
+                   and (not others or b"a room of its own" in log.read_bytes()), 20)
     finally:
         server.terminate()
         server.wait(timeout=20)
     assert f"INFO:     open http://127.0.0.1:{port}/test (on this machine only)\n" in log.read_text()
+    rooms = [line.split(" ", 2)[2] for line in log.read_text().splitlines() if "a room of its own" in line]
+    assert rooms == [f"INFO:     a class in a room of its own opens http://{others[0]}:{port}/test?room=kelas-7a "
+                     "(a room: a-z, 0-9, - and _)"][:len(others)]
 
 
 def test_an_ipv6_client_is_counted_by_its_64_as_one_address():
