@@ -3127,11 +3127,11 @@ def test_a_join_refused_for_its_name_is_said_once_in_the_tester_pages_status(bro
                                        ("\U0001f642" * 29, "")])  # too long for a close reason: asked for
 def test_a_tester_page_renamed_by_the_operator_holds_the_new_name_if_told_it(browser, database_url, new, kept):
     with running_server(database_url) as base:
-        page = open_tester(browser, base, "Kevin")
+        page = open_tester(browser, base, "Kevin", room="Kelas-7A")  # typed so, joined as kelas-7a
         assert chat_command(database_url, "rename-user", "Kevin", new)[0] == 0
         page.wait_for_selector("#status:text('you were renamed')")
-        resumed = json.loads(page.evaluate("sessionStorage.getItem('joined')") or '{"username": ""}')
-        assert (page.input_value("#username"), resumed["username"]) == (kept, kept)
+        resumed = json.loads(page.evaluate("sessionStorage.getItem('joined')") or "null")
+        assert (page.input_value("#username"), resumed) == (kept, {"room": "kelas-7a", "username": kept} if kept else None)
 
 
 def test_a_tester_page_whose_join_is_refused_for_the_address_rate_tries_again_by_itself(browser, database_url):
