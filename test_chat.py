@@ -2761,6 +2761,11 @@ def pages_closed(request):
             context.close()
 
 
+# What the page alone does (its layout, what it shows, how it paces, retries and refuses) runs on
+# SQLite: the server answers it the same on both databases, as the protocol's own tests show there.
+page_alone = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
 def open_tester(browser, base: str, username: str, room: str = "general"):
     page = browser.new_page()
     page.goto(base + "/test")
@@ -2789,6 +2794,7 @@ def test_forty_quick_enters_in_the_tester_page_are_all_stored_once_in_the_order_
     assert [message["content"] for message in stored] == [f"line {n}" for n in range(40)]
 
 
+@page_alone
 def test_the_tester_page_shows_counted_notices_without_the_rest_api_they_name(browser, server):
     page = browser.new_page()
     page.goto(server + "/test")
@@ -2799,6 +2805,7 @@ def test_the_tester_page_shows_counted_notices_without_the_rest_api_they_name(br
 
 
 @pytest.mark.parametrize("width, columns", [(390, 1), (640, 1), (641, 2)])  # a phone; past 40em (640 px), two columns
+@page_alone
 def test_on_a_phone_the_tester_page_shows_messages_above_a_strip_of_frames(browser, server, width, columns):
     page = browser.new_page(viewport={"width": width, "height": 800})
     page.goto(server + "/test")
@@ -2810,6 +2817,7 @@ def test_on_a_phone_the_tester_page_shows_messages_above_a_strip_of_frames(brows
         assert (messages["width"] + frames["width"], frames["y"]) == (width, messages["y"])
 
 
+@page_alone
 def test_on_a_phone_a_long_link_in_a_message_wraps_inside_the_screen(browser, server):
     page = browser.new_page(viewport={"width": 390, "height": 800})
     page.goto(server + "/test")
@@ -2821,6 +2829,7 @@ def test_on_a_phone_a_long_link_in_a_message_wraps_inside_the_screen(browser, se
     assert page.evaluate("() => [$('messages').scrollWidth, $('messages').clientWidth]") == [390, 390]
 
 
+@page_alone
 def test_on_a_phone_the_tester_pages_fields_and_buttons_are_40_px_tall_to_tap(browser, server):
     page = browser.new_page(viewport={"width": 390, "height": 800})
     page.goto(server + "/test")
@@ -2829,6 +2838,7 @@ def test_on_a_phone_the_tester_pages_fields_and_buttons_are_40_px_tall_to_tap(br
     assert len(heights) == 6 and min(heights) >= 40, heights  # room, name, join, leave, message, send
 
 
+@page_alone
 def test_on_a_phone_the_newest_message_stays_in_sight_when_the_keyboard_takes_half_the_screen(browser, server):
     page = browser.new_page(viewport={"width": 390, "height": 800})
     page.goto(server + "/test")
@@ -2839,6 +2849,7 @@ def test_on_a_phone_the_newest_message_stays_in_sight_when_the_keyboard_takes_ha
     assert page.evaluate("() => { const m = $('messages'); return m.scrollHeight - m.scrollTop - m.clientHeight; }") < 8
 
 
+@page_alone
 def test_leave_clicked_while_typed_messages_wait_their_turn_sends_them_first(browser, server):
     page = open_tester(browser, server, "alice")
     for n in range(15):  # past the burst of 10: the last wait their turn at 5 a second
@@ -2850,6 +2861,7 @@ def test_leave_clicked_while_typed_messages_wait_their_turn_sends_them_first(bro
     assert [message["content"] for message in stored] == [f"line {n}" for n in range(15)]
 
 
+@page_alone
 def test_the_tester_page_says_why_it_sends_slower_where_the_student_types(browser, server):
     page = open_tester(browser, server, "alice")
     for n in range(20):
@@ -2887,6 +2899,7 @@ def test_a_socket_that_failed_while_the_page_joined_again_does_not_retry_over_th
     assert (len(joins), page.inner_text("#status")) == (2, "joined general as alice")
 
 
+@page_alone
 def test_the_tester_page_waits_longer_after_each_failed_reconnect_and_by_a_random_part(browser, server):
     page = browser.new_page()
     page.goto(server + "/test")
@@ -2942,6 +2955,7 @@ def test_f5_in_the_tester_page_joins_the_same_room_as_the_same_name_and_others_s
     assert budi.locator("#messages .system").all_text_contents() == ["Welcome Budi Santoso!", "alice joined the chat"]
 
 
+@page_alone
 def test_a_tester_page_joined_to_a_room_typed_in_capitals_says_the_room_as_everyone_else_sees_it(browser, server):
     page = browser.new_page()
     page.goto(server + "/test")
@@ -2954,6 +2968,7 @@ def test_a_tester_page_joined_to_a_room_typed_in_capitals_says_the_room_as_every
 
 @pytest.mark.parametrize("joining, told", [(5, "Murid 1, Murid 2, Murid 3 and 2 more joined the chat"),
                                            (4, "Murid 1, Murid 2, Murid 3 and Murid 4 joined the chat")])  # no "1 more"
+@page_alone
 def test_the_tester_page_tells_a_run_of_joins_in_one_line(browser, server, joining, told):
     page = open_tester(browser, server, "Murid 0")
     with contextlib.ExitStack() as class_:
@@ -2963,6 +2978,7 @@ def test_the_tester_page_tells_a_run_of_joins_in_one_line(browser, server, joini
         assert page.locator("#messages .system").all_text_contents() == ["Welcome Murid 0!", told]  # before they leave
 
 
+@page_alone
 def test_the_tester_page_asks_who_is_here_at_most_once_a_second(browser, server):
     page = browser.new_page()
     page.goto(server + "/test")
@@ -3003,6 +3019,7 @@ def test_a_join_notice_carries_its_code_and_username_and_so_does_a_leave(client)
 
 
 @pytest.mark.parametrize("name", ["Goodbye", "Welcome2"])
+@page_alone
 def test_a_user_named_like_the_pages_own_notices_joining_is_only_someone_joining(browser, server, name):
     page = open_tester(browser, server, "alice")
     with ws_connect(server) as other:
@@ -3014,6 +3031,7 @@ def test_a_user_named_like_the_pages_own_notices_joining_is_only_someone_joining
         '> {"type":"join","username":"alice"}']  # one join: the page never left and joined again
 
 
+@page_alone
 def test_the_tester_page_lists_who_is_here_as_a_class_list_reads(browser, server):
     page = open_tester(browser, server, "Murid 1")
     with ws_connect(server) as ten, ws_connect(server) as two, ws_connect(server) as bu:
@@ -3036,6 +3054,7 @@ def stored_contents(base: str) -> list[str]:
 
 
 @pytest.mark.parametrize("length", [chat.MAX_CONTENT_LENGTH, chat.MAX_CONTENT_LENGTH + 1, 20_000])
+@page_alone
 def test_the_tester_page_sends_a_message_of_the_longest_length_and_keeps_a_longer_one_in_its_box(
         browser, server, length):
     page = open_tester(browser, server, "alice")
@@ -3051,6 +3070,7 @@ def test_the_tester_page_sends_a_message_of_the_longest_length_and_keeps_a_longe
     assert stored_contents(server) == ["x" * length] * (length <= chat.MAX_CONTENT_LENGTH) + ["after"]
 
 
+@page_alone
 def test_the_tester_page_names_the_servers_frame_limit_for_a_message_too_large_in_bytes(browser, database_url):
     with running_server(database_url, env={"MAX_FRAME_BYTES": "512"}) as base:
         page = open_tester(browser, base, "alice")
@@ -3061,6 +3081,7 @@ def test_the_tester_page_names_the_servers_frame_limit_for_a_message_too_large_i
                                                r"server takes \(512\): shorten it, or send it in parts", said[0]), said
 
 
+@page_alone
 def test_a_frame_the_server_finds_too_large_goes_back_to_the_tester_pages_box_and_the_next_message_goes(
         browser, server):
     page = open_tester(browser, server, "alice")
@@ -3074,6 +3095,7 @@ def test_a_frame_the_server_finds_too_large_goes_back_to_the_tester_pages_box_an
     assert stored_contents(server) == ["after"]
 
 
+@page_alone
 def test_the_tester_page_stays_at_the_newest_message_while_the_list_of_who_is_here_grows_to_three_lines(
         browser, server):
     page = browser.new_page(viewport={"width": 1000, "height": 600})
@@ -3113,6 +3135,7 @@ def test_what_a_student_types_while_the_tester_page_reconnects_is_sent_once_it_i
         assert stored_contents(base) == ["before", "typed while away"]
 
 
+@page_alone
 def test_a_join_refused_for_its_name_is_said_once_in_the_tester_pages_status(browser, server):
     page = browser.new_page()
     page.goto(server + "/test")
@@ -3175,6 +3198,7 @@ def test_a_tester_page_back_after_more_than_are_replayed_pages_back_through_what
         assert page.locator(".msg").first.get_attribute("data-id") == "52"
 
 
+@page_alone
 def test_the_tester_page_shows_html_in_a_message_as_text(browser, server):
     alice, bob = open_tester(browser, server, "alice"), open_tester(browser, server, "bob")
     attack = '<img src=x onerror="document.title=\'pwned\'">'
@@ -3185,6 +3209,7 @@ def test_the_tester_page_shows_html_in_a_message_as_text(browser, server):
     assert bob.title() == "chat tester"
 
 
+@page_alone
 def test_swagger_renders_every_operation_without_the_internet(browser, server):
     page = browser.new_page()
     hosts = []
@@ -3234,6 +3259,7 @@ def test_with_a_secret_the_tester_page_opened_with_a_token_in_its_url_joins_by_i
         assert not page.is_editable("#username")
 
 
+@page_alone
 def test_the_tester_page_takes_a_token_from_its_fragment_and_puts_it_in_no_url_but_the_sockets(browser, database_url):
     with running_server(database_url, env={"CHAT_SECRET": SECRET32}) as base:
         token, urls = secret_token("alice"), []
@@ -3245,6 +3271,7 @@ def test_the_tester_page_takes_a_token_from_its_fragment_and_puts_it_in_no_url_b
     assert [url for url in urls if token in url] == [f"{base.replace('http', 'ws')}/ws/general?token={token}"]
 
 
+@page_alone
 def test_the_tester_page_shows_why_a_handshake_was_refused_and_stops_trying(browser, database_url):
     with running_server(database_url, env={"CHAT_SECRET": SECRET32}) as base:
         page = browser.new_page()
@@ -3260,6 +3287,7 @@ def test_the_tester_page_shows_why_a_handshake_was_refused_and_stops_trying(brow
         assert page.inner_text("#status").startswith("refused 401")
 
 
+@page_alone
 def test_the_tester_page_opened_from_a_link_cut_short_tells_the_student_to_open_all_of_it(browser, database_url):
     with running_server(database_url, env={"CHAT_SECRET": SECRET32}) as base:
         page = browser.new_page()
