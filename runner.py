@@ -899,6 +899,14 @@ async def let_go(database, lock) -> None:
         lock.close()
 
 
+def loopback(host: str) -> bool:
+    """Whether --host reaches this machine alone: a loopback address, or localhost (--host takes a name too)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost" or host.endswith(".localhost")
+
+
 def say_where_to_open(secret: bool) -> None:
     """Once the chat listens (not before: it may never start), the URLs to open, on every
     interface when it serves on all of them (uvicorn listens once the app has started); with a
@@ -916,8 +924,8 @@ def say_where_to_open(secret: bool) -> None:
     scheme = "https" if SSL_CERTFILE else "http"
     for host in hosts:  # a class opens those that are not loopback
         log.info("open %s://%s:%d/test%s", scheme, f"[{host}]" if ":" in host else host, PORT,
-                 " (on this machine only)" if len(hosts) > 1 and ipaddress.ip_address(host).is_loopback else "")
-    if others := [host for host in hosts if not ipaddress.ip_address(host).is_loopback]:
+                 " (on this machine only)" if len(hosts) > 1 and loopback(host) else "")
+    if others := [host for host in hosts if not loopback(host)]:
         log.info("a class in a room of its own opens %s://%s:%d/test?room=kelas-7a (a room: a-z, 0-9, - and _)",
                  scheme, f"[{others[0]}]" if ":" in others[0] else others[0], PORT)
     if secret:

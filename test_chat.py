@@ -2323,6 +2323,25 @@ def test_served_on_every_interface_it_says_the_address_to_open_and_how_a_class_o
                      "(a room: a-z, 0-9, - and _)"][:len(others)]
 
 
+def test_served_on_localhost_by_name_it_says_that_address_and_no_room_for_a_class(tmp_path):
+    port, log = free_port(), tmp_path / "log"
+    with log.open("wb") as written:
+        server = subprocess.Popen([sys.executable, "chat.py", "--host", "localhost", "--port", str(port)], cwd=HERE,
+                                  env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"},
+                                  stdout=subprocess.DEVNULL, stderr=written)
+    try:
+        wait_until(lambda: b"open http" in log.read_bytes(), 20)
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=20) == 0
+    said = [line.split(" ", 2)[2] for line in log.read_text().splitlines()]
+    assert said[said.index("INFO:     Application startup complete.") + 1:] == [
+        f"INFO:     Uvicorn running on http://localhost:{port} (Press CTRL+C to quit)",
+        f"INFO:     open http://localhost:{port}/test",
+        "INFO:     Shutting down", "INFO:     Waiting for application shutdown.",
+        "INFO:     Application shutdown complete.", f"INFO:     Finished server process [{server.pid}]"]
+
+
 def test_an_ipv6_client_is_counted_by_its_64_as_one_address():
     assert [chat.address_key(ip) for ip in ("2001:db8:1:2::1", "2001:db8:1:2:ffff::9", "2001:db8:1:3::1",
                                             "203.0.113.7")] == [
