@@ -2983,6 +2983,7 @@ def test_a_tester_page_joined_to_a_room_typed_in_capitals_says_the_room_as_every
     page.click("#join")
     page.wait_for_selector("#status:text-is('joined kelas-7a as siti')")
     assert json.loads(page.evaluate("sessionStorage.getItem('joined')")) == {"room": "kelas-7a", "username": "siti"}
+    assert page.input_value("#room") == "kelas-7a"
 
 
 @pytest.mark.parametrize("joining, told", [(5, "Murid 1, Murid 2, Murid 3 and 2 more joined the chat"),
