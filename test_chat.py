@@ -3418,6 +3418,7 @@ def test_the_tester_page_loads_older_messages_a_page_of_50_at_a_time_until_the_r
             post(client, "bob", f"m{n}", room="kelas-7a" if n > 1 else "general")
     with running_server(database_url) as base:
         page = open_tester(browser, base, "alice", room="kelas-7a")
+        page.wait_for_selector(".msg .text:text-is('m62')")  # the history follows the welcome
         assert page.locator(".msg .text").all_text_contents() == [f"m{n}" for n in range(53, 63)]
         page.set_viewport_size({"width": 1000, "height": 300})  # the list overflows: it shows the newest
         page.wait_for_function("$('messages').scrollTop > 0")
