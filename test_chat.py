@@ -5999,9 +5999,13 @@ def test_on_sqlite_stored_messages_reach_the_database_file_itself_within_seconds
 def test_on_sqlite_the_write_ahead_log_shrinks_to_its_limit_once_checkpointed(tmp_path, monkeypatch, unlimited):
     monkeypatch.setattr(chat, "WAL_KEPT", 65536)
     with TestClient(chat.create_app(f"sqlite:///{tmp_path}/chat.db")) as client:
+        reader = sqlite3.connect(f"{tmp_path}/chat.db", isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM messages").fetchall()  # while it reads, the log cannot start over
         for number in range(100):
             post(client, "alice", f"{number} " + "x" * 1990)
         assert os.path.getsize(f"{tmp_path}/chat.db-wal") > 4 * 65536
+        reader.close()
         wait_until(lambda: post(client, "alice", "one more") and os.path.getsize(f"{tmp_path}/chat.db-wal") <= 65536,
                    seconds=5)
 
