@@ -3393,6 +3393,7 @@ def test_after_a_restart_the_tester_page_says_who_was_here_and_did_not_come_back
         page.goto(base + "/test")
         page.fill("#username", "alice")
         page.click("#join")
+        page.wait_for_selector("#status:text('joined general as alice')")  # before the others, to be told of them
         for name in ("Budi Santoso", "dave", "erin"):
             ws_join(open_until_the_server_stops.enter_context(ws_connect(base)), name)
         page.wait_for_selector("#users:text-is('here: alice, Budi Santoso, dave, erin')")
