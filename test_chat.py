@@ -3148,7 +3148,7 @@ def alices_tester_once_her_server_stopped(browser, database_url: str, port: int)
 def test_what_a_student_types_while_the_tester_page_reconnects_is_sent_once_it_is_back(browser, database_url):
     port = free_port()
     page, base = alices_tester_once_her_server_stopped(browser, database_url, port)
-    page.wait_for_selector("#status:text('connection lost')")
+    page.wait_for_selector("#status:text('retrying in')")  # lost, or then not answering
     say_in(page, "typed while away")
     with running_server(database_url, port):
         page.wait_for_selector(".msg .text:text('typed while away')", timeout=15000)
@@ -3346,7 +3346,7 @@ def test_what_a_student_typed_while_the_tester_page_reconnects_goes_after_connec
         browser, database_url):
     port = free_port()
     page, base = alices_tester_once_her_server_stopped(browser, database_url, port)
-    page.wait_for_selector("#status:text('connection lost')")
+    page.wait_for_selector("#status:text('retrying in')")  # lost, or then not answering
     say_in(page, "typed while away")
     page.click("#join")  # while the server is still away
     with running_server(database_url, port):
