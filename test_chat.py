@@ -6455,17 +6455,19 @@ def test_the_listener_survives_an_unexpected_error_and_delivers_other_processes_
 
 
 def test_a_batch_stored_before_the_database_failed_is_acknowledged_never_unavailable(shared_url, monkeypatch):
-    catch_up, failed = chat.PostgresWriter.catch_up, []
+    catch_up, failed, listened = chat.PostgresWriter.catch_up, [], []
 
     async def fails_reading_the_gap(self, upto=None):
         if upto is not None and not failed:  # reading others' messages under its own batch
             failed.append(upto)
             raise OSError("the connection was lost after the commit")
         await catch_up(self, upto)
+        listened.append(upto)  # the first: the listener's look at what was stored while nobody listened
 
     monkeypatch.setattr(chat.PostgresWriter, "catch_up", fails_reading_the_gap)
     with TestClient(chat.create_app(shared_url)) as client, client.websocket_connect("/ws") as ws:
         join(ws, "alice")
+        wait_until(lambda: listened == [None])  # else that look may find the message below first
         # Another process stores a message, and its NOTIFY has not arrived yet.
         postgres_execute(shared_url, "INSERT INTO messages (room, user_id, content) "
                                      "SELECT 'general', id, 'from elsewhere' FROM users")
