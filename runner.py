@@ -921,13 +921,12 @@ def say_where_to_open(secret: bool) -> None:
     hosts = [HOST] if HOST not in ("0.0.0.0", "::", "") else sorted(
         {address.address for addresses in psutil.net_if_addrs().values() for address in addresses
          if address.family == socket.AF_INET})
-    scheme = "https" if SSL_CERTFILE else "http"
+    page = {host: f"{'https' if SSL_CERTFILE else 'http'}://{f'[{host}]' if ':' in host else host}:{PORT}/test"
+            for host in hosts}
     for host in hosts:  # a class opens those that are not loopback
-        log.info("open %s://%s:%d/test%s", scheme, f"[{host}]" if ":" in host else host, PORT,
-                 " (on this machine only)" if len(hosts) > 1 and loopback(host) else "")
+        log.info("open %s%s", page[host], " (on this machine only)" if len(hosts) > 1 and loopback(host) else "")
     if others := [host for host in hosts if not loopback(host)]:
-        log.info("a class in a room of its own opens %s://%s:%d/test?room=kelas-7a (a room: a-z, 0-9, - and _)",
-                 scheme, f"[{others[0]}]" if ":" in others[0] else others[0], PORT)
+        log.info("a class in a room of its own opens %s?room=kelas-7a (a room: a-z, 0-9, - and _)", page[others[0]])
     if secret:
         log.info("with CHAT_SECRET set, each person opens a link of their own: python chat.py token --link URL - "
                  "< names.txt prints them (URL: the address above that they reach, or your proxy's)")
