@@ -601,7 +601,7 @@ INSERT_MESSAGES = """
       AND EXISTS (SELECT 1 FROM users WHERE id = json_extract(value, '$.user_id'))  -- not deleted meanwhile
     ORDER BY key
     RETURNING id, user_id, client_id"""
-RECORD_LAST_SEEN = {
+RECORD_LAST_SEEN = {  # as TOUCH_USERS, but asking for nothing back
     "sqlite": "UPDATE users SET last_seen = :now WHERE username IN (SELECT value FROM json_each(:usernames))",
     "postgresql": """UPDATE users SET last_seen = :now WHERE id IN (
                          SELECT id FROM users WHERE username IN (SELECT json_array_elements_text(CAST(:usernames AS JSON)))
@@ -759,8 +759,7 @@ async def check_lookalike(database, username: str, former: str | None = None, ad
     """Refuse a name a reader could not tell from another user's (but `former`): the first keeps it; a refused, none."""
     claims = [{"look": look, "username": username} for look in sorted(set(looks(username).values()))]
     holders = await database.fetch_all(CLAIM_LOOKS[database.url.dialect], {"claims": json.dumps(claims)})
-    others = {row["username"] for row in holders} - {username, former}
-    if others:
+    if others := {row["username"] for row in holders} - {username, former}:
         await database.execute(RELEASE_LOOKS, {"username": username})
         raise confusable(username, min(others), advice)
 
@@ -852,20 +851,17 @@ async def store_new_users(database, names: list[str]) -> list:
     return [confusable(name, row["other"]) if row["other"] else row["id"] for row, name in zip(rows, names)]
 
 
-def check_content(value) -> str:
-    return visible(check_text(value, "content", MAX_CONTENT_LENGTH), "content")
+def check_content(value, field: str = "content", most: int | None = None) -> str:
+    """Text with something to see: zero-width spaces and direction marks alone would show as nothing."""
+    value = check_text(value, field, most or MAX_CONTENT_LENGTH)
+    if not CONTENT_PATTERN.fullmatch(value):
+        raise Invalid(f"invalid_{field}", f"{field} has nothing to see: only spaces and invisible characters")
+    return value
 
 
 def check_client_id(value) -> str | None:
     """The sender's own id for a message (optional): a resend with it is stored once. Content's rule, but shorter."""
-    return None if value is None else visible(check_text(value, "client_id", MAX_CLIENT_ID_LENGTH), "client_id")
-
-
-def visible(value: str, field: str) -> str:
-    """Zero-width spaces and direction marks alone would show as an empty message (CONTENT_PATTERN)."""
-    if not CONTENT_PATTERN.fullmatch(value):
-        raise Invalid(f"invalid_{field}", f"{field} has nothing to see: only spaces and invisible characters")
-    return value
+    return None if value is None else check_content(value, "client_id", MAX_CLIENT_ID_LENGTH)
 
 
 def check_room(value) -> str:
@@ -1042,11 +1038,6 @@ def token_required(request) -> str:
     return holder[0]
 
 
-def writer_token(request) -> str | None:
-    """With a secret set, whom a REST write's token is for (else 401), asked before a stranger's body is read."""
-    return token_required(request) if SECRET else None
-
-
 def check_writer(holder: str | None, username: str) -> None:
     """A REST write must carry a token for the user it writes as (with a secret set)."""
     if holder is not None and holder != username:
@@ -1108,12 +1099,13 @@ async def within(app, per_minute: int, what: str, ip: str) -> bool:
     return await app.state.limits.hit(limits.RateLimitItemPerMinute(per_minute), what, ip)
 
 
-async def rest_write_allowed(request) -> None:
-    """REST writes from one address are limited too: each may create a user or a room."""
+async def rest_write(request) -> tuple[str | None, dict]:
+    """A REST write's token holder (with a secret set) and body: so many an address, and no body read before its token."""
     if not await within(request.app, REST_WRITES_PER_MINUTE, "writes", client_address(request)):
         raise HTTPException(429, f"over {REST_WRITES_PER_MINUTE} writes a minute from your address "
                             f"(REST_WRITES_PER_MINUTE={REST_WRITES_PER_MINUTE}); try again in a minute",
                             headers={"Retry-After": "60"})
+    return (token_required(request) if SECRET else None), await json_body(request)
 
 
 def reader_identity(request) -> None:
@@ -1202,8 +1194,7 @@ async def chat_socket(websocket: WebSocket):
     # Refused before accept: the client gets HTTP 403 and no socket is ever opened. (The request's
     # headers are read through a connection of their own: the socket does not keep them.)
     ip, handshake = client_address(websocket), HTTPConnection(websocket.scope)
-    refusal = handshake_refusal(handshake)
-    if refusal:
+    if refusal := handshake_refusal(handshake):
         kind = f"handshake {refusal[0]}" + (refusal[1] if refusal[0] == 401 else "")  # a 401's words are fixed
         app.state.said.warning(kind, "refused a WebSocket from %s: %s", ip, refusal[1], client=ip)
         app.state.metrics.handshakes_refused.labels("token" if refusal[0] == 401 else "origin").inc()
@@ -1312,8 +1303,7 @@ async def no_such_socket(websocket: WebSocket):
 
 async def upgrade_required(request):
     """Plain HTTP to the WebSocket path: why a handshake like it would be refused, or how to connect."""
-    refusal = handshake_refusal(request)
-    if refusal:
+    if refusal := handshake_refusal(request):
         return JSONResponse({"detail": refusal[1]}, status_code=refusal[0])
     try:
         check_room(request.path_params.get("room", DEFAULT_ROOM))
@@ -1593,10 +1583,7 @@ class Batches:
                     results = [exc] * len(batch)
                 for (_, done), result in zip(batch, results, strict=True):
                     if not done.done():
-                        if isinstance(result, Exception):
-                            done.set_exception(result)
-                        else:
-                            done.set_result(result)
+                        (done.set_exception if isinstance(result, Exception) else done.set_result)(result)
         finally:  # cancelled at shutdown, or a bug: nobody waits for good
             self.running = None
             for _, done in [*batch, *self.waiting]:
@@ -1614,8 +1601,6 @@ class MessageWriter:
     def __init__(self, database: Database, rooms: Rooms, metrics: Metrics):
         self.database, self.rooms, self.metrics = database, rooms, metrics
         self.outage = Outage(metrics)
-        self.last_seen_sql = RECORD_LAST_SEEN[database.url.dialect]
-        self.unpublished_sql = UNPUBLISHED[database.url.dialect]
         self.posts: deque[Post] = deque()  # waiting to be stored
         self.batch: list[Post] = []  # being stored now
         self.leavers: set[str] = set()  # users whose last_seen to record
@@ -1693,7 +1678,7 @@ class MessageWriter:
                            for p in unique])
         self.storing_since = time.monotonic()
         try:
-            stored = await self.insert(rows, now)
+            stored = sorted(map(tuple, await self.database.fetch_all(self.INSERT, {"batch": rows, "now": now})))
         finally:
             self.storing_since = None
         self.failed_at = -math.inf
@@ -1743,14 +1728,10 @@ class MessageWriter:
     async def record_last_seen(self) -> None:
         usernames, self.leavers = self.leavers, set()
         try:
-            await self.database.execute(self.last_seen_sql,
+            await self.database.execute(RECORD_LAST_SEEN[self.database.url.dialect],
                                         {"usernames": json.dumps(sorted(usernames)), "now": utcnow()})
         except DATABASE_ERRORS as exc:  # best effort: the users have left either way
             self.outage.lost("recording when users left", exc)
-
-    async def insert(self, batch: str, now: datetime.datetime) -> list[tuple]:
-        """Store a JSON array of messages; (id, user_id, client_id) of those stored (no resend), in id order."""
-        return sorted(tuple(row) for row in await self.database.fetch_all(self.INSERT, {"batch": batch, "now": now}))
 
     def connected(self, connection) -> None:
         """A session's connection is open (storey 2 notes which backend it is)."""
@@ -1767,7 +1748,7 @@ class MessageWriter:
     async def publish_stored(self, upto: int) -> None:
         while self.last_published < upto:
             self.metrics.catch_up_reads.inc()
-            rows = await self.database.fetch_all(self.unpublished_sql, {
+            rows = await self.database.fetch_all(UNPUBLISHED[self.database.url.dialect], {
                 "since": self.last_published, "upto": upto, "limit": 500,
                 "rooms": json.dumps(list(self.rooms.rooms))})
             self.rooms.publish_messages([message_out(row) for row in rows])
@@ -1929,15 +1910,11 @@ class OneProcess:
 
     async def arrive(self, room: str, username: str, notice: dict, exclude: Client) -> None:
         """A user's first connection in a room here: announce them (`notice`) but to `exclude`."""
-        await self.announce(notice, exclude)
+        self.rooms.publish(room, notice, exclude=exclude)
 
     async def depart(self, room: str, username: str, notice: dict) -> None:
         """A user's last connection in a room here went: announce it."""
-        await self.announce(notice)
-
-    async def announce(self, frame: dict, exclude: Client | None = None) -> None:
-        """A notice (joined, left) for everyone in its room."""
-        self.rooms.publish(frame["room"], frame, exclude=exclude)
+        self.rooms.publish(room, notice)
 
     async def present(self) -> dict[str, list[str]]:
         """Who is connected, room by room."""
@@ -2143,9 +2120,7 @@ async def list_messages(request):
 
 async def post_message(request):
     """Store a message and publish it to the room's sockets, as a WebSocket message is."""
-    await rest_write_allowed(request)
-    holder = writer_token(request)
-    body = await json_body(request)
+    holder, body = await rest_write(request)
     given = body.get("username", holder)  # with a token, the name it is for, unless the body says
     user = await grandfathered(request.app.state.database, given)
     username = user["username"] if user else check_username(given)
@@ -2169,9 +2144,7 @@ class Messages(HTTPEndpoint):
 
 async def create_user(request):
     """Create a user (201), or return the one that exists (200)."""
-    await rest_write_allowed(request)
-    holder = writer_token(request)
-    body = await json_body(request)
+    holder, body = await rest_write(request)
     database = request.app.state.database
     stored = await grandfathered(database, body.get("username"))
     username = stored["username"] if stored else check_username(body.get("username"))
@@ -3105,9 +3078,9 @@ class PostgresCluster(OneProcess):
         await self.database.fetch_all(self.ARRIVE if moves[0][0] else self.DEPART, values)
         return [row["elsewhere"] for row in await self.database.fetch_all(self.TOLD, {**values, "timeout": PRESENCE_TIMEOUT})]
 
-    async def announce(self, frame: dict, exclude: Client | None = None) -> None:
+    async def announce(self, frame: dict) -> None:
         """To this process's clients now, and to the other processes' through PostgreSQL."""
-        await super().announce(frame, exclude)
+        self.rooms.publish(frame["room"], frame)
         payload = json.dumps({"from": self.me, "frame": frame})
         await self.database.fetch_val("SELECT pg_notify('chat_events', :payload)", {"payload": payload})
 
