@@ -3229,119 +3229,110 @@ _ROOM_QUERY = {**_query("room", {"type": "string", "pattern": ROOM_PATTERN.patte
 _SECURITY = [{}, {"bearer": []}] if SECRET else []  # a token is needed only when CHAT_SECRET is set
 _MSG_REF, _USER_REF = {"$ref": "#/components/schemas/Message"}, {"$ref": "#/components/schemas/User"}
 
+def _op(tag: str, operation_id: str, summary: str, responses: dict, **more) -> dict:
+    return {"tags": [tag], "operationId": operation_id, "summary": summary, **more, "responses": responses}
+
+
 OPENAPI = {
     "openapi": "3.0.3",
     "info": {"title": "chat", "version": "1.0.0",
              "description": "Real-time chat: a WebSocket at /ws (see GET /ws-info) and this REST API."},
     "paths": {
         "/messages": {
-            "get": {"tags": ["Messages"], "operationId": "listMessages",
-                    "summary": "Recent messages of a room, oldest first",
-                    "security": _SECURITY,
-                    "parameters": [
-                        {**_ROOM_QUERY, "schema": {**_ROOM_QUERY["schema"], "default": DEFAULT_ROOM}},
-                        _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 50},
-                               "How many messages"),
-                        _query("before", {"type": "integer", "minimum": 1, "maximum": NO_UPPER_BOUND},
-                               "Only messages with a smaller id: page backwards")],
-                    "responses": {"200": _json({"type": "array", "items": _MSG_REF}, "Messages"),
-                                  **_errors(401, 422, 503)}},
-            "post": {"tags": ["Messages"], "operationId": "sendMessage",
-                     "summary": "Send a message (broadcast to the room's sockets); create its user first, "
-                                "unless a token names it",
-                     "requestBody": {"required": True, "content": {"application/json": {
-                         "example": {"username": "alice", "content": "Hello!", "room": DEFAULT_ROOM},
-                         "schema": _schema(
-                         {"username": {**_USERNAME, "description": _USERNAME["description"] + " With a token it "
-                                       "may be left out: the token's user."},
-                          "content": {"type": "string", "minLength": 1, "maxLength": MAX_CONTENT_LENGTH,
-                                      "pattern": CONTENT_PATTERN.pattern},
-                          "room": {"type": "string", "pattern": ROOM_PATTERN.pattern,
-                                   "default": DEFAULT_ROOM},
-                          "client_id": {**_CLIENT_ID, "nullable": True}},  # null: none
-                         ["username", "content"])}}},
-                     "security": _SECURITY,
-                     "responses": {"201": _json(_MSG_REF, "The stored message"),
+            "get": _op("Messages", "listMessages", "Recent messages of a room, oldest first", security=_SECURITY,
+                       parameters=[
+                           {**_ROOM_QUERY, "schema": {**_ROOM_QUERY["schema"], "default": DEFAULT_ROOM}},
+                           _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 50},
+                                  "How many messages"),
+                           _query("before", {"type": "integer", "minimum": 1, "maximum": NO_UPPER_BOUND},
+                                  "Only messages with a smaller id: page backwards")],
+                       responses={"200": _json({"type": "array", "items": _MSG_REF}, "Messages"),
+                                  **_errors(401, 422, 503)}),
+            "post": _op("Messages", "sendMessage", "Send a message (broadcast to the room's sockets); create its user "
+                        "first, unless a token names it",
+                        requestBody={"required": True, "content": {"application/json": {
+                            "example": {"username": "alice", "content": "Hello!", "room": DEFAULT_ROOM},
+                            "schema": _schema(
+                            {"username": {**_USERNAME, "description": _USERNAME["description"] + " With a token it "
+                                          "may be left out: the token's user."},
+                             "content": {"type": "string", "minLength": 1, "maxLength": MAX_CONTENT_LENGTH,
+                                         "pattern": CONTENT_PATTERN.pattern},
+                             "room": {"type": "string", "pattern": ROOM_PATTERN.pattern, "default": DEFAULT_ROOM},
+                             "client_id": {**_CLIENT_ID, "nullable": True}},  # null: none
+                            ["username", "content"])}}},
+                        security=_SECURITY,
+                        responses={"201": _json(_MSG_REF, "The stored message"),
                                    "200": _json(_MSG_REF, "A resend: the message as first stored"),
-                                   **_errors(401, 403, 404, 409, 413, 415, 422, 429, 503)}},
+                                   **_errors(401, 403, 404, 409, 413, 415, 422, 429, 503)}),
         },
         "/users": {
-            "post": {"tags": ["Users"], "operationId": "createUser",
-                     "summary": "Create a user (200 with the user if it exists)",
-                     "requestBody": {"required": True, "content": {"application/json": {
-                         "example": {"username": "alice"},
-                         "schema": _schema({"username": _USERNAME}, ["username"])}}},
-                     "security": _SECURITY,
-                     "responses": {"201": _json(_USER_REF, "Created"), "200": _json(_USER_REF, "Exists"),
-                                   **_errors(401, 403, 409, 413, 415, 422, 429, 503)}},
+            "post": _op("Users", "createUser", "Create a user (200 with the user if it exists)",
+                        requestBody={"required": True, "content": {"application/json": {
+                            "example": {"username": "alice"},
+                            "schema": _schema({"username": _USERNAME}, ["username"])}}},
+                        security=_SECURITY,
+                        responses={"201": _json(_USER_REF, "Created"), "200": _json(_USER_REF, "Exists"),
+                                   **_errors(401, 403, 409, 413, 415, 422, 429, 503)}),
         },
         "/users/active": {
-            "get": {"tags": ["Users"], "operationId": "listActiveUsers", "summary": "Names of connected users, sorted",
-                    "security": _SECURITY,
-                    "parameters": [_ROOM_QUERY],
-                    "responses": {"200": _json({"type": "array", "items": _STR}, "Usernames"),
-                                  **_errors(401, 422)}},
+            "get": _op("Users", "listActiveUsers", "Names of connected users, sorted", security=_SECURITY,
+                       parameters=[_ROOM_QUERY],
+                       responses={"200": _json({"type": "array", "items": _STR}, "Usernames"), **_errors(401, 422)}),
         },
         "/rooms": {
-            "get": {"tags": ["Rooms"], "operationId": "listRooms",
-                    "summary": "Rooms by name, a page at a time: active users, newest message id, last activity",
-                    "security": _SECURITY,
-                    "parameters": [
-                        _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 100},
-                               "How many rooms"),
-                        _query("after", {"type": "string", "pattern": f"^$|{ROOM_PATTERN.pattern}"},
-                               "Only rooms whose name sorts after this one: the page after the last room seen "
-                               "(empty: from the first)")],
-                    "responses": {"200": _json({"type": "array", "items": _schema(
-                        {"room": _STR, "active_users": {"type": "array", "items": _STR},
-                         "last_message_id": {**_INT, "nullable": True},
-                         "last_activity": {"type": "string", "format": "date-time", "nullable": True}},
-                        ["room", "active_users", "last_message_id", "last_activity"])}, "Rooms"),
-                        **_errors(401, 422, 503)}},
+            "get": _op("Rooms", "listRooms", "Rooms by name, a page at a time: active users, newest message id, "
+                       "last activity", security=_SECURITY,
+                       parameters=[
+                           _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 100},
+                                  "How many rooms"),
+                           _query("after", {"type": "string", "pattern": f"^$|{ROOM_PATTERN.pattern}"},
+                                  "Only rooms whose name sorts after this one: the page after the last room seen "
+                                  "(empty: from the first)")],
+                       responses={"200": _json({"type": "array", "items": _schema(
+                           {"room": _STR, "active_users": {"type": "array", "items": _STR},
+                            "last_message_id": {**_INT, "nullable": True},
+                            "last_activity": {"type": "string", "format": "date-time", "nullable": True}},
+                           ["room", "active_users", "last_message_id", "last_activity"])}, "Rooms"),
+                           **_errors(401, 422, 503)}),
         },
         "/ws-info": {
-            "get": {"tags": ["WebSocket"], "operationId": "wsInfo", "summary": "The WebSocket URL and frame formats",
-                    "responses": {"200": _json({"type": "object"}, "Connection information")}},
+            "get": _op("WebSocket", "wsInfo", "The WebSocket URL and frame formats",
+                       {"200": _json({"type": "object"}, "Connection information")}),
         },
         "/ws": {
-            "get": {"tags": ["WebSocket"], "operationId": "chatSocket",
-                    "summary": "The chat WebSocket (ws://HOST/ws or /ws/{room})",
-                    "description": (
-                        "Upgrade to a WebSocket; every frame is a JSON text frame with a `type`.\n\n"
-                        "Client → server: `join` {username, room?, since?}, `message` {content}, `leave`.\n\n"
-                        "Server → client: `system` {room, content, timestamp, code?; `joined` and `left` also "
-                        "username; the welcome: database, "
-                        "the database's identity: when it changes, forget the last id and start over}, "
-                        "`message` {id, room, username, content, timestamp}, `error` {code, content}.\n\n"
-                        "Error codes: " + "; ".join(f"`{k}`: {v}" for k, v in ERROR_CODES.items())),
-                    "x-websocket-frames": FRAME_FORMATS,
-                    "parameters": [_query("token", _STR, "A token from `python chat.py token NAME` "
+            "get": _op("WebSocket", "chatSocket", "The chat WebSocket (ws://HOST/ws or /ws/{room})",
+                       description=(
+                           "Upgrade to a WebSocket; every frame is a JSON text frame with a `type`.\n\n"
+                           "Client → server: `join` {username, room?, since?}, `message` {content}, `leave`.\n\n"
+                           "Server → client: `system` {room, content, timestamp, code?; `joined` and `left` also "
+                           "username; the welcome: database, "
+                           "the database's identity: when it changes, forget the last id and start over}, "
+                           "`message` {id, room, username, content, timestamp}, `error` {code, content}.\n\n"
+                           "Error codes: " + "; ".join(f"`{k}`: {v}" for k, v in ERROR_CODES.items())),
+                       **{"x-websocket-frames": FRAME_FORMATS},
+                       parameters=[_query("token", _STR, "A token from `python chat.py token NAME` "
                                           "(only with CHAT_SECRET set)")],
-                    "responses": {"101": {"description": "Switching Protocols"},
-                                  **_errors(401, 403, 426)}},
+                       responses={"101": {"description": "Switching Protocols"}, **_errors(401, 403, 426)}),
         },
         "/livez": {
-            "get": {"tags": ["Operations"], "operationId": "livez",
-                    "summary": "For a supervisor: 200 while the process answers (it needs no database)",
-                    "responses": {"200": _json(_schema({"status": _STR}, ["status"]), "Alive")}},
+            "get": _op("Operations", "livez", "For a supervisor: 200 while the process answers (it needs no database)",
+                       {"200": _json(_schema({"status": _STR}, ["status"]), "Alive")}),
         },
         **{path: {
-            "get": {"tags": ["Operations"], "operationId": path[1:],
-                    "summary": "For a load balancer: 200 while messages can be stored; 503 says why not (the "
-                               "database does not answer, or not with the messages table schema.sql makes; "
-                               f"SQLite's disk is full; a batch failed in the last 10 s, or has waited over {SLOW_STORE} s)" + (
-                                   " (/healthz is its first name)" if path == "/healthz" else ""),
-                    "responses": {"200": _json(_schema({"status": _STR}, ["status"]), "Ready"),
-                                  **_errors(503)}},
+            "get": _op("Operations", path[1:],
+                       "For a load balancer: 200 while messages can be stored; 503 says why not (the "
+                       "database does not answer, or not with the messages table schema.sql makes; "
+                       f"SQLite's disk is full; a batch failed in the last 10 s, or has waited over {SLOW_STORE} s)" + (
+                           " (/healthz is its first name)" if path == "/healthz" else ""),
+                       {"200": _json(_schema({"status": _STR}, ["status"]), "Ready"), **_errors(503)}),
         } for path in ("/readyz", "/healthz")},
         "/metrics": {
-            "get": {"tags": ["Operations"], "operationId": "metrics",
-                    "summary": "Prometheus metrics of this process (with --workers, of them all): connections, users, messages stored and "
-                               "delivered, frames refused by code, handshakes refused by why, slow readers cut, "
-                               "database errors, the writer's batches",
-                    "security": [{"bearer": []}] if METRICS_TOKEN else _SECURITY,  # METRICS_TOKEN: that alone
-                    "responses": {"200": {"description": "Prometheus text format",
-                                          "content": {"text/plain": {"schema": _STR}}}, **_errors(401)}},
+            "get": _op("Operations", "metrics", "Prometheus metrics of this process (with --workers, of them all): "
+                       "connections, users, messages stored and delivered, frames refused by code, handshakes "
+                       "refused by why, slow readers cut, database errors, the writer's batches",
+                       security=[{"bearer": []}] if METRICS_TOKEN else _SECURITY,  # METRICS_TOKEN: that alone
+                       responses={"200": {"description": "Prometheus text format",
+                                          "content": {"text/plain": {"schema": _STR}}}, **_errors(401)}),
         },
     },
     "components": {"schemas": {"Message": _MESSAGE, "User": _USER, "Error": _ERROR},
