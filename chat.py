@@ -8,9 +8,10 @@ plain `uvicorn chat:app` serves it too; `python chat.py` serves it through runne
 what a client may take of the server itself (see there). It reads as a house with two storeys:
 
 1. The chat, as the tutorial teaches it: configuration; database and SQL; validation; the
-   handshake's security checks; rooms and fan-out; the join / message / leave handlers and the
-   WebSocket endpoint (with the path of one message traced at its top); REST; lifespan, routes,
-   app. On its own, this storey is the whole chat for one process (SQLite).
+   handshake's security checks; what it runs on (the log, supervised tasks, batches); one
+   message's path, traced at its top (the WebSocket endpoint, the handlers, the writer, the rooms,
+   each client); REST; health and metrics; retention and moderation; lifespan, routes, app. On its
+   own, this storey is the whole chat for one process (SQLite).
 2. Several processes (PostgreSQL): LISTEN/NOTIFY, catch-up and shared presence, behind the same
    methods that the first storey calls on `OneProcess` (start, arrive, depart, present, stop).
 Appendix: the OpenAPI document.
@@ -1148,6 +1149,120 @@ class Lag:
                 cls.total += late
 
 
+# --- What the chat runs on: the operator's log, supervised tasks, batches -------------------------
+
+
+class Outage:
+    """The database lost, and back: a line each, however many operations fail in between."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics, self.since, self.failures = metrics, None, 0
+
+    def lost(self, what: str, exc: BaseException) -> None:
+        self.metrics.database_errors.inc()
+        self.failures += 1
+        if self.since is None:
+            self.since = time.monotonic()
+            detail = f"{type(exc).__name__}: {str(exc)[:200] or 'no detail'}"
+            if isinstance(exc, LOST_CONNECTION):  # asyncpg's own words for it name its internals
+                detail = "its connection was lost: the database server ended it, or the network dropped it"
+            log.warning("lost the database: %s failed (%s); retrying, and a line will say when it is back", what, detail)
+
+    def back(self) -> None:
+        if self.since is not None:
+            log.warning("the database is back after %.1f s; %d operations failed meanwhile",
+                        time.monotonic() - self.since, self.failures)
+            self.since, self.failures = None, 0
+
+
+class Said:
+    """What an operator reads: at most a line per kind a minute; what came meanwhile is said after it, counted."""
+
+    def __init__(self):
+        self.last: dict[str, float] = {}
+        self.held: dict[str, tuple] = {}  # the last held back of each kind: (level, message, args, how many before it, when, fields)
+
+    def info(self, kind: str, message: str, *args, level: int = logging.INFO, **fields) -> None:
+        held = self.held.pop(kind, None)
+        if time.monotonic() - self.last.get(kind, -60.0) < 60:
+            self.held[kind] = (level, message, args, held[3] + 1 if held else 0, time.strftime("%H:%M:%S"), fields)
+        else:
+            self.say(kind, level, message, args, held[3] + 1 if held else 0, None, fields)
+
+    def warning(self, kind: str, message: str, *args, **fields) -> None:
+        self.info(kind, message, *args, level=logging.WARNING, **fields)
+
+    def flush(self, everything: bool = False) -> None:
+        """Say what was held back of each kind whose minute is over (at shutdown, of every kind)."""
+        for kind in [kind for kind in self.held if everything or time.monotonic() - self.last[kind] >= 60]:
+            self.say(kind, *self.held.pop(kind))
+
+    def say(self, kind: str, level: int, message: str, args: tuple, more: int, at: str | None, fields: dict) -> None:
+        """Say a line now; `at`: when, if its minute held it back; `fields`: its parts, for LOG_FORMAT=json."""
+        now = time.monotonic()
+        if len(self.last) > 1000:  # kinds carry what clients send: keep the last minute's only
+            self.last = {k: t for k, t in self.last.items() if now - t < 60 or k in self.held}
+        self.last[kind] = now
+        said = [*([f"at {at}"] if at else []), *([f"{more} more like it in the minute before"] if more else [])]
+        log.log(level, message + (f" ({'; '.join(said)})" if said else ""), *args, extra=fields)
+
+    async def flushing(self) -> None:
+        while True:
+            await asyncio.sleep(1)
+            self.flush()
+
+
+async def supervise(name: str, work, outage: Outage, on_failure=lambda: None, delay: float = 0.5) -> None:
+    """Run work() until it returns, again after any error: a dead long-lived task would quietly stop the chat."""
+    while True:
+        try:
+            return await work()
+        except DATABASE_ERRORS as exc:
+            outage.lost(name, exc)
+        except Exception:  # the supervisor: the one place for a broad except
+            log.exception("%s failed; again in %g s", name, delay)
+        on_failure()
+        await asyncio.sleep(delay)
+
+
+class Batches:
+    """Calls made while a batch runs wait, then go in one call of `run` (a result each); `take`: how many may go."""
+
+    MOST = 1000
+
+    def __init__(self, run: Callable, take: Callable[[list], int] = len):
+        self.run, self.take = run, take
+        self.waiting: list[tuple[object, asyncio.Future]] = []
+        self.running: asyncio.Task | None = None
+
+    def __call__(self, item) -> asyncio.Future:
+        done = asyncio.get_running_loop().create_future()
+        self.waiting.append((item, done))
+        if self.running is None:
+            self.running = asyncio.create_task(self.drain())
+        return done
+
+    async def drain(self) -> None:
+        batch = []
+        try:
+            while self.waiting:
+                batch = self.waiting[:max(1, self.take([item for item, _ in self.waiting[:self.MOST]]))]
+                del self.waiting[:len(batch)]
+                try:
+                    results = await self.run([item for item, _ in batch])
+                except DATABASE_ERRORS as exc:
+                    results = [exc] * len(batch)
+                for (_, done), result in zip(batch, results, strict=True):
+                    if not done.done():
+                        (done.set_exception if isinstance(result, Exception) else done.set_result)(result)
+        finally:  # cancelled at shutdown, or a bug: nobody waits for good
+            self.running = None
+            for _, done in [*batch, *self.waiting]:
+                if not done.done():
+                    done.set_exception(Unavailable())
+            self.waiting.clear()
+
+
 # --- One message's path: the WebSocket endpoint, the handlers, the writer, the rooms, each client --
 #
 # One message's path, from a client's frame to every client in the room, top to bottom:
@@ -1479,117 +1594,6 @@ class Post:
     content: str
     client_id: str | None = None
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-
-class Outage:
-    """The database lost, and back: a line each, however many operations fail in between."""
-
-    def __init__(self, metrics: Metrics):
-        self.metrics, self.since, self.failures = metrics, None, 0
-
-    def lost(self, what: str, exc: BaseException) -> None:
-        self.metrics.database_errors.inc()
-        self.failures += 1
-        if self.since is None:
-            self.since = time.monotonic()
-            detail = f"{type(exc).__name__}: {str(exc)[:200] or 'no detail'}"
-            if isinstance(exc, LOST_CONNECTION):  # asyncpg's own words for it name its internals
-                detail = "its connection was lost: the database server ended it, or the network dropped it"
-            log.warning("lost the database: %s failed (%s); retrying, and a line will say when it is back", what, detail)
-
-    def back(self) -> None:
-        if self.since is not None:
-            log.warning("the database is back after %.1f s; %d operations failed meanwhile",
-                        time.monotonic() - self.since, self.failures)
-            self.since, self.failures = None, 0
-
-
-class Said:
-    """What an operator reads: at most a line per kind a minute; what came meanwhile is said after it, counted."""
-
-    def __init__(self):
-        self.last: dict[str, float] = {}
-        self.held: dict[str, tuple] = {}  # the last held back of each kind: (level, message, args, how many before it, when, fields)
-
-    def info(self, kind: str, message: str, *args, level: int = logging.INFO, **fields) -> None:
-        held = self.held.pop(kind, None)
-        if time.monotonic() - self.last.get(kind, -60.0) < 60:
-            self.held[kind] = (level, message, args, held[3] + 1 if held else 0, time.strftime("%H:%M:%S"), fields)
-        else:
-            self.say(kind, level, message, args, held[3] + 1 if held else 0, None, fields)
-
-    def warning(self, kind: str, message: str, *args, **fields) -> None:
-        self.info(kind, message, *args, level=logging.WARNING, **fields)
-
-    def flush(self, everything: bool = False) -> None:
-        """Say what was held back of each kind whose minute is over (at shutdown, of every kind)."""
-        for kind in [kind for kind in self.held if everything or time.monotonic() - self.last[kind] >= 60]:
-            self.say(kind, *self.held.pop(kind))
-
-    def say(self, kind: str, level: int, message: str, args: tuple, more: int, at: str | None, fields: dict) -> None:
-        """Say a line now; `at`: when, if its minute held it back; `fields`: its parts, for LOG_FORMAT=json."""
-        now = time.monotonic()
-        if len(self.last) > 1000:  # kinds carry what clients send: keep the last minute's only
-            self.last = {k: t for k, t in self.last.items() if now - t < 60 or k in self.held}
-        self.last[kind] = now
-        said = [*([f"at {at}"] if at else []), *([f"{more} more like it in the minute before"] if more else [])]
-        log.log(level, message + (f" ({'; '.join(said)})" if said else ""), *args, extra=fields)
-
-    async def flushing(self) -> None:
-        while True:
-            await asyncio.sleep(1)
-            self.flush()
-
-
-async def supervise(name: str, work, outage: Outage, on_failure=lambda: None, delay: float = 0.5) -> None:
-    """Run work() until it returns, again after any error: a dead long-lived task would quietly stop the chat."""
-    while True:
-        try:
-            return await work()
-        except DATABASE_ERRORS as exc:
-            outage.lost(name, exc)
-        except Exception:  # the supervisor: the one place for a broad except
-            log.exception("%s failed; again in %g s", name, delay)
-        on_failure()
-        await asyncio.sleep(delay)
-
-
-class Batches:
-    """Calls made while a batch runs wait, then go in one call of `run` (a result each); `take`: how many may go."""
-
-    MOST = 1000
-
-    def __init__(self, run: Callable, take: Callable[[list], int] = len):
-        self.run, self.take = run, take
-        self.waiting: list[tuple[object, asyncio.Future]] = []
-        self.running: asyncio.Task | None = None
-
-    def __call__(self, item) -> asyncio.Future:
-        done = asyncio.get_running_loop().create_future()
-        self.waiting.append((item, done))
-        if self.running is None:
-            self.running = asyncio.create_task(self.drain())
-        return done
-
-    async def drain(self) -> None:
-        batch = []
-        try:
-            while self.waiting:
-                batch = self.waiting[:max(1, self.take([item for item, _ in self.waiting[:self.MOST]]))]
-                del self.waiting[:len(batch)]
-                try:
-                    results = await self.run([item for item, _ in batch])
-                except DATABASE_ERRORS as exc:
-                    results = [exc] * len(batch)
-                for (_, done), result in zip(batch, results, strict=True):
-                    if not done.done():
-                        (done.set_exception if isinstance(result, Exception) else done.set_result)(result)
-        finally:  # cancelled at shutdown, or a bug: nobody waits for good
-            self.running = None
-            for _, done in [*batch, *self.waiting]:
-                if not done.done():
-                    done.set_exception(Unavailable())
-            self.waiting.clear()
 
 
 class MessageWriter:
