@@ -1101,7 +1101,7 @@ async def within(app, per_minute: int, what: str, ip: str) -> bool:
 
 
 async def rest_write(request) -> tuple[str | None, dict]:
-    """A REST write's token holder (with a secret set) and body: so many an address, and no body read before its token."""
+    """A REST write's token holder (with a secret set) and body: limited per address; no body read before the token."""
     if not await within(request.app, REST_WRITES_PER_MINUTE, "writes", client_address(request)):
         raise HTTPException(429, f"over {REST_WRITES_PER_MINUTE} writes a minute from your address "
                             f"(REST_WRITES_PER_MINUTE={REST_WRITES_PER_MINUTE}); try again in a minute",
