@@ -602,12 +602,8 @@ INSERT_MESSAGES = """
       AND EXISTS (SELECT 1 FROM users WHERE id = json_extract(value, '$.user_id'))  -- not deleted meanwhile
     ORDER BY key
     RETURNING id, user_id, client_id"""
-RECORD_LAST_SEEN = {  # as TOUCH_USERS, but asking for nothing back
-    "sqlite": "UPDATE users SET last_seen = :now WHERE username IN (SELECT value FROM json_each(:usernames))",
-    "postgresql": """UPDATE users SET last_seen = :now WHERE id IN (
-                         SELECT id FROM users WHERE username IN (SELECT json_array_elements_text(CAST(:usernames AS JSON)))
-                         ORDER BY username FOR UPDATE)""",
-}
+# Users who left, seen now: as TOUCH_USERS, asking for nothing back.
+RECORD_LAST_SEEN = {dialect: re.sub(r"\s*RETURNING id, username$", "", sql) for dialect, sql in TOUCH_USERS.items()}
 SELECT_MESSAGES = """
     SELECT m.id, m.room, u.username, m.content, m.created_at, m.client_id
     FROM messages AS m JOIN users AS u ON u.id = m.user_id"""
@@ -1733,7 +1729,7 @@ class MessageWriter:
         usernames, self.leavers = self.leavers, set()
         try:
             await self.database.execute(RECORD_LAST_SEEN[self.database.url.dialect],
-                                        {"usernames": json.dumps(sorted(usernames)), "now": utcnow()})
+                                        {"names": json.dumps(sorted(usernames)), "now": utcnow()})
         except DATABASE_ERRORS as exc:  # best effort: the users have left either way
             self.outage.lost("recording when users left", exc)
 
